@@ -3,13 +3,11 @@
 #include <cstdlib>
 #include <cstring>
 
+#include <fmt/ranges.h>
+
 namespace dsv3 {
 
-std::string shape_str(const Shape& s) {
-  std::string r = "[";
-  for (size_t i = 0; i < s.size(); ++i) r += (i ? "," : "") + std::to_string(s[i]);
-  return r + "]";
-}
+std::string shape_str(const Shape& s) { return fmt::format("[{}]", fmt::join(s, ",")); }
 
 int64_t shape_numel(const Shape& s) {
   int64_t n = 1;
@@ -153,7 +151,7 @@ Tensor Tensor::to(DType dtype) const {
     if (dtype_ == DType::F32) {
       convert_from_f32(dtype, src.f32(), out.raw(), size_t(numel_));
     } else {
-      std::vector<float> tmp(size_t(numel_));
+      std::vector<float> tmp(static_cast<size_t>(numel_));
       convert_to_f32(dtype_, src.raw(), tmp.data(), tmp.size());
       convert_from_f32(dtype, tmp.data(), out.raw(), tmp.size());
     }

@@ -1,0 +1,2 @@
+#include <cstdio>
+int main() { std::puts("dsv3"); return 0; }
