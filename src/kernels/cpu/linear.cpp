@@ -1,0 +1,76 @@
+// CPU linear: weights are dequantised panel by panel into per-thread float32 scratch and multiplied with
+// OpenBLAS sgemm. Panels run in parallel (OpenMP); inside the parallel region the OpenMP build of
+// OpenBLAS runs single-threaded, so the two levels never oversubscribe. The model is never held in f32.
+#include <cblas.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "kernels/ops.h"
+
+namespace dsv3::ops {
+
+void Weight::dequant_rows(int64_t r0, int64_t r1, float* dst) const {
+  const int64_t K = cols();
+  const size_t es = dtype_size(w.dtype());
+  DSV3_CHECK(w.is_contiguous(), "weight is not contiguous");
+  const char* src = static_cast<const char*>(w.raw()) + size_t(r0 * K) * es;
+  convert_to_f32(w.dtype(), src, dst, size_t((r1 - r0) * K));
+  if (!scale_inv.defined()) return;
+  const float* s = scale_inv.f32();
+  const int64_t sk = scale_inv.dim(1);
+  for (int64_t r = r0; r < r1; ++r) {
+    float* row = dst + (r - r0) * K;
+    const float* srow = s + (r / block_n) * sk;
+    for (int64_t kb = 0; kb < sk; ++kb) {
+      const float f = srow[kb];
+      for (int64_t k = kb * block_k, ke = std::min(K, k + block_k); k < ke; ++k) row[k] *= f;
+    }
+  }
+}
+
+Tensor Weight::to_f32() const {
+  Tensor t = Tensor::empty(DType::F32, {rows(), cols()});
+  dequant_rows(0, rows(), t.f32());
+  return t;
+}
+
+namespace {
+float* thread_scratch(size_t n) {
+  thread_local std::vector<float> buf;
+  if (buf.size() < n) buf.resize(n);
+  return buf.data();
+}
+}  // namespace
+
+void linear(const Tensor& x, const Weight& w, Tensor& y) {
+  const int64_t M = x.dim(0), K = x.dim(1), N = w.rows();
+  DSV3_CHECK(w.cols() == K, "linear: input has {} features, weight {} expects {}", K, shape_str(w.w.shape()), w.cols());
+  DSV3_CHECK(y.dim(0) == M && y.dim(1) == N, "linear: output {} for [{}, {}]", shape_str(y.shape()), M, N);
+  DSV3_CHECK(x.strides()[1] == 1 && y.strides()[1] == 1, "linear: inner stride must be 1");
+  if (M == 0) return;
+  const float* xp = x.f32();
+  float* yp = y.f32();
+  const int64_t ldx = x.strides()[0], ldy = y.strides()[0];
+  if (w.w.dtype() == DType::F32 && !w.scale_inv.defined()) {  // no conversion needed
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(M), int(N), int(K), 1.0f, xp, int(ldx), w.w.f32(), int(K),
+                0.0f, yp, int(ldy));
+    return;
+  }
+  // Panel rows: enough panels for every thread, a multiple of 16, at most 256 rows (a panel stays in L2).
+  const int nt = omp_get_max_threads();
+  int64_t panel = std::clamp<int64_t>((N + nt - 1) / nt, 16, 256);
+  panel = (panel + 15) / 16 * 16;
+  const int64_t npanels = (N + panel - 1) / panel;
+#pragma omp parallel for schedule(dynamic, 1) if (npanels > 1)
+  for (int64_t p = 0; p < npanels; ++p) {
+    const int64_t r0 = p * panel, r1 = std::min(N, r0 + panel);
+    float* wf = thread_scratch(size_t((r1 - r0) * K));
+    w.dequant_rows(r0, r1, wf);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(M), int(r1 - r0), int(K), 1.0f, xp, int(ldx), wf, int(K),
+                0.0f, yp + r0, int(ldy));
+  }
+}
+
+}  // namespace dsv3::ops

@@ -1,0 +1,226 @@
+#include "model/modules.h"
+
+#include <algorithm>
+
+#include "model/rope.h"
+
+namespace dsv3 {
+
+namespace {
+Tensor f32(Shape shape) { return Tensor::empty(DType::F32, std::move(shape)); }
+
+Tensor rmsnormed(const Tensor& x, const Tensor& gamma, float eps) {
+  Tensor y = f32({x.dim(0), x.dim(1)});
+  ops::rmsnorm(x, gamma, eps, y);
+  return y;
+}
+
+Tensor linear(const Tensor& x, const ops::Weight& w) {
+  Tensor y = f32({x.dim(0), w.rows()});
+  ops::linear(x, w, y);
+  return y;
+}
+
+void add_inplace(Tensor& h, const Tensor& d) {
+  float* hp = h.f32();
+  const float* dp = d.f32();
+  const int64_t n = h.numel();
+#pragma omp parallel for schedule(static) if (n > 65536)
+  for (int64_t i = 0; i < n; ++i) hp[i] += dp[i];
+}
+}  // namespace
+
+Batch Batch::contiguous(int64_t B, int64_t T) {
+  Batch b{B, T, {}};
+  b.positions.resize(size_t(B * T));
+  for (int64_t i = 0; i < B * T; ++i) b.positions[size_t(i)] = i % T;
+  return b;
+}
+
+// ---- MLA ----
+
+void Mla::load(const WeightLoader& w, const std::string& p, const ModelConfig& c) {
+  H_ = c.num_attention_heads, dn_ = c.qk_nope_head_dim, dr_ = c.qk_rope_head_dim, dv_ = c.v_head_dim;
+  kvr_ = c.kv_lora_rank;
+  eps_ = float(c.rms_norm_eps);
+  scale_ = attention_softmax_scale(c);
+  rope_ = make_rope_table(c);
+  const int64_t hid = c.hidden_size, dqk = dn_ + dr_;
+  if (c.q_lora_rank > 0) {
+    q_a_proj_ = w.linear(p + "q_a_proj.weight", c.q_lora_rank, hid);
+    q_a_layernorm_ = w.tensor(p + "q_a_layernorm.weight", {c.q_lora_rank});
+    q_b_proj_ = w.linear(p + "q_b_proj.weight", H_ * dqk, c.q_lora_rank);
+  } else {
+    q_proj_ = w.linear(p + "q_proj.weight", H_ * dqk, hid);
+  }
+  kv_a_proj_ = w.linear(p + "kv_a_proj_with_mqa.weight", kvr_ + dr_, hid);
+  kv_a_layernorm_ = w.tensor(p + "kv_a_layernorm.weight", {kvr_});
+  kv_b_proj_ = w.linear(p + "kv_b_proj.weight", H_ * (dn_ + dv_), kvr_);
+  o_proj_ = w.linear(p + "o_proj.weight", hid, H_ * dv_);
+}
+
+Tensor Mla::forward(const Tensor& x, const Batch& bt) const {
+  const int64_t M = x.dim(0), B = bt.B, T = bt.T, dqk = dn_ + dr_;
+  Tensor q = q_proj_ ? linear(x, *q_proj_) : linear(rmsnormed(linear(x, *q_a_proj_), q_a_layernorm_, eps_), *q_b_proj_);
+  Tensor kva = linear(x, kv_a_proj_);  // [M, kv_lora_rank + rope]: latent c_kv | shared k_rope
+  Tensor kv = linear(rmsnormed(kva.slice(1, 0, kvr_), kv_a_layernorm_, eps_), kv_b_proj_);  // [M, H·(dn+dv)]
+
+  Tensor q_rope = q.reshape({M, H_, dqk}).slice(2, dn_, dqk);
+  ops::rope(q_rope, bt.positions, rope_);
+  Tensor k_rope = kva.reshape({M, 1, kvr_ + dr_}).slice(2, kvr_, kvr_ + dr_);
+  ops::rope(k_rope, bt.positions, rope_);
+
+  // Keys per head: [k_nope_h | k_rope], the rope part shared by all heads.
+  Tensor k = f32({M, H_, dqk});
+  {
+    const float* kvp = kv.f32();
+    const float* krp = kva.f32() + kvr_;
+    float* kp = k.f32();
+#pragma omp parallel for schedule(static) if (M * H_ * dqk > 65536)
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t h = 0; h < H_; ++h) {
+        float* dst = kp + (m * H_ + h) * dqk;
+        std::copy_n(kvp + m * H_ * (dn_ + dv_) + h * (dn_ + dv_), dn_, dst);
+        std::copy_n(krp + m * (kvr_ + dr_), dr_, dst + dn_);
+      }
+  }
+  Tensor v = kv.reshape({B, T, H_, dn_ + dv_}).slice(3, dn_, dn_ + dv_);
+  Tensor o = f32({B, T, H_, dv_});
+  ops::attention_causal(q.reshape({B, T, H_, dqk}), k.reshape({B, T, H_, dqk}), v, scale_, o);
+  return linear(o.reshape({M, H_ * dv_}), o_proj_);
+}
+
+// ---- MLP ----
+
+void Mlp::load(const WeightLoader& w, const std::string& p, int64_t hidden, int64_t inter) {
+  gate_ = w.linear(p + "gate_proj.weight", inter, hidden);
+  up_ = w.linear(p + "up_proj.weight", inter, hidden);
+  down_ = w.linear(p + "down_proj.weight", hidden, inter);
+}
+
+Tensor Mlp::forward(const Tensor& x) const {
+  const int64_t M = x.dim(0), I = gate_.rows();
+  Tensor gu = f32({M, 2 * I});
+  Tensor g = gu.slice(1, 0, I), u = gu.slice(1, I, 2 * I);
+  ops::linear(x, gate_, g);
+  ops::linear(x, up_, u);
+  Tensor a = f32({M, I});
+  ops::silu_mul(gu, a);
+  return linear(a, down_);
+}
+
+// ---- MoE ----
+
+void Moe::load(const WeightLoader& w, const std::string& p, const ModelConfig& c) {
+  hidden_ = c.hidden_size;
+  router_ = {c.n_group, c.topk_group, c.num_experts_per_tok, c.norm_topk_prob, float(c.routed_scaling_factor)};
+  gate_ = w.linear(p + "gate.weight", c.n_routed_experts, c.hidden_size);
+  const std::string bname = p + "gate.e_score_correction_bias";
+  if (w.has(bname)) bias_ = w.tensor(bname, {c.n_routed_experts});
+  experts_.resize(size_t(c.n_routed_experts));
+  for (int64_t e = 0; e < c.n_routed_experts; ++e)
+    experts_[size_t(e)].load(w, p + "experts." + std::to_string(e) + ".", c.hidden_size, c.moe_intermediate_size);
+  if (c.n_shared_experts > 0) {
+    shared_.emplace();
+    shared_->load(w, p + "shared_experts.", c.hidden_size, c.n_shared_experts * c.moe_intermediate_size);
+  }
+}
+
+Tensor Moe::forward(const Tensor& x, Tensor* routing) const {
+  const int64_t M = x.dim(0), K = router_.top_k, E = int64_t(experts_.size()), D = hidden_;
+  // The router runs in float32 (transformers casts both x and the gate weight to f32).
+  Tensor idx = Tensor::empty(DType::I32, {M, K}), wts = f32({M, K});
+  ops::moe_route(linear(x, gate_), bias_, router_, idx, wts);
+  if (routing) *routing = idx;
+
+  // Group the (token, slot) pairs by expert, then run each expert on its rows; experts run in parallel.
+  std::vector<std::vector<int64_t>> slots(static_cast<size_t>(E));  // slot = m·K + j
+  const int32_t* ip = idx.data<int32_t>();
+  for (int64_t s = 0; s < M * K; ++s) slots[size_t(ip[s])].push_back(s);
+  Tensor out_slots = f32({M * K, D});
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t e = 0; e < E; ++e) {
+    const auto& sl = slots[size_t(e)];
+    if (sl.empty()) continue;
+    const int64_t n = int64_t(sl.size());
+    Tensor xe = f32({n, D});
+    for (int64_t r = 0; r < n; ++r) std::copy_n(x.f32() + (sl[size_t(r)] / K) * D, D, xe.f32() + r * D);
+    Tensor ye = experts_[size_t(e)].forward(xe);
+    for (int64_t r = 0; r < n; ++r) std::copy_n(ye.f32() + r * D, D, out_slots.f32() + sl[size_t(r)] * D);
+  }
+  Tensor y = shared_ ? shared_->forward(x) : Tensor::zeros(DType::F32, {M, D});
+  const float* wp = wts.f32();
+#pragma omp parallel for schedule(static)
+  for (int64_t m = 0; m < M; ++m) {
+    // Sum the weighted expert outputs in ascending expert order (the reference's index_add order).
+    int64_t order[64];
+    const int64_t k = std::min<int64_t>(K, 64);
+    for (int64_t j = 0; j < k; ++j) order[j] = j;
+    std::sort(order, order + k, [&](int64_t a, int64_t b) { return ip[m * K + a] < ip[m * K + b]; });
+    std::vector<float> acc(size_t(D), 0.0f);
+    for (int64_t jj = 0; jj < K; ++jj) {
+      const int64_t j = jj < 64 ? order[jj] : jj;
+      const float wj = wp[m * K + j];
+      const float* o = out_slots.f32() + (m * K + j) * D;
+      for (int64_t d = 0; d < D; ++d) acc[size_t(d)] += o[d] * wj;
+    }
+    float* yr = y.f32() + m * D;
+    for (int64_t d = 0; d < D; ++d) yr[d] = acc[size_t(d)] + yr[d];
+  }
+  return y;
+}
+
+// ---- Decoder layer ----
+
+void DecoderLayer::load(const WeightLoader& w, const std::string& p, int64_t layer, const ModelConfig& c) {
+  eps_ = float(c.rms_norm_eps);
+  input_layernorm_ = w.tensor(p + "input_layernorm.weight", {c.hidden_size});
+  post_attention_layernorm_ = w.tensor(p + "post_attention_layernorm.weight", {c.hidden_size});
+  attn_.load(w, p + "self_attn.", c);
+  if (c.is_moe_layer(layer)) {
+    moe_.emplace();
+    moe_->load(w, p + "mlp.", c);
+  } else {
+    mlp_.emplace();
+    mlp_->load(w, p + "mlp.", c.hidden_size, c.intermediate_size);
+  }
+}
+
+void DecoderLayer::forward(Tensor& h, const Batch& batch, Tensor* routing) const {
+  add_inplace(h, attn_.forward(rmsnormed(h, input_layernorm_, eps_), batch));
+  Tensor x = rmsnormed(h, post_attention_layernorm_, eps_);
+  add_inplace(h, moe_ ? moe_->forward(x, routing) : mlp_->forward(x));
+}
+
+// ---- MTP ----
+
+void MtpModule::load(const WeightLoader& w, int64_t layer, const ModelConfig& c) {
+  const std::string p = "model.layers." + std::to_string(layer) + ".";
+  eps_ = float(c.rms_norm_eps);
+  hidden_ = c.hidden_size;
+  enorm_ = w.tensor(p + "enorm.weight", {c.hidden_size});
+  hnorm_ = w.tensor(p + "hnorm.weight", {c.hidden_size});
+  eh_proj_ = w.linear(p + "eh_proj.weight", c.hidden_size, 2 * c.hidden_size);
+  head_norm_ = w.tensor(p + "shared_head.norm.weight", {c.hidden_size});
+  // The MTP module's embedding and head are shared with the main model; checkpoints may carry copies.
+  embed_tokens_ = w.has(p + "embed_tokens.weight") ? w.tensor(p + "embed_tokens.weight", {c.vocab_size, c.hidden_size})
+                                                   : w.tensor("model.embed_tokens.weight", {c.vocab_size, c.hidden_size});
+  head_ = w.has(p + "shared_head.head.weight") ? w.linear(p + "shared_head.head.weight", c.vocab_size, c.hidden_size)
+                                               : w.linear("lm_head.weight", c.vocab_size, c.hidden_size);
+  layer_.load(w, p, layer, c);
+}
+
+Tensor MtpModule::forward(const Tensor& h_prev, const Tensor& emb, const Batch& batch, Tensor* routing) const {
+  const int64_t M = h_prev.dim(0), D = hidden_;
+  Tensor cat = f32({M, 2 * D});
+  Tensor e_half = cat.slice(1, 0, D), h_half = cat.slice(1, D, 2 * D);
+  ops::rmsnorm(emb, enorm_, eps_, e_half);
+  ops::rmsnorm(h_prev, hnorm_, eps_, h_half);
+  Tensor h = linear(cat, eh_proj_);
+  layer_.forward(h, batch, routing);
+  return h;
+}
+
+Tensor MtpModule::logits(const Tensor& h) const { return linear(rmsnormed(h, head_norm_, eps_), head_); }
+
+}  // namespace dsv3

@@ -1,0 +1,49 @@
+// The whole model: tokens → embedding → decoder layers (MLA + dense FFN or MoE) → norm → head, with the
+// MTP modules branching off the final hidden state.
+#pragma once
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "io/config.h"
+#include "io/safetensors.h"
+#include "model/modules.h"
+
+namespace dsv3 {
+
+struct ForwardOptions {
+  bool hidden_states = false;  // keep every hidden_states.{i} (0 = embeddings, last = after the final norm)
+  bool routing = false;        // keep the chosen experts of every MoE layer
+  int mtp_depth = -1;          // MTP modules to run: -1 = all the checkpoint has, 0 = none
+};
+
+struct ForwardResult {
+  Tensor logits;                       // [B, T, V]
+  Tensor final_hidden;                 // [B, T, H] after the final RMSNorm
+  std::vector<Tensor> hidden_states;   // [B, T, H] each, when asked
+  std::map<int64_t, Tensor> routing;   // layer -> [B·T, top_k] int64, sorted ascending, when asked
+  std::vector<Tensor> mtp_logits;      // depth k (1-based) at [k-1]: [B, T-k, V]
+};
+
+class Transformer {
+ public:
+  // Loads config.json and the safetensors of a checkpoint folder (official layout; bf16 or fp8 weights).
+  static std::unique_ptr<Transformer> load(const std::string& dir);
+  const ModelConfig& config() const { return cfg_; }
+  const io::Checkpoint& checkpoint() const { return ckpt_; }
+  int64_t mtp_layers() const { return int64_t(mtp_.size()); }
+
+  // input_ids: [B, T] int64 or int32.
+  ForwardResult forward(const Tensor& input_ids, const ForwardOptions& opts = {}) const;
+
+ private:
+  ModelConfig cfg_;
+  io::Checkpoint ckpt_;
+  Tensor embed_tokens_, norm_;
+  ops::Weight lm_head_;
+  std::vector<DecoderLayer> layers_;
+  std::vector<MtpModule> mtp_;
+};
+
+}  // namespace dsv3

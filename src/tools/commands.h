@@ -1,0 +1,13 @@
+// Each subcommand registers its options and sets `run` when it is the one parsed.
+#pragma once
+#include <CLI/CLI.hpp>
+#include <functional>
+
+namespace dsv3::cli {
+
+using Command = std::function<int()>;
+
+void add_forward(CLI::App& app, Command& run);
+void add_info(CLI::App& app, Command& run);
+
+}  // namespace dsv3::cli
