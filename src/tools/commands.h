@@ -9,5 +9,6 @@ using Command = std::function<int()>;
 
 void add_forward(CLI::App& app, Command& run);
 void add_info(CLI::App& app, Command& run);
+void add_compare(CLI::App& app, Command& run);
 
 }  // namespace dsv3::cli

@@ -16,6 +16,7 @@ int main(int argc, char** argv) {
   dsv3::cli::Command run;  // set by the parsed subcommand
   dsv3::cli::add_forward(app, run);
   dsv3::cli::add_info(app, run);
+  dsv3::cli::add_compare(app, run);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
