@@ -56,3 +56,14 @@ struct RouterParams {
 void moe_route(const Tensor& logits, const Tensor& bias, const RouterParams& p, Tensor& idx, Tensor& w);
 
 }  // namespace dsv3::ops
+
+namespace dsv3::ops {
+
+// Absorbed MLA attention over the latent cache (§2.1.1; FlashMLA's formulation): every head's query has
+// been folded into the latent space, so all heads attend to the same cache rows [c_kv | k_rope] like one
+// multi-query head. q: [n, H, W] (W = kv_lora_rank + rope dim), cache: [L, W] rows of one sequence,
+// positions: n query positions (query i sees cache rows 0..positions[i]), out: [n, H, kv_lora_rank] =
+// softmax(q·cacheᵀ·scale) · cache[:, :kv_lora_rank].
+void attention_latent(const Tensor& q, const Tensor& cache, const int64_t* positions, float scale, Tensor& out);
+
+}  // namespace dsv3::ops

@@ -1,5 +1,7 @@
 #include "model/modules.h"
 
+#include <cblas.h>
+
 #include <algorithm>
 
 #include "model/rope.h"
@@ -30,8 +32,19 @@ void add_inplace(Tensor& h, const Tensor& d) {
 }
 }  // namespace
 
+Batch Batch::cached(std::vector<Seq> seqs) {
+  Batch b;
+  b.B = int64_t(seqs.size());
+  b.T = 0;
+  for (const Seq& s : seqs)
+    for (int64_t i = 0; i < s.n; ++i) b.positions.push_back(s.start + i);
+  b.seqs = std::move(seqs);
+  return b;
+}
+
 Batch Batch::contiguous(int64_t B, int64_t T) {
-  Batch b{B, T, {}};
+  Batch b;
+  b.B = B, b.T = T;
   b.positions.resize(size_t(B * T));
   for (int64_t i = 0; i < B * T; ++i) b.positions[size_t(i)] = i % T;
   return b;
@@ -39,7 +52,8 @@ Batch Batch::contiguous(int64_t B, int64_t T) {
 
 // ---- MLA ----
 
-void Mla::load(const WeightLoader& w, const std::string& p, const ModelConfig& c) {
+void Mla::load(const WeightLoader& w, const std::string& p, int64_t layer, const ModelConfig& c) {
+  layer_ = layer;
   H_ = c.num_attention_heads, dn_ = c.qk_nope_head_dim, dr_ = c.qk_rope_head_dim, dv_ = c.v_head_dim;
   kvr_ = c.kv_lora_rank;
   eps_ = float(c.rms_norm_eps);
@@ -59,16 +73,17 @@ void Mla::load(const WeightLoader& w, const std::string& p, const ModelConfig& c
   o_proj_ = w.linear(p + "o_proj.weight", hid, H_ * dv_);
 }
 
-Tensor Mla::forward(const Tensor& x, const Batch& bt) const {
+Tensor Mla::forward(const Tensor& x, const Batch& bt, LatentCache* cache) const {
   const int64_t M = x.dim(0), B = bt.B, T = bt.T, dqk = dn_ + dr_;
   Tensor q = q_proj_ ? linear(x, *q_proj_) : linear(rmsnormed(linear(x, *q_a_proj_), q_a_layernorm_, eps_), *q_b_proj_);
   Tensor kva = linear(x, kv_a_proj_);  // [M, kv_lora_rank + rope]: latent c_kv | shared k_rope
-  Tensor kv = linear(rmsnormed(kva.slice(1, 0, kvr_), kv_a_layernorm_, eps_), kv_b_proj_);  // [M, H·(dn+dv)]
 
   Tensor q_rope = q.reshape({M, H_, dqk}).slice(2, dn_, dqk);
   ops::rope(q_rope, bt.positions, rope_);
   Tensor k_rope = kva.reshape({M, 1, kvr_ + dr_}).slice(2, kvr_, kvr_ + dr_);
   ops::rope(k_rope, bt.positions, rope_);
+  if (cache) return forward_absorbed(q, kva, bt, *cache);
+  Tensor kv = linear(rmsnormed(kva.slice(1, 0, kvr_), kv_a_layernorm_, eps_), kv_b_proj_);  // [M, H·(dn+dv)]
 
   // Keys per head: [k_nope_h | k_rope], the rope part shared by all heads.
   Tensor k = f32({M, H_, dqk});
@@ -88,6 +103,48 @@ Tensor Mla::forward(const Tensor& x, const Batch& bt) const {
   Tensor o = f32({B, T, H_, dv_});
   ops::attention_causal(q.reshape({B, T, H_, dqk}), k.reshape({B, T, H_, dqk}), v, scale_, o);
   return linear(o.reshape({M, H_ * dv_}), o_proj_);
+}
+
+Tensor Mla::forward_absorbed(const Tensor& q, const Tensor& kva, const Batch& bt, LatentCache& cache) const {
+  const int64_t M = q.dim(0), dqk = dn_ + dr_, W = kvr_ + dr_, hd = dn_ + dv_;
+  if (!kv_b_f32_.defined()) kv_b_f32_ = kv_b_proj_.to_f32();
+  const float* wkv = kv_b_f32_.f32();  // head h: rows [h·hd, h·hd+dn) = W_UK_h, then dv rows of W_UV_h
+  // Append [kv_a_layernorm(c_kv) | roped k_rope] of the new tokens to their sequences' cache rows.
+  Tensor c = rmsnormed(kva.slice(1, 0, kvr_), kv_a_layernorm_, eps_);
+  {
+    int64_t r = 0;
+    for (const Batch::Seq& s : bt.seqs) {
+      DSV3_CHECK(s.start + s.n <= cache.max_tokens(), "sequence of {} tokens exceeds the cache ({} tokens)", s.start + s.n,
+                 cache.max_tokens());
+      Tensor rows = cache.rows(layer_, s.slot);
+      for (int64_t i = 0; i < s.n; ++i, ++r) {
+        float* dst = rows.f32() + (s.start + i) * W;
+        std::copy_n(c.f32() + r * kvr_, kvr_, dst);
+        std::copy_n(kva.f32() + r * (kvr_ + dr_) + kvr_, dr_, dst + kvr_);
+      }
+    }
+  }
+  // Queries in latent space: [q_nope_h · W_UK_h | q_rope_h] per head.
+  Tensor qc = f32({M, H_, W}), ol = f32({M, H_, kvr_}), o = f32({M, H_ * dv_});
+#pragma omp parallel for schedule(static)
+  for (int64_t h = 0; h < H_; ++h) {
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(M), int(kvr_), int(dn_), 1.0f, q.f32() + h * dqk, int(H_ * dqk),
+                wkv + h * hd * kvr_, int(kvr_), 0.0f, qc.f32() + h * W, int(H_ * W));
+    for (int64_t m = 0; m < M; ++m) std::copy_n(q.f32() + (m * H_ + h) * dqk + dn_, dr_, qc.f32() + (m * H_ + h) * W + kvr_);
+  }
+  int64_t r = 0;
+  for (const Batch::Seq& s : bt.seqs) {
+    Tensor rows = cache.rows(layer_, s.slot).slice(0, 0, s.start + s.n);
+    Tensor qs = qc.slice(0, r, r + s.n), os = ol.slice(0, r, r + s.n);
+    ops::attention_latent(qs, rows, bt.positions.data() + r, scale_, os);
+    r += s.n;
+  }
+  // Back out of latent space per head: o_h = o_latent_h · W_UV_hᵀ.
+#pragma omp parallel for schedule(static)
+  for (int64_t h = 0; h < H_; ++h)
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(M), int(dv_), int(kvr_), 1.0f, ol.f32() + h * kvr_, int(H_ * kvr_),
+                wkv + (h * hd + dn_) * kvr_, int(kvr_), 0.0f, o.f32() + h * dv_, int(H_ * dv_));
+  return linear(o, o_proj_);
 }
 
 // ---- MLP ----
@@ -176,7 +233,7 @@ void DecoderLayer::load(const WeightLoader& w, const std::string& p, int64_t lay
   eps_ = float(c.rms_norm_eps);
   input_layernorm_ = w.tensor(p + "input_layernorm.weight", {c.hidden_size});
   post_attention_layernorm_ = w.tensor(p + "post_attention_layernorm.weight", {c.hidden_size});
-  attn_.load(w, p + "self_attn.", c);
+  attn_.load(w, p + "self_attn.", layer, c);
   if (c.is_moe_layer(layer)) {
     moe_.emplace();
     moe_->load(w, p + "mlp.", c);
@@ -186,8 +243,8 @@ void DecoderLayer::load(const WeightLoader& w, const std::string& p, int64_t lay
   }
 }
 
-void DecoderLayer::forward(Tensor& h, const Batch& batch, Tensor* routing) const {
-  add_inplace(h, attn_.forward(rmsnormed(h, input_layernorm_, eps_), batch));
+void DecoderLayer::forward(Tensor& h, const Batch& batch, Tensor* routing, LatentCache* cache) const {
+  add_inplace(h, attn_.forward(rmsnormed(h, input_layernorm_, eps_), batch, cache));
   Tensor x = rmsnormed(h, post_attention_layernorm_, eps_);
   add_inplace(h, moe_ ? moe_->forward(x, routing) : mlp_->forward(x));
 }
@@ -210,14 +267,15 @@ void MtpModule::load(const WeightLoader& w, int64_t layer, const ModelConfig& c)
   layer_.load(w, p, layer, c);
 }
 
-Tensor MtpModule::forward(const Tensor& h_prev, const Tensor& emb, const Batch& batch, Tensor* routing) const {
+Tensor MtpModule::forward(const Tensor& h_prev, const Tensor& emb, const Batch& batch, Tensor* routing,
+                          LatentCache* cache) const {
   const int64_t M = h_prev.dim(0), D = hidden_;
   Tensor cat = f32({M, 2 * D});
   Tensor e_half = cat.slice(1, 0, D), h_half = cat.slice(1, D, 2 * D);
   ops::rmsnorm(emb, enorm_, eps_, e_half);
   ops::rmsnorm(h_prev, hnorm_, eps_, h_half);
   Tensor h = linear(cat, eh_proj_);
-  layer_.forward(h, batch, routing);
+  layer_.forward(h, batch, routing, cache);
   return h;
 }
 

@@ -6,26 +6,39 @@
 #include <vector>
 
 #include "kernels/ops.h"
+#include "model/latent_cache.h"
 #include "model/loader.h"
 
 namespace dsv3 {
 
-// Where the rows of an activation sit: B sequences of T tokens, token t of every sequence at `positions[t]`.
+// Where the rows of an activation sit. Without a cache: B sequences of T tokens at positions 0..T-1.
+// With a cache: the new tokens of each sequence, concatenated; sequence s owns cache slot `slot`, its
+// first new token sits at position `start` and it has `n` new tokens.
 struct Batch {
+  struct Seq {
+    int64_t slot = 0, start = 0, n = 0;
+  };
   int64_t B = 1, T = 1;
-  std::vector<int64_t> positions;  // [B·T] RoPE position of each row
+  std::vector<Seq> seqs;           // cached batches only
+  std::vector<int64_t> positions;  // RoPE position of each row
   static Batch contiguous(int64_t B, int64_t T);
-  int64_t rows() const { return B * T; }
+  static Batch cached(std::vector<Seq> seqs);
+  int64_t rows() const { return int64_t(positions.size()); }
 };
 
 // Multi-head Latent Attention (§2.1.1), expanded form: kv_b_proj is applied to the latent c_kv.
+// With a cache it appends the new tokens' latents and attends in the absorbed form: kv_b_proj folded into
+// the queries (q_nope·W_UK) and the output (W_UV·o_latent), so keys and values are never expanded.
 class Mla {
  public:
-  void load(const WeightLoader& w, const std::string& prefix, const ModelConfig& cfg);
-  Tensor forward(const Tensor& x, const Batch& batch) const;  // x: normed input [M, hidden]
+  void load(const WeightLoader& w, const std::string& prefix, int64_t layer, const ModelConfig& cfg);
+  // x: normed input [M, hidden]. cache: null for the expanded (training/prefill) form.
+  Tensor forward(const Tensor& x, const Batch& batch, LatentCache* cache = nullptr) const;
 
  private:
-  int64_t H_ = 0, dn_ = 0, dr_ = 0, dv_ = 0, kvr_ = 0;
+  Tensor forward_absorbed(const Tensor& q, const Tensor& kva, const Batch& batch, LatentCache& cache) const;
+  int64_t layer_ = 0, H_ = 0, dn_ = 0, dr_ = 0, dv_ = 0, kvr_ = 0;
+  mutable Tensor kv_b_f32_;  // kv_b_proj in float32 [H·(dn+dv), kvr], made on first absorbed use
   float eps_ = 1e-6f, scale_ = 1.0f;
   ops::RopeTable rope_;
   std::optional<ops::Weight> q_a_proj_, q_b_proj_, q_proj_;
@@ -63,7 +76,7 @@ class DecoderLayer {
  public:
   void load(const WeightLoader& w, const std::string& prefix, int64_t layer, const ModelConfig& cfg);
   // h: the residual stream [M, hidden], updated in place.
-  void forward(Tensor& h, const Batch& batch, Tensor* routing = nullptr) const;
+  void forward(Tensor& h, const Batch& batch, Tensor* routing = nullptr, LatentCache* cache = nullptr) const;
   bool is_moe() const { return moe_.has_value(); }
 
  private:
@@ -80,7 +93,8 @@ class MtpModule {
  public:
   void load(const WeightLoader& w, int64_t layer, const ModelConfig& cfg);
   // h_prev: [B·T', hidden] (T' = positions available at this depth); emb: embeddings of the tokens k ahead.
-  Tensor forward(const Tensor& h_prev, const Tensor& emb, const Batch& batch, Tensor* routing = nullptr) const;
+  Tensor forward(const Tensor& h_prev, const Tensor& emb, const Batch& batch, Tensor* routing = nullptr,
+                 LatentCache* cache = nullptr) const;
   Tensor logits(const Tensor& h) const;
   const Tensor& embed_tokens() const { return embed_tokens_; }
 

@@ -93,4 +93,45 @@ ForwardResult Transformer::forward(const Tensor& input_ids, const ForwardOptions
   return r;
 }
 
+namespace {
+Tensor ids_tensor(const std::vector<int64_t>& tokens) {
+  return Tensor::from_vector(tokens, {int64_t(tokens.size())});
+}
+}  // namespace
+
+Transformer::Step Transformer::step(const std::vector<int64_t>& tokens, const Batch& batch, LatentCache& cache,
+                                    bool all_logits) const {
+  const int64_t M = int64_t(tokens.size()), D = cfg_.hidden_size;
+  DSV3_CHECK(M == batch.rows() && M > 0, "step: {} tokens for a batch of {} rows", M, batch.rows());
+  Tensor h = Tensor::empty(DType::F32, {M, D});
+  ops::embedding(ids_tensor(tokens), embed_tokens_, h);
+  for (const DecoderLayer& layer : layers_) layer.forward(h, batch, nullptr, &cache);
+  Step out;
+  out.hidden = Tensor::empty(DType::F32, {M, D});
+  ops::rmsnorm(h, norm_, float(cfg_.rms_norm_eps), out.hidden);
+  Tensor rows = out.hidden;
+  if (!all_logits) {
+    rows = Tensor::empty(DType::F32, {int64_t(batch.seqs.size()), D});
+    int64_t r = 0;
+    for (size_t s = 0; s < batch.seqs.size(); ++s) {
+      r += batch.seqs[s].n;
+      std::copy_n(out.hidden.f32() + (r - 1) * D, D, rows.f32() + int64_t(s) * D);
+    }
+  }
+  out.logits = Tensor::empty(DType::F32, {rows.dim(0), cfg_.vocab_size});
+  ops::linear(rows, lm_head_, out.logits);
+  return out;
+}
+
+Tensor Transformer::mtp_step(int64_t k, const Tensor& h_prev, const std::vector<int64_t>& ahead, const Batch& batch,
+                             LatentCache& cache, Tensor* h_out) const {
+  DSV3_CHECK(k >= 1 && k <= int64_t(mtp_.size()), "the checkpoint has {} MTP modules, depth {} asked", mtp_.size(), k);
+  const MtpModule& mod = mtp_[size_t(k - 1)];
+  Tensor emb = Tensor::empty(DType::F32, {int64_t(ahead.size()), cfg_.hidden_size});
+  ops::embedding(ids_tensor(ahead), mod.embed_tokens(), emb);
+  Tensor h = mod.forward(h_prev, emb, batch, nullptr, &cache);
+  if (h_out) *h_out = h;
+  return mod.logits(h);
+}
+
 }  // namespace dsv3

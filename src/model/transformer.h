@@ -37,6 +37,19 @@ class Transformer {
   // input_ids: [B, T] int64 or int32.
   ForwardResult forward(const Tensor& input_ids, const ForwardOptions& opts = {}) const;
 
+  // Incremental forward over the latent cache: `tokens` are the new tokens of the sequences in
+  // batch.seqs, concatenated; their latents are appended to the cache slots. Returns the hidden states
+  // after the final norm [rows, D] (the MTP input) and logits: for every row if all_logits, else for the
+  // last new row of each sequence [seqs, V].
+  struct Step {
+    Tensor hidden, logits;
+  };
+  Step step(const std::vector<int64_t>& tokens, const Batch& batch, LatentCache& cache, bool all_logits = false) const;
+  // MTP depth k (1-based) over the cache: h_prev [rows, D] from depth k-1 (depth 0: Step::hidden) and the
+  // tokens one ahead of each row. Returns logits [rows, V] and the module's output in *h_out.
+  Tensor mtp_step(int64_t k, const Tensor& h_prev, const std::vector<int64_t>& ahead, const Batch& batch, LatentCache& cache,
+                  Tensor* h_out = nullptr) const;
+
  private:
   ModelConfig cfg_;
   io::Checkpoint ckpt_;

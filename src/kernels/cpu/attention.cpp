@@ -53,3 +53,43 @@ void attention_causal(const Tensor& q, const Tensor& k, const Tensor& v, float s
 }
 
 }  // namespace dsv3::ops
+
+namespace dsv3::ops {
+
+void attention_latent(const Tensor& q, const Tensor& cache, const int64_t* positions, float scale, Tensor& out) {
+  const int64_t n = q.dim(0), H = q.dim(1), W = q.dim(2), L = cache.dim(0), R = out.dim(2);
+  DSV3_CHECK(cache.dim(1) == W && out.dim(0) == n && out.dim(1) == H && R <= W, "attention_latent: shapes q {} cache {} out {}",
+             shape_str(q.shape()), shape_str(cache.shape()), shape_str(out.shape()));
+  DSV3_CHECK(q.is_contiguous() && out.is_contiguous() && cache.strides()[1] == 1, "attention_latent: layout");
+  for (int64_t i = 0; i < n; ++i)
+    DSV3_CHECK(positions[i] >= 0 && positions[i] < L, "attention_latent: position {} outside the {} cached rows", positions[i], L);
+  // Rows of (query, head) pairs in blocks; one sgemm for the scores of a block, one for the values.
+  const int64_t rows = n * H, RB = 64, nblocks = (rows + RB - 1) / RB, ldc = cache.strides()[0];
+#pragma omp parallel
+  {
+    std::vector<float> s(size_t(RB * L));
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t blk = 0; blk < nblocks; ++blk) {
+      const int64_t r0 = blk * RB, r1 = std::min(rows, r0 + RB), nr = r1 - r0;
+      int64_t kmax = 0;  // keys the block's latest query sees
+      for (int64_t r = r0; r < r1; ++r) kmax = std::max(kmax, positions[r / H] + 1);
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(nr), int(kmax), int(W), scale, q.f32() + r0 * W, int(W),
+                  cache.f32(), int(ldc), 0.0f, s.data(), int(kmax));
+      for (int64_t r = r0; r < r1; ++r) {
+        float* row = s.data() + (r - r0) * kmax;
+        const int64_t last = positions[r / H];
+        float mx = -std::numeric_limits<float>::infinity();
+        for (int64_t j = 0; j <= last; ++j) mx = std::max(mx, row[j]);
+        float sum = 0.0f;
+        for (int64_t j = 0; j <= last; ++j) sum += (row[j] = std::exp(row[j] - mx));
+        const float inv = 1.0f / sum;
+        for (int64_t j = 0; j <= last; ++j) row[j] *= inv;
+        for (int64_t j = last + 1; j < kmax; ++j) row[j] = 0.0f;
+      }
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(nr), int(R), int(kmax), 1.0f, s.data(), int(kmax),
+                  cache.f32(), int(ldc), 0.0f, out.f32() + r0 * R, int(R));
+    }
+  }
+}
+
+}  // namespace dsv3::ops
