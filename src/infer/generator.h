@@ -1,0 +1,54 @@
+// Text generation over the latent cache: chunked prefill, batched decoding of several prompts sharing
+// each forward pass, and MTP speculative decoding (DeepSeek-V3 §2.2 / §5.4.3: the MTP module drafts, the
+// main model verifies k+1 positions in one pass; greedy output is unchanged and sampling keeps the target
+// distribution through the standard rejection rule).
+#pragma once
+#include <functional>
+#include <vector>
+
+#include "infer/sampler.h"
+#include "model/transformer.h"
+
+namespace dsv3 {
+
+struct GenerateOptions {
+  int64_t max_new_tokens = 16;
+  SamplingParams sampling;
+  std::vector<int64_t> stop_tokens;  // generation of a sequence ends after emitting one of these
+  int64_t prefill_chunk = 512;       // prompt tokens per forward pass
+  bool speculative = false;          // MTP drafting (needs an MTP layer)
+  int64_t draft = 1;                 // tokens drafted per step
+};
+
+enum class Finish { Length, Stop, Callback, Context };
+
+struct Generation {
+  std::vector<int64_t> tokens;  // generated tokens (the prompt excluded)
+  Finish finish = Finish::Length;
+};
+
+struct GenerateStats {
+  int64_t prefill_tokens = 0, decode_tokens = 0, main_passes = 0, drafted = 0, accepted = 0;
+  double prefill_seconds = 0, decode_seconds = 0;
+};
+
+// Called for every emitted token; returning false ends that sequence (stop strings, a closed stream).
+using TokenCallback = std::function<bool(size_t seq, int64_t token)>;
+
+class Generator {
+ public:
+  explicit Generator(const Transformer& model) : model_(model) {}
+  std::vector<Generation> generate(const std::vector<std::vector<int64_t>>& prompts, const GenerateOptions& opts,
+                                   const TokenCallback& on_token = {});
+  const GenerateStats& stats() const { return stats_; }
+
+ private:
+  std::vector<Generation> generate_batched(const std::vector<std::vector<int64_t>>& prompts, const GenerateOptions& o,
+                                           const TokenCallback& cb);
+  Generation generate_speculative(size_t seq, const std::vector<int64_t>& prompt, const GenerateOptions& o,
+                                  const TokenCallback& cb);
+  const Transformer& model_;
+  GenerateStats stats_;
+};
+
+}  // namespace dsv3
