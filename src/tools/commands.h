@@ -10,5 +10,8 @@ using Command = std::function<int()>;
 void add_forward(CLI::App& app, Command& run);
 void add_info(CLI::App& app, Command& run);
 void add_compare(CLI::App& app, Command& run);
+void add_generate(CLI::App& app, Command& run);
+void add_chat(CLI::App& app, Command& run);
+void add_tokenize(CLI::App& app, Command& run);
 
 }  // namespace dsv3::cli

@@ -17,6 +17,9 @@ int main(int argc, char** argv) {
   dsv3::cli::add_forward(app, run);
   dsv3::cli::add_info(app, run);
   dsv3::cli::add_compare(app, run);
+  dsv3::cli::add_generate(app, run);
+  dsv3::cli::add_chat(app, run);
+  dsv3::cli::add_tokenize(app, run);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
