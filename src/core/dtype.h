@@ -1,7 +1,7 @@
 // Element types and exact scalar conversions. Rounding is round-to-nearest-even everywhere, and the
 // special-value rules follow PyTorch (c10) so that a value we round-trip is bit-identical to torch's:
 //  - bf16/f16: NaN stays NaN (quiet), ±inf stays ±inf, f16 overflow goes to ±inf.
-//  - fp8 e4m3fn (no inf): |x| >= 464 rounds past 448 and becomes NaN (0x7f|sign), as torch's cast does;
+//  - fp8 e4m3fn (no inf): |x| > 464 rounds past 448 and becomes NaN (0x7f|sign), as torch's cast does;
 //    fp8_e4m3_saturate() is the clamp-to-±448 variant used when *we* quantize (DeepSeek's recipe).
 //  - fp8 e5m2: overflow goes to ±inf, NaN to 0x7f|sign.
 #pragma once
