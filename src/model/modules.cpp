@@ -126,7 +126,8 @@ Tensor Mla::forward_absorbed(const Tensor& q, const Tensor& kva, const Batch& bt
   }
   // Queries in latent space: [q_nope_h · W_UK_h | q_rope_h] per head.
   Tensor qc = f32({M, H_, W}), ol = f32({M, H_, kvr_}), o = f32({M, H_ * dv_});
-#pragma omp parallel for schedule(static)
+  const bool par = M * H_ * kvr_ * (dn_ + dv_) > (1 << 19);
+#pragma omp parallel for schedule(static) if (par)
   for (int64_t h = 0; h < H_; ++h) {
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(M), int(kvr_), int(dn_), 1.0f, q.f32() + h * dqk, int(H_ * dqk),
                 wkv + h * hd * kvr_, int(kvr_), 0.0f, qc.f32() + h * W, int(H_ * W));
@@ -140,7 +141,7 @@ Tensor Mla::forward_absorbed(const Tensor& q, const Tensor& kva, const Batch& bt
     r += s.n;
   }
   // Back out of latent space per head: o_h = o_latent_h · W_UV_hᵀ.
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (par)
   for (int64_t h = 0; h < H_; ++h)
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(M), int(dv_), int(kvr_), 1.0f, ol.f32() + h * kvr_, int(H_ * kvr_),
                 wkv + (h * hd + dn_) * kvr_, int(kvr_), 0.0f, o.f32() + h * dv_, int(H_ * dv_));
@@ -170,6 +171,7 @@ Tensor Mlp::forward(const Tensor& x) const {
 
 void Moe::load(const WeightLoader& w, const std::string& p, const ModelConfig& c) {
   hidden_ = c.hidden_size;
+  moe_width_ = c.moe_intermediate_size;
   router_ = {c.n_group, c.topk_group, c.num_experts_per_tok, c.norm_topk_prob, float(c.routed_scaling_factor)};
   gate_ = w.linear(p + "gate.weight", c.n_routed_experts, c.hidden_size);
   const std::string bname = p + "gate.e_score_correction_bias";
@@ -195,7 +197,7 @@ Tensor Moe::forward(const Tensor& x, Tensor* routing) const {
   const int32_t* ip = idx.data<int32_t>();
   for (int64_t s = 0; s < M * K; ++s) slots[size_t(ip[s])].push_back(s);
   Tensor out_slots = f32({M * K, D});
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp parallel for schedule(dynamic, 1) if (M * K * D * moe_width_ > (1 << 20))
   for (int64_t e = 0; e < E; ++e) {
     const auto& sl = slots[size_t(e)];
     if (sl.empty()) continue;
@@ -207,7 +209,7 @@ Tensor Moe::forward(const Tensor& x, Tensor* routing) const {
   }
   Tensor y = shared_ ? shared_->forward(x) : Tensor::zeros(DType::F32, {M, D});
   const float* wp = wts.f32();
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (M * K * D > (1 << 16))
   for (int64_t m = 0; m < M; ++m) {
     // Sum the weighted expert outputs in ascending expert order (the reference's index_add order).
     int64_t order[64];

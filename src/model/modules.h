@@ -64,7 +64,7 @@ class Moe {
   Tensor forward(const Tensor& x, Tensor* routing = nullptr) const;
 
  private:
-  int64_t hidden_ = 0;
+  int64_t hidden_ = 0, moe_width_ = 0;
   ops::RouterParams router_;
   ops::Weight gate_;
   Tensor bias_;  // e_score_correction_bias; no gradient, nudged by the balancer during training

@@ -21,7 +21,7 @@ void attention_causal(const Tensor& q, const Tensor& k, const Tensor& v, float s
   constexpr int64_t QB = 64;
   const int64_t nqb = (T + QB - 1) / QB;
   const int64_t jobs = B * H * nqb;
-#pragma omp parallel
+#pragma omp parallel if (B * H * T * T * D > (1 << 20))
   {
     std::vector<float> s(size_t(QB * T));
 #pragma omp for schedule(dynamic, 1)
@@ -65,7 +65,7 @@ void attention_latent(const Tensor& q, const Tensor& cache, const int64_t* posit
     DSV3_CHECK(positions[i] >= 0 && positions[i] < L, "attention_latent: position {} outside the {} cached rows", positions[i], L);
   // Rows of (query, head) pairs in blocks; one sgemm for the scores of a block, one for the values.
   const int64_t rows = n * H, RB = 64, nblocks = (rows + RB - 1) / RB, ldc = cache.strides()[0];
-#pragma omp parallel
+#pragma omp parallel if (nblocks > 1 && rows * L * W > (1 << 20))
   {
     std::vector<float> s(size_t(RB * L));
 #pragma omp for schedule(dynamic, 1)

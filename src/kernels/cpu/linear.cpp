@@ -63,7 +63,8 @@ void linear(const Tensor& x, const Weight& w, Tensor& y) {
   int64_t panel = std::clamp<int64_t>((N + nt - 1) / nt, 16, 256);
   panel = (panel + 15) / 16 * 16;
   const int64_t npanels = (N + panel - 1) / panel;
-#pragma omp parallel for schedule(dynamic, 1) if (npanels > 1)
+// Small products run on one thread: a parallel region costs more than it saves below ~1 MFLOP.
+#pragma omp parallel for schedule(dynamic, 1) if (npanels > 1 && M * N * K > (1 << 19))
   for (int64_t p = 0; p < npanels; ++p) {
     const int64_t r0 = p * panel, r1 = std::min(N, r0 + panel);
     float* wf = thread_scratch(size_t((r1 - r0) * K));
