@@ -1,6 +1,6 @@
 // Tokenizer throughput: single-thread encode of a large text, in MB/s. By default the text is ~20 MB built from
 // the golden encodings (prose, code, CJK, emoji, special tokens) interleaved with generated English-like text.
-// The first pass starts with an empty BPE word cache, the second reuses it.
+// The first pass starts with an empty BPE word cache, the later ones reuse it.
 // Usage: bench_tokenizer [tokenizer.json] [text file]
 #include <chrono>
 #include <cstdio>

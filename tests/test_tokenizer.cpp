@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <nlohmann/json.hpp>
 #include <random>
 #include <sstream>
@@ -61,16 +62,11 @@ bool valid_utf8(std::string_view s) {
   return true;
 }
 
-void put(std::string& s, uint32_t cp) {
-  if (cp < 0x80)
-    s += char(cp);
-  else if (cp < 0x800)
-    s += char(0xC0 | cp >> 6), s += char(0x80 | (cp & 0x3F));
-  else if (cp < 0x10000)
-    s += char(0xE0 | cp >> 12), s += char(0x80 | (cp >> 6 & 0x3F)), s += char(0x80 | (cp & 0x3F));
-  else
-    s += char(0xF0 | cp >> 18), s += char(0x80 | (cp >> 12 & 0x3F)), s += char(0x80 | (cp >> 6 & 0x3F)),
-        s += char(0x80 | (cp & 0x3F));
+void put(std::string& s, uint32_t cp) {  // UTF-8 encode
+  const int n = cp < 0x80 ? 1 : cp < 0x800 ? 2 : cp < 0x10000 ? 3 : 4;
+  const uint8_t lead[] = {0, 0, 0xC0, 0xE0, 0xF0};
+  s += char(n == 1 ? cp : lead[n] | cp >> (6 * (n - 1)));
+  for (int k = n - 2; k >= 0; --k) s += char(0x80 | (cp >> (6 * k) & 0x3F));
 }
 
 // Random valid UTF-8 mixing the character classes the pre-tokenizer treats differently.
@@ -81,63 +77,44 @@ std::string random_text(std::mt19937& rng) {
   static const char* words[] = {"the", "Hello",   "world", "CamelCase",        "snake_case", "don't", "I'm", "naïve",
                                 "x",   "ALLCAPS", "a1b2",  "http://x.y/z?q=1", "++i",        "->",    "...", "!?"};
   auto pick = [&](int n) { return int(rng() % uint32_t(n)); };
+  auto run = [&](int n, uint32_t first, int count) {  // up to n random code points from [first, first+count)
+    std::string r;
+    for (int k = pick(n) + 1; k--;) put(r, first + uint32_t(pick(count)));
+    return r;
+  };
+  auto any = [&] {  // any scalar value, including controls and unassigned ones
+    uint32_t cp;
+    do cp = pick(4) ? uint32_t(pick(0x3000)) : uint32_t(pick(0x110000));
+    while (cp >= 0xD800 && cp <= 0xDFFF);
+    return run(1, cp, 1);
+  };
+  const std::function<std::string()> gen[] = {
+      [&] { return std::string(words[pick(16)]); },
+      [&] { return std::string(ws[pick(10)]); },
+      [&] { return run(7, '0', 10); },                                              // digits
+      [&] { return run(5, 0x4E00, 0x9FA5 - 0x4E00); },                              // CJK
+      [&] { return run(4, 0x3040, 0xC0); },                                         // kana
+      [&] { return run(1, 0x1F600, 0x50) + (pick(2) ? run(1, 0x1F3FB, 5) : ""); },  // emoji, skin tone
+      [&] { return run(1, 'a', 26) + run(1, 0x300, 0x70); },                        // combining mark
+      [&] { return std::string(special[pick(9)]); },
+      [&] { return run(3, '!', 15) + run(2, '[', 6); },  // ASCII punctuation
+      [&] { return run(6, 0x410, 0x40); },               // Cyrillic
+      any,
+  };
   std::string s;
-  const int parts = pick(12);
-  for (int p = 0; p < parts; ++p) {
-    switch (pick(11)) {
-      case 0:
-        s += words[pick(16)];
-        break;
-      case 1:
-        s += ws[pick(10)];
-        break;
-      case 2:
-        for (int k = pick(7) + 1; k--;) s += char('0' + pick(10));
-        break;
-      case 3:
-        for (int k = pick(5) + 1; k--;) put(s, 0x4E00 + uint32_t(pick(0x9FA5 - 0x4E00)));
-        break;  // CJK
-      case 4:
-        for (int k = pick(4) + 1; k--;) put(s, 0x3040 + uint32_t(pick(0xC0)));
-        break;  // kana
-      case 5:
-        put(s, 0x1F600 + uint32_t(pick(0x50)));
-        if (pick(2)) put(s, 0x1F3FB + uint32_t(pick(5)));
-        break;
-      case 6:
-        put(s, 'a' + uint32_t(pick(26))), put(s, 0x300 + uint32_t(pick(0x70)));
-        break;  // combining mark
-      case 7:
-        s += special[pick(9)];
-        break;
-      case 8:
-        s += char("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~"[pick(32)]);
-        break;
-      case 9:
-        put(s, 0x410 + uint32_t(pick(0x40)));
-        break;    // Cyrillic
-      default: {  // any scalar value, including controls and unassigned ones
-        uint32_t cp;
-        do cp = pick(4) ? uint32_t(pick(0x3000)) : uint32_t(pick(0x110000));
-        while (cp >= 0xD800 && cp <= 0xDFFF);
-        put(s, cp);
-      }
-    }
-  }
+  for (int p = pick(12); p--;) s += gen[pick(11)]();
   return s;
 }
 
 // The id of the single-byte token for byte b (all 256 are in the vocab).
 int32_t byte_token(uint8_t b) {
-  std::string ch;
-  const uint32_t cp = (b >= '!' && b <= '~') || (b >= 0xA1 && b <= 0xAC) || (b >= 0xAE) ? b : [&] {
-    uint32_t n = 256;
-    for (int x = 0; x < b; ++x)
-      if (!((x >= '!' && x <= '~') || (x >= 0xA1 && x <= 0xAC) || (x >= 0xAE))) ++n;
-    return n;
+  static const std::vector<int32_t> ids = [] {
+    std::vector<int32_t> v(256, -1);
+    for (int32_t id = 0; id < tok().vocab_size(); ++id)
+      if (!tok().is_special(id) && tok().token_bytes(id).size() == 1) v[uint8_t(tok().token_bytes(id)[0])] = id;
+    return v;
   }();
-  put(ch, cp);
-  return tok().token_id(ch).value();
+  return ids[b];
 }
 
 void expect_stream_matches(const std::vector<int32_t>& ids) {
