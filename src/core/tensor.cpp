@@ -1,5 +1,7 @@
 #include "core/tensor.h"
 
+#include <malloc.h>
+
 #include <cstdlib>
 #include <cstring>
 
@@ -29,7 +31,18 @@ static Shape contiguous_strides(const Shape& s) {
   return st;
 }
 
+namespace {
+// Activations of tens of MB are allocated and freed every layer; glibc would mmap/munmap each one and the
+// process would page-fault them in again every time. Keep freed memory in the heap instead.
+const bool kMallocTuned = [] {
+  mallopt(M_MMAP_THRESHOLD, 1 << 30);
+  mallopt(M_TRIM_THRESHOLD, 1 << 30);
+  return true;
+}();
+}  // namespace
+
 Tensor Tensor::empty(DType dtype, Shape shape) {
+  (void)kMallocTuned;
   Tensor t;
   t.dtype_ = dtype;
   t.numel_ = shape_numel(shape);

@@ -58,9 +58,9 @@ void linear(const Tensor& x, const Weight& w, Tensor& y) {
                 0.0f, yp, int(ldy));
     return;
   }
-  // Panel rows: enough panels for every thread, a multiple of 16, at most 256 rows (a panel stays in L2).
-  const int nt = omp_get_max_threads();
-  int64_t panel = std::clamp<int64_t>((N + nt - 1) / nt, 16, 256);
+  // Panel rows: enough panels for every thread, a multiple of 16, at most 128 rows (a panel stays in L2).
+  const int nt = omp_in_parallel() ? 1 : omp_get_max_threads();
+  int64_t panel = std::clamp<int64_t>((N + nt - 1) / nt, 16, 128);
   panel = (panel + 15) / 16 * 16;
   const int64_t npanels = (N + panel - 1) / panel;
 // Small products run on one thread: a parallel region costs more than it saves below ~1 MFLOP.
