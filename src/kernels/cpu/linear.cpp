@@ -2,6 +2,7 @@
 // OpenBLAS sgemm. Panels run in parallel (OpenMP); inside the parallel region the OpenMP build of
 // OpenBLAS runs single-threaded, so the two levels never oversubscribe. The model is never held in f32.
 #include <cblas.h>
+#include <immintrin.h>
 #include <omp.h>
 
 #include <algorithm>
@@ -37,6 +38,63 @@ Tensor Weight::to_f32() const {
 }
 
 namespace {
+// Decode-sized products (a few rows of x) are bound by reading the weights: for bf16 weights, convert
+// in registers inside the dot products instead of writing a float32 panel and reading it back.
+template <int R>
+void gemv_bf16(const float* x, int64_t ldx, const uint16_t* w, int64_t K, int64_t n0, int64_t n1, float* y, int64_t ldy) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint16_t* wr = w + n * K;
+    float sum[R];
+    int64_t k = 0;
+#if defined(__AVX512F__)
+    __m512 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+    for (; k + 16 <= K; k += 16) {
+      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + k));
+      const __m512 wv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+      for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * ldx + k), wv, acc[r]);
+    }
+    for (int r = 0; r < R; ++r) {  // horizontal sum (GCC 12's _mm512_reduce_add_ps trips -Wmaybe-uninitialized)
+      alignas(64) float lanes[16];
+      _mm512_store_ps(lanes, acc[r]);
+      sum[r] = 0.0f;
+      for (float v : lanes) sum[r] += v;
+    }
+#else
+    for (int r = 0; r < R; ++r) sum[r] = 0.0f;
+#endif
+    for (; k < K; ++k) {
+      const float wv = bf16_to_f32(wr[k]);
+      for (int r = 0; r < R; ++r) sum[r] += x[r * ldx + k] * wv;
+    }
+    for (int r = 0; r < R; ++r) y[r * ldy + n] = sum[r];
+  }
+}
+
+void linear_gemv_bf16(const float* x, int64_t ldx, int64_t M, const Weight& w, float* y, int64_t ldy) {
+  const int64_t N = w.rows(), K = w.cols();
+  const auto* wp = static_cast<const uint16_t*>(w.w.raw());
+  const int64_t chunk = 64, nchunks = (N + chunk - 1) / chunk;
+  // Waking the other threads costs more than a few MB of weights take to stream on this class of machine:
+  // only large matrices (the output head) are split across threads.
+#pragma omp parallel for schedule(static) if (N * K >= (1 << 22))
+  for (int64_t c = 0; c < nchunks; ++c) {
+    const int64_t n0 = c * chunk, n1 = std::min(N, n0 + chunk);
+    for (int64_t m = 0; m < M;) {  // rows of x in groups of up to 4 share each weight load
+      const int64_t r = std::min<int64_t>(4, M - m);
+      const float* xm = x + m * ldx;
+      float* ym = y + m * ldy;
+      switch (r) {
+        case 4: gemv_bf16<4>(xm, ldx, wp, K, n0, n1, ym, ldy); break;
+        case 3: gemv_bf16<3>(xm, ldx, wp, K, n0, n1, ym, ldy); break;
+        case 2: gemv_bf16<2>(xm, ldx, wp, K, n0, n1, ym, ldy); break;
+        default: gemv_bf16<1>(xm, ldx, wp, K, n0, n1, ym, ldy); break;
+      }
+      m += r;
+    }
+  }
+}
+
 float* thread_scratch(size_t n) {
   thread_local std::vector<float> buf;
   if (buf.size() < n) buf.resize(n);
@@ -53,6 +111,7 @@ void linear(const Tensor& x, const Weight& w, Tensor& y) {
   const float* xp = x.f32();
   float* yp = y.f32();
   const int64_t ldx = x.strides()[0], ldy = y.strides()[0];
+  if (w.w.dtype() == DType::BF16 && M <= 4 && w.w.is_contiguous()) return linear_gemv_bf16(xp, ldx, M, w, yp, ldy);
   if (w.w.dtype() == DType::F32 && !w.scale_inv.defined()) {  // no conversion needed
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(M), int(N), int(K), 1.0f, xp, int(ldx), w.w.f32(), int(K),
                 0.0f, yp, int(ldy));
