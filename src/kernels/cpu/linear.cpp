@@ -2,6 +2,8 @@
 // OpenBLAS sgemm. Panels run in parallel (OpenMP); inside the parallel region the OpenMP build of
 // OpenBLAS runs single-threaded, so the two levels never oversubscribe. The model is never held in f32.
 #include <cblas.h>
+// GCC 12's AVX-512 headers trip -Wmaybe-uninitialized on their own _mm512_undefined_* (GCC PR 105593).
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
 #include <omp.h>
 
@@ -54,12 +56,7 @@ void gemv_bf16(const float* x, int64_t ldx, const uint16_t* w, int64_t K, int64_
       const __m512 wv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
       for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * ldx + k), wv, acc[r]);
     }
-    for (int r = 0; r < R; ++r) {  // horizontal sum (GCC 12's _mm512_reduce_add_ps trips -Wmaybe-uninitialized)
-      alignas(64) float lanes[16];
-      _mm512_store_ps(lanes, acc[r]);
-      sum[r] = 0.0f;
-      for (float v : lanes) sum[r] += v;
-    }
+    for (int r = 0; r < R; ++r) sum[r] = _mm512_reduce_add_ps(acc[r]);
 #else
     for (int r = 0; r < R; ++r) sum[r] = 0.0f;
 #endif
