@@ -6,7 +6,13 @@
 #include <cmath>
 #include <map>
 
+#include <unistd.h>
+
+#include <cstring>
+#include <filesystem>
+
 #include "infer/generator.h"
+#include "model/init.h"
 #include "io/safetensors.h"
 #include "testutil.h"
 
@@ -184,4 +190,47 @@ TEST(Generate, SpeculativeSamplingKeepsTheDistribution) {
               (long long)drafted);
   EXPECT_GT(accepted, 0);
   EXPECT_LT(accepted, drafted);  // the rejection path was exercised too
+}
+
+// An MTP module that drafts exactly what the main model will say: with every attention and FFN output
+// projection zeroed, the main model is a bigram model (logits = head(norm(embed(t)))), and with
+// eh_proj = [I | 0] the MTP module computes head(norm(enorm(embed(t_{i+1})))) — the same bigram one step
+// ahead. Every draft must then be accepted, k+1 tokens per verification pass, output unchanged.
+TEST(Generate, OracleDraftsAreAllAccepted) {
+  const std::string dir = (std::filesystem::temp_directory_path() / ("dsv3-oracle-" + std::to_string(getpid()))).string();
+  ModelConfig cfg = ModelConfig::load(test::golden_dir("tiny") + "/model/config.json");
+  cfg.initializer_range = 0.5;
+  write_random_checkpoint(cfg, dir, {.seed = 3});
+  std::vector<std::pair<std::string, Tensor>> tensors;
+  {
+    auto ck = io::Checkpoint::open(dir);
+    for (const auto& name : ck.names()) {
+      Tensor t = ck.get(name).clone();
+      const bool out_proj = name.find("o_proj") != std::string::npos || name.find("down_proj") != std::string::npos;
+      if (out_proj) std::memset(t.raw(), 0, t.nbytes());
+      if (name.find("eh_proj") != std::string::npos) {  // [H, 2H] = [I | 0]
+        Tensor f = Tensor::zeros(DType::F32, t.shape());
+        for (int64_t i = 0; i < t.dim(0); ++i) f.f32()[i * t.dim(1) + i] = 1.0f;
+        t = f.to(t.dtype());
+      }
+      tensors.emplace_back(name, t);
+    }
+  }
+  io::write_safetensors(dir + "/model.safetensors", tensors);
+  auto model = Transformer::load(dir);
+  const std::vector<int64_t> prompt{3, 141, 59, 26};
+  GenerateOptions o;
+  o.max_new_tokens = 24;
+  o.stop_tokens.clear();
+  const auto plain = Generator(*model).generate({prompt}, o)[0].tokens;
+  for (int64_t draft : {1, 3}) {
+    o.speculative = true;
+    o.draft = draft;
+    Generator gen(*model);
+    EXPECT_EQ(gen.generate({prompt}, o)[0].tokens, plain) << "draft " << draft;
+    EXPECT_EQ(gen.stats().accepted, gen.stats().drafted) << "draft " << draft;
+    // One prefill pass, then each verification pass yields draft+1 tokens (the first token comes from prefill).
+    EXPECT_EQ(gen.stats().main_passes, 1 + (o.max_new_tokens - 1 + draft) / (draft + 1)) << "draft " << draft;
+  }
+  std::filesystem::remove_all(dir);
 }
