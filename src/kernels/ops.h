@@ -3,6 +3,7 @@
 // Activations are float32; weights stay as stored (bf16/f16/f32, or fp8 with 128x128 block scales).
 #pragma once
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "core/tensor.h"
@@ -13,6 +14,7 @@ namespace dsv3::ops {
 // f32 and the real weight is w * scale_inv per block (partial edge blocks use their block's scale).
 struct Weight {
   Tensor w, scale_inv;
+  std::string name;  // official tensor name (gradients are keyed by it)
   int64_t block_n = 128, block_k = 128;
   int64_t rows() const { return w.dim(0); }
   int64_t cols() const { return w.dim(1); }
@@ -65,5 +67,27 @@ namespace dsv3::ops {
 // positions: n query positions (query i sees cache rows 0..positions[i]), out: [n, H, kv_lora_rank] =
 // softmax(q·cacheᵀ·scale) · cache[:, :kv_lora_rank].
 void attention_latent(const Tensor& q, const Tensor& cache, const int64_t* positions, float scale, Tensor& out);
+
+}  // namespace dsv3::ops
+
+// ---- Backward ops (training). Gradients named d*; "accumulate" means added into the existing values. ----
+namespace dsv3::ops {
+
+// y = x·Wᵀ: dx = dy·W (written; skipped when dx is undefined), dW += dyᵀ·x (f32 [N, K]).
+void linear_backward(const Tensor& x, const Weight& w, const Tensor& dy, Tensor* dx, Tensor& dw);
+// y = gamma · x / rms(x): dx written, dgamma accumulated.
+void rmsnorm_backward(const Tensor& x, const Tensor& gamma, float eps, const Tensor& dy, const Tensor& dx, Tensor& dgamma);
+// dtable[ids[i]] += dy[i].
+void embedding_backward(const Tensor& ids, const Tensor& dy, Tensor& dtable);
+// out = silu(g)·u with gu = [g | u]: dgu written.
+void silu_mul_backward(const Tensor& gu, const Tensor& dout, Tensor& dgu);
+// The inverse rotation (RoPE is orthogonal, so its backward rotates the gradient by -θ).
+void rope_inverse(const Tensor& x, const std::vector<int64_t>& positions, const RopeTable& table);
+// Backward of attention_causal (recomputes the probabilities): dq, dk, dv written.
+void attention_causal_backward(const Tensor& q, const Tensor& k, const Tensor& v, float scale, const Tensor& dout,
+                               const Tensor& dq, const Tensor& dk, const Tensor& dv);
+// Mean cross-entropy of logits [M, V] against targets (M int64; -1 = ignored). Writes dlogits = ∂loss/∂logits
+// · grad_scale (scaled by 1/count) when dlogits is given. Returns the mean loss over counted rows.
+double cross_entropy(const Tensor& logits, const std::vector<int64_t>& targets, Tensor* dlogits, float grad_scale = 1.0f);
 
 }  // namespace dsv3::ops

@@ -16,6 +16,7 @@ ops::Weight WeightLoader::linear(const std::string& name, int64_t n, int64_t k) 
   DSV3_CHECK(ckpt_.contains(name), "{}: checkpoint has no tensor '{}'", ckpt_.dir(), name);
   ops::Weight w;
   w.w = ckpt_.get(name);
+  w.name = name;
   const std::string& file = ckpt_.file_of(name);
   DSV3_CHECK(w.w.shape() == (Shape{n, k}), "{}: tensor '{}' has shape {}, the config implies [{},{}]", file, name,
              shape_str(w.w.shape()), n, k);

@@ -3,6 +3,7 @@
 #include <cblas.h>
 
 #include <algorithm>
+#include <cmath>
 
 #include "model/rope.h"
 
@@ -32,6 +33,31 @@ void add_inplace(Tensor& h, const Tensor& d) {
 }
 }  // namespace
 
+Tensor& Grads::of(const std::string& name, const Shape& shape) {
+  auto it = g_.find(name);
+  if (it == g_.end()) it = g_.emplace(name, Tensor::zeros(DType::F32, shape)).first;
+  DSV3_CHECK(it->second.shape() == shape, "gradient '{}' has shape {}, not {}", name, shape_str(it->second.shape()),
+             shape_str(shape));
+  return it->second;
+}
+
+namespace {
+Tensor& wgrad(Grads& g, const ops::Weight& w) { return g.of(w.name, {w.rows(), w.cols()}); }
+
+// dx of a linear layer (written into a new tensor) and its weight gradient (accumulated).
+Tensor linear_back(const Tensor& x, const ops::Weight& w, const Tensor& dy, Grads& g) {
+  Tensor dx = f32({x.dim(0), x.dim(1)});
+  ops::linear_backward(x, w, dy, &dx, wgrad(g, w));
+  return dx;
+}
+
+Tensor rmsnorm_back(const Tensor& x, const Tensor& gamma, const std::string& name, float eps, const Tensor& dy, Grads& g) {
+  Tensor dx = f32({x.dim(0), x.dim(1)});
+  ops::rmsnorm_backward(x, gamma, eps, dy, dx, g.of(name, {gamma.numel()}));
+  return dx;
+}
+}  // namespace
+
 Batch Batch::cached(std::vector<Seq> seqs) {
   Batch b;
   b.B = int64_t(seqs.size());
@@ -54,6 +80,7 @@ Batch Batch::contiguous(int64_t B, int64_t T) {
 
 void Mla::load(const WeightLoader& w, const std::string& p, int64_t layer, const ModelConfig& c) {
   layer_ = layer;
+  prefix_ = p;
   H_ = c.num_attention_heads, dn_ = c.qk_nope_head_dim, dr_ = c.qk_rope_head_dim, dv_ = c.v_head_dim;
   kvr_ = c.kv_lora_rank;
   eps_ = float(c.rms_norm_eps);
@@ -73,9 +100,16 @@ void Mla::load(const WeightLoader& w, const std::string& p, int64_t layer, const
   o_proj_ = w.linear(p + "o_proj.weight", hid, H_ * dv_);
 }
 
-Tensor Mla::forward(const Tensor& x, const Batch& bt, LatentCache* cache) const {
+Tensor Mla::forward(const Tensor& x, const Batch& bt, LatentCache* cache, Ctx* ctx) const {
   const int64_t M = x.dim(0), B = bt.B, T = bt.T, dqk = dn_ + dr_;
-  Tensor q = q_proj_ ? linear(x, *q_proj_) : linear(rmsnormed(linear(x, *q_a_proj_), q_a_layernorm_, eps_), *q_b_proj_);
+  Tensor qa, qan, q;
+  if (q_proj_) {
+    q = linear(x, *q_proj_);
+  } else {
+    qa = linear(x, *q_a_proj_);
+    qan = rmsnormed(qa, q_a_layernorm_, eps_);
+    q = linear(qan, *q_b_proj_);
+  }
   Tensor kva = linear(x, kv_a_proj_);  // [M, kv_lora_rank + rope]: latent c_kv | shared k_rope
 
   Tensor q_rope = q.reshape({M, H_, dqk}).slice(2, dn_, dqk);
@@ -83,7 +117,8 @@ Tensor Mla::forward(const Tensor& x, const Batch& bt, LatentCache* cache) const 
   Tensor k_rope = kva.reshape({M, 1, kvr_ + dr_}).slice(2, kvr_, kvr_ + dr_);
   ops::rope(k_rope, bt.positions, rope_);
   if (cache) return forward_absorbed(q, kva, bt, *cache);
-  Tensor kv = linear(rmsnormed(kva.slice(1, 0, kvr_), kv_a_layernorm_, eps_), kv_b_proj_);  // [M, H·(dn+dv)]
+  Tensor cn = rmsnormed(kva.slice(1, 0, kvr_), kv_a_layernorm_, eps_);
+  Tensor kv = linear(cn, kv_b_proj_);  // [M, H·(dn+dv)]
 
   // Keys per head: [k_nope_h | k_rope], the rope part shared by all heads.
   Tensor k = f32({M, H_, dqk});
@@ -102,7 +137,48 @@ Tensor Mla::forward(const Tensor& x, const Batch& bt, LatentCache* cache) const 
   Tensor v = kv.reshape({B, T, H_, dn_ + dv_}).slice(3, dn_, dn_ + dv_);
   Tensor o = f32({B, T, H_, dv_});
   ops::attention_causal(q.reshape({B, T, H_, dqk}), k.reshape({B, T, H_, dqk}), v, scale_, o);
+  if (ctx) *ctx = {x, qa, qan, q, kva, cn, kv, k, o};
   return linear(o.reshape({M, H_ * dv_}), o_proj_);
+}
+
+Tensor Mla::backward(const Ctx& c, const Tensor& dout, const Batch& bt, Grads& g) const {
+  const int64_t M = c.x.dim(0), B = bt.B, T = bt.T, dqk = dn_ + dr_, hd = dn_ + dv_;
+  Tensor o2 = c.o.reshape({M, H_ * dv_});
+  Tensor d_o = linear_back(o2, o_proj_, dout, g);
+  Tensor dq = f32({M, H_, dqk}), dk = f32({M, H_, dqk}), dkv = f32({M, H_ * hd});
+  Tensor dv = dkv.reshape({B, T, H_, hd}).slice(3, dn_, hd);
+  ops::attention_causal_backward(c.q.reshape({B, T, H_, dqk}), c.k.reshape({B, T, H_, dqk}),
+                                 c.kv.reshape({B, T, H_, hd}).slice(3, dn_, hd), scale_, d_o.reshape({B, T, H_, dv_}),
+                                 dq.reshape({B, T, H_, dqk}), dk.reshape({B, T, H_, dqk}), dv);
+  // Keys: the nope part goes back to kv_b_proj's output; the rope part is shared by all heads.
+  Tensor dkva = Tensor::zeros(DType::F32, {M, kvr_ + dr_});
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t h = 0; h < H_; ++h) {
+      const float* src = dk.f32() + (m * H_ + h) * dqk;
+      std::copy_n(src, dn_, dkv.f32() + m * H_ * hd + h * hd);
+      float* kr = dkva.f32() + m * (kvr_ + dr_) + kvr_;
+      for (int64_t i = 0; i < dr_; ++i) kr[i] += src[dn_ + i];
+    }
+  Tensor dk_rope = dkva.reshape({M, 1, kvr_ + dr_}).slice(2, kvr_, kvr_ + dr_);
+  ops::rope_inverse(dk_rope, bt.positions, rope_);
+  Tensor dq_rope = dq.slice(2, dn_, dqk);
+  ops::rope_inverse(dq_rope, bt.positions, rope_);
+  Tensor dcn = linear_back(c.cn, kv_b_proj_, dkv, g);
+  Tensor dc = dkva.slice(1, 0, kvr_);
+  ops::rmsnorm_backward(c.kva.slice(1, 0, kvr_), kv_a_layernorm_, eps_, dcn, dc,
+                        g.of(prefix_ + "kv_a_layernorm.weight", {kvr_}));
+  Tensor dx = linear_back(c.x, kv_a_proj_, dkva, g);
+  Tensor dq2 = dq.reshape({M, H_ * dqk});
+  Tensor dxq;
+  if (q_proj_) {
+    dxq = linear_back(c.x, *q_proj_, dq2, g);
+  } else {
+    Tensor dqan = linear_back(c.qan, *q_b_proj_, dq2, g);
+    Tensor dqa = rmsnorm_back(c.qa, q_a_layernorm_, prefix_ + "q_a_layernorm.weight", eps_, dqan, g);
+    dxq = linear_back(c.x, *q_a_proj_, dqa, g);
+  }
+  add_inplace(dx, dxq);
+  return dx;
 }
 
 Tensor Mla::forward_absorbed(const Tensor& q, const Tensor& kva, const Batch& bt, LatentCache& cache) const {
@@ -156,7 +232,7 @@ void Mlp::load(const WeightLoader& w, const std::string& p, int64_t hidden, int6
   down_ = w.linear(p + "down_proj.weight", hidden, inter);
 }
 
-Tensor Mlp::forward(const Tensor& x) const {
+Tensor Mlp::forward(const Tensor& x, Ctx* ctx) const {
   const int64_t M = x.dim(0), I = gate_.rows();
   Tensor gu = f32({M, 2 * I});
   Tensor g = gu.slice(1, 0, I), u = gu.slice(1, I, 2 * I);
@@ -164,7 +240,18 @@ Tensor Mlp::forward(const Tensor& x) const {
   ops::linear(x, up_, u);
   Tensor a = f32({M, I});
   ops::silu_mul(gu, a);
+  if (ctx) *ctx = {x, gu, a};
   return linear(a, down_);
+}
+
+Tensor Mlp::backward(const Ctx& c, const Tensor& dy, Grads& g) const {
+  const int64_t M = c.x.dim(0), I = gate_.rows();
+  Tensor da = linear_back(c.a, down_, dy, g);
+  Tensor dgu = f32({M, 2 * I});
+  ops::silu_mul_backward(c.gu, da, dgu);
+  Tensor dx = linear_back(c.x, gate_, dgu.slice(1, 0, I), g);
+  add_inplace(dx, linear_back(c.x, up_, dgu.slice(1, I, 2 * I), g));
+  return dx;
 }
 
 // ---- MoE ----
@@ -185,11 +272,12 @@ void Moe::load(const WeightLoader& w, const std::string& p, const ModelConfig& c
   }
 }
 
-Tensor Moe::forward(const Tensor& x, Tensor* routing) const {
+Tensor Moe::forward(const Tensor& x, Tensor* routing, Ctx* ctx) const {
   const int64_t M = x.dim(0), K = router_.top_k, E = int64_t(experts_.size()), D = hidden_;
   // The router runs in float32 (transformers casts both x and the gate weight to f32).
   Tensor idx = Tensor::empty(DType::I32, {M, K}), wts = f32({M, K});
-  ops::moe_route(linear(x, gate_), bias_, router_, idx, wts);
+  Tensor logits = linear(x, gate_);
+  ops::moe_route(logits, bias_, router_, idx, wts);
   if (routing) *routing = idx;
 
   // Group the (token, slot) pairs by expert, then run each expert on its rows; experts run in parallel.
@@ -197,6 +285,10 @@ Tensor Moe::forward(const Tensor& x, Tensor* routing) const {
   const int32_t* ip = idx.data<int32_t>();
   for (int64_t s = 0; s < M * K; ++s) slots[size_t(ip[s])].push_back(s);
   Tensor out_slots = f32({M * K, D});
+  if (ctx) {
+    ctx->experts.assign(size_t(E), {});
+    ctx->x = x, ctx->idx = idx, ctx->wts = wts, ctx->logits = logits, ctx->out_slots = out_slots, ctx->slots = slots;
+  }
 #pragma omp parallel for schedule(dynamic, 1) if (M * K * D * moe_width_ > (1 << 20))
   for (int64_t e = 0; e < E; ++e) {
     const auto& sl = slots[size_t(e)];
@@ -204,10 +296,10 @@ Tensor Moe::forward(const Tensor& x, Tensor* routing) const {
     const int64_t n = int64_t(sl.size());
     Tensor xe = f32({n, D});
     for (int64_t r = 0; r < n; ++r) std::copy_n(x.f32() + (sl[size_t(r)] / K) * D, D, xe.f32() + r * D);
-    Tensor ye = experts_[size_t(e)].forward(xe);
+    Tensor ye = experts_[size_t(e)].forward(xe, ctx ? &ctx->experts[size_t(e)] : nullptr);
     for (int64_t r = 0; r < n; ++r) std::copy_n(ye.f32() + r * D, D, out_slots.f32() + sl[size_t(r)] * D);
   }
-  Tensor y = shared_ ? shared_->forward(x) : Tensor::zeros(DType::F32, {M, D});
+  Tensor y = shared_ ? shared_->forward(x, ctx ? &ctx->shared : nullptr) : Tensor::zeros(DType::F32, {M, D});
   const float* wp = wts.f32();
 #pragma omp parallel for schedule(static) if (M * K * D > (1 << 16))
   for (int64_t m = 0; m < M; ++m) {
@@ -229,9 +321,58 @@ Tensor Moe::forward(const Tensor& x, Tensor* routing) const {
   return y;
 }
 
+Tensor Moe::backward(const Ctx& c, const Tensor& dy, Grads& g) const {
+  const int64_t M = c.x.dim(0), K = router_.top_k, E = int64_t(experts_.size()), D = hidden_;
+  Tensor dx = shared_ ? shared_->backward(c.shared, dy, g) : Tensor::zeros(DType::F32, {M, D});
+  const int32_t* ip = c.idx.data<int32_t>();
+  const float* wp = c.wts.f32();
+  // Through each expert: its rows' output gradient is the routing weight times dy.
+  Tensor dx_slots = Tensor::zeros(DType::F32, {M * K, D});
+  for (int64_t e = 0; e < E; ++e) {
+    const auto& sl = c.slots[size_t(e)];
+    if (sl.empty()) continue;
+    const int64_t n = int64_t(sl.size());
+    Tensor dye = f32({n, D});
+    for (int64_t r = 0; r < n; ++r) {
+      const int64_t s = sl[size_t(r)];
+      for (int64_t d = 0; d < D; ++d) dye.f32()[r * D + d] = wp[s] * dy.f32()[(s / K) * D + d];
+    }
+    Tensor dxe = experts_[size_t(e)].backward(c.experts[size_t(e)], dye, g);
+    for (int64_t r = 0; r < n; ++r) std::copy_n(dxe.f32() + r * D, D, dx_slots.f32() + sl[size_t(r)] * D);
+  }
+  // Through the routing weights w_j = scale · s_j / Σ_i s_i (or scale · s_j): ds, then dlogit = ds · s(1−s).
+  Tensor dlogits = Tensor::zeros(DType::F32, {M, E});
+  for (int64_t m = 0; m < M; ++m) {
+    float* dxr = dx.f32() + m * D;
+    for (int64_t j = 0; j < K; ++j) {
+      const float* dxs = dx_slots.f32() + (m * K + j) * D;
+      for (int64_t d = 0; d < D; ++d) dxr[d] += dxs[d];
+    }
+    std::vector<double> s(static_cast<size_t>(K)), dw(static_cast<size_t>(K));
+    double sum = 0, dot = 0;
+    for (int64_t j = 0; j < K; ++j) {
+      s[size_t(j)] = 1.0 / (1.0 + std::exp(-double(c.logits.f32()[m * E + ip[m * K + j]])));
+      const float* o = c.out_slots.f32() + (m * K + j) * D;
+      double acc = 0;
+      for (int64_t d = 0; d < D; ++d) acc += double(o[d]) * dy.f32()[m * D + d];
+      dw[size_t(j)] = acc;
+      sum += s[size_t(j)];
+      dot += acc * s[size_t(j)];
+    }
+    const double scale = router_.routed_scaling_factor, denom = sum + 1e-20;
+    for (int64_t j = 0; j < K; ++j) {
+      const double ds = router_.norm_topk_prob ? scale * (dw[size_t(j)] / denom - dot / (denom * denom)) : scale * dw[size_t(j)];
+      dlogits.f32()[m * E + ip[m * K + j]] = float(ds * s[size_t(j)] * (1.0 - s[size_t(j)]));
+    }
+  }
+  add_inplace(dx, linear_back(c.x, gate_, dlogits, g));
+  return dx;
+}
+
 // ---- Decoder layer ----
 
 void DecoderLayer::load(const WeightLoader& w, const std::string& p, int64_t layer, const ModelConfig& c) {
+  prefix_ = p;
   eps_ = float(c.rms_norm_eps);
   input_layernorm_ = w.tensor(p + "input_layernorm.weight", {c.hidden_size});
   post_attention_layernorm_ = w.tensor(p + "post_attention_layernorm.weight", {c.hidden_size});
@@ -245,16 +386,31 @@ void DecoderLayer::load(const WeightLoader& w, const std::string& p, int64_t lay
   }
 }
 
-void DecoderLayer::forward(Tensor& h, const Batch& batch, Tensor* routing, LatentCache* cache) const {
-  add_inplace(h, attn_.forward(rmsnormed(h, input_layernorm_, eps_), batch, cache));
+void DecoderLayer::forward(Tensor& h, const Batch& batch, Tensor* routing, LatentCache* cache, Ctx* ctx) const {
+  if (ctx) ctx->h_in = h.clone();
+  Tensor n1 = rmsnormed(h, input_layernorm_, eps_);
+  add_inplace(h, attn_.forward(n1, batch, cache, ctx ? &ctx->attn : nullptr));
+  if (ctx) ctx->h_mid = h.clone(), ctx->n1 = n1;
   Tensor x = rmsnormed(h, post_attention_layernorm_, eps_);
-  add_inplace(h, moe_ ? moe_->forward(x, routing) : mlp_->forward(x));
+  if (ctx) ctx->n2 = x;
+  add_inplace(h, moe_ ? moe_->forward(x, routing, ctx ? &ctx->moe : nullptr) : mlp_->forward(x, ctx ? &ctx->mlp : nullptr));
+}
+
+Tensor DecoderLayer::backward(const Ctx& c, const Tensor& dh, const Batch& batch, Grads& g) const {
+  Tensor dn2 = moe_ ? moe_->backward(c.moe, dh, g) : mlp_->backward(c.mlp, dh, g);
+  Tensor dmid = rmsnorm_back(c.h_mid, post_attention_layernorm_, prefix_ + "post_attention_layernorm.weight", eps_, dn2, g);
+  add_inplace(dmid, dh);
+  Tensor dn1 = attn_.backward(c.attn, dmid, batch, g);
+  Tensor din = rmsnorm_back(c.h_in, input_layernorm_, prefix_ + "input_layernorm.weight", eps_, dn1, g);
+  add_inplace(din, dmid);
+  return din;
 }
 
 // ---- MTP ----
 
 void MtpModule::load(const WeightLoader& w, int64_t layer, const ModelConfig& c) {
   const std::string p = "model.layers." + std::to_string(layer) + ".";
+  prefix_ = p;
   eps_ = float(c.rms_norm_eps);
   hidden_ = c.hidden_size;
   enorm_ = w.tensor(p + "enorm.weight", {c.hidden_size});
@@ -270,15 +426,24 @@ void MtpModule::load(const WeightLoader& w, int64_t layer, const ModelConfig& c)
 }
 
 Tensor MtpModule::forward(const Tensor& h_prev, const Tensor& emb, const Batch& batch, Tensor* routing,
-                          LatentCache* cache) const {
+                          LatentCache* cache, Ctx* ctx) const {
   const int64_t M = h_prev.dim(0), D = hidden_;
   Tensor cat = f32({M, 2 * D});
   Tensor e_half = cat.slice(1, 0, D), h_half = cat.slice(1, D, 2 * D);
   ops::rmsnorm(emb, enorm_, eps_, e_half);
   ops::rmsnorm(h_prev, hnorm_, eps_, h_half);
   Tensor h = linear(cat, eh_proj_);
-  layer_.forward(h, batch, routing, cache);
+  if (ctx) ctx->h_prev = h_prev, ctx->emb = emb, ctx->cat = cat;
+  layer_.forward(h, batch, routing, cache, ctx ? &ctx->layer : nullptr);
   return h;
+}
+
+Tensor MtpModule::backward(const Ctx& c, const Tensor& dh, const Batch& batch, Grads& g, Tensor* demb) const {
+  const int64_t D = hidden_;
+  Tensor dlin = layer_.backward(c.layer, dh, batch, g);
+  Tensor dcat = linear_back(c.cat, eh_proj_, dlin, g);
+  *demb = rmsnorm_back(c.emb, enorm_, prefix_ + "enorm.weight", eps_, dcat.slice(1, 0, D), g);
+  return rmsnorm_back(c.h_prev, hnorm_, prefix_ + "hnorm.weight", eps_, dcat.slice(1, D, 2 * D), g);
 }
 
 Tensor MtpModule::logits(const Tensor& h) const { return linear(rmsnormed(h, head_norm_, eps_), head_); }

@@ -1,6 +1,7 @@
 // The DeepSeek-V3 modules. Each owns its weights (borrowed views into the mmap'd checkpoint) and its
 // forward; activations are float32 rows [M = B·T, features], batch-major.
 #pragma once
+#include <map>
 #include <optional>
 #include <string>
 #include <vector>
@@ -10,6 +11,16 @@
 #include "model/loader.h"
 
 namespace dsv3 {
+
+// Gradients by official tensor name: float32, the parameter's shape, zero until first accumulated into.
+class Grads {
+ public:
+  Tensor& of(const std::string& name, const Shape& shape);
+  const std::map<std::string, Tensor>& all() const { return g_; }
+
+ private:
+  std::map<std::string, Tensor> g_;
+};
 
 // Where the rows of an activation sit. Without a cache: B sequences of T tokens at positions 0..T-1.
 // With a cache: the new tokens of each sequence, concatenated; sequence s owns cache slot `slot`, its
@@ -32,10 +43,15 @@ struct Batch {
 class Mla {
  public:
   void load(const WeightLoader& w, const std::string& prefix, int64_t layer, const ModelConfig& cfg);
-  // x: normed input [M, hidden]. cache: null for the expanded (training/prefill) form.
-  Tensor forward(const Tensor& x, const Batch& batch, LatentCache* cache = nullptr) const;
+  struct Ctx {  // activations saved for backward (expanded form only)
+    Tensor x, qa, qan, q, kva, cn, kv, k, o;
+  };
+  // x: normed input [M, hidden]. cache: null for the expanded (training/prefill) form. ctx: filled when given.
+  Tensor forward(const Tensor& x, const Batch& batch, LatentCache* cache = nullptr, Ctx* ctx = nullptr) const;
+  Tensor backward(const Ctx& ctx, const Tensor& dout, const Batch& batch, Grads& g) const;  // returns dx
 
  private:
+  std::string prefix_;
   Tensor forward_absorbed(const Tensor& q, const Tensor& kva, const Batch& batch, LatentCache& cache) const;
   int64_t layer_ = 0, H_ = 0, dn_ = 0, dr_ = 0, dv_ = 0, kvr_ = 0;
   mutable Tensor kv_b_f32_;  // kv_b_proj in float32 [H·(dn+dv), kvr], made on first absorbed use
@@ -49,8 +65,12 @@ class Mla {
 // SwiGLU feed-forward: down(silu(gate(x)) * up(x)). Dense layers, shared experts and routed experts.
 class Mlp {
  public:
+  struct Ctx {
+    Tensor x, gu, a;
+  };
   void load(const WeightLoader& w, const std::string& prefix, int64_t hidden, int64_t inter);
-  Tensor forward(const Tensor& x) const;
+  Tensor forward(const Tensor& x, Ctx* ctx = nullptr) const;
+  Tensor backward(const Ctx& ctx, const Tensor& dy, Grads& g) const;  // returns dx
 
  private:
   ops::Weight gate_, up_, down_;
@@ -60,8 +80,17 @@ class Mlp {
 class Moe {
  public:
   void load(const WeightLoader& w, const std::string& prefix, const ModelConfig& cfg);
+  struct Ctx {
+    Tensor x, idx, wts, logits, out_slots;        // out_slots: [M·K, hidden] unweighted expert outputs
+    std::vector<std::vector<int64_t>> slots;      // per expert: the (token·K + j) slots it served
+    std::vector<Mlp::Ctx> experts;
+    Mlp::Ctx shared;
+  };
   // routing (optional): receives the chosen experts [M, top_k] int32.
-  Tensor forward(const Tensor& x, Tensor* routing = nullptr) const;
+  Tensor forward(const Tensor& x, Tensor* routing = nullptr, Ctx* ctx = nullptr) const;
+  // Gradients flow through the routing weights into the gate (sigmoid → normalisation → scaling); the
+  // selection itself and e_score_correction_bias get none.
+  Tensor backward(const Ctx& ctx, const Tensor& dy, Grads& g) const;
 
  private:
   int64_t hidden_ = 0, moe_width_ = 0;
@@ -75,11 +104,21 @@ class Moe {
 class DecoderLayer {
  public:
   void load(const WeightLoader& w, const std::string& prefix, int64_t layer, const ModelConfig& cfg);
+  struct Ctx {
+    Tensor h_in, n1, h_mid, n2;
+    Mla::Ctx attn;
+    Mlp::Ctx mlp;
+    Moe::Ctx moe;
+  };
   // h: the residual stream [M, hidden], updated in place.
-  void forward(Tensor& h, const Batch& batch, Tensor* routing = nullptr, LatentCache* cache = nullptr) const;
+  void forward(Tensor& h, const Batch& batch, Tensor* routing = nullptr, LatentCache* cache = nullptr,
+               Ctx* ctx = nullptr) const;
+  // dh: gradient w.r.t. the layer's output; returns the gradient w.r.t. its input.
+  Tensor backward(const Ctx& ctx, const Tensor& dh, const Batch& batch, Grads& g) const;
   bool is_moe() const { return moe_.has_value(); }
 
  private:
+  std::string prefix_;
   float eps_ = 1e-6f;
   Tensor input_layernorm_, post_attention_layernorm_;
   Mla attn_;
@@ -93,12 +132,24 @@ class MtpModule {
  public:
   void load(const WeightLoader& w, int64_t layer, const ModelConfig& cfg);
   // h_prev: [B·T', hidden] (T' = positions available at this depth); emb: embeddings of the tokens k ahead.
+  struct Ctx {
+    Tensor h_prev, emb, cat;
+    DecoderLayer::Ctx layer;
+  };
   Tensor forward(const Tensor& h_prev, const Tensor& emb, const Batch& batch, Tensor* routing = nullptr,
-                 LatentCache* cache = nullptr) const;
+                 LatentCache* cache = nullptr, Ctx* ctx = nullptr) const;
   Tensor logits(const Tensor& h) const;
   const Tensor& embed_tokens() const { return embed_tokens_; }
+  const Tensor& head_norm() const { return head_norm_; }
+  const ops::Weight& head() const { return head_; }
+  float eps() const { return eps_; }
+  // dh: gradient w.r.t. forward's output. Returns the gradient w.r.t. h_prev; *demb receives the
+  // gradient w.r.t. the embeddings.
+  Tensor backward(const Ctx& ctx, const Tensor& dh, const Batch& batch, Grads& g, Tensor* demb) const;
+  std::string prefix() const { return prefix_; }
 
  private:
+  std::string prefix_;
   float eps_ = 1e-6f;
   int64_t hidden_ = 0;
   Tensor enorm_, hnorm_, embed_tokens_, head_norm_;

@@ -134,4 +134,96 @@ Tensor Transformer::mtp_step(int64_t k, const Tensor& h_prev, const std::vector<
   return mod.logits(h);
 }
 
+Transformer::Losses Transformer::loss_and_grads(const Tensor& input_ids, float mtp_lambda, Grads& g) const {
+  DSV3_CHECK(input_ids.ndim() == 2 && input_ids.dim(1) >= 2, "training input must be [B, T] with T >= 2, got {}",
+             shape_str(input_ids.shape()));
+  const int64_t B = input_ids.dim(0), T = input_ids.dim(1), D = cfg_.hidden_size, V = cfg_.vocab_size, M = B * T;
+  const float eps = float(cfg_.rms_norm_eps);
+  const Tensor ids = input_ids.contiguous().to(DType::I64).reshape({M});
+  const int64_t* id = ids.data<int64_t>();
+  const Batch batch = Batch::contiguous(B, T);
+  const std::string embed_name = "model.embed_tokens.weight";
+  ops::Weight head = lm_head_;
+  head.name = lm_head_.name.empty() ? embed_name : lm_head_.name;  // tied embeddings: the head is the embedding
+
+  // Forward, keeping what backward needs.
+  Tensor h = Tensor::empty(DType::F32, {M, D});
+  ops::embedding(ids, embed_tokens_, h);
+  std::vector<DecoderLayer::Ctx> ctx(layers_.size());
+  for (size_t i = 0; i < layers_.size(); ++i) layers_[i].forward(h, batch, nullptr, nullptr, &ctx[i]);
+  Tensor final_h = Tensor::empty(DType::F32, {M, D});
+  ops::rmsnorm(h, norm_, eps, final_h);
+  Losses out;
+  Tensor dfinal = Tensor::zeros(DType::F32, {M, D});
+  {
+    Tensor logits = Tensor::empty(DType::F32, {M, V}), dlogits = Tensor::empty(DType::F32, {M, V});
+    ops::linear(final_h, lm_head_, logits);
+    std::vector<int64_t> targets(static_cast<size_t>(M));
+    for (int64_t i = 0; i < M; ++i) targets[size_t(i)] = i % T + 1 < T ? id[i + 1] : -1;
+    out.loss = ops::cross_entropy(logits, targets, &dlogits);
+    ops::linear_backward(final_h, head, dlogits, &dfinal, g.of(head.name, {V, D}));
+  }
+
+  // MTP depth k: position i (< T-k) reads h^{k-1}_i and token i+k, predicts token i+k+1.
+  const int64_t depth = std::min<int64_t>(int64_t(mtp_.size()), T - 2);
+  if (depth > 0) {
+    struct Level {
+      Batch batch;
+      Tensor prev, ahead, out;
+      MtpModule::Ctx ctx;
+    };
+    std::vector<Level> lv(static_cast<size_t>(depth));
+    std::vector<Tensor> dh(static_cast<size_t>(depth));
+    Tensor h_prev = final_h;
+    for (int64_t k = 1; k <= depth; ++k) {
+      Level& L = lv[size_t(k - 1)];
+      const MtpModule& mod = mtp_[size_t(k - 1)];
+      const int64_t n = T - k;
+      L.batch = Batch::contiguous(B, n);
+      L.prev = take_positions(h_prev, B, n + 1, 0, n);
+      L.ahead = take_positions(ids.reshape({M, 1}), B, T, k, n).reshape({B * n});
+      Tensor emb = Tensor::empty(DType::F32, {B * n, D});
+      ops::embedding(L.ahead, mod.embed_tokens(), emb);
+      L.out = mod.forward(L.prev, emb, L.batch, nullptr, nullptr, &L.ctx);
+      // Loss of this depth through the shared head.
+      Tensor normed = Tensor::empty(DType::F32, {B * n, D}), logits = Tensor::empty(DType::F32, {B * n, V});
+      ops::rmsnorm(L.out, mod.head_norm(), eps, normed);
+      ops::linear(normed, mod.head(), logits);
+      std::vector<int64_t> targets(static_cast<size_t>(B * n));
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t i = 0; i < n; ++i) targets[size_t(b * n + i)] = i + k + 1 < T ? id[b * T + i + k + 1] : -1;
+      Tensor dlogits = Tensor::empty(DType::F32, {B * n, V}), dnormed = Tensor::empty(DType::F32, {B * n, D});
+      out.mtp_loss += ops::cross_entropy(logits, targets, &dlogits, mtp_lambda / float(depth)) / double(depth);
+      ops::linear_backward(normed, head, dlogits, &dnormed, g.of(head.name, {V, D}));
+      dh[size_t(k - 1)] = Tensor::empty(DType::F32, {B * n, D});
+      ops::rmsnorm_backward(L.out, mod.head_norm(), eps, dnormed, dh[size_t(k - 1)],
+                            g.of(mod.prefix() + "shared_head.norm.weight", {D}));
+      h_prev = L.out;
+    }
+    // Backward from the deepest module; each passes a gradient to the positions of the one before.
+    for (int64_t k = depth; k >= 1; --k) {
+      Level& L = lv[size_t(k - 1)];
+      const int64_t n = T - k;
+      Tensor demb;
+      Tensor dprev = mtp_[size_t(k - 1)].backward(L.ctx, dh[size_t(k - 1)], L.batch, g, &demb);
+      ops::embedding_backward(L.ahead, demb, g.of(embed_name, {V, D}));
+      Tensor& target = k == 1 ? dfinal : dh[size_t(k - 2)];
+      const int64_t rows_per_seq = k == 1 ? T : T - k + 1;
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t i = 0; i < n; ++i) {
+          float* dst = target.f32() + (b * rows_per_seq + i) * D;
+          const float* src = dprev.f32() + (b * n + i) * D;
+          for (int64_t d = 0; d < D; ++d) dst[d] += src[d];
+        }
+    }
+  }
+
+  // Main model backward.
+  Tensor dh_main = Tensor::empty(DType::F32, {M, D});
+  ops::rmsnorm_backward(h, norm_, eps, dfinal, dh_main, g.of("model.norm.weight", {D}));
+  for (size_t i = layers_.size(); i-- > 0;) dh_main = layers_[i].backward(ctx[i], dh_main, batch, g);
+  ops::embedding_backward(ids, dh_main, g.of(embed_name, {V, D}));
+  return out;
+}
+
 }  // namespace dsv3

@@ -47,6 +47,14 @@ class Transformer {
   Step step(const std::vector<int64_t>& tokens, const Batch& batch, LatentCache& cache, bool all_logits = false) const;
   // MTP depth k (1-based) over the cache: h_prev [rows, D] from depth k-1 (depth 0: Step::hidden) and the
   // tokens one ahead of each row. Returns logits [rows, V] and the module's output in *h_out.
+  // Training: L = L_main + λ/D · Σ_k L_mtp_k (§2.2) on input_ids [B, T] (the next tokens are the targets);
+  // gradients of every trainable tensor accumulate into g, keyed by official name. The MTP modules' embedding
+  // and output head are the main model's (shared, §2.2), so their gradients land there.
+  struct Losses {
+    double loss = 0, mtp_loss = 0;  // main and mean-over-depths MTP cross-entropy
+  };
+  Losses loss_and_grads(const Tensor& input_ids, float mtp_lambda, Grads& g) const;
+
   Tensor mtp_step(int64_t k, const Tensor& h_prev, const std::vector<int64_t>& ahead, const Batch& batch, LatentCache& cache,
                   Tensor* h_out = nullptr) const;
 
