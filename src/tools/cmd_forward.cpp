@@ -5,6 +5,7 @@
 #include "io/safetensors.h"
 #include "model/transformer.h"
 #include "tools/commands.h"
+#include "tools/input_ids.h"
 
 namespace dsv3::cli {
 
@@ -16,21 +17,8 @@ struct ForwardArgs {
 };
 
 int run_forward(const ForwardArgs& a) {
-  auto in = io::SafetensorsFile::open(a.input);
-  DSV3_CHECK(in->contains("input_ids"), "{}: no tensor 'input_ids'", a.input);
-  Tensor ids = in->get("input_ids");
-  DSV3_CHECK(ids.ndim() == 2 && ids.dim(0) > 0 && ids.dim(1) > 0, "{}: input_ids must be [B, T] with B, T > 0, got {}",
-             a.input, shape_str(ids.shape()));
-  DSV3_CHECK(ids.dtype() == DType::I64 || ids.dtype() == DType::I32, "{}: input_ids must be I64 or I32, got {}", a.input,
-             dtype_name(ids.dtype()));
   auto model = Transformer::load(a.model);
-  const int64_t V = model->config().vocab_size;
-  Tensor ids64 = ids.to(DType::I64);
-  for (int64_t i = 0; i < ids64.numel(); ++i) {
-    const int64_t id = ids64.data<int64_t>()[i];
-    DSV3_CHECK(id >= 0 && id < V, "{}: input_ids[{},{}] = {} is out of range [0, {})", a.input, i / ids.dim(1),
-               i % ids.dim(1), id, V);
-  }
+  Tensor ids64 = read_input_ids(a.input, model->config().vocab_size);
   ForwardOptions o;
   o.hidden_states = a.hidden;
   o.routing = a.routing;
@@ -47,8 +35,8 @@ int run_forward(const ForwardArgs& a) {
   }
   for (const auto& [layer, idx] : r.routing) out.emplace_back("routing." + std::to_string(layer) + ".experts", idx);
   io::write_safetensors(a.output, out);
-  std::fprintf(stderr, "forward: %lld tokens in %.3f s (%.1f tokens/s) -> %s\n", (long long)ids.numel(), sec,
-               double(ids.numel()) / sec, a.output.c_str());
+  std::fprintf(stderr, "forward: %lld tokens in %.3f s (%.1f tokens/s) -> %s\n", (long long)ids64.numel(), sec,
+               double(ids64.numel()) / sec, a.output.c_str());
   return 0;
 }
 }  // namespace

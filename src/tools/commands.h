@@ -8,6 +8,7 @@ namespace dsv3::cli {
 using Command = std::function<int()>;
 
 void add_forward(CLI::App& app, Command& run);
+void add_grad(CLI::App& app, Command& run);
 void add_info(CLI::App& app, Command& run);
 void add_compare(CLI::App& app, Command& run);
 void add_generate(CLI::App& app, Command& run);

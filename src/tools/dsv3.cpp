@@ -15,6 +15,7 @@ int main(int argc, char** argv) {
   app.add_option("--threads", threads, "CPU threads (default: all cores)")->check(CLI::PositiveNumber);
   dsv3::cli::Command run;  // set by the parsed subcommand
   dsv3::cli::add_forward(app, run);
+  dsv3::cli::add_grad(app, run);
   dsv3::cli::add_info(app, run);
   dsv3::cli::add_compare(app, run);
   dsv3::cli::add_generate(app, run);
