@@ -257,6 +257,7 @@ Tensor Mlp::backward(const Ctx& c, const Tensor& dy, Grads& g) const {
 // ---- MoE ----
 
 void Moe::load(const WeightLoader& w, const std::string& p, const ModelConfig& c) {
+  prefix_ = p;
   hidden_ = c.hidden_size;
   moe_width_ = c.moe_intermediate_size;
   router_ = {c.n_group, c.topk_group, c.num_experts_per_tok, c.norm_topk_prob, float(c.routed_scaling_factor)};
@@ -447,5 +448,47 @@ Tensor MtpModule::backward(const Ctx& c, const Tensor& dh, const Batch& batch, G
 }
 
 Tensor MtpModule::logits(const Tensor& h) const { return linear(rmsnormed(h, head_norm_, eps_), head_); }
+
+// ---- Parameter walks ----
+
+void Mla::visit(const ParamVisitor& v) {
+  for (auto* w : {&q_a_proj_, &q_b_proj_, &q_proj_})
+    if (*w) v.weight(**w);
+  if (q_a_layernorm_.defined()) v.tensor(prefix_ + "q_a_layernorm.weight", q_a_layernorm_);
+  v.weight(kv_a_proj_);
+  v.tensor(prefix_ + "kv_a_layernorm.weight", kv_a_layernorm_);
+  v.weight(kv_b_proj_);
+  v.weight(o_proj_);
+  kv_b_f32_ = Tensor();  // the weights may change: rebuild the absorbed copy on next use
+}
+
+void Mlp::visit(const ParamVisitor& v) {
+  v.weight(gate_);
+  v.weight(up_);
+  v.weight(down_);
+}
+
+void Moe::visit(const ParamVisitor& v) {
+  v.weight(gate_);
+  if (bias_.defined()) v.buffer(prefix_ + "gate.e_score_correction_bias", bias_);
+  for (Mlp& e : experts_) e.visit(v);
+  if (shared_) shared_->visit(v);
+}
+
+void DecoderLayer::visit(const ParamVisitor& v) {
+  v.tensor(prefix_ + "input_layernorm.weight", input_layernorm_);
+  attn_.visit(v);
+  v.tensor(prefix_ + "post_attention_layernorm.weight", post_attention_layernorm_);
+  if (moe_) moe_->visit(v);
+  if (mlp_) mlp_->visit(v);
+}
+
+void MtpModule::visit(const ParamVisitor& v) {
+  v.tensor(prefix_ + "enorm.weight", enorm_);
+  v.tensor(prefix_ + "hnorm.weight", hnorm_);
+  v.weight(eh_proj_);
+  layer_.visit(v);
+  v.tensor(prefix_ + "shared_head.norm.weight", head_norm_);
+}
 
 }  // namespace dsv3

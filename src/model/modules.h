@@ -1,6 +1,7 @@
 // The DeepSeek-V3 modules. Each owns its weights (borrowed views into the mmap'd checkpoint) and its
 // forward; activations are float32 rows [M = B·T, features], batch-major.
 #pragma once
+#include <functional>
 #include <map>
 #include <optional>
 #include <string>
@@ -20,6 +21,15 @@ class Grads {
 
  private:
   std::map<std::string, Tensor> g_;
+};
+
+// Walks a module's tensors: trainable weights (linear layers and norm/embedding vectors, by official name)
+// and buffers (e_score_correction_bias: updated by the balancer, never by gradients). Handles may be
+// replaced (e.g. by float32 master copies for training).
+struct ParamVisitor {
+  std::function<void(ops::Weight&)> weight;
+  std::function<void(const std::string& name, Tensor&)> tensor;
+  std::function<void(const std::string& name, Tensor&)> buffer;
 };
 
 // Where the rows of an activation sit. Without a cache: B sequences of T tokens at positions 0..T-1.
@@ -49,6 +59,7 @@ class Mla {
   // x: normed input [M, hidden]. cache: null for the expanded (training/prefill) form. ctx: filled when given.
   Tensor forward(const Tensor& x, const Batch& batch, LatentCache* cache = nullptr, Ctx* ctx = nullptr) const;
   Tensor backward(const Ctx& ctx, const Tensor& dout, const Batch& batch, Grads& g) const;  // returns dx
+  void visit(const ParamVisitor& v);
 
  private:
   std::string prefix_;
@@ -71,6 +82,7 @@ class Mlp {
   void load(const WeightLoader& w, const std::string& prefix, int64_t hidden, int64_t inter);
   Tensor forward(const Tensor& x, Ctx* ctx = nullptr) const;
   Tensor backward(const Ctx& ctx, const Tensor& dy, Grads& g) const;  // returns dx
+  void visit(const ParamVisitor& v);
 
  private:
   ops::Weight gate_, up_, down_;
@@ -91,8 +103,10 @@ class Moe {
   // Gradients flow through the routing weights into the gate (sigmoid → normalisation → scaling); the
   // selection itself and e_score_correction_bias get none.
   Tensor backward(const Ctx& ctx, const Tensor& dy, Grads& g) const;
+  void visit(const ParamVisitor& v);
 
  private:
+  std::string prefix_;
   int64_t hidden_ = 0, moe_width_ = 0;
   ops::RouterParams router_;
   ops::Weight gate_;
@@ -116,6 +130,7 @@ class DecoderLayer {
   // dh: gradient w.r.t. the layer's output; returns the gradient w.r.t. its input.
   Tensor backward(const Ctx& ctx, const Tensor& dh, const Batch& batch, Grads& g) const;
   bool is_moe() const { return moe_.has_value(); }
+  void visit(const ParamVisitor& v);
 
  private:
   std::string prefix_;
@@ -147,6 +162,10 @@ class MtpModule {
   // gradient w.r.t. the embeddings.
   Tensor backward(const Ctx& ctx, const Tensor& dh, const Batch& batch, Grads& g, Tensor* demb) const;
   std::string prefix() const { return prefix_; }
+  // Its own parameters (the embedding and head are the main model's and are not visited).
+  void visit(const ParamVisitor& v);
+  // Share the main model's embedding and output head (training ties them, §2.2).
+  void tie(const Tensor& embed, const ops::Weight& head) { embed_tokens_ = embed, head_ = head; }
 
  private:
   std::string prefix_;

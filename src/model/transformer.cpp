@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <filesystem>
+#include <fstream>
 
 namespace dsv3 {
 
@@ -224,6 +225,63 @@ Transformer::Losses Transformer::loss_and_grads(const Tensor& input_ids, float m
   for (size_t i = layers_.size(); i-- > 0;) dh_main = layers_[i].backward(ctx[i], dh_main, batch, g);
   ops::embedding_backward(ids, dh_main, g.of(embed_name, {V, D}));
   return out;
+}
+
+void Transformer::visit(const ParamVisitor& v) {
+  v.tensor("model.embed_tokens.weight", embed_tokens_);
+  for (DecoderLayer& l : layers_) l.visit(v);
+  v.tensor("model.norm.weight", norm_);
+  if (!lm_head_.name.empty()) v.weight(lm_head_);
+  for (MtpModule& m : mtp_) m.visit(v);
+}
+
+void Transformer::make_trainable() {
+  visit({[](ops::Weight& w) {
+           w.w = w.to_f32();
+           w.scale_inv = Tensor();
+         },
+         [](const std::string&, Tensor& t) { t = t.to(DType::F32); },
+         [](const std::string&, Tensor& t) { t = t.to(DType::F32); }});
+  if (lm_head_.name.empty()) lm_head_.w = embed_tokens_;  // tied embeddings stay one tensor
+  for (MtpModule& m : mtp_) m.tie(embed_tokens_, lm_head_);
+  cfg_.quant = QuantConfig{};
+}
+
+void Transformer::save(const std::string& dir, DType dtype) const {
+  namespace fs = std::filesystem;
+  DSV3_CHECK(dtype == DType::F32 || dtype == DType::BF16, "save: dtype must be F32 or BF16");
+  std::vector<std::pair<std::string, Tensor>> out;
+  auto put = [&](const std::string& name, const Tensor& t) { out.emplace_back(name, t.to(dtype)); };
+  // visit() needs a mutable model; it only reads here.
+  auto& self = const_cast<Transformer&>(*this);
+  self.visit({[&](ops::Weight& w) { put(w.name, w.to_f32()); }, [&](const std::string& n, Tensor& t) { put(n, t); },
+              [&](const std::string& n, Tensor& t) { out.emplace_back(n, t.to(DType::F32)); }});
+  for (int64_t k = 0; k < int64_t(mtp_.size()); ++k) {
+    const std::string p = "model.layers." + std::to_string(cfg_.num_hidden_layers + k) + ".";
+    put(p + "embed_tokens.weight", embed_tokens_);
+    put(p + "shared_head.head.weight", lm_head_.to_f32());
+  }
+  ModelConfig c = cfg_;
+  c.quant = QuantConfig{};
+  c.torch_dtype = dtype == DType::BF16 ? "bfloat16" : "float32";
+  const fs::path target(dir), tmp = target.string() + ".tmp-save";
+  fs::remove_all(tmp);
+  fs::create_directories(tmp);
+  io::write_safetensors((tmp / "model.safetensors").string(), out, {{"format", "pt"}});
+  {
+    std::ofstream f(tmp / "config.json");
+    f << c.to_json().dump(2) << "\n";
+    DSV3_CHECK(f.good(), "{}: could not write config.json", tmp.string());
+  }
+  // Keep files the folder already has that we do not write (tokenizer.json, trainer state).
+  if (fs::exists(target))
+    for (const auto& e : fs::directory_iterator(target))
+      if (!fs::exists(tmp / e.path().filename())) fs::copy(e.path(), tmp / e.path().filename(), fs::copy_options::recursive);
+  const fs::path old = target.string() + ".tmp-old";
+  fs::remove_all(old);
+  if (fs::exists(target)) fs::rename(target, old);
+  fs::rename(tmp, target);
+  fs::remove_all(old);
 }
 
 }  // namespace dsv3

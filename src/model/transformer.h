@@ -28,6 +28,8 @@ struct ForwardResult {
 
 class Transformer {
  public:
+  Transformer() = default;
+  Transformer(const Transformer&) = delete;
   // Loads config.json and the safetensors of a checkpoint folder (official layout; bf16 or fp8 weights).
   static std::unique_ptr<Transformer> load(const std::string& dir);
   const ModelConfig& config() const { return cfg_; }
@@ -54,6 +56,16 @@ class Transformer {
     double loss = 0, mtp_loss = 0;  // main and mean-over-depths MTP cross-entropy
   };
   Losses loss_and_grads(const Tensor& input_ids, float mtp_lambda, Grads& g) const;
+
+  // Every parameter and buffer, main model first, then the MTP modules.
+  void visit(const ParamVisitor& v);
+  // Training: replace every weight by an owned float32 master copy (fp8 blocks dequantised), biases too,
+  // and tie the MTP modules' embedding and head to the main model's.
+  void make_trainable();
+  // Writes the checkpoint in the official layout (config.json + model.safetensors; `dtype` F32 or BF16,
+  // biases F32; MTP layers carry copies of embed_tokens and shared_head.head as the official release does).
+  // Atomic: written to a temporary folder, then renamed over `dir`.
+  void save(const std::string& dir, DType dtype) const;
 
   Tensor mtp_step(int64_t k, const Tensor& h_prev, const std::vector<int64_t>& ahead, const Batch& batch, LatentCache& cache,
                   Tensor* h_out = nullptr) const;
