@@ -11,6 +11,8 @@ PKGS=(
   libgtest-dev libgmock-dev  # unit and golden tests (ctest)
   libbenchmark-dev           # kernel benchmarks
   python3                    # small test helpers
+  gnuplot-nox                # the training loss plot (loss.png)
+  bible-kjv                  # the demo corpus: the King James Bible (`bible` prints it)
 )
 missing=()
 for p in "${PKGS[@]}"; do

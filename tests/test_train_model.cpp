@@ -27,7 +27,8 @@ TEST(TrainModel, TrainableCopySavesAndReloadsExactly) {
   EXPECT_EQ(test::rel_l2(r2.logits, r.logits), 0.0);
   EXPECT_EQ(test::rel_l2(r2.mtp_logits[0], r.mtp_logits[0]), 0.0);
   EXPECT_TRUE(back->checkpoint().contains("model.layers.2.shared_head.head.weight"));
-  EXPECT_FALSE(std::filesystem::exists(dir + ".tmp-save"));
+  EXPECT_FALSE(std::filesystem::exists(dir + ".tmp"));
+  EXPECT_FALSE(std::filesystem::exists(dir + ".old"));
   std::filesystem::remove_all(dir);
 }
 

@@ -89,5 +89,10 @@ void attention_causal_backward(const Tensor& q, const Tensor& k, const Tensor& v
 // Mean cross-entropy of logits [M, V] against targets (M int64; -1 = ignored). Writes dlogits = ∂loss/∂logits
 // · grad_scale (scaled by 1/count) when dlogits is given. Returns the mean loss over counted rows.
 double cross_entropy(const Tensor& logits, const std::vector<int64_t>& targets, Tensor* dlogits, float grad_scale = 1.0f);
+// Sequence-wise balance loss (§2.3.3) over router logits [M, E] (M = sequences × seq_len) and the chosen
+// experts idx [M, K] int32: per sequence α Σ_i f_i P_i with f_i = E/(K·T)·count_i and P_i the mean of
+// s_i / Σ_j s_j (s = sigmoid), averaged over sequences. Writes ∂loss/∂logits to *dlogits when given
+// (the selection is held fixed, as in the reference).
+double seq_balance_loss(const Tensor& logits, const Tensor& idx, int64_t seq_len, float alpha, Tensor* dlogits);
 
 }  // namespace dsv3::ops

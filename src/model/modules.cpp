@@ -366,8 +366,20 @@ Tensor Moe::backward(const Ctx& c, const Tensor& dy, Grads& g) const {
       dlogits.f32()[m * E + ip[m * K + j]] = float(ds * s[size_t(j)] * (1.0 - s[size_t(j)]));
     }
   }
+  if (c.dlogits_aux.defined()) add_inplace(dlogits, c.dlogits_aux);
   add_inplace(dx, linear_back(c.x, gate_, dlogits, g));
   return dx;
+}
+
+std::vector<int64_t> Moe::expert_load(const Ctx& c) {
+  std::vector<int64_t> load;
+  for (const auto& sl : c.slots) load.push_back(int64_t(sl.size()));
+  return load;
+}
+
+double Moe::balance_loss(Ctx& c, int64_t T, float alpha) const {
+  c.dlogits_aux = Tensor::empty(DType::F32, c.logits.shape());
+  return ops::seq_balance_loss(c.logits, c.idx, T, alpha, &c.dlogits_aux);
 }
 
 // ---- Decoder layer ----

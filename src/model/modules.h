@@ -97,6 +97,7 @@ class Moe {
     std::vector<std::vector<int64_t>> slots;      // per expert: the (token·K + j) slots it served
     std::vector<Mlp::Ctx> experts;
     Mlp::Ctx shared;
+    Tensor dlogits_aux;  // gradient of the sequence-wise balance loss w.r.t. the router logits, if any
   };
   // routing (optional): receives the chosen experts [M, top_k] int32.
   Tensor forward(const Tensor& x, Tensor* routing = nullptr, Ctx* ctx = nullptr) const;
@@ -104,6 +105,11 @@ class Moe {
   // selection itself and e_score_correction_bias get none.
   Tensor backward(const Ctx& ctx, const Tensor& dy, Grads& g) const;
   void visit(const ParamVisitor& v);
+  // Tokens each routed expert received in the forward that filled ctx (the balancer's load).
+  static std::vector<int64_t> expert_load(const Ctx& ctx);
+  // The complementary sequence-wise balance loss (§2.3.3, eqs. 17-20) over sequences of seq_len rows,
+  // averaged over sequences: α Σ_i f_i P_i. Stores its gradient in ctx.dlogits_aux for backward.
+  double balance_loss(Ctx& ctx, int64_t seq_len, float alpha) const;
 
  private:
   std::string prefix_;
@@ -130,6 +136,7 @@ class DecoderLayer {
   // dh: gradient w.r.t. the layer's output; returns the gradient w.r.t. its input.
   Tensor backward(const Ctx& ctx, const Tensor& dh, const Batch& batch, Grads& g) const;
   bool is_moe() const { return moe_.has_value(); }
+  const Moe& moe() const { return *moe_; }
   void visit(const ParamVisitor& v);
 
  private:
@@ -162,6 +169,7 @@ class MtpModule {
   // gradient w.r.t. the embeddings.
   Tensor backward(const Ctx& ctx, const Tensor& dh, const Batch& batch, Grads& g, Tensor* demb) const;
   std::string prefix() const { return prefix_; }
+  const DecoderLayer& layer() const { return layer_; }
   // Its own parameters (the embedding and head are the main model's and are not visited).
   void visit(const ParamVisitor& v);
   // Share the main model's embedding and output head (training ties them, §2.2).

@@ -4,6 +4,8 @@
 #include <filesystem>
 #include <fstream>
 
+#include "io/atomic_dir.h"
+
 namespace dsv3 {
 
 std::unique_ptr<Transformer> Transformer::load(const std::string& dir) {
@@ -135,7 +137,8 @@ Tensor Transformer::mtp_step(int64_t k, const Tensor& h_prev, const std::vector<
   return mod.logits(h);
 }
 
-Transformer::Losses Transformer::loss_and_grads(const Tensor& input_ids, float mtp_lambda, Grads& g) const {
+Transformer::Losses Transformer::loss_and_grads(const Tensor& input_ids, const LossOptions& opts, Grads& g) const {
+  const float mtp_lambda = opts.mtp_lambda;
   DSV3_CHECK(input_ids.ndim() == 2 && input_ids.dim(1) >= 2, "training input must be [B, T] with T >= 2, got {}",
              shape_str(input_ids.shape()));
   const int64_t B = input_ids.dim(0), T = input_ids.dim(1), D = cfg_.hidden_size, V = cfg_.vocab_size, M = B * T;
@@ -151,10 +154,19 @@ Transformer::Losses Transformer::loss_and_grads(const Tensor& input_ids, float m
   Tensor h = Tensor::empty(DType::F32, {M, D});
   ops::embedding(ids, embed_tokens_, h);
   std::vector<DecoderLayer::Ctx> ctx(layers_.size());
-  for (size_t i = 0; i < layers_.size(); ++i) layers_[i].forward(h, batch, nullptr, nullptr, &ctx[i]);
+  Losses out;
+  // Balancing statistics of a MoE layer's forward: its load and, with α > 0, the sequence-wise loss.
+  auto balance = [&](int64_t layer, const DecoderLayer& l, DecoderLayer::Ctx& c, int64_t seq_len) {
+    if (!l.is_moe()) return;
+    out.expert_load[layer] = Moe::expert_load(c.moe);
+    if (opts.balance_alpha > 0) out.balance_loss += l.moe().balance_loss(c.moe, seq_len, opts.balance_alpha);
+  };
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    layers_[i].forward(h, batch, nullptr, nullptr, &ctx[i]);
+    balance(int64_t(i), layers_[i], ctx[i], T);
+  }
   Tensor final_h = Tensor::empty(DType::F32, {M, D});
   ops::rmsnorm(h, norm_, eps, final_h);
-  Losses out;
   Tensor dfinal = Tensor::zeros(DType::F32, {M, D});
   {
     Tensor logits = Tensor::empty(DType::F32, {M, V}), dlogits = Tensor::empty(DType::F32, {M, V});
@@ -186,6 +198,7 @@ Transformer::Losses Transformer::loss_and_grads(const Tensor& input_ids, float m
       Tensor emb = Tensor::empty(DType::F32, {B * n, D});
       ops::embedding(L.ahead, mod.embed_tokens(), emb);
       L.out = mod.forward(L.prev, emb, L.batch, nullptr, nullptr, &L.ctx);
+      balance(cfg_.num_hidden_layers + k - 1, mod.layer(), L.ctx.layer, n);
       // Loss of this depth through the shared head.
       Tensor normed = Tensor::empty(DType::F32, {B * n, D}), logits = Tensor::empty(DType::F32, {B * n, V});
       ops::rmsnorm(L.out, mod.head_norm(), eps, normed);
@@ -247,8 +260,7 @@ void Transformer::make_trainable() {
   cfg_.quant = QuantConfig{};
 }
 
-void Transformer::save(const std::string& dir, DType dtype) const {
-  namespace fs = std::filesystem;
+void Transformer::write_files(const std::string& dir, DType dtype) const {
   DSV3_CHECK(dtype == DType::F32 || dtype == DType::BF16, "save: dtype must be F32 or BF16");
   std::vector<std::pair<std::string, Tensor>> out;
   auto put = [&](const std::string& name, const Tensor& t) { out.emplace_back(name, t.to(dtype)); };
@@ -264,24 +276,16 @@ void Transformer::save(const std::string& dir, DType dtype) const {
   ModelConfig c = cfg_;
   c.quant = QuantConfig{};
   c.torch_dtype = dtype == DType::BF16 ? "bfloat16" : "float32";
-  const fs::path target(dir), tmp = target.string() + ".tmp-save";
-  fs::remove_all(tmp);
-  fs::create_directories(tmp);
-  io::write_safetensors((tmp / "model.safetensors").string(), out, {{"format", "pt"}});
-  {
-    std::ofstream f(tmp / "config.json");
-    f << c.to_json().dump(2) << "\n";
-    DSV3_CHECK(f.good(), "{}: could not write config.json", tmp.string());
-  }
-  // Keep files the folder already has that we do not write (tokenizer.json, trainer state).
-  if (fs::exists(target))
-    for (const auto& e : fs::directory_iterator(target))
-      if (!fs::exists(tmp / e.path().filename())) fs::copy(e.path(), tmp / e.path().filename(), fs::copy_options::recursive);
-  const fs::path old = target.string() + ".tmp-old";
-  fs::remove_all(old);
-  if (fs::exists(target)) fs::rename(target, old);
-  fs::rename(tmp, target);
-  fs::remove_all(old);
+  const std::filesystem::path d(dir);
+  io::write_safetensors((d / "model.safetensors").string(), out, {{"format", "pt"}});
+  std::ofstream f(d / "config.json");
+  f << c.to_json().dump(2) << "\n";
+  f.close();
+  DSV3_CHECK(f.good(), "{}: could not write config.json", dir);
+}
+
+void Transformer::save(const std::string& dir, DType dtype) const {
+  io::replace_dir_atomically(dir, [&](const std::string& tmp) { write_files(tmp, dtype); });
 }
 
 }  // namespace dsv3

@@ -52,10 +52,19 @@ class Transformer {
   // Training: L = L_main + λ/D · Σ_k L_mtp_k (§2.2) on input_ids [B, T] (the next tokens are the targets);
   // gradients of every trainable tensor accumulate into g, keyed by official name. The MTP modules' embedding
   // and output head are the main model's (shared, §2.2), so their gradients land there.
+  struct LossOptions {
+    float mtp_lambda = 0.3f;     // λ of the MTP loss (the report: 0.3, later 0.1)
+    float balance_alpha = 0.0f;  // α of the sequence-wise balance loss (0: off)
+  };
   struct Losses {
     double loss = 0, mtp_loss = 0;  // main and mean-over-depths MTP cross-entropy
+    double balance_loss = 0;        // summed over MoE layers (MTP modules' included)
+    std::map<int64_t, std::vector<int64_t>> expert_load;  // layer index -> tokens per routed expert
   };
-  Losses loss_and_grads(const Tensor& input_ids, float mtp_lambda, Grads& g) const;
+  Losses loss_and_grads(const Tensor& input_ids, const LossOptions& opts, Grads& g) const;
+  Losses loss_and_grads(const Tensor& input_ids, float mtp_lambda, Grads& g) const {
+    return loss_and_grads(input_ids, LossOptions{mtp_lambda, 0.0f}, g);
+  }
 
   // Every parameter and buffer, main model first, then the MTP modules.
   void visit(const ParamVisitor& v);
@@ -66,6 +75,8 @@ class Transformer {
   // biases F32; MTP layers carry copies of embed_tokens and shared_head.head as the official release does).
   // Atomic: written to a temporary folder, then renamed over `dir`.
   void save(const std::string& dir, DType dtype) const;
+  // The same files, written into an existing folder (for callers that add their own files atomically).
+  void write_files(const std::string& dir, DType dtype) const;
 
   Tensor mtp_step(int64_t k, const Tensor& h_prev, const std::vector<int64_t>& ahead, const Batch& batch, LatentCache& cache,
                   Tensor* h_out = nullptr) const;

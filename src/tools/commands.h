@@ -14,5 +14,6 @@ void add_compare(CLI::App& app, Command& run);
 void add_generate(CLI::App& app, Command& run);
 void add_chat(CLI::App& app, Command& run);
 void add_tokenize(CLI::App& app, Command& run);
+void add_train(CLI::App& app, Command& run);
 
 }  // namespace dsv3::cli

@@ -21,6 +21,7 @@ int main(int argc, char** argv) {
   dsv3::cli::add_generate(app, run);
   dsv3::cli::add_chat(app, run);
   dsv3::cli::add_tokenize(app, run);
+  dsv3::cli::add_train(app, run);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
