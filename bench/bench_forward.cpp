@@ -59,7 +59,7 @@ int main(int argc, char** argv) {
   }
   const double flops = st.forward_flops_per_token(T) * double(T);
   const double gflops = flops / best / 1e9, peak = sgemm_gflops(2048);
-  std::printf("threads %d | model %.0fM params, %.1fM active/token | T=%lld\n", omp_get_max_threads(),
+  std::printf("threads %d | BLAS %s | model %.0fM params, %.1fM active/token | T=%lld\n", omp_get_max_threads(), ops::blas_core().c_str(),
               double(st.params_main) / 1e6, double(st.active_main) / 1e6, (long long)T);
   std::printf("forward: %.3f s  %.1f tokens/s  %.1f GFLOP/s | OpenBLAS sgemm 2048^3: %.1f GFLOP/s | ratio %.1f%%\n",
               best, double(T) / best, gflops, peak, 100.0 * gflops / peak);

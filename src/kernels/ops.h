@@ -23,6 +23,9 @@ struct Weight {
   Tensor to_f32() const;  // the whole weight (tests and small tensors only)
 };
 
+// The OpenBLAS kernel family in use (e.g. "SkylakeX"); see blas_runtime.cpp for why it is checked.
+std::string blas_core();
+
 // y[M,N] = x[M,K] · Wᵀ. x and y are f32 with unit inner stride (row strides may differ from K/N).
 void linear(const Tensor& x, const Weight& w, Tensor& y);
 // y = x · gammaᵀ... RMSNorm over the last dim in float32: y = x / sqrt(mean(x²) + eps) * gamma.
