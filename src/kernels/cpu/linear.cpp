@@ -14,6 +14,10 @@
 
 namespace dsv3::ops {
 
+// Pulls blas_runtime.o (and its constructor that selects OpenBLAS's AVX-512 kernels) into every program
+// that multiplies matrices: a static library only links object files something refers to.
+[[gnu::used]] static std::string (*const keep_blas_runtime)() = &blas_core;
+
 void Weight::dequant_rows(int64_t r0, int64_t r1, float* dst) const {
   const int64_t K = cols();
   const size_t es = dtype_size(w.dtype());
