@@ -244,6 +244,10 @@ Tensor Mlp::forward(const Tensor& x, Ctx* ctx) const {
   return linear(a, down_);
 }
 
+void Mlp::reserve_grads(Grads& g) const {
+  for (const ops::Weight* w : {&gate_, &up_, &down_}) wgrad(g, *w);
+}
+
 Tensor Mlp::backward(const Ctx& c, const Tensor& dy, Grads& g) const {
   const int64_t M = c.x.dim(0), I = gate_.rows();
   Tensor da = linear_back(c.a, down_, dy, g);
@@ -327,8 +331,13 @@ Tensor Moe::backward(const Ctx& c, const Tensor& dy, Grads& g) const {
   Tensor dx = shared_ ? shared_->backward(c.shared, dy, g) : Tensor::zeros(DType::F32, {M, D});
   const int32_t* ip = c.idx.data<int32_t>();
   const float* wp = c.wts.f32();
-  // Through each expert: its rows' output gradient is the routing weight times dy.
+  // Through each expert: its rows' output gradient is the routing weight times dy. Experts run in parallel
+  // (each writes only its own gradients and slots); their gradient tensors are created first, since
+  // Grads is not safe to grow from several threads.
   Tensor dx_slots = Tensor::zeros(DType::F32, {M * K, D});
+  for (int64_t e = 0; e < E; ++e)
+    if (!c.slots[size_t(e)].empty()) experts_[size_t(e)].reserve_grads(g);
+#pragma omp parallel for schedule(dynamic, 1) if (M * K * D * moe_width_ > (1 << 20))
   for (int64_t e = 0; e < E; ++e) {
     const auto& sl = c.slots[size_t(e)];
     if (sl.empty()) continue;
@@ -343,6 +352,7 @@ Tensor Moe::backward(const Ctx& c, const Tensor& dy, Grads& g) const {
   }
   // Through the routing weights w_j = scale · s_j / Σ_i s_i (or scale · s_j): ds, then dlogit = ds · s(1−s).
   Tensor dlogits = Tensor::zeros(DType::F32, {M, E});
+#pragma omp parallel for schedule(static) if (M * K * D > (1 << 16))
   for (int64_t m = 0; m < M; ++m) {
     float* dxr = dx.f32() + m * D;
     for (int64_t j = 0; j < K; ++j) {

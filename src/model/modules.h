@@ -82,6 +82,7 @@ class Mlp {
   void load(const WeightLoader& w, const std::string& prefix, int64_t hidden, int64_t inter);
   Tensor forward(const Tensor& x, Ctx* ctx = nullptr) const;
   Tensor backward(const Ctx& ctx, const Tensor& dy, Grads& g) const;  // returns dx
+  void reserve_grads(Grads& g) const;  // create its gradient tensors (before a parallel backward)
   void visit(const ParamVisitor& v);
 
  private:

@@ -2,7 +2,9 @@
 #include <cblas.h>
 
 #include <cmath>
+#include <algorithm>
 #include <limits>
+#include <vector>
 
 #include "kernels/ops.h"
 
@@ -22,26 +24,42 @@ void linear_backward(const Tensor& x, const Weight& w, const Tensor& dy, Tensor*
               0.0f, dx->f32(), int(dx->strides()[0]));
 }
 
+// Row-parallel loops below are deterministic: each row is written by one thread, and the reductions over
+// rows (dgamma, the loss) sum per-thread or per-row partials in a fixed order.
+namespace {
+constexpr int64_t kParallelWork = 1 << 15;
+}
+
 void rmsnorm_backward(const Tensor& x, const Tensor& gamma, float eps, const Tensor& dy, const Tensor& dx, Tensor& dgamma) {
   const int64_t M = x.dim(0), D = x.dim(1);
   std::vector<float> g(static_cast<size_t>(D));
   convert_to_f32(gamma.dtype(), gamma.contiguous().raw(), g.data(), g.size());
-  std::vector<double> dg(static_cast<size_t>(D), 0.0);
-  for (int64_t i = 0; i < M; ++i) {
-    const float* xr = x.f32() + i * x.strides()[0];
-    const float* dyr = dy.f32() + i * dy.strides()[0];
-    float* dxr = dx.f32() + i * dx.strides()[0];
-    double ss = 0, dot = 0;
-    for (int64_t j = 0; j < D; ++j) ss += double(xr[j]) * xr[j];
-    const double r = 1.0 / std::sqrt(ss / double(D) + eps);
-    for (int64_t j = 0; j < D; ++j) {
-      dot += double(g[size_t(j)]) * dyr[j] * xr[j];
-      dg[size_t(j)] += double(dyr[j]) * xr[j] * r;
+  // dgamma partials per fixed block of rows (not per thread), so the sum does not depend on the thread count.
+  const int64_t block = 64, nblocks = (M + block - 1) / block;
+  std::vector<double> dg(static_cast<size_t>(nblocks * D), 0.0);
+#pragma omp parallel for schedule(static) if (M * D > kParallelWork)
+  for (int64_t bi = 0; bi < nblocks; ++bi) {
+    double* dgb = dg.data() + bi * D;
+    for (int64_t i = bi * block; i < std::min(M, (bi + 1) * block); ++i) {
+      const float* xr = x.f32() + i * x.strides()[0];
+      const float* dyr = dy.f32() + i * dy.strides()[0];
+      float* dxr = dx.f32() + i * dx.strides()[0];
+      double ss = 0, dot = 0;
+      for (int64_t j = 0; j < D; ++j) ss += double(xr[j]) * xr[j];
+      const double r = 1.0 / std::sqrt(ss / double(D) + eps);
+      for (int64_t j = 0; j < D; ++j) {
+        dot += double(g[size_t(j)]) * dyr[j] * xr[j];
+        dgb[j] += double(dyr[j]) * xr[j] * r;
+      }
+      const double c = dot * r * r * r / double(D);
+      for (int64_t j = 0; j < D; ++j) dxr[j] = float(r * g[size_t(j)] * dyr[j] - c * xr[j]);
     }
-    const double c = dot * r * r * r / double(D);
-    for (int64_t j = 0; j < D; ++j) dxr[j] = float(r * g[size_t(j)] * dyr[j] - c * xr[j]);
   }
-  for (int64_t j = 0; j < D; ++j) dgamma.f32()[j] += float(dg[size_t(j)]);
+  for (int64_t j = 0; j < D; ++j) {
+    double acc = 0;
+    for (int64_t bi = 0; bi < nblocks; ++bi) acc += dg[size_t(bi * D + j)];
+    dgamma.f32()[j] += float(acc);
+  }
 }
 
 void embedding_backward(const Tensor& ids, const Tensor& dy, Tensor& dtable) {
@@ -56,6 +74,7 @@ void embedding_backward(const Tensor& ids, const Tensor& dy, Tensor& dtable) {
 
 void silu_mul_backward(const Tensor& gu, const Tensor& dout, Tensor& dgu) {
   const int64_t M = gu.dim(0), I = gu.dim(1) / 2;
+#pragma omp parallel for schedule(static) if (M * I > kParallelWork)
   for (int64_t i = 0; i < M; ++i) {
     const float* g = gu.f32() + i * gu.strides()[0];
     const float* u = g + I;
@@ -72,6 +91,7 @@ void silu_mul_backward(const Tensor& gu, const Tensor& dout, Tensor& dgu) {
 
 void rope_inverse(const Tensor& x, const std::vector<int64_t>& positions, const RopeTable& table) {
   const int64_t M = x.dim(0), H = x.dim(1), half = x.dim(2) / 2;
+#pragma omp parallel for schedule(static) if (M * H * half > kParallelWork)
   for (int64_t m = 0; m < M; ++m)
     for (int64_t i = 0; i < half; ++i) {
       const float a = float(positions[size_t(m)]) * table.inv_freq[size_t(i)];
@@ -130,8 +150,13 @@ void attention_causal_backward(const Tensor& q, const Tensor& k, const Tensor& v
 double cross_entropy(const Tensor& logits, const std::vector<int64_t>& targets, Tensor* dlogits, float grad_scale) {
   const int64_t M = logits.dim(0), V = logits.dim(1);
   int64_t count = 0;
-  for (int64_t t : targets) count += t >= 0;
-  double total = 0;
+  for (int64_t t : targets) {
+    DSV3_CHECK(t < V, "cross_entropy: target {} out of range [0, {})", t, V);
+    count += t >= 0;
+  }
+  std::vector<double> row_loss(static_cast<size_t>(M), 0.0);
+  const double f = count ? double(grad_scale) / double(count) : 0.0;
+#pragma omp parallel for schedule(static) if (M * V > kParallelWork)
   for (int64_t i = 0; i < M; ++i) {
     const float* l = logits.f32() + i * logits.strides()[0];
     float* d = dlogits ? dlogits->f32() + i * dlogits->strides()[0] : nullptr;
@@ -140,18 +165,21 @@ double cross_entropy(const Tensor& logits, const std::vector<int64_t>& targets, 
       if (d) std::fill_n(d, V, 0.0f);
       continue;
     }
-    DSV3_CHECK(t < V, "cross_entropy: target {} out of range [0, {})", t, V);
     float mx = l[0];
     for (int64_t j = 1; j < V; ++j) mx = std::max(mx, l[j]);
     double sum = 0;
-    for (int64_t j = 0; j < V; ++j) sum += std::exp(double(l[j] - mx));
-    total += std::log(sum) - double(l[t] - mx);
-    if (d) {
-      const double f = double(grad_scale) / double(count);
-      for (int64_t j = 0; j < V; ++j) d[j] = float(std::exp(double(l[j] - mx)) / sum * f);
+    if (d) {  // keep the exponentials in d, then scale them into probabilities
+      for (int64_t j = 0; j < V; ++j) sum += d[j] = std::exp(l[j] - mx);
+      const float k = float(f / sum);
+      for (int64_t j = 0; j < V; ++j) d[j] *= k;
       d[t] -= float(f);
+    } else {
+      for (int64_t j = 0; j < V; ++j) sum += std::exp(l[j] - mx);
     }
+    row_loss[size_t(i)] = std::log(sum) - double(l[t] - mx);
   }
+  double total = 0;
+  for (double x : row_loss) total += x;
   return count ? total / double(count) : 0.0;
 }
 
