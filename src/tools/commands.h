@@ -15,5 +15,7 @@ void add_generate(CLI::App& app, Command& run);
 void add_chat(CLI::App& app, Command& run);
 void add_tokenize(CLI::App& app, Command& run);
 void add_train(CLI::App& app, Command& run);
+void add_tokenizer(CLI::App& app, Command& run);
+void add_data(CLI::App& app, Command& run);
 
 }  // namespace dsv3::cli

@@ -22,6 +22,8 @@ int main(int argc, char** argv) {
   dsv3::cli::add_chat(app, run);
   dsv3::cli::add_tokenize(app, run);
   dsv3::cli::add_train(app, run);
+  dsv3::cli::add_tokenizer(app, run);
+  dsv3::cli::add_data(app, run);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -5,6 +5,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <bit>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -12,6 +13,9 @@
 #include "core/error.h"
 
 namespace dsv3::train {
+
+// The format is little-endian and both sides copy host-order words.
+static_assert(std::endian::native == std::endian::little, "token shards assume a little-endian host");
 
 namespace {
 constexpr char kMagic[8] = {'D', 'S', 'V', '3', 'T', 'O', 'K', '1'};
