@@ -1,0 +1,176 @@
+// Attention kernels against ops::attention_causal / ops::attention_latent on the CPU.
+#include <algorithm>
+#include <numeric>
+
+#include "core/tensor.h"
+#include "cuda_test_util.h"
+#include "kernels/ops.h"
+
+namespace dsv3::cuda {
+namespace {
+using namespace test;
+
+std::vector<float> vec(const Tensor& t) {
+  Tensor c = t.contiguous();
+  return std::vector<float>(c.f32(), c.f32() + c.numel());
+}
+
+// f32 throughout; only the summation order and expf differ: relative L2 < 1e-5.
+TEST(CudaAttention, CausalPrefillMatchesCpu) {
+  DSV3_REQUIRE_GPU();
+  std::mt19937_64 rng(31);
+  for (auto [B, T, H, D, Dv, packed] : {std::tuple{2, 77, 3, 192, 128, true}, std::tuple{1, 300, 2, 64, 64, false},
+                                        std::tuple{3, 5, 4, 24, 40, true}, std::tuple{1, 1, 1, 192, 128, false}}) {
+    // packed: q, k, v are slices of one [B, T, H, D + D + Dv] buffer (strided views, as a fused projection gives).
+    const int64_t row = packed ? D + D + Dv : 0;
+    std::vector<float> qkv, qh, kh, vh;
+    Tensor q, k, v;
+    Strides3 sq, sk, sv;
+    if (packed) {
+      qkv = randn(size_t(B * T * H * row), rng);
+      Tensor all = Tensor::from_vector(qkv, {B, T, H, row});
+      q = all.slice(3, 0, D);
+      k = all.slice(3, D, 2 * D);
+      v = all.slice(3, 2 * D, 2 * D + Dv);
+      sq = sk = sv = Strides3{T * H * row, H * row, row};
+    } else {
+      qh = randn(size_t(B * T * H * D), rng);
+      kh = randn(size_t(B * T * H * D), rng);
+      vh = randn(size_t(B * T * H * Dv), rng);
+      q = Tensor::from_vector(qh, {B, T, H, D});
+      k = Tensor::from_vector(kh, {B, T, H, D});
+      v = Tensor::from_vector(vh, {B, T, H, Dv});
+      sq = sk = Strides3{T * H * D, H * D, D};
+      sv = Strides3{T * H * Dv, H * Dv, Dv};
+    }
+    const float scale = 1.0f / std::sqrt(float(D)) * 1.7f;
+    Tensor o = Tensor::empty(DType::F32, {B, T, H, Dv});
+    ops::attention_causal(q, k, v, scale, o);
+    DeviceBuffer<float> dall, dq, dk, dv;
+    const float *pq, *pk, *pv;
+    if (packed) {
+      dall = upload(qkv);
+      pq = dall.get();
+      pk = dall.get() + D;
+      pv = dall.get() + 2 * D;
+    } else {
+      dq = upload(qh);
+      dk = upload(kh);
+      dv = upload(vh);
+      pq = dq.get();
+      pk = dk.get();
+      pv = dv.get();
+    }
+    auto dout = poisoned<float>(size_t(B * T * H * Dv));
+    attention_causal(pq, sq, pk, sk, pv, sv, dout.get(), Strides3{T * H * Dv, H * Dv, Dv}, B, T, H, D, Dv, scale);
+    const auto out = download(dout);
+    ASSERT_TRUE(all_finite(out));
+    EXPECT_LT(rel_l2(out, vec(o)), 1e-5) << B << "x" << T << "x" << H << " D " << D << " Dv " << Dv;
+  }
+}
+
+// Contiguous f32 latent cache, as the CPU's: relative L2 < 1e-5.
+TEST(CudaAttention, LatentDecodeMatchesCpu) {
+  DSV3_REQUIRE_GPU();
+  std::mt19937_64 rng(32);
+  for (auto [n, H, L] : {std::tuple{3, 16, 1000}, std::tuple{1, 128, 4099}, std::tuple{2, 20, 1}}) {
+    const int64_t W = 576, R = 512;
+    const std::vector<float> q = randn(size_t(n * H * W), rng), cache = randn(size_t(L * W), rng);
+    std::vector<int64_t> pos(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) pos[size_t(i)] = std::max<int64_t>(0, L - 1 - i * 317);
+    const float scale = 0.0417f;
+    Tensor o = Tensor::empty(DType::F32, {n, H, R});
+    ops::attention_latent(Tensor::from_vector(q, {n, H, W}), Tensor::from_vector(cache, {L, W}), pos.data(), scale, o);
+    LatentAttention p;
+    p.batch = 1;
+    p.s_q = n;
+    p.heads = H;
+    p.W = W;
+    p.R = R;
+    p.max_len = L;
+    p.scale = scale;
+    auto dq = upload(q);
+    auto dc = upload(cache);
+    std::vector<int32_t> pos32(pos.begin(), pos.end());
+    auto dp = upload(pos32);
+    DeviceBuffer<uint8_t> ws(attention_latent_workspace_bytes(p));
+    auto dout = poisoned<float>(size_t(n * H * R));
+    attention_latent(p, dq.get(), DType::F32, dc.get(), nullptr, dp.get(), dout.get(), ws.get(), ws.size());
+    const auto out = download(dout);
+    ASSERT_TRUE(all_finite(out));
+    EXPECT_LT(rel_l2(out, vec(o)), 1e-5) << "n " << n << " H " << H << " L " << L;
+  }
+}
+
+// Paged bf16 cache (block size 64, blocks shuffled across sequences), a batch of sequences with 2 query tokens
+// each (MTP verification shape); 20 heads (16-head tiles, one padded) and 128 (64-head tiles). This runs on the
+// tensor cores: q and the probabilities are rounded to bf16 for the two products (f32 accumulation), so the
+// tolerance against the f32 CPU twin (which sees the same bf16 cache values) is relative L2 < 1e-2.
+class PagedDecode : public ::testing::TestWithParam<int64_t> {};
+TEST_P(PagedDecode, MatchesCpu) {
+  DSV3_REQUIRE_GPU();
+  std::mt19937_64 rng(33);
+  const int64_t W = 576, R = 512, H = GetParam(), bs = 64, s_q = 2;
+  const std::vector<int64_t> lens = {1500, 64, 3001, 2};
+  const int64_t batch = int64_t(lens.size());
+  int64_t max_len = 0, total_blocks = 0;
+  for (int64_t l : lens) {
+    max_len = std::max(max_len, l);
+    total_blocks += ceil_div(l, bs);
+  }
+  const int64_t max_blocks = ceil_div(max_len, bs), pool_blocks = total_blocks + 5;
+  std::vector<int32_t> perm(static_cast<size_t>(pool_blocks));
+  std::iota(perm.begin(), perm.end(), 0);
+  std::shuffle(perm.begin(), perm.end(), rng);
+  std::vector<int32_t> table(size_t(batch * max_blocks), -1);
+  int64_t next = 0;
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t j = 0; j < ceil_div(lens[size_t(b)], bs); ++j) table[size_t(b * max_blocks + j)] = perm[size_t(next++)];
+  const std::vector<uint16_t> pool = to_bf16(randn(size_t(pool_blocks * bs * W), rng));
+  const std::vector<float> q = randn(size_t(batch * s_q * H * W), rng);
+  std::vector<int32_t> pos(static_cast<size_t>(batch * s_q));
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t i = 0; i < s_q; ++i) pos[size_t(b * s_q + i)] = int32_t(std::max<int64_t>(0, lens[size_t(b)] - s_q + i));
+  const float scale = 0.0417f;
+  std::vector<float> ref;
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t L = lens[size_t(b)];
+    std::vector<float> cache(static_cast<size_t>(L * W));
+    for (int64_t r = 0; r < L; ++r) {
+      const int64_t phys = int64_t(table[size_t(b * max_blocks + r / bs)]) * bs + r % bs;
+      for (int64_t c = 0; c < W; ++c) cache[size_t(r * W + c)] = bf16_to_f32(pool[size_t(phys * W + c)]);
+    }
+    std::vector<float> qb(q.begin() + b * s_q * H * W, q.begin() + (b + 1) * s_q * H * W);
+    std::vector<int64_t> pb(pos.begin() + b * s_q, pos.begin() + (b + 1) * s_q);
+    Tensor o = Tensor::empty(DType::F32, {s_q, H, R});
+    ops::attention_latent(Tensor::from_vector(qb, {s_q, H, W}), Tensor::from_vector(cache, {L, W}), pb.data(), scale, o);
+    const auto ov = vec(o);
+    ref.insert(ref.end(), ov.begin(), ov.end());
+  }
+  LatentAttention p;
+  p.batch = batch;
+  p.s_q = s_q;
+  p.heads = H;
+  p.W = W;
+  p.R = R;
+  p.block_size = bs;
+  p.max_blocks = max_blocks;
+  p.max_len = max_len;
+  p.scale = scale;
+  auto dq = upload(q);
+  auto dpool = upload(pool);
+  auto dt = upload(table);
+  auto dp = upload(pos);
+  DeviceBuffer<uint8_t> ws(attention_latent_workspace_bytes(p));
+  auto dout = poisoned<float>(size_t(batch * s_q * H * R));
+  attention_latent(p, dq.get(), DType::BF16, dpool.get(), dt.get(), dp.get(), dout.get(), ws.get(), ws.size());
+  const auto out = download(dout);
+  ASSERT_TRUE(all_finite(out));
+  const double e = rel_l2(out, ref);
+  std::printf("paged bf16 decode, H %lld: rel L2 %.2e\n", (long long)H, e);
+  EXPECT_LT(e, 1e-2);
+}
+INSTANTIATE_TEST_SUITE_P(CudaAttention, PagedDecode, ::testing::Values(20, 128));
+
+}  // namespace
+}  // namespace dsv3::cuda
