@@ -2,7 +2,7 @@
 # The main job: on this machine's cores, train a small DeepSeek-V3 (MLA, DeepSeekMoE with shared + routed
 # experts, group-limited sigmoid routing, auxiliary-loss-free balancing, MTP) on the King James Bible,
 # compare its validation bits per byte with gzip -9, and print sampled continuations.
-# Environment: DSV3_DEMO_DIR (work folder, default runs/kjv), DSV3_DEMO_STEPS (optimizer steps, default 420).
+# Environment: DSV3_DEMO_DIR (work folder, default runs/kjv), DSV3_DEMO_STEPS (optimizer steps, default 500).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
@@ -12,7 +12,7 @@ cmake -S . -B build -DCMAKE_BUILD_TYPE=Release >/dev/null
 cmake --build build -j"$(nproc)" --target dsv3
 dsv3=./build/dsv3
 W=${DSV3_DEMO_DIR:-runs/kjv}
-STEPS=${DSV3_DEMO_STEPS:-420}
+STEPS=${DSV3_DEMO_STEPS:-500}
 mkdir -p "$W"
 
 echo "== corpus: the King James Bible (Debian's bible-kjv)"
