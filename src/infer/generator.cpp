@@ -55,7 +55,8 @@ std::vector<Generation> Generator::generate_batched(const std::vector<std::vecto
   int64_t longest = 0;
   for (const auto& p : prompts) longest = std::max<int64_t>(longest, int64_t(p.size()));
   const int64_t cap = std::min<int64_t>(longest + o.max_new_tokens, c.max_position_embeddings);
-  LatentCache cache(c, int64_t(S), cap);
+  auto cache_ptr = model_.make_cache(int64_t(S), cap);
+  StepCache& cache = *cache_ptr;
   const Sampler sampler(o.sampling);
   std::vector<std::mt19937_64> rng;
   for (size_t s = 0; s < S; ++s) rng.emplace_back(o.sampling.seed + 0x9e3779b97f4a7c15ull * s);
@@ -126,7 +127,8 @@ Generation Generator::generate_speculative(size_t seq, const std::vector<int64_t
   const ModelConfig& c = model_.config();
   const int64_t V = c.vocab_size, D = c.hidden_size, P = int64_t(prompt.size());
   const int64_t cap = std::min<int64_t>(P + o.max_new_tokens + o.draft + 1, c.max_position_embeddings);
-  LatentCache cache(c, 1, cap);
+  auto cache_ptr = model_.make_cache(1, cap);
+  StepCache& cache = *cache_ptr;
   const Sampler sampler(o.sampling);
   std::mt19937_64 rng(o.sampling.seed + 0x9e3779b97f4a7c15ull * seq);
   Generation g;

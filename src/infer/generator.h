@@ -6,7 +6,10 @@
 #include <functional>
 #include <vector>
 
+#include <memory>
+
 #include "infer/sampler.h"
+#include "infer/step_model.h"
 #include "model/transformer.h"
 
 namespace dsv3 {
@@ -37,7 +40,9 @@ using TokenCallback = std::function<bool(size_t seq, int64_t token)>;
 
 class Generator {
  public:
-  explicit Generator(const Transformer& model) : model_(model) {}
+  // The CPU model (an adapter owned by the Generator), or any StepModel (e.g. the CUDA model), borrowed.
+  explicit Generator(const Transformer& model) : own_(std::make_unique<CpuStepModel>(model)), model_(*own_) {}
+  explicit Generator(const StepModel& model) : model_(model) {}
   std::vector<Generation> generate(const std::vector<std::vector<int64_t>>& prompts, const GenerateOptions& opts,
                                    const TokenCallback& on_token = {});
   const GenerateStats& stats() const { return stats_; }
@@ -47,7 +52,8 @@ class Generator {
                                            const TokenCallback& cb);
   Generation generate_speculative(size_t seq, const std::vector<int64_t>& prompt, const GenerateOptions& o,
                                   const TokenCallback& cb);
-  const Transformer& model_;
+  std::unique_ptr<StepModel> own_;
+  const StepModel& model_;
   GenerateStats stats_;
 };
 

@@ -18,8 +18,8 @@ struct ChatArgs : GenArgs {
 
 int run_chat(ChatArgs& a) {
   Tokenizer tok = *find_tokenizer(a, true);
-  auto model = Transformer::load(a.model);
-  GenerateOptions o = generate_options(a, *model, &tok);
+  const LoadedModel model = LoadedModel::load(a.model, a);
+  GenerateOptions o = generate_options(a, model.config(), &tok);
   std::vector<ChatMessage> history;
   if (!a.system.empty()) history.push_back({"system", a.system});
   const bool tty = isatty(0);
@@ -47,7 +47,7 @@ int run_chat(ChatArgs& a) {
     StopFilter stop(a.stop);
     std::string reply;
     o.sampling.seed = a.sampling.seed + uint64_t(turn);
-    Generator gen(*model);
+    Generator gen(model.stepper());
     gen.generate({ids}, o, [&](size_t, int64_t t) {
       if (tok.is_special(int32_t(t))) return true;  // the end-of-sentence token ends the turn, unprinted
       const std::string piece = stop.push(dec.push(int32_t(t)));

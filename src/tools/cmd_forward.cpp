@@ -5,26 +5,27 @@
 #include "io/safetensors.h"
 #include "model/transformer.h"
 #include "tools/commands.h"
+#include "tools/device_opts.h"
 #include "tools/input_ids.h"
 
 namespace dsv3::cli {
 
 namespace {
-struct ForwardArgs {
+struct ForwardArgs : DeviceArgs {
   std::string model, input, output;
   bool hidden = false, routing = false;
   int mtp_depth = -1;
 };
 
 int run_forward(const ForwardArgs& a) {
-  auto model = Transformer::load(a.model);
-  Tensor ids64 = read_input_ids(a.input, model->config().vocab_size);
+  const LoadedModel model = LoadedModel::load(a.model, a);
+  Tensor ids64 = read_input_ids(a.input, model.config().vocab_size);
   ForwardOptions o;
   o.hidden_states = a.hidden;
   o.routing = a.routing;
   o.mtp_depth = a.mtp_depth;
   const auto t0 = std::chrono::steady_clock::now();
-  ForwardResult r = model->forward(ids64, o);
+  ForwardResult r = model.forward(ids64, o);
   const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   std::vector<std::pair<std::string, Tensor>> out{{"logits", r.logits}};
   for (size_t k = 0; k < r.mtp_logits.size(); ++k)
@@ -49,6 +50,7 @@ void add_forward(CLI::App& app, Command& run) {
   sub->add_option("--output", a->output, "safetensors file to write: logits [B,T,V], mtp_logits [B,T-1,V]")->required();
   sub->add_flag("--hidden-states", a->hidden, "Also write hidden_states.{i} and final_hidden");
   sub->add_flag("--routing", a->routing, "Also write routing.{layer}.experts (chosen experts, sorted)");
+  add_device_options(sub, *a);
   sub->add_option("--mtp-depth", a->mtp_depth, "MTP modules to run (default: all in the checkpoint; 0: none)");
   sub->callback([a, &run] { run = [a] { return run_forward(*a); }; });
 }

@@ -80,9 +80,9 @@ int run_generate(GenerateArgs& a) {
     }
     DSV3_CHECK(!prompts.empty(), "{}: no prompts", a.prompts_file);
   }
-  auto model = Transformer::load(a.model);
-  GenerateOptions o = generate_options(a, *model, tok ? &*tok : nullptr);
-  Generator gen(*model);
+  const LoadedModel model = LoadedModel::load(a.model, a);
+  GenerateOptions o = generate_options(a, model.config(), tok ? &*tok : nullptr);
+  Generator gen(model.stepper());
   const bool stream = prompts.size() == 1 && tok;
   std::vector<std::string> texts(prompts.size());
   std::vector<std::optional<StreamDecoder>> decs(prompts.size());

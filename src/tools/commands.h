@@ -17,5 +17,6 @@ void add_tokenize(CLI::App& app, Command& run);
 void add_train(CLI::App& app, Command& run);
 void add_tokenizer(CLI::App& app, Command& run);
 void add_data(CLI::App& app, Command& run);
+void add_init(CLI::App& app, Command& run);
 
 }  // namespace dsv3::cli

@@ -24,6 +24,7 @@ int main(int argc, char** argv) {
   dsv3::cli::add_train(app, run);
   dsv3::cli::add_tokenizer(app, run);
   dsv3::cli::add_data(app, run);
+  dsv3::cli::add_init(app, run);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

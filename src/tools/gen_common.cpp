@@ -23,6 +23,7 @@ void add_generation_options(CLI::App* sub, GenArgs& a, int64_t default_max_new) 
   sub->add_option("--draft", a.draft, "Tokens drafted per step with --speculative")->check(CLI::PositiveNumber);
   sub->add_option("--stop", a.stop, "Stop when this text appears (repeatable)");
   sub->add_flag("--ignore-eos", a.ignore_eos, "Keep going past the end-of-sentence token");
+  add_device_options(sub, a);
 }
 
 std::optional<Tokenizer> find_tokenizer(const GenArgs& a, bool required) {
@@ -37,15 +38,15 @@ std::optional<Tokenizer> find_tokenizer(const GenArgs& a, bool required) {
   return Tokenizer::load(path);
 }
 
-GenerateOptions generate_options(const GenArgs& a, const Transformer& m, const Tokenizer* tok) {
+GenerateOptions generate_options(const GenArgs& a, const ModelConfig& cfg, const Tokenizer* tok) {
   GenerateOptions o;
   o.max_new_tokens = a.max_new_tokens;
   o.sampling = a.sampling;
   o.speculative = a.speculative == "mtp";
   o.draft = a.draft;
   if (!a.ignore_eos) {
-    if (m.config().eos_token_id) o.stop_tokens.push_back(*m.config().eos_token_id);
-    if (tok && tok->eos_id() && !m.config().eos_token_id) o.stop_tokens.push_back(*tok->eos_id());
+    if (cfg.eos_token_id) o.stop_tokens.push_back(*cfg.eos_token_id);
+    if (tok && tok->eos_id() && !cfg.eos_token_id) o.stop_tokens.push_back(*tok->eos_id());
   }
   return o;
 }

@@ -9,10 +9,11 @@
 
 #include "infer/generator.h"
 #include "tokenizer/tokenizer.h"
+#include "tools/device_opts.h"
 
 namespace dsv3::cli {
 
-struct GenArgs {
+struct GenArgs : DeviceArgs {
   std::string model, tokenizer;
   int64_t max_new_tokens = 64;
   SamplingParams sampling;
@@ -25,7 +26,7 @@ struct GenArgs {
 void add_generation_options(CLI::App* sub, GenArgs& a, int64_t default_max_new);
 // tokenizer.json from --tokenizer, else the model folder; nullopt when absent and not required.
 std::optional<Tokenizer> find_tokenizer(const GenArgs& a, bool required);
-GenerateOptions generate_options(const GenArgs& a, const Transformer& m, const Tokenizer* tok);
+GenerateOptions generate_options(const GenArgs& a, const ModelConfig& m, const Tokenizer* tok);
 void report_speed(const GenerateStats& s);
 
 // Holds back streamed text that could still become a stop string; once one appears, everything from it on

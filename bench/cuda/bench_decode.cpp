@@ -1,0 +1,161 @@
+// End-to-end GPU inference benchmark of the CUDA model on a random-weight checkpoint:
+//   bench_cuda_decode --config CONFIG.json [--dir DIR] [--fp8] [--dtype bf16|fp32] [--tokens N] [--batch B]
+//                     [--prefill T] [--context C] [--no-graphs]
+// Writes the checkpoint to DIR first when DIR has none (dsv3::write_random_checkpoint). Prints one table:
+// the device-to-device copy bandwidth measured in the same run, batch-1 decode tokens/s next to its bound
+// (bytes of weights one decode step reads ÷ that bandwidth), batch-B decode throughput, and prefill of T tokens
+// (the Generator's cached prefill, and the uncached forward without copying its logits to the host).
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include "infer/cuda_model.h"
+#include "kernels/cuda/cuda_ops.h"
+#include "model/init.h"
+
+using namespace dsv3;
+
+namespace {
+using clk = std::chrono::steady_clock;
+double since(clk::time_point t) { return std::chrono::duration<double>(clk::now() - t).count(); }
+
+double copy_bandwidth() {
+  const size_t bytes = size_t(1) << 30;
+  cuda::DeviceBuffer<uint8_t> a(bytes), b(bytes);
+  cuda::memset_device(a.get(), 1, bytes);
+  cuda::EventTimer t;
+  std::vector<float> ms;
+  for (int i = 0; i < 12; ++i) {
+    t.start();
+    cuda::copy_on_device(b.get(), a.get(), bytes);
+    ms.push_back(t.stop_ms());
+  }
+  std::sort(ms.begin(), ms.end());
+  return 2.0 * double(bytes) / (double(ms[ms.size() / 2]) * 1e-3);  // read + write
+}
+
+int64_t argmax(const float* x, int64_t V) { return int64_t(std::max_element(x, x + V) - x); }
+
+// Decode `steps` tokens for B sequences after a prompt of P tokens each; returns tokens/s of the decode part.
+double decode_rate(const CudaModel& m, int64_t B, int64_t P, int64_t steps, int64_t* graph_replays) {
+  const int64_t V = m.config().vocab_size;
+  auto cache = m.make_cache(B, P + steps + 1);
+  std::vector<int64_t> toks;
+  std::vector<Batch::Seq> seqs;
+  for (int64_t b = 0; b < B; ++b) {
+    seqs.push_back({b, 0, P});
+    for (int64_t i = 0; i < P; ++i) toks.push_back((b * 131 + i * 7 + 3) % V);
+  }
+  auto st = m.step(toks, Batch::cached(seqs), *cache);
+  std::vector<int64_t> last(static_cast<size_t>(B));
+  for (int64_t b = 0; b < B; ++b) last[size_t(b)] = argmax(st.logits.f32() + b * V, V);
+  const int64_t warm = 3;
+  const int64_t r0 = m.graph_replays();
+  clk::time_point t0;
+  for (int64_t s = 0; s < steps; ++s) {
+    if (s == warm) t0 = clk::now();
+    seqs.clear();
+    for (int64_t b = 0; b < B; ++b) seqs.push_back({b, P + s, 1});
+    st = m.step(last, Batch::cached(seqs), *cache);
+    for (int64_t b = 0; b < B; ++b) last[size_t(b)] = argmax(st.logits.f32() + b * V, V);
+  }
+  *graph_replays = m.graph_replays() - r0;
+  return double(B * (steps - warm)) / since(t0);
+}
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string config, dir = "/tmp/dsv3-bench-ckpt", dtype = "bf16";
+  bool fp8 = false, graphs = true;
+  int64_t tokens = 256, batch = 64, prefill = 4096, context = 64;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    auto next = [&]() -> std::string {
+      if (i + 1 >= argc) {
+        std::fprintf(stderr, "%s needs a value\n", a.c_str());
+        std::exit(2);
+      }
+      return argv[++i];
+    };
+    if (a == "--config") config = next();
+    else if (a == "--dir") dir = next();
+    else if (a == "--fp8") fp8 = true;
+    else if (a == "--dtype") dtype = next();
+    else if (a == "--tokens") tokens = std::stoll(next());
+    else if (a == "--batch") batch = std::stoll(next());
+    else if (a == "--prefill") prefill = std::stoll(next());
+    else if (a == "--context") context = std::stoll(next());
+    else if (a == "--no-graphs") graphs = false;
+    else {
+      std::fprintf(stderr, "unknown argument %s\n", a.c_str());
+      return 2;
+    }
+  }
+  try {
+    if (!std::filesystem::exists(std::filesystem::path(dir) / "config.json")) {
+      if (config.empty()) throw Error("--config is needed to write a random checkpoint into " + dir);
+      const auto t0 = clk::now();
+      InitOptions o;
+      o.fp8 = fp8;
+      o.seed = 1;
+      ModelConfig c = ModelConfig::load(config);
+      if (fp8) c.quant.fp8 = true;
+      write_random_checkpoint(c, dir, o);
+      std::fprintf(stderr, "wrote a random checkpoint to %s in %.1f s\n", dir.c_str(), since(t0));
+    }
+    auto host = Transformer::load(dir);
+    CudaModelOptions o;
+    o.dtype = dtype == "fp32" ? DType::F32 : DType::BF16;
+    o.graphs = graphs;
+    o.verbose = true;
+    auto m = CudaModel::load(*host, o);
+    const cuda::DeviceInfo d = cuda::device_info();
+    const double bw = copy_bandwidth();
+    const double bytes = double(m->decode_bytes_per_token());
+    const double bound = bw / bytes;
+    int64_t rep1 = 0, repB = 0;
+    const double r1 = decode_rate(*m, 1, context, tokens, &rep1);
+    const double rB = batch > 1 ? decode_rate(*m, batch, context, std::min<int64_t>(tokens, 64), &repB) : 0.0;
+
+    // Prefill: the Generator's cached prefill of one prompt (last row's logits only), then the uncached forward.
+    const int64_t V = m->config().vocab_size;
+    std::vector<int64_t> prompt(static_cast<size_t>(prefill));
+    for (int64_t i = 0; i < prefill; ++i) prompt[size_t(i)] = (i * 7919 + 11) % V;
+    double pre = 0, fwd = 0;
+    for (int rep = 0; rep < 3; ++rep) {
+      auto cache = m->make_cache(1, prefill);
+      const auto t0 = clk::now();
+      m->step(prompt, Batch::cached({{0, 0, prefill}}), *cache);
+      const double t = since(t0);
+      if (rep > 0) pre = pre == 0 ? t : std::min(pre, t);
+    }
+    for (int rep = 0; rep < 2; ++rep) {
+      ForwardOptions fo;
+      fo.mtp_depth = 0;
+      const auto t0 = clk::now();
+      m->forward(Tensor::from_vector(prompt, {1, prefill}), fo);
+      const double t = since(t0);
+      if (rep > 0) fwd = t;
+    }
+    std::printf("device: %s | weights %.3f GiB (%s%s) | decode reads %.1f MB/token\n", d.name.c_str(),
+                double(m->weight_bytes()) / double(1ull << 30), dtype.c_str(), fp8 ? ", fp8 checkpoint" : "", bytes / 1e6);
+    std::printf("| what | value |\n| --- | ---: |\n");
+    std::printf("| d2d copy bandwidth (read+write) | %.1f GB/s |\n", bw / 1e9);
+    std::printf("| batch-1 decode bound (copy bw / bytes per token) | %.0f tokens/s |\n", bound);
+    std::printf("| batch-1 decode (context %lld, %lld tokens, %lld graph replays) | %.1f tokens/s (%.1f%% of bound, %.3f ms/token) |\n",
+                (long long)context, (long long)tokens, (long long)rep1, r1, 100.0 * r1 / bound, 1e3 / r1);
+    if (batch > 1)
+      std::printf("| batch-%lld decode (%lld graph replays) | %.1f tokens/s |\n", (long long)batch, (long long)repB, rB);
+    std::printf("| prefill T=%lld, cached step (generator path) | %.1f tokens/s (%.1f ms) |\n", (long long)prefill,
+                double(prefill) / pre, pre * 1e3);
+    std::printf("| prefill T=%lld, uncached forward incl. logits to host | %.1f tokens/s (%.1f ms) |\n", (long long)prefill,
+                double(prefill) / fwd, fwd * 1e3);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "error: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}

@@ -1,0 +1,961 @@
+// The model on one CUDA GPU; see cuda_model.h. Host code: it calls the kernel library (cuda_ops.h, infer_ops.h,
+// moe_ops.h) only, and needs no CUDA headers.
+#ifdef DSV3_HAVE_CUDA
+#include "infer/cuda_model.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <map>
+#include <optional>
+#include <tuple>
+
+#include "kernels/cuda/cuda_ops.h"
+#include "kernels/cuda/infer_ops.h"
+#include "kernels/cuda/moe_ops.h"
+#include "model/loader.h"
+#include "model/rope.h"
+
+namespace dsv3 {
+
+namespace {
+template <class T>
+using DBuf = cuda::DeviceBuffer<T>;
+constexpr int64_t kBlock = 64;  // latent cache rows per block (FlashMLA's block size)
+
+std::string gib(double bytes) { return fmt::format("{:.2f} GiB", bytes / double(1ull << 30)); }
+
+// A linear layer on the device. BF16/F32 weights [N, K]; F8_E4M3 with the checkpoint's 128x128 block scales.
+// `split` > 0 (FP8 only): two weights of `split` rows each stacked (gate | up), each with its own scale rows.
+struct Lin {
+  DType type = DType::BF16;
+  DBuf<uint8_t> w;
+  DBuf<float> scale;
+  int64_t N = 0, K = 0, split = 0;
+  int64_t bytes() const { return int64_t(w.bytes() + scale.bytes()); }
+};
+
+struct MlpW {
+  Lin gu, down;  // gu: gate | up, [2I, D]
+  int64_t I = 0;
+  int64_t bytes() const { return gu.bytes() + down.bytes(); }
+};
+
+struct AttnW {
+  bool lora = false;
+  Lin q_a, q_b, q, kv_a, kv_b, o;
+  DBuf<float> q_a_ln, kv_a_ln;
+  DBuf<uint8_t> wkv_own;    // kv_b in the compute dtype when kv_b itself is FP8
+  const void* wkv = nullptr;  // [H·(dn+dv), kvr] compute dtype: W_UK_h = rows h·hd.., used by the absorbed queries
+  DBuf<uint8_t> wuv_t;      // [H, kvr, dv] compute dtype: W_UV_hᵀ
+  int64_t bytes() const {
+    return q_a.bytes() + q_b.bytes() + q.bytes() + kv_a.bytes() + kv_b.bytes() + o.bytes() + int64_t(q_a_ln.bytes()) +
+           int64_t(kv_a_ln.bytes());
+  }
+};
+
+struct MoeW {
+  Lin gate;  // router, always F32
+  DBuf<float> bias;
+  bool has_bias = false;
+  std::vector<MlpW> experts;
+  std::optional<MlpW> shared;
+  cuda::MoeExperts table;  // device pointer tables for moe_decode / moe_prefill (BF16 and FP8 only)
+  bool use_table = false;
+};
+
+struct LayerW {
+  int64_t cache_layer = 0;  // index into the latent cache's layers
+  DBuf<float> ln1, ln2;
+  AttnW attn;
+  std::optional<MlpW> mlp;
+  std::optional<MoeW> moe;
+};
+
+struct MtpW {
+  DBuf<float> enorm, hnorm, head_norm;
+  Lin eh;
+  LayerW layer;
+  DBuf<uint8_t> embed_own;
+  std::optional<Lin> head_own;
+  const void* embed = nullptr;
+  const Lin* head = nullptr;
+};
+
+// Grow-only scratch buffers by slot. A grown buffer moves: graphs captured before are invalid (grows counts).
+struct Arena {
+  std::vector<DBuf<uint8_t>> b;
+  int64_t grows = 0;
+  void* get(size_t i, size_t bytes) {
+    if (b.size() <= i) b.resize(i + 1);
+    if (b[i].bytes() < bytes) {
+      b[i] = DBuf<uint8_t>(std::max<size_t>(bytes + bytes / 4, 256));
+      ++grows;
+    }
+    return b[i].get();
+  }
+  template <class T>
+  T* as(size_t i, int64_t n) {
+    return static_cast<T*>(get(i, size_t(std::max<int64_t>(n, 1)) * sizeof(T)));
+  }
+};
+enum Slot : size_t {
+  S_META, S_H, S_XACT, S_QA, S_QAN, S_Q, S_KVA, S_CN, S_KV, S_K, S_O, S_OACT, S_ATT, S_QC, S_OL, S_AWS, S_X2, S_FFN, S_GU,
+  S_A, S_LOGIT, S_IDX, S_W, S_SLOTS, S_PERM, S_XG, S_YE, S_MOEWS, S_FINAL, S_ROWS, S_ROWSACT, S_MTPCAT, S_EMB, S_HPREV, S_ERR, S_CNA,
+  S_COUNT
+};
+
+// One execution context: a cuBLASLt handle and the scratch it and the kernels use. Decode steps that are
+// captured as graphs have their own, so that a larger prefill never moves memory a graph points to.
+struct Exec {
+  cuda::Gemm gemm;
+  Arena arena;
+};
+
+}  // namespace
+
+// The paged latent cache: per layer [slots · max_blocks blocks of 64 rows, W] in the compute dtype; slot s owns
+// blocks s·max_blocks .. s·max_blocks + max_blocks - 1 (the block table is built per step, FlashMLA's layout).
+struct CudaCache final : StepCache {
+  int64_t slots = 0, max_tokens = 0, max_blocks = 0, layers = 0, W = 0;
+  DType type = DType::BF16;
+  DBuf<uint8_t> pool;
+  size_t layer_bytes() const { return size_t(slots * max_blocks * kBlock * W) * dtype_size(type); }
+  void* layer(int64_t l) const { return pool.get() + size_t(l) * layer_bytes(); }
+};
+
+// Where the rows of one pass sit (device metadata) and how attention runs over them.
+struct RowsInfo {
+  int64_t M = 0;
+  bool cached = false;
+  int64_t B = 1, T = 1;  // expanded form
+  const int64_t* ids = nullptr;  // device, M (int64)
+  const int64_t* pos64 = nullptr;
+  const int32_t* pos32 = nullptr;
+  const int32_t* dst_rows = nullptr;  // latent pool row of each new token
+  const int32_t* table = nullptr;     // block table rows of the sequences, max_blocks each
+  const CudaCache* cache = nullptr;
+  bool fresh = false;  // cached, every sequence starts at 0 with the same n: attention in the expanded form (B, T)
+  struct Call {
+    int64_t batch, s_q, row0, seq0, max_len;
+  };
+  std::vector<Call> calls;
+  std::vector<int32_t>* routing = nullptr;  // when set: the chosen experts [M, top_k] (host copy)
+};
+
+struct CudaModel::Impl {
+  ModelConfig cfg;
+  CudaModelOptions opt;
+  DType act = DType::BF16;  // GEMM input dtype (= compute dtype)
+  int64_t H = 0, dn = 0, dr = 0, dv = 0, kvr = 0, D = 0, V = 0, W = 0, hd = 0, dqk = 0;
+  float eps = 1e-6f, scale = 1.0f;
+  cuda::RouterConfig router;
+  cuda::Stream stream;
+  mutable Exec main, dec;
+  DBuf<uint8_t> embed;
+  Lin head;
+  DBuf<float> norm, rope_table;
+  std::vector<LayerW> layers;
+  std::vector<MtpW> mtp;
+  int64_t weight_bytes = 0, decode_bytes = 0;
+  // Decode graphs: key (batch, context bucket, cache pool); only graphs captured after the last eager use of
+  // `dec` are valid.
+  mutable std::map<std::tuple<int64_t, int64_t, const void*>, std::unique_ptr<cuda::Graph>> graphs;
+  mutable int64_t dec_grows_at_capture = -1;
+  mutable int64_t replays = 0;
+
+  cudaStream_t s() const { return stream.get(); }
+
+  // ---------------------------------------------------------------------------------------------------
+  // Loading
+  // ---------------------------------------------------------------------------------------------------
+  struct Loader {
+    Impl& m;
+    const io::Checkpoint& ck;
+    WeightLoader wl;
+    Loader(Impl& im, const io::Checkpoint& c) : m(im), ck(c), wl(c, im.cfg) {}
+
+    bool native_fp8(const ops::Weight& w) const { return w.scale_inv.defined() && m.act == DType::BF16 && m.opt.fp8_native; }
+    // Rows of w converted to `to` (BF16/F32) into device memory at dst, in chunks (never the whole model in f32).
+    void upload_rows(const ops::Weight& w, DType to, uint8_t* dst) const {
+      const int64_t N = w.rows(), K = w.cols();
+      if (w.w.dtype() == to && !w.scale_inv.defined() && w.w.is_contiguous()) {
+        cuda::copy_to_device(dst, w.w.raw(), w.w.nbytes());
+        return;
+      }
+      const int64_t R = std::max<int64_t>(1, (int64_t(1) << 22) / std::max<int64_t>(K, 1));
+      std::vector<float> f(size_t(std::min(R, N) * K));
+      std::vector<uint16_t> b(to == DType::BF16 ? f.size() : 0);
+      for (int64_t r0 = 0; r0 < N; r0 += R) {
+        const int64_t r1 = std::min(N, r0 + R), n = (r1 - r0) * K;
+        w.dequant_rows(r0, r1, f.data());
+        if (to == DType::F32) {
+          cuda::copy_to_device(dst + size_t(r0 * K) * 4, f.data(), size_t(n) * 4);
+        } else {
+          for (int64_t i = 0; i < n; ++i) b[size_t(i)] = f32_to_bf16(f[size_t(i)]);
+          cuda::copy_to_device(dst + size_t(r0 * K) * 2, b.data(), size_t(n) * 2);
+        }
+      }
+    }
+    // One or more weights stacked by rows into one Lin (all FP8 natively, or all in `to`).
+    Lin stacked(const std::vector<ops::Weight>& ws, std::optional<DType> force = std::nullopt) {
+      Lin L;
+      L.K = ws[0].cols();
+      for (const auto& w : ws) L.N += w.rows();
+      const bool fp8 = !force && native_fp8(ws[0]);
+      if (fp8) {
+        DSV3_CHECK(ws[0].block_n == 128 && ws[0].block_k == 128, "FP8 weights on the GPU need 128x128 scale blocks, '{}' has {}x{}",
+                   ws[0].name, ws[0].block_n, ws[0].block_k);
+        DSV3_CHECK(ws.size() <= 2, "internal error: more than two FP8 weights stacked");
+        L.type = DType::F8_E4M3;
+        if (ws.size() == 2) L.split = ws[0].rows();
+        int64_t sc = 0;
+        for (const auto& w : ws) sc += w.scale_inv.numel();
+        L.w = DBuf<uint8_t>(size_t(L.N * L.K));
+        L.scale = DBuf<float>(size_t(sc));
+        int64_t off = 0, soff = 0;
+        for (const auto& w : ws) {
+          DSV3_CHECK(w.w.dtype() == DType::F8_E4M3, "'{}': only e4m3 FP8 weights run on the GPU", w.name);
+          cuda::copy_to_device(L.w.get() + off, w.w.raw(), w.w.nbytes());
+          cuda::copy_to_device(L.scale.get() + soff, w.scale_inv.contiguous().raw(), w.scale_inv.nbytes());
+          off += int64_t(w.w.nbytes());
+          soff += w.scale_inv.numel();
+        }
+      } else {
+        L.type = force ? *force : m.act;
+        L.w = DBuf<uint8_t>(size_t(L.N * L.K) * dtype_size(L.type));
+        int64_t off = 0;
+        for (const auto& w : ws) {
+          upload_rows(w, L.type, L.w.get() + off);
+          off += w.rows() * L.K * int64_t(dtype_size(L.type));
+        }
+      }
+      m.weight_bytes += L.bytes();
+      return L;
+    }
+    Lin lin(const std::string& name, int64_t n, int64_t k, std::optional<DType> force = std::nullopt) {
+      return stacked({wl.linear(name, n, k)}, force);
+    }
+    DBuf<float> vec(const std::string& name, int64_t n) {
+      Tensor t = wl.tensor(name, {n}).to(DType::F32);
+      DBuf<float> d(static_cast<size_t>(n));
+      cuda::copy_to_device(d.get(), t.raw(), t.nbytes());
+      m.weight_bytes += int64_t(d.bytes());
+      return d;
+    }
+    DBuf<uint8_t> table(const std::string& name) {
+      Tensor t = wl.tensor(name, {m.V, m.D});
+      DBuf<uint8_t> d(size_t(m.V * m.D) * dtype_size(m.act));
+      ops::Weight w;
+      w.w = t;
+      upload_rows(w, m.act, d.get());
+      m.weight_bytes += int64_t(d.bytes());
+      return d;
+    }
+    MlpW mlp(const std::string& p, int64_t I) {
+      MlpW r;
+      r.I = I;
+      r.gu = stacked({wl.linear(p + "gate_proj.weight", I, m.D), wl.linear(p + "up_proj.weight", I, m.D)});
+      r.down = lin(p + "down_proj.weight", m.D, I);
+      return r;
+    }
+    void attn(AttnW& a, const std::string& p) {
+      const ModelConfig& c = m.cfg;
+      a.lora = c.q_lora_rank > 0;
+      if (a.lora) {
+        a.q_a = lin(p + "q_a_proj.weight", c.q_lora_rank, m.D);
+        a.q_a_ln = vec(p + "q_a_layernorm.weight", c.q_lora_rank);
+        a.q_b = lin(p + "q_b_proj.weight", m.H * m.dqk, c.q_lora_rank);
+      } else {
+        a.q = lin(p + "q_proj.weight", m.H * m.dqk, m.D);
+      }
+      a.kv_a = lin(p + "kv_a_proj_with_mqa.weight", m.kvr + m.dr, m.D);
+      a.kv_a_ln = vec(p + "kv_a_layernorm.weight", m.kvr);
+      const ops::Weight kvb = wl.linear(p + "kv_b_proj.weight", m.H * m.hd, m.kvr);
+      a.kv_b = stacked({kvb});
+      // The absorbed form's weights in the compute dtype: W_UK in place (rows of kv_b), W_UV transposed per head.
+      const Tensor f = kvb.to_f32();
+      const size_t es = dtype_size(m.act);
+      if (a.kv_b.type == m.act) {
+        a.wkv = a.kv_b.w.get();
+      } else {
+        a.wkv_own = DBuf<uint8_t>(size_t(m.H * m.hd * m.kvr) * es);
+        ops::Weight t;
+        t.w = f;
+        upload_rows(t, m.act, a.wkv_own.get());
+        a.wkv = a.wkv_own.get();
+      }
+      Tensor uv = Tensor::empty(DType::F32, {m.H * m.kvr, m.dv});
+      for (int64_t h = 0; h < m.H; ++h)
+        for (int64_t v = 0; v < m.dv; ++v)
+          for (int64_t j = 0; j < m.kvr; ++j) uv.f32()[(h * m.kvr + j) * m.dv + v] = f.f32()[(h * m.hd + m.dn + v) * m.kvr + j];
+      a.wuv_t = DBuf<uint8_t>(size_t(m.H * m.kvr * m.dv) * es);
+      ops::Weight t;
+      t.w = uv;
+      upload_rows(t, m.act, a.wuv_t.get());
+      a.o = lin(p + "o_proj.weight", m.D, m.H * m.dv);
+    }
+    void layer(LayerW& L, const std::string& p, int64_t index) {
+      const ModelConfig& c = m.cfg;
+      L.cache_layer = index;
+      L.ln1 = vec(p + "input_layernorm.weight", m.D);
+      L.ln2 = vec(p + "post_attention_layernorm.weight", m.D);
+      attn(L.attn, p + "self_attn.");
+      if (!c.is_moe_layer(index)) {
+        L.mlp = mlp(p + "mlp.", c.intermediate_size);
+        return;
+      }
+      MoeW& e = L.moe.emplace();
+      e.gate = lin(p + "mlp.gate.weight", c.n_routed_experts, m.D, DType::F32);
+      if (wl.has(p + "mlp.gate.e_score_correction_bias")) {
+        e.bias = vec(p + "mlp.gate.e_score_correction_bias", c.n_routed_experts);
+        e.has_bias = true;
+      }
+      for (int64_t x = 0; x < c.n_routed_experts; ++x)
+        e.experts.push_back(mlp(p + "mlp.experts." + std::to_string(x) + ".", c.moe_intermediate_size));
+      if (c.n_shared_experts > 0) e.shared = mlp(p + "mlp.shared_experts.", c.n_shared_experts * c.moe_intermediate_size);
+      const Lin& g0 = e.experts[0].gu;
+      e.use_table = g0.type == DType::BF16 || g0.type == DType::F8_E4M3;
+      if (e.use_table) {
+        std::vector<const void*> gu, dn;
+        std::vector<const float*> gus, dns;
+        for (const MlpW& x : e.experts) {
+          gu.push_back(x.gu.w.get());
+          dn.push_back(x.down.w.get());
+          if (g0.type == DType::F8_E4M3) {
+            gus.push_back(x.gu.scale.get());
+            dns.push_back(x.down.scale.get());
+          }
+        }
+        e.table = cuda::MoeExperts(c.n_routed_experts, m.D, c.moe_intermediate_size, g0.type, gu, dn, gus, dns);
+      }
+    }
+  };
+
+  void load(const Transformer& host) {
+    const ModelConfig& c = cfg;
+    H = c.num_attention_heads, dn = c.qk_nope_head_dim, dr = c.qk_rope_head_dim, dv = c.v_head_dim, kvr = c.kv_lora_rank;
+    D = c.hidden_size, V = c.vocab_size, W = kvr + dr, hd = dn + dv, dqk = dn + dr;
+    eps = float(c.rms_norm_eps);
+    scale = attention_softmax_scale(c);
+    router = {int(c.n_group), int(c.topk_group), int(c.num_experts_per_tok), c.norm_topk_prob, float(c.routed_scaling_factor)};
+    DSV3_CHECK(opt.dtype == DType::BF16 || opt.dtype == DType::F32, "--dtype must be bf16 or fp32, not {}", dtype_name(opt.dtype));
+    act = opt.dtype;
+
+    // Refuse early when the weights cannot fit (the checkpoint's bytes, scaled to the compute dtype).
+    const io::Checkpoint& ck = host.checkpoint();
+    double need = 0;
+    for (const std::string& n : ck.names()) {
+      const io::TensorInfo& i = ck.info(n);
+      int64_t numel = 1;
+      for (int64_t d : i.shape) numel *= d;
+      const bool fp8w = i.dtype == DType::F8_E4M3 || i.dtype == DType::F8_E5M2;
+      need += double(numel) * double(fp8w && act == DType::BF16 && opt.fp8_native ? 1 : dtype_size(act));
+    }
+    size_t free_b = 0, total_b = 0;
+    cuda::memory_info(&free_b, &total_b);
+    DSV3_CHECK(need < double(free_b), "the model's weights do not fit on the GPU: about {} in {} needed, {} free of {}", gib(need),
+               dtype_name(act), gib(double(free_b)), gib(double(total_b)));
+
+    Loader ld(*this, ck);
+    embed = ld.table("model.embed_tokens.weight");
+    norm = ld.vec("model.norm.weight", D);
+    if (ld.wl.has("lm_head.weight") || !c.tie_word_embeddings) {
+      head = ld.lin("lm_head.weight", V, D);
+    } else {  // tied: the embedding table is the head
+      head.type = act, head.N = V, head.K = D;
+      head.w = DBuf<uint8_t>(embed.bytes());
+      cuda::copy_on_device(head.w.get(), embed.get(), embed.bytes());
+      cuda::synchronize();
+      weight_bytes += head.bytes();
+    }
+    const ops::RopeTable rt = make_rope_table(c);
+    DBuf<float> inv(rt.inv_freq.size());
+    cuda::copy_to_device(inv.get(), rt.inv_freq.data(), inv.bytes());
+    rope_table = DBuf<float>(size_t(c.max_position_embeddings * dr));
+    cuda::rope_build_table(inv.get(), dr / 2, rt.attention_factor, c.max_position_embeddings, rope_table.get());
+    cuda::synchronize();
+
+    layers.resize(static_cast<size_t>(c.num_hidden_layers));
+    for (int64_t i = 0; i < c.num_hidden_layers; ++i) ld.layer(layers[size_t(i)], "model.layers." + std::to_string(i) + ".", i);
+    mtp.resize(static_cast<size_t>(c.num_nextn_predict_layers));
+    for (int64_t k = 0; k < c.num_nextn_predict_layers; ++k) {
+      MtpW& t = mtp[size_t(k)];
+      const int64_t li = c.num_hidden_layers + k;
+      const std::string p = "model.layers." + std::to_string(li) + ".";
+      t.enorm = ld.vec(p + "enorm.weight", D);
+      t.hnorm = ld.vec(p + "hnorm.weight", D);
+      t.head_norm = ld.vec(p + "shared_head.norm.weight", D);
+      t.eh = ld.lin(p + "eh_proj.weight", D, 2 * D);
+      ld.layer(t.layer, p, li);
+      // The official layout carries copies of the embedding and head: share the main model's when identical.
+      auto same = [&](const std::string& a, const std::string& b) {
+        if (!ck.contains(a) || !ck.contains(b)) return false;
+        const Tensor x = ck.get(a), y = ck.get(b);
+        return x.dtype() == y.dtype() && x.shape() == y.shape() && std::memcmp(x.raw(), y.raw(), x.nbytes()) == 0;
+      };
+      const std::string e = p + "embed_tokens.weight", hname = p + "shared_head.head.weight";
+      if (ck.contains(e) && !same(e, "model.embed_tokens.weight")) {
+        t.embed_own = ld.table(e);
+        t.embed = t.embed_own.get();
+      } else {
+        t.embed = embed.get();
+      }
+      if (ck.contains(hname) && !same(hname, "lm_head.weight")) {
+        t.head_own = ld.lin(hname, V, D);
+        t.head = &*t.head_own;
+      } else {
+        t.head = &head;
+      }
+    }
+    cuda::synchronize();
+
+    // What one batch-1 decode step reads at least.
+    decode_bytes = head.bytes() + int64_t(norm.bytes()) + D * int64_t(dtype_size(act));
+    for (const LayerW& L : layers) {
+      decode_bytes += int64_t(L.ln1.bytes() + L.ln2.bytes()) + L.attn.bytes();
+      if (L.mlp) decode_bytes += L.mlp->bytes();
+      if (L.moe) {
+        decode_bytes += L.moe->gate.bytes() + int64_t(L.moe->bias.bytes()) + c.num_experts_per_tok * L.moe->experts[0].bytes();
+        if (L.moe->shared) decode_bytes += L.moe->shared->bytes();
+      }
+    }
+  }
+
+  // ---------------------------------------------------------------------------------------------------
+  // Building blocks
+  // ---------------------------------------------------------------------------------------------------
+  void lin(Exec& ex, const Lin& L, const void* x, int64_t ldx, float* y, int64_t ldy, int64_t M) const {
+    if (M <= 0) return;
+    if (L.type == DType::F8_E4M3) {
+      const int64_t kb = cuda::ceil_div(L.K, 128);
+      auto run = [&](const uint8_t* w, const float* sc, float* yy, int64_t N) {
+        ex.gemm.linear_fp8(act, x, ldx, w, sc, DType::F32, yy, ldy, M, N, L.K, s());
+      };
+      if (L.split) {
+        run(L.w.get(), L.scale.get(), y, L.split);
+        run(L.w.get() + L.split * L.K, L.scale.get() + cuda::ceil_div(L.split, 128) * kb, y + L.split, L.N - L.split);
+      } else {
+        run(L.w.get(), L.scale.get(), y, L.N);
+      }
+      return;
+    }
+    const DType xt = L.type == DType::F32 && act != DType::F32 ? DType::F32 : act;
+    DSV3_CHECK(xt == L.type, "internal error: {} activations for a {} weight", dtype_name(xt), dtype_name(L.type));
+    ex.gemm.matmul(L.type, x, ldx, L.w.get(), L.K, DType::F32, y, ldy, M, L.N, L.K, s());
+  }
+  // x (f32 rows) in the GEMM input dtype: x itself for F32, else a bf16 copy in `slot`.
+  const void* to_act(Exec& ex, const float* x, int64_t ldx, int64_t M, int64_t N, size_t slot, int64_t* ld) const {
+    if (act == DType::F32) {
+      *ld = ldx;
+      return x;
+    }
+    void* y = ex.arena.get(slot, size_t(M * N) * 2);
+    cuda::cast_rows(x, ldx, act, y, N, M, N, s());
+    *ld = N;
+    return y;
+  }
+
+  void mlp_fwd(Exec& ex, const MlpW& w, const void* x, int64_t ldx, int64_t M, float* y) const {
+    float* gu = ex.arena.as<float>(S_GU, M * 2 * w.I);
+    lin(ex, w.gu, x, ldx, gu, 2 * w.I, M);
+    void* a = ex.arena.get(S_A, size_t(M * w.I) * dtype_size(act));
+    cuda::silu_mul(gu, 2 * w.I, act, a, w.I, M, w.I, s());
+    lin(ex, w.down, a, w.I, y, D, M);
+  }
+
+  // Routed + shared experts of x2 (f32 [M, D]) into y.
+  void moe_fwd(Exec& ex, const MoeW& e, const float* x2, int64_t M, float* y, const RowsInfo& r, bool no_sync) const {
+    const int64_t E = cfg.n_routed_experts, K = router.top_k;
+    float* logits = ex.arena.as<float>(S_LOGIT, M * E);
+    lin(ex, e.gate, x2, D, logits, E, M);
+    int32_t* idx = ex.arena.as<int32_t>(S_IDX, M * K);
+    float* wts = ex.arena.as<float>(S_W, M * K);
+    cuda::moe_route(logits, E, M, E, e.has_bias ? e.bias.get() : nullptr, router, idx, wts, s());
+    if (e.shared) {
+      int64_t ldx = 0;
+      const void* xa = to_act(ex, x2, D, M, D, S_XACT, &ldx);
+      mlp_fwd(ex, *e.shared, xa, ldx, M, y);
+    }
+    const bool acc = e.shared.has_value();
+    if (r.routing) {
+      std::vector<int32_t> h(size_t(M * K));
+      cuda::copy_to_host(h.data(), idx, h.size() * 4, s());
+      cuda::synchronize(s());
+      r.routing->insert(r.routing->end(), h.begin(), h.end());
+    }
+    if (e.use_table && M * K <= cuda::kMoeDecodeMaxSlots && M <= 64) {
+      const size_t wsb = cuda::moe_decode_workspace_bytes(M, K, E, e.table.I);
+      void* ws = ex.arena.get(S_MOEWS, wsb);
+      cuda::moe_decode(e.table, x2, D, idx, wts, M, K, y, D, acc, ws, wsb, s());
+      return;
+    }
+    DSV3_CHECK(!no_sync, "internal error: a captured step needs the host-synchronising MoE path");
+    if (e.use_table) {
+      const size_t wsb = cuda::moe_prefill_workspace_bytes(M, K, E, D, e.table.I);
+      void* ws = ex.arena.get(S_MOEWS, wsb);
+      cuda::moe_prefill(ex.gemm, e.table, x2, D, idx, wts, M, K, y, D, acc, ws, wsb, s());
+      return;
+    }
+    // F32 experts: group the slots by expert on the host, then per-expert cuBLASLt GEMMs.
+    std::vector<int32_t> hidx(size_t(M * K));
+    cuda::copy_to_host(hidx.data(), idx, hidx.size() * 4, s());
+    cuda::synchronize(s());
+    std::vector<std::vector<int32_t>> by(static_cast<size_t>(E));
+    for (int64_t sl = 0; sl < M * K; ++sl) by[size_t(hidx[size_t(sl)])].push_back(int32_t(sl));
+    std::vector<int32_t> perm;  // [src token rows | dst slots]
+    std::vector<int64_t> off{0};
+    for (int64_t x = 0; x < E; ++x) {
+      for (int32_t sl : by[size_t(x)]) perm.push_back(int32_t(sl / K));
+      off.push_back(int64_t(perm.size()));
+    }
+    const int64_t n = int64_t(perm.size());
+    for (int64_t x = 0; x < E; ++x)
+      for (int32_t sl : by[size_t(x)]) perm.push_back(sl);
+    int32_t* dperm = ex.arena.as<int32_t>(S_PERM, 2 * n);
+    cuda::copy_to_device(dperm, perm.data(), perm.size() * 4, s());
+    void* xg = ex.arena.get(S_XG, size_t(n * D) * dtype_size(act));
+    cuda::gather_rows(x2, D, dperm, n, D, act, xg, D, s());
+    const int64_t I = cfg.moe_intermediate_size;
+    float* gu = ex.arena.as<float>(S_GU, n * 2 * I);
+    for (int64_t x = 0; x < E; ++x)
+      if (off[size_t(x) + 1] > off[size_t(x)])
+        lin(ex, e.experts[size_t(x)].gu, static_cast<uint8_t*>(xg) + size_t(off[size_t(x)] * D) * dtype_size(act), D,
+            gu + off[size_t(x)] * 2 * I, 2 * I, off[size_t(x) + 1] - off[size_t(x)]);
+    void* a = ex.arena.get(S_A, size_t(n * I) * dtype_size(act));
+    cuda::silu_mul(gu, 2 * I, act, a, I, n, I, s());
+    float* ye = ex.arena.as<float>(S_YE, n * D);
+    for (int64_t x = 0; x < E; ++x)
+      if (off[size_t(x) + 1] > off[size_t(x)])
+        lin(ex, e.experts[size_t(x)].down, static_cast<uint8_t*>(a) + size_t(off[size_t(x)] * I) * dtype_size(act), I,
+            ye + off[size_t(x)] * D, D, off[size_t(x) + 1] - off[size_t(x)]);
+    float* slots = ex.arena.as<float>(S_SLOTS, M * K * D);
+    cuda::scatter_rows(ye, D, dperm + n, n, D, slots, D, s());
+    cuda::moe_combine(slots, idx, wts, M, K, D, y, D, acc, s());
+  }
+
+  // MLA of the normed input x (GEMM dtype, [M, D]) into out (f32 [M, D]).
+  void mla_fwd(Exec& ex, const AttnW& a, int64_t cache_layer, const void* x, int64_t ldx, const RowsInfo& r, float* out) const {
+    const int64_t M = r.M;
+    float* q = ex.arena.as<float>(S_Q, M * H * dqk);
+    if (a.lora) {
+      const int64_t qr = a.q_a.N;
+      float* qa = ex.arena.as<float>(S_QA, M * qr);
+      lin(ex, a.q_a, x, ldx, qa, qr, M);
+      void* qan = ex.arena.get(S_QAN, size_t(M * qr) * dtype_size(act));
+      cuda::rmsnorm_to(qa, qr, a.q_a_ln.get(), eps, act, qan, qr, M, qr, s());
+      lin(ex, a.q_b, qan, qr, q, H * dqk, M);
+    } else {
+      lin(ex, a.q, x, ldx, q, H * dqk, M);
+    }
+    float* kva = ex.arena.as<float>(S_KVA, M * W);
+    lin(ex, a.kv_a, x, ldx, kva, W, M);
+    cuda::rope(q + dn, H * dqk, dqk, M, H, dr, r.pos64, rope_table.get(), s());
+    cuda::rope(kva + kvr, W, 0, M, 1, dr, r.pos64, rope_table.get(), s());
+    float* o = ex.arena.as<float>(S_O, M * H * dv);
+    float* cnf = nullptr;
+    void* pool = nullptr;
+    if (r.cached) {  // append [kv_a_layernorm(c_kv) | roped k_rope] of the new tokens to the latent cache
+      cnf = ex.arena.as<float>(S_CN, M * kvr);
+      cuda::rmsnorm_to(kva, W, a.kv_a_ln.get(), eps, DType::F32, cnf, kvr, M, kvr, s());
+      pool = r.cache->layer(cache_layer);
+      cuda::latent_append(cnf, kvr, kvr, kva + kvr, W, dr, r.dst_rows, M, r.cache->type, pool, s());
+    }
+    if (!r.cached || r.fresh) {  // expanded: keys and values per head, causal prefill kernel
+      void* cn = cnf;
+      if (!cn || act != DType::F32) {
+        cn = ex.arena.get(S_CNA, size_t(M * kvr) * dtype_size(act));
+        cuda::rmsnorm_to(kva, W, a.kv_a_ln.get(), eps, act, cn, kvr, M, kvr, s());
+      }
+      float* kv = ex.arena.as<float>(S_KV, M * H * hd);
+      lin(ex, a.kv_b, cn, kvr, kv, H * hd, M);
+      float* k = ex.arena.as<float>(S_K, M * H * dqk);
+      cuda::mla_expand_k(kv, H, dn, dv, kva + kvr, W, dr, k, M, s());
+      const int64_t T = r.T;
+      cuda::attention_causal(q, {T * H * dqk, H * dqk, dqk}, k, {T * H * dqk, H * dqk, dqk}, kv + dn, {T * H * hd, H * hd, hd}, o,
+                             {T * H * dv, H * dv, dv}, r.B, T, H, dqk, dv, scale, s());
+    } else {  // absorbed: queries folded into the latent space, paged decode kernel over the cache
+      const CudaCache& c = *r.cache;
+      float* qc = ex.arena.as<float>(S_QC, M * H * W);
+      cuda::head_matmul(q, H * dqk, dqk, dn, act, a.wkv, hd * kvr, kvr, kvr, qc, H * W, W, M, H, s());
+      cuda::copy_heads(q + dn, H * dqk, dqk, qc + kvr, H * W, W, M, H, dr, s());
+      float* ol = ex.arena.as<float>(S_OL, M * H * kvr);
+      for (const RowsInfo::Call& call : r.calls) {
+        cuda::LatentAttention p;
+        p.batch = call.batch, p.s_q = call.s_q, p.heads = H, p.W = W, p.R = kvr;
+        p.block_size = kBlock, p.max_blocks = c.max_blocks, p.max_len = call.max_len, p.scale = scale;
+        const size_t wsb = cuda::attention_latent_workspace_bytes(p);
+        void* ws = ex.arena.get(S_AWS, wsb);
+        cuda::attention_latent(p, qc + call.row0 * H * W, c.type, pool, r.table + call.seq0 * c.max_blocks, r.pos32 + call.row0,
+                               ol + call.row0 * H * kvr, ws, wsb, s());
+      }
+      cuda::head_matmul(ol, H * kvr, kvr, kvr, act, a.wuv_t.get(), kvr * dv, dv, dv, o, H * dv, dv, M, H, s());
+    }
+    int64_t ldo = 0;
+    const void* oa = to_act(ex, o, H * dv, M, H * dv, S_OACT, &ldo);
+    lin(ex, a.o, oa, ldo, out, D, M);
+  }
+
+  // One decoder layer on the residual stream h [M, D] (in place).
+  void layer_fwd(Exec& ex, const LayerW& L, float* h, const RowsInfo& r, bool no_sync) const {
+    const int64_t M = r.M;
+    void* xa = ex.arena.get(S_XACT, size_t(M * D) * dtype_size(act));
+    cuda::rmsnorm_to(h, D, L.ln1.get(), eps, act, xa, D, M, D, s());
+    float* att = ex.arena.as<float>(S_ATT, M * D);
+    mla_fwd(ex, L.attn, L.cache_layer, xa, D, r, att);
+    cuda::add_rows(h, D, att, D, M, D, s());
+    float* x2 = ex.arena.as<float>(S_X2, M * D);
+    cuda::rmsnorm_to(h, D, L.ln2.get(), eps, DType::F32, x2, D, M, D, s());
+    float* y = ex.arena.as<float>(S_FFN, M * D);
+    if (L.moe) {
+      moe_fwd(ex, *L.moe, x2, M, y, r, no_sync);
+    } else {
+      int64_t ldx = 0;
+      const void* xa2 = to_act(ex, x2, D, M, D, S_XACT, &ldx);
+      mlp_fwd(ex, *L.mlp, xa2, ldx, M, y);
+    }
+    cuda::add_rows(h, D, y, D, M, D, s());
+  }
+
+  // The MTP module k on h_prev [M, D] (device) and the embeddings of the tokens one ahead (device ids).
+  // Returns its output h (in slot S_H of a fresh buffer) and writes logits [M, V] into `logits`.
+  void mtp_fwd(Exec& ex, const MtpW& t, const float* h_prev, const int64_t* ahead, const RowsInfo& r, float* h_out,
+               float* logits) const {
+    const int64_t M = r.M;
+    float* emb = ex.arena.as<float>(S_EMB, M * D);
+    uint32_t* err = ex.arena.as<uint32_t>(S_ERR, 1);
+    cuda::embedding_reset_error(err, s());
+    cuda::embedding(DType::I64, ahead, M, act, t.embed, V, D, emb, D, err, s());
+    void* cat = ex.arena.get(S_MTPCAT, size_t(M * 2 * D) * dtype_size(act));
+    const size_t es = dtype_size(act);
+    cuda::rmsnorm_to(emb, D, t.enorm.get(), eps, act, cat, 2 * D, M, D, s());
+    cuda::rmsnorm_to(h_prev, D, t.hnorm.get(), eps, act, static_cast<uint8_t*>(cat) + size_t(D) * es, 2 * D, M, D, s());
+    lin(ex, t.eh, cat, 2 * D, h_out, D, M);
+    layer_fwd(ex, t.layer, h_out, r, false);
+    void* hn = ex.arena.get(S_ROWSACT, size_t(M * D) * es);
+    cuda::rmsnorm_to(h_out, D, t.head_norm.get(), eps, act, hn, D, M, D, s());
+    lin(ex, *t.head, hn, D, logits, V, M);
+  }
+
+  // ---------------------------------------------------------------------------------------------------
+  // Uncached forward
+  // ---------------------------------------------------------------------------------------------------
+  ForwardResult forward(const Tensor& input_ids, const ForwardOptions& opts) const {
+    DSV3_CHECK(input_ids.ndim() == 2, "input_ids must be [B, T], got {}", shape_str(input_ids.shape()));
+    DSV3_CHECK(input_ids.dtype() == DType::I64 || input_ids.dtype() == DType::I32, "input_ids must be int64 or int32, got {}",
+               dtype_name(input_ids.dtype()));
+    const int64_t B = input_ids.dim(0), T = input_ids.dim(1), M = B * T;
+    DSV3_CHECK(B > 0 && T > 0, "input_ids is empty ({})", shape_str(input_ids.shape()));
+    DSV3_CHECK(T <= cfg.max_position_embeddings, "{} tokens exceed the model's context of {} (max_position_embeddings)", T,
+               cfg.max_position_embeddings);
+    const Tensor ids = input_ids.contiguous().to(DType::I64).reshape({M});
+    for (int64_t i = 0; i < M; ++i) {
+      const int64_t id = ids.data<int64_t>()[i];
+      DSV3_CHECK(id >= 0 && id < V, "token id {} at position {} is out of range [0, {})", id, i, V);
+    }
+    Exec& ex = main;
+    std::vector<int64_t> meta(size_t(2 * M));
+    std::copy_n(ids.data<int64_t>(), M, meta.begin());
+    for (int64_t i = 0; i < M; ++i) meta[size_t(M + i)] = i % T;
+    int64_t* dmeta = ex.arena.as<int64_t>(S_META, 2 * M);
+    cuda::copy_to_device(dmeta, meta.data(), meta.size() * 8, s());
+    RowsInfo r;
+    r.M = M, r.B = B, r.T = T, r.ids = dmeta, r.pos64 = dmeta + M;
+    ForwardResult out;
+    auto host = [&](const float* d, Shape shape) {
+      Tensor t = Tensor::empty(DType::F32, std::move(shape));
+      cuda::copy_to_host(t.raw(), d, t.nbytes(), s());
+      cuda::synchronize(s());
+      return t;
+    };
+    float* h = ex.arena.as<float>(S_H, M * D);
+    uint32_t* err = ex.arena.as<uint32_t>(S_ERR, 1);
+    cuda::embedding_reset_error(err, s());
+    cuda::embedding(DType::I64, r.ids, M, act, embed.get(), V, D, h, D, err, s());
+    if (opts.hidden_states) out.hidden_states.push_back(host(h, {B, T, D}));
+    for (size_t i = 0; i < layers.size(); ++i) {
+      std::vector<int32_t> routing;
+      r.routing = opts.routing && layers[i].moe ? &routing : nullptr;
+      layer_fwd(ex, layers[i], h, r, false);
+      if (r.routing) {
+        Tensor t = Tensor::empty(DType::I64, {M, router.top_k});
+        for (int64_t m = 0; m < M; ++m) {
+          for (int64_t j = 0; j < router.top_k; ++j) t.data<int64_t>()[m * router.top_k + j] = routing[size_t(m * router.top_k + j)];
+          std::sort(t.data<int64_t>() + m * router.top_k, t.data<int64_t>() + (m + 1) * router.top_k);
+        }
+        out.routing[int64_t(i)] = t;
+      }
+      if (opts.hidden_states && i + 1 < layers.size()) out.hidden_states.push_back(host(h, {B, T, D}));
+    }
+    r.routing = nullptr;
+    float* fin = ex.arena.as<float>(S_FINAL, M * D);
+    cuda::rmsnorm_to(h, D, norm.get(), eps, DType::F32, fin, D, M, D, s());
+    out.final_hidden = host(fin, {B, T, D});
+    if (opts.hidden_states) out.hidden_states.push_back(out.final_hidden);
+    {
+      int64_t ldx = 0;
+      const void* xa = to_act(ex, fin, D, M, D, S_ROWSACT, &ldx);
+      float* lg = ex.arena.as<float>(S_LOGIT, M * V);
+      lin(ex, head, xa, ldx, lg, V, M);
+      out.logits = host(lg, {B, T, V});
+    }
+    // MTP depth k: position i (< T-k) reads h^{k-1}_i and token i+k.
+    const int64_t depth = opts.mtp_depth < 0 ? int64_t(mtp.size()) : std::min<int64_t>(opts.mtp_depth, int64_t(mtp.size()));
+    float* h_prev = fin;  // [B·(T-k+1), D]
+    for (int64_t k = 1; k <= depth && k < T; ++k) {
+      const int64_t n = T - k, Mn = B * n;
+      std::vector<int32_t> take(static_cast<size_t>(Mn));
+      std::vector<int64_t> m2(size_t(2 * Mn));
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t i = 0; i < n; ++i) {
+          take[size_t(b * n + i)] = int32_t(b * (n + 1) + i);
+          m2[size_t(b * n + i)] = ids.data<int64_t>()[b * T + i + k];
+          m2[size_t(Mn + b * n + i)] = i;
+        }
+      int32_t* dtake = ex.arena.as<int32_t>(S_PERM, Mn);
+      cuda::copy_to_device(dtake, take.data(), take.size() * 4, s());
+      int64_t* dm2 = ex.arena.as<int64_t>(S_ROWS, 2 * Mn);
+      cuda::copy_to_device(dm2, m2.data(), m2.size() * 8, s());
+      float* prev = ex.arena.as<float>(S_HPREV, Mn * D);
+      cuda::gather_rows(h_prev, D, dtake, Mn, D, DType::F32, prev, D, s());
+      RowsInfo rk;
+      rk.M = Mn, rk.B = B, rk.T = n, rk.pos64 = dm2 + Mn;
+      float* hk = ex.arena.as<float>(S_H, Mn * D);  // the main residual stream is no longer needed
+      float* lg = ex.arena.as<float>(S_LOGIT, Mn * V);
+      mtp_fwd(ex, mtp[size_t(k - 1)], prev, dm2, rk, hk, lg);
+      out.mtp_logits.push_back(host(lg, {B, n, V}));
+      float* keep = ex.arena.as<float>(S_FINAL, Mn * D);
+      cuda::copy_on_device(keep, hk, size_t(Mn * D) * 4, s());
+      h_prev = keep;
+    }
+    return out;
+  }
+
+  // ---------------------------------------------------------------------------------------------------
+  // Cached steps
+  // ---------------------------------------------------------------------------------------------------
+  // Uploads the rows' metadata of a cached pass into `ex` and describes the attention calls.
+  RowsInfo cached_rows(Exec& ex, const std::vector<int64_t>& tokens, const Batch& batch, const CudaCache& c, bool bucket) const {
+    const int64_t M = int64_t(tokens.size()), S = int64_t(batch.seqs.size());
+    DSV3_CHECK(M == batch.rows() && M > 0, "step: {} tokens for a batch of {} rows", M, batch.rows());
+    for (int64_t i = 0; i < M; ++i)
+      DSV3_CHECK(tokens[size_t(i)] >= 0 && tokens[size_t(i)] < V, "token id {} at position {} is out of range [0, {})",
+                 tokens[size_t(i)], i, V);
+    // int64: ids | pos64; then int32: pos32 | dst rows | block table [S, max_blocks].
+    const size_t bytes = size_t(16 * M + 8 * M + 4 * S * c.max_blocks);
+    std::vector<uint8_t> h(bytes);
+    auto* i64 = reinterpret_cast<int64_t*>(h.data());
+    auto* i32 = reinterpret_cast<int32_t*>(h.data() + 16 * M);
+    int64_t row = 0;
+    RowsInfo r;
+    r.M = M, r.cached = true, r.cache = &c;
+    bool uniform = true;
+    for (int64_t b = 0; b < S; ++b) {
+      const Batch::Seq& q = batch.seqs[size_t(b)];
+      DSV3_CHECK(q.slot >= 0 && q.slot < c.slots, "step: cache slot {} outside [0, {})", q.slot, c.slots);
+      DSV3_CHECK(q.start + q.n <= c.max_tokens, "sequence of {} tokens exceeds the cache ({} tokens)", q.start + q.n, c.max_tokens);
+      for (int64_t j = 0; j < c.max_blocks; ++j) i32[2 * M + b * c.max_blocks + j] = int32_t(q.slot * c.max_blocks + j);
+      for (int64_t i = 0; i < q.n; ++i, ++row) {
+        const int64_t p = q.start + i;
+        i64[row] = tokens[size_t(row)];
+        i64[M + row] = p;
+        i32[row] = int32_t(p);
+        i32[M + row] = int32_t(q.slot * c.max_blocks * kBlock + p);
+      }
+      uniform = uniform && q.n == batch.seqs[0].n;
+    }
+    auto len_of = [&](int64_t len) {
+      if (!bucket) return len;
+      int64_t b = 256;
+      while (b < len) b *= 2;
+      return std::min(b, c.max_blocks * kBlock);
+    };
+    bool fresh = uniform;
+    for (const auto& q : batch.seqs) fresh = fresh && q.start == 0;
+    if (fresh && !bucket) {
+      r.fresh = true;
+      r.B = S, r.T = batch.seqs[0].n;
+    }
+    if (uniform) {
+      int64_t ml = 0;
+      for (const auto& q : batch.seqs) ml = std::max(ml, q.start + q.n);
+      r.calls.push_back({S, batch.seqs[0].n, 0, 0, len_of(ml)});
+    } else {
+      int64_t r0 = 0;
+      for (int64_t b = 0; b < S; ++b) {
+        const Batch::Seq& q = batch.seqs[size_t(b)];
+        r.calls.push_back({1, q.n, r0, b, q.start + q.n});
+        r0 += q.n;
+      }
+    }
+    uint8_t* d = static_cast<uint8_t*>(ex.arena.get(S_META, bytes));
+    cuda::copy_to_device(d, h.data(), bytes, s());
+    r.ids = reinterpret_cast<const int64_t*>(d);
+    r.pos64 = r.ids + M;
+    r.pos32 = reinterpret_cast<const int32_t*>(d + 16 * M);
+    r.dst_rows = r.pos32 + M;
+    r.table = r.pos32 + 2 * M;
+    return r;
+  }
+
+  // The body of a main-model step: embedding, layers, final norm into S_FINAL, logits of `out_rows` rows
+  // (gathered by the device list `take`, or all rows when take is null) into S_LOGIT.
+  void step_body(Exec& ex, const RowsInfo& r, const int32_t* take, int64_t out_rows, bool no_sync) const {
+    const int64_t M = r.M;
+    float* h = ex.arena.as<float>(S_H, M * D);
+    uint32_t* err = ex.arena.as<uint32_t>(S_ERR, 1);
+    cuda::embedding_reset_error(err, s());
+    cuda::embedding(DType::I64, r.ids, M, act, embed.get(), V, D, h, D, err, s());
+    for (const LayerW& L : layers) layer_fwd(ex, L, h, r, no_sync);
+    float* fin = ex.arena.as<float>(S_FINAL, M * D);
+    cuda::rmsnorm_to(h, D, norm.get(), eps, DType::F32, fin, D, M, D, s());
+    void* xa = ex.arena.get(S_ROWSACT, size_t(out_rows * D) * dtype_size(act));
+    if (take) cuda::gather_rows(fin, D, take, out_rows, D, act, xa, D, s());
+    else cuda::cast_rows(fin, D, act, xa, D, out_rows, D, s());
+    float* lg = ex.arena.as<float>(S_LOGIT, out_rows * V);
+    lin(ex, head, xa, D, lg, V, out_rows);
+  }
+
+  Transformer::Step step(const std::vector<int64_t>& tokens, const Batch& batch, StepCache& sc, bool all_logits) const {
+    auto* cp = dynamic_cast<CudaCache*>(&sc);
+    DSV3_CHECK(cp != nullptr, "internal error: a cache of another device was given to the CUDA model");
+    const CudaCache& c = *cp;
+    const int64_t M = int64_t(tokens.size()), S = int64_t(batch.seqs.size());
+    bool decode = !all_logits && M == S && M <= 64 && opt.graphs;
+    for (const LayerW& L : layers) decode = decode && (!L.moe || L.moe->use_table);
+    Exec& ex = decode ? dec : main;
+    const RowsInfo r = cached_rows(ex, tokens, batch, c, decode);
+    const int64_t out_rows = all_logits ? M : S;
+    if (decode) {
+      const auto key = std::make_tuple(S, r.calls[0].max_len, static_cast<const void*>(c.pool.get()));
+      auto it = graphs.find(key);
+      if (it != graphs.end() && dec.arena.grows == dec_grows_at_capture) {
+        it->second->launch(s());
+        ++replays;
+      } else {
+        // Warm-up run (plans, scratch), then capture the same body for the next steps of this shape.
+        graphs.clear();
+        step_body(ex, r, nullptr, out_rows, true);
+        cuda::synchronize(s());
+        auto g = std::make_unique<cuda::Graph>();
+        const int64_t grows = dec.arena.grows;
+        g->begin(s());
+        try {
+          step_body(ex, r, nullptr, out_rows, true);
+        } catch (...) {
+          try {
+            g->end(s());
+          } catch (...) {
+          }
+          throw;
+        }
+        g->end(s());
+        DSV3_CHECK(dec.arena.grows == grows, "internal error: scratch grew while capturing a decode step");
+        dec_grows_at_capture = grows;
+        graphs.emplace(key, std::move(g));
+      }
+    } else {
+      int32_t* take = nullptr;
+      if (!all_logits) {
+        std::vector<int32_t> last;
+        int64_t rr = 0;
+        for (const auto& q : batch.seqs) last.push_back(int32_t((rr += q.n) - 1));
+        take = ex.arena.as<int32_t>(S_PERM, S);
+        cuda::copy_to_device(take, last.data(), last.size() * 4, s());
+      }
+      step_body(ex, r, take, out_rows, false);
+    }
+    Transformer::Step st;
+    st.hidden = Tensor::empty(DType::F32, {M, D});
+    st.logits = Tensor::empty(DType::F32, {out_rows, V});
+    cuda::copy_to_host(st.hidden.raw(), ex.arena.get(S_FINAL, 0), st.hidden.nbytes(), s());
+    cuda::copy_to_host(st.logits.raw(), ex.arena.get(S_LOGIT, 0), st.logits.nbytes(), s());
+    cuda::synchronize(s());
+    return st;
+  }
+
+  Tensor mtp_step(int64_t k, const Tensor& h_prev, const std::vector<int64_t>& ahead, const Batch& batch, StepCache& sc,
+                  Tensor* h_out) const {
+    DSV3_CHECK(k >= 1 && k <= int64_t(mtp.size()), "the checkpoint has {} MTP modules, depth {} asked", mtp.size(), k);
+    auto* cp = dynamic_cast<CudaCache*>(&sc);
+    DSV3_CHECK(cp != nullptr, "internal error: a cache of another device was given to the CUDA model");
+    const int64_t M = int64_t(ahead.size());
+    DSV3_CHECK(h_prev.ndim() == 2 && h_prev.dim(0) == M && h_prev.dim(1) == D, "mtp_step: h_prev is {}, expected [{}, {}]",
+               shape_str(h_prev.shape()), M, D);
+    Exec& ex = main;
+    const RowsInfo r = cached_rows(ex, ahead, batch, *cp, false);
+    const Tensor hp = h_prev.contiguous().to(DType::F32);
+    float* prev = ex.arena.as<float>(S_HPREV, M * D);
+    cuda::copy_to_device(prev, hp.raw(), hp.nbytes(), s());
+    float* h = ex.arena.as<float>(S_H, M * D);
+    float* lg = ex.arena.as<float>(S_LOGIT, M * V);
+    mtp_fwd(ex, mtp[size_t(k - 1)], prev, r.ids, r, h, lg);
+    Tensor logits = Tensor::empty(DType::F32, {M, V});
+    cuda::copy_to_host(logits.raw(), lg, logits.nbytes(), s());
+    if (h_out) {
+      *h_out = Tensor::empty(DType::F32, {M, D});
+      cuda::copy_to_host(h_out->raw(), h, h_out->nbytes(), s());
+    }
+    cuda::synchronize(s());
+    return logits;
+  }
+};
+
+// -------------------------------------------------------------------------------------------------------
+// CudaModel
+// -------------------------------------------------------------------------------------------------------
+
+CudaModel::CudaModel(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+CudaModel::~CudaModel() = default;
+
+std::unique_ptr<CudaModel> CudaModel::load(const Transformer& host, const CudaModelOptions& opts) {
+  cuda::require_device();
+  const auto t0 = std::chrono::steady_clock::now();
+  auto impl = std::make_unique<Impl>();
+  impl->cfg = host.config();
+  impl->opt = opts;
+  impl->load(host);
+  if (opts.verbose) {
+    const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    const cuda::DeviceInfo d = cuda::device_info();
+    std::fprintf(stderr, "cuda: %s, %s of weights (%s) uploaded in %.1f s\n", d.name.c_str(), gib(double(impl->weight_bytes)).c_str(),
+                 dtype_name(impl->act), sec);
+  }
+  return std::unique_ptr<CudaModel>(new CudaModel(std::move(impl)));
+}
+
+ForwardResult CudaModel::forward(const Tensor& ids, const ForwardOptions& o) const { return impl_->forward(ids, o); }
+const ModelConfig& CudaModel::config() const { return impl_->cfg; }
+int64_t CudaModel::mtp_layers() const { return int64_t(impl_->mtp.size()); }
+int64_t CudaModel::weight_bytes() const { return impl_->weight_bytes; }
+int64_t CudaModel::decode_bytes_per_token() const { return impl_->decode_bytes; }
+DType CudaModel::dtype() const { return impl_->act; }
+int64_t CudaModel::graph_replays() const { return impl_->replays; }
+
+std::unique_ptr<StepCache> CudaModel::make_cache(int64_t slots, int64_t max_tokens) const {
+  const Impl& m = *impl_;
+  DSV3_CHECK(slots >= 1 && max_tokens >= 1, "cache of {} slots x {} tokens", slots, max_tokens);
+  auto c = std::make_unique<CudaCache>();
+  c->slots = slots, c->max_tokens = max_tokens, c->max_blocks = cuda::ceil_div(max_tokens, kBlock);
+  c->layers = int64_t(m.layers.size() + m.mtp.size()), c->W = m.W, c->type = m.act;
+  const size_t bytes = c->layer_bytes() * size_t(c->layers);
+  size_t free_b = 0, total_b = 0;
+  cuda::memory_info(&free_b, &total_b);
+  DSV3_CHECK(double(bytes) < 0.9 * double(free_b), "the latent cache does not fit on the GPU: {} slots x {} tokens need {}, {} free",
+             slots, max_tokens, gib(double(bytes)), gib(double(free_b)));
+  c->pool = DBuf<uint8_t>(bytes);
+  return c;
+}
+
+Transformer::Step CudaModel::step(const std::vector<int64_t>& tokens, const Batch& batch, StepCache& cache, bool all_logits) const {
+  return impl_->step(tokens, batch, cache, all_logits);
+}
+
+Tensor CudaModel::mtp_step(int64_t k, const Tensor& h_prev, const std::vector<int64_t>& ahead, const Batch& batch, StepCache& cache,
+                           Tensor* h_out) const {
+  return impl_->mtp_step(k, h_prev, ahead, batch, cache, h_out);
+}
+
+}  // namespace dsv3
+#endif  // DSV3_HAVE_CUDA

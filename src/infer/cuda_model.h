@@ -1,0 +1,61 @@
+// The model on one CUDA GPU: a device copy of a loaded checkpoint (weights uploaded once), the uncached
+// forward (expanded MLA with the causal prefill kernel) and incremental steps over a paged latent cache on the
+// device (absorbed MLA with the paged decode kernel, block size 64 as FlashMLA), with the semantics of
+// Transformer::forward / step / mtp_step. It implements StepModel, so the Generator runs on it unchanged.
+//
+// Compute dtypes: BF16 (bf16 weights, f32 activations and accumulation; FP8 checkpoints run the block-scaled
+// FP8 GEMMs unless fp8_native is off, then they are dequantized to bf16 at load) or F32 (every weight
+// dequantized to f32, f32 GEMMs without TF32, f32 latent cache: the golden models' precision). The router
+// always runs in f32 (as transformers does). Decode steps (one token per sequence, BF16) run with no host
+// synchronisation and are captured as CUDA graphs per (batch, context bucket).
+//
+// Built only with CUDA (DSV3_HAVE_CUDA); the header itself needs no CUDA headers.
+#pragma once
+#include <memory>
+
+#include "infer/step_model.h"
+
+namespace dsv3 {
+
+struct CudaModelOptions {
+  DType dtype = DType::BF16;  // BF16 or F32
+  bool fp8_native = true;     // FP8 checkpoints with BF16: cuBLASLt block-scaled FP8 GEMMs
+  bool graphs = true;         // capture decode steps as CUDA graphs
+  bool verbose = false;       // one line about the upload (bytes, seconds) on stderr
+};
+
+class CudaModel final : public StepModel {
+ public:
+  // Uploads the weights of `host` (read from its checkpoint by official name; the host model may be dropped
+  // afterwards). Errors: no GPU ("no CUDA GPU available: ..."), weights larger than the free GPU memory.
+  static std::unique_ptr<CudaModel> load(const Transformer& host, const CudaModelOptions& opts = {});
+  ~CudaModel() override;
+
+  // As Transformer::forward (host tensors out; hidden_states and routing on request).
+  ForwardResult forward(const Tensor& input_ids, const ForwardOptions& opts = {}) const;
+
+  const ModelConfig& config() const override;
+  int64_t mtp_layers() const override;
+  // Errors when the cache does not fit in the free GPU memory.
+  std::unique_ptr<StepCache> make_cache(int64_t slots, int64_t max_tokens) const override;
+  Transformer::Step step(const std::vector<int64_t>& tokens, const Batch& batch, StepCache& cache,
+                         bool all_logits = false) const override;
+  Tensor mtp_step(int64_t k, const Tensor& h_prev, const std::vector<int64_t>& ahead, const Batch& batch, StepCache& cache,
+                  Tensor* h_out = nullptr) const override;
+
+  // Bytes of weights on the device, and what one batch-1 decode step reads at least: every weight of the
+  // main model except the embedding table and the routed experts, plus one embedding row and top_k experts
+  // per MoE layer (the roofline bound of decoding).
+  int64_t weight_bytes() const;
+  int64_t decode_bytes_per_token() const;
+  DType dtype() const;
+  int64_t graph_replays() const;  // decode steps that ran as a replayed CUDA graph
+
+  struct Impl;
+
+ private:
+  explicit CudaModel(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace dsv3

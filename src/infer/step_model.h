@@ -1,0 +1,48 @@
+// What the Generator needs from a model: incremental steps over a latent cache that the model creates.
+// Two implementations: the CPU Transformer (CpuStepModel, a thin adapter over Transformer::step/mtp_step and
+// its LatentCache) and the CUDA model (infer/cuda_model.h, a paged latent cache on the device). Inputs and
+// outputs stay host tensors, so the Generator's sampling and speculative logic is one code path.
+#pragma once
+#include <memory>
+#include <vector>
+
+#include "model/transformer.h"
+
+namespace dsv3 {
+
+// A model's cache for `slots` sequences of up to `max_tokens` tokens each (main layers and MTP layers).
+class StepCache {
+ public:
+  virtual ~StepCache() = default;
+};
+
+class StepModel {
+ public:
+  virtual ~StepModel() = default;
+  virtual const ModelConfig& config() const = 0;
+  virtual int64_t mtp_layers() const = 0;
+  virtual std::unique_ptr<StepCache> make_cache(int64_t slots, int64_t max_tokens) const = 0;
+  // Same semantics as Transformer::step and Transformer::mtp_step (host tensors in and out).
+  virtual Transformer::Step step(const std::vector<int64_t>& tokens, const Batch& batch, StepCache& cache,
+                                 bool all_logits = false) const = 0;
+  virtual Tensor mtp_step(int64_t k, const Tensor& h_prev, const std::vector<int64_t>& ahead, const Batch& batch,
+                          StepCache& cache, Tensor* h_out = nullptr) const = 0;
+};
+
+// The CPU path: Transformer with its float32 LatentCache.
+class CpuStepModel final : public StepModel {
+ public:
+  explicit CpuStepModel(const Transformer& m) : m_(m) {}
+  const ModelConfig& config() const override { return m_.config(); }
+  int64_t mtp_layers() const override { return m_.mtp_layers(); }
+  std::unique_ptr<StepCache> make_cache(int64_t slots, int64_t max_tokens) const override;
+  Transformer::Step step(const std::vector<int64_t>& tokens, const Batch& batch, StepCache& cache,
+                         bool all_logits) const override;
+  Tensor mtp_step(int64_t k, const Tensor& h_prev, const std::vector<int64_t>& ahead, const Batch& batch, StepCache& cache,
+                  Tensor* h_out) const override;
+
+ private:
+  const Transformer& m_;
+};
+
+}  // namespace dsv3

@@ -1,0 +1,267 @@
+// Glue kernels of the CUDA model; see infer_ops.h.
+#include "kernels/cuda/common.cuh"
+#include "kernels/cuda/infer_ops.h"
+
+namespace dsv3::cuda {
+
+using namespace dev;
+
+namespace {
+unsigned grid_for(int64_t n, int threads) {
+  const int64_t g = (n + threads - 1) / threads;
+  return unsigned(g < 65535 * 16 ? (g > 0 ? g : 1) : 65535 * 16);
+}
+void check_act(DType t, const char* what) {
+  DSV3_CHECK(t == DType::F32 || t == DType::BF16, "{}: dtype must be F32 or BF16, not {}", what, dtype_name(t));
+}
+template <class T> __device__ __forceinline__ void store(T* p, float v);
+template <> __device__ __forceinline__ void store<float>(float* p, float v) { *p = v; }
+template <> __device__ __forceinline__ void store<uint16_t>(uint16_t* p, float v) { *p = f32_to_bf16(v); }
+}  // namespace
+
+// ---- streams, graphs, memory ----
+
+Stream::Stream() {
+  require_device();
+  DSV3_CUDA_CHECK(cudaStreamCreateWithFlags(&s_, cudaStreamNonBlocking));
+}
+Stream::~Stream() {
+  if (s_) (void)cudaStreamDestroy(s_);
+}
+
+Graph::~Graph() { reset(); }
+void Graph::reset() {
+  if (exec_) (void)cudaGraphExecDestroy(static_cast<cudaGraphExec_t>(exec_));
+  if (graph_) (void)cudaGraphDestroy(static_cast<cudaGraph_t>(graph_));
+  exec_ = graph_ = nullptr;
+}
+void Graph::begin(cudaStream_t s) {
+  reset();
+  DSV3_CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+}
+void Graph::end(cudaStream_t s) {
+  cudaGraph_t g = nullptr;
+  DSV3_CUDA_CHECK(cudaStreamEndCapture(s, &g));
+  graph_ = g;
+  cudaGraphExec_t e = nullptr;
+  DSV3_CUDA_CHECK(cudaGraphInstantiate(&e, g, 0));
+  exec_ = e;
+}
+void Graph::launch(cudaStream_t s) const {
+  DSV3_CHECK(exec_ != nullptr, "internal error: launching a graph that was not captured");
+  DSV3_CUDA_CHECK(cudaGraphLaunch(static_cast<cudaGraphExec_t>(exec_), s));
+}
+
+void memory_info(size_t* free_bytes, size_t* total_bytes) {
+  require_device();
+  size_t f = 0, t = 0;
+  DSV3_CUDA_CHECK(cudaMemGetInfo(&f, &t));
+  if (free_bytes) *free_bytes = f;
+  if (total_bytes) *total_bytes = t;
+}
+void* host_alloc_pinned(size_t bytes) {
+  require_device();
+  void* p = nullptr;
+  DSV3_CUDA_CHECK(cudaMallocHost(&p, bytes ? bytes : 1));
+  return p;
+}
+void host_free_pinned(void* p) noexcept {
+  if (p) (void)cudaFreeHost(p);
+}
+
+// ---- row ops ----
+
+template <class O>
+__global__ void k_rmsnorm_to(const float* __restrict__ x, int64_t ldx, const float* __restrict__ g, float eps, O* __restrict__ y,
+                             int64_t ldy, int64_t D) {
+  __shared__ float red[32];
+  const float* xr = x + blockIdx.x * ldx;
+  O* yr = y + blockIdx.x * ldy;
+  float ss = 0.0f;
+  for (int64_t j = threadIdx.x; j < D; j += blockDim.x) ss += xr[j] * xr[j];
+  ss = block_sum(ss, red);
+  const float r = 1.0f / sqrtf(ss / float(D) + eps);
+  for (int64_t j = threadIdx.x; j < D; j += blockDim.x) store(yr + j, g[j] * (xr[j] * r));
+}
+
+void rmsnorm_to(const float* x, int64_t ldx, const float* gamma, float eps, DType yt, void* y, int64_t ldy, int64_t M, int64_t D,
+                cudaStream_t s) {
+  check_act(yt, "rmsnorm_to output");
+  if (M <= 0) return;
+  const int threads = D >= 1024 ? 512 : D >= 256 ? 256 : 128;
+  if (yt == DType::F32) k_rmsnorm_to<<<unsigned(M), threads, 0, s>>>(x, ldx, gamma, eps, static_cast<float*>(y), ldy, D);
+  else k_rmsnorm_to<<<unsigned(M), threads, 0, s>>>(x, ldx, gamma, eps, static_cast<uint16_t*>(y), ldy, D);
+  DSV3_CUDA_CHECK_LAUNCH("rmsnorm_to kernel");
+}
+
+template <class O>
+__global__ void k_cast_rows(const float* __restrict__ x, int64_t ldx, O* __restrict__ y, int64_t ldy, int64_t M, int64_t N) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < M * N; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t m = i / N, n = i % N;
+    store(y + m * ldy + n, x[m * ldx + n]);
+  }
+}
+void cast_rows(const float* x, int64_t ldx, DType yt, void* y, int64_t ldy, int64_t M, int64_t N, cudaStream_t s) {
+  check_act(yt, "cast_rows output");
+  if (M * N <= 0) return;
+  if (yt == DType::F32) k_cast_rows<<<grid_for(M * N, 256), 256, 0, s>>>(x, ldx, static_cast<float*>(y), ldy, M, N);
+  else k_cast_rows<<<grid_for(M * N, 256), 256, 0, s>>>(x, ldx, static_cast<uint16_t*>(y), ldy, M, N);
+  DSV3_CUDA_CHECK_LAUNCH("cast_rows kernel");
+}
+
+__global__ void k_add_rows(float* __restrict__ h, int64_t ldh, const float* __restrict__ d, int64_t ldd, int64_t M, int64_t N) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < M * N; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t m = i / N, n = i % N;
+    h[m * ldh + n] += d[m * ldd + n];
+  }
+}
+void add_rows(float* h, int64_t ldh, const float* d, int64_t ldd, int64_t M, int64_t N, cudaStream_t s) {
+  if (M * N <= 0) return;
+  k_add_rows<<<grid_for(M * N, 256), 256, 0, s>>>(h, ldh, d, ldd, M, N);
+  DSV3_CUDA_CHECK_LAUNCH("add_rows kernel");
+}
+
+// ---- MLA ----
+
+__global__ void k_expand_k(const float* __restrict__ kv, int64_t H, int64_t dn, int64_t dv, const float* __restrict__ kr,
+                           int64_t ldkr, int64_t dr, float* __restrict__ k, int64_t M) {
+  const int64_t dqk = dn + dr, n = M * H * dqk;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t j = i % dqk, h = (i / dqk) % H, m = i / (dqk * H);
+    k[i] = j < dn ? kv[m * H * (dn + dv) + h * (dn + dv) + j] : kr[m * ldkr + (j - dn)];
+  }
+}
+void mla_expand_k(const float* kv, int64_t H, int64_t dn, int64_t dv, const float* kr, int64_t ldkr, int64_t dr, float* k,
+                  int64_t M, cudaStream_t s) {
+  if (M * H <= 0) return;
+  k_expand_k<<<grid_for(M * H * (dn + dr), 256), 256, 0, s>>>(kv, H, dn, dv, kr, ldkr, dr, k, M);
+  DSV3_CUDA_CHECK_LAUNCH("mla_expand_k kernel");
+}
+
+template <class P>
+__global__ void k_latent_append(const float* __restrict__ c, int64_t ldc, int64_t kvr, const float* __restrict__ kr,
+                                int64_t ldkr, int64_t dr, const int32_t* __restrict__ rows, P* __restrict__ pool) {
+  const int64_t m = blockIdx.x, W = kvr + dr;
+  P* dst = pool + int64_t(rows[m]) * W;
+  for (int64_t j = threadIdx.x; j < W; j += blockDim.x) store(dst + j, j < kvr ? c[m * ldc + j] : kr[m * ldkr + j - kvr]);
+}
+void latent_append(const float* c, int64_t ldc, int64_t kvr, const float* kr, int64_t ldkr, int64_t dr, const int32_t* rows,
+                   int64_t M, DType pt, void* pool, cudaStream_t s) {
+  check_act(pt, "latent cache");
+  if (M <= 0) return;
+  if (pt == DType::F32) k_latent_append<<<unsigned(M), 128, 0, s>>>(c, ldc, kvr, kr, ldkr, dr, rows, static_cast<float*>(pool));
+  else k_latent_append<<<unsigned(M), 128, 0, s>>>(c, ldc, kvr, kr, ldkr, dr, rows, static_cast<uint16_t*>(pool));
+  DSV3_CUDA_CHECK_LAUNCH("latent_append kernel");
+}
+
+// One block per (head, tile of kMT rows): the x tile in shared memory, threads over n, w read once per tile.
+constexpr int kMT = 8;
+template <class W>
+__global__ void k_head_matmul(const float* __restrict__ x, int64_t xs0, int64_t xs1, int64_t K, const W* __restrict__ w,
+                              int64_t wsh, int64_t wsk, int64_t N, float* __restrict__ y, int64_t ys0, int64_t ys1, int64_t M) {
+  extern __shared__ float xs[];  // [kMT][K]
+  const int64_t h = blockIdx.x, m0 = int64_t(blockIdx.y) * kMT;
+  const int mt = M - m0 < kMT ? int(M - m0) : kMT;
+  for (int64_t i = threadIdx.x; i < int64_t(mt) * K; i += blockDim.x) xs[i] = x[(m0 + i / K) * xs0 + h * xs1 + i % K];
+  __syncthreads();
+  const W* wh = w + h * wsh;
+  for (int64_t n = threadIdx.x; n < N; n += blockDim.x) {
+    float acc[kMT];
+#pragma unroll
+    for (int r = 0; r < kMT; ++r) acc[r] = 0.0f;
+    for (int64_t k = 0; k < K; ++k) {
+      const float wv = load_f32(wh, k * wsk + n);
+#pragma unroll
+      for (int r = 0; r < kMT; ++r) acc[r] += xs[r * K + k] * wv;
+    }
+    for (int r = 0; r < mt; ++r) y[(m0 + r) * ys0 + h * ys1 + n] = acc[r];
+  }
+}
+void head_matmul(const float* x, int64_t xs0, int64_t xs1, int64_t K, DType wt, const void* w, int64_t wsh, int64_t wsk, int64_t N,
+                 float* y, int64_t ys0, int64_t ys1, int64_t M, int64_t H, cudaStream_t s) {
+  check_act(wt, "head_matmul weight");
+  if (M * H * N <= 0) return;
+  const size_t smem = size_t(kMT) * size_t(K) * sizeof(float);
+  DSV3_CHECK(smem <= 48 * 1024, "head_matmul: K = {} is too large", K);
+  const dim3 grid(unsigned(H), unsigned((M + kMT - 1) / kMT));
+  const int threads = N >= 256 ? 256 : 128;
+  if (wt == DType::F32)
+    k_head_matmul<<<grid, threads, smem, s>>>(x, xs0, xs1, K, static_cast<const float*>(w), wsh, wsk, N, y, ys0, ys1, M);
+  else
+    k_head_matmul<<<grid, threads, smem, s>>>(x, xs0, xs1, K, static_cast<const uint16_t*>(w), wsh, wsk, N, y, ys0, ys1, M);
+  DSV3_CUDA_CHECK_LAUNCH("head_matmul kernel");
+}
+
+__global__ void k_copy_heads(const float* __restrict__ x, int64_t xs0, int64_t xs1, float* __restrict__ y, int64_t ys0,
+                             int64_t ys1, int64_t M, int64_t H, int64_t N) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < M * H * N; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t j = i % N, h = (i / N) % H, m = i / (N * H);
+    y[m * ys0 + h * ys1 + j] = x[m * xs0 + h * xs1 + j];
+  }
+}
+void copy_heads(const float* x, int64_t xs0, int64_t xs1, float* y, int64_t ys0, int64_t ys1, int64_t M, int64_t H, int64_t N,
+                cudaStream_t s) {
+  if (M * H * N <= 0) return;
+  k_copy_heads<<<grid_for(M * H * N, 256), 256, 0, s>>>(x, xs0, xs1, y, ys0, ys1, M, H, N);
+  DSV3_CUDA_CHECK_LAUNCH("copy_heads kernel");
+}
+
+// ---- MoE rows ----
+
+template <class O>
+__global__ void k_gather_rows(const float* __restrict__ x, int64_t ldx, const int32_t* __restrict__ rows, int64_t D,
+                              O* __restrict__ y, int64_t ldy) {
+  const int64_t i = blockIdx.x;
+  const float* src = x + int64_t(rows[i]) * ldx;
+  for (int64_t j = threadIdx.x; j < D; j += blockDim.x) store(y + i * ldy + j, src[j]);
+}
+void gather_rows(const float* x, int64_t ldx, const int32_t* rows, int64_t n, int64_t D, DType yt, void* y, int64_t ldy,
+                 cudaStream_t s) {
+  check_act(yt, "gather_rows output");
+  if (n <= 0) return;
+  if (yt == DType::F32) k_gather_rows<<<unsigned(n), 256, 0, s>>>(x, ldx, rows, D, static_cast<float*>(y), ldy);
+  else k_gather_rows<<<unsigned(n), 256, 0, s>>>(x, ldx, rows, D, static_cast<uint16_t*>(y), ldy);
+  DSV3_CUDA_CHECK_LAUNCH("gather_rows kernel");
+}
+
+__global__ void k_scatter_rows(const float* __restrict__ x, int64_t ldx, const int32_t* __restrict__ rows, int64_t D,
+                               float* __restrict__ y, int64_t ldy) {
+  const int64_t i = blockIdx.x;
+  float* dst = y + int64_t(rows[i]) * ldy;
+  for (int64_t j = threadIdx.x; j < D; j += blockDim.x) dst[j] = x[i * ldx + j];
+}
+void scatter_rows(const float* x, int64_t ldx, const int32_t* rows, int64_t n, int64_t D, float* y, int64_t ldy, cudaStream_t s) {
+  if (n <= 0) return;
+  k_scatter_rows<<<unsigned(n), 256, 0, s>>>(x, ldx, rows, D, y, ldy);
+  DSV3_CUDA_CHECK_LAUNCH("scatter_rows kernel");
+}
+
+__global__ void k_moe_combine(const float* __restrict__ slots, const int32_t* __restrict__ idx, const float* __restrict__ w,
+                              int64_t K, int64_t D, float* __restrict__ y, int64_t ldy, bool acc) {
+  __shared__ int order[32];
+  const int64_t m = blockIdx.x;
+  const int32_t* im = idx + m * K;
+  if (threadIdx.x < K) {
+    int rank = 0;
+    for (int64_t j = 0; j < K; ++j) rank += im[j] < im[threadIdx.x] || (im[j] == im[threadIdx.x] && j < int64_t(threadIdx.x));
+    order[rank] = int(threadIdx.x);
+  }
+  __syncthreads();
+  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
+    float a = 0.0f;
+    for (int64_t r = 0; r < K; ++r) {
+      const int j = order[r];
+      a += slots[(m * K + j) * D + d] * w[m * K + j];
+    }
+    y[m * ldy + d] = acc ? a + y[m * ldy + d] : a;
+  }
+}
+void moe_combine(const float* slots, const int32_t* idx, const float* w, int64_t M, int64_t K, int64_t D, float* y, int64_t ldy,
+                 bool accumulate, cudaStream_t s) {
+  DSV3_CHECK(K >= 1 && K <= 32, "moe_combine: top-k {} outside [1, 32]", K);
+  if (M <= 0) return;
+  k_moe_combine<<<unsigned(M), 256, 0, s>>>(slots, idx, w, K, D, y, ldy, accumulate);
+  DSV3_CUDA_CHECK_LAUNCH("moe_combine kernel");
+}
+
+}  // namespace dsv3::cuda

@@ -1,0 +1,87 @@
+// Glue kernels of the CUDA model (src/infer/cuda_model.cpp) on top of cuda_ops.h: dtype-casting RMSNorm, residual
+// adds, the MLA key expansion and latent-cache append, per-head products of the absorbed attention, MoE row
+// gather/scatter/combine, plus streams and CUDA graphs. Same conventions as cuda_ops.h (raw device pointers,
+// element strides, asynchronous on `stream`, failures as dsv3::Error); no CUDA headers needed.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+#include "kernels/cuda/cuda_ops.h"
+
+namespace dsv3::cuda {
+
+// A non-blocking CUDA stream (capturable into a graph, unlike the legacy default stream).
+class Stream {
+ public:
+  Stream();
+  ~Stream();
+  Stream(const Stream&) = delete;
+  Stream& operator=(const Stream&) = delete;
+  cudaStream_t get() const { return s_; }
+
+ private:
+  cudaStream_t s_ = nullptr;
+};
+
+// One captured sequence of stream work, replayed with launch(). begin() starts capturing `stream` (nothing
+// runs until launch); end() instantiates. Kernels must not allocate or synchronize while captured.
+class Graph {
+ public:
+  Graph() = default;
+  ~Graph();
+  Graph(const Graph&) = delete;
+  Graph& operator=(const Graph&) = delete;
+  void begin(cudaStream_t stream);
+  void end(cudaStream_t stream);
+  void launch(cudaStream_t stream) const;
+  bool ready() const { return exec_ != nullptr; }
+  void reset();
+
+ private:
+  void* graph_ = nullptr;
+  void* exec_ = nullptr;
+};
+
+// Free and total device memory in bytes (cudaMemGetInfo).
+void memory_info(size_t* free_bytes, size_t* total_bytes);
+// Pinned host memory (for asynchronous copies that a graph or a stream can overlap).
+void* host_alloc_pinned(size_t bytes);
+void host_free_pinned(void* p) noexcept;
+
+// y[m, :D] = rmsnorm(x[m, :D]) · gamma (f32 math as rmsnorm), written as F32 or BF16.
+void rmsnorm_to(const float* x, int64_t ldx, const float* gamma, float eps, DType y_type, void* y, int64_t ldy, int64_t M,
+                int64_t D, cudaStream_t stream = nullptr);
+// y[m, :N] = x[m, :N] as F32 or BF16 (strided rows).
+void cast_rows(const float* x, int64_t ldx, DType y_type, void* y, int64_t ldy, int64_t M, int64_t N,
+               cudaStream_t stream = nullptr);
+// h[m, :N] += d[m, :N].
+void add_rows(float* h, int64_t ldh, const float* d, int64_t ldd, int64_t M, int64_t N, cudaStream_t stream = nullptr);
+
+// Expanded MLA keys: k[m, h] = [kv[m, h·(dn+dv) : +dn] | k_rope[m]] ([M, H, dn+dr] contiguous), k_rope at
+// kr + m·ldkr (dr values, shared by all heads).
+void mla_expand_k(const float* kv, int64_t H, int64_t dn, int64_t dv, const float* kr, int64_t ldkr, int64_t dr, float* k,
+                  int64_t M, cudaStream_t stream = nullptr);
+// Latent cache append: pool row rows[m] (W = kvr + dr values, F32 or BF16) = [c[m, :kvr] | kr[m, :dr]].
+void latent_append(const float* c, int64_t ldc, int64_t kvr, const float* kr, int64_t ldkr, int64_t dr, const int32_t* rows,
+                   int64_t M, DType pool_type, void* pool, cudaStream_t stream = nullptr);
+
+// Per-head products: y[m·ys0 + h·ys1 + n] = Σ_k x[m·xs0 + h·xs1 + k] · w[h·wsh + k·wsk + n] for n < N, k < K;
+// w F32 or BF16, f32 accumulation (the absorbed q_nope·W_UK and o_latent·W_UVᵀ).
+void head_matmul(const float* x, int64_t xs0, int64_t xs1, int64_t K, DType w_type, const void* w, int64_t wsh, int64_t wsk,
+                 int64_t N, float* y, int64_t ys0, int64_t ys1, int64_t M, int64_t H, cudaStream_t stream = nullptr);
+// y[m·ys0 + h·ys1 + j] = x[m·xs0 + h·xs1 + j], j < N.
+void copy_heads(const float* x, int64_t xs0, int64_t xs1, float* y, int64_t ys0, int64_t ys1, int64_t M, int64_t H, int64_t N,
+                cudaStream_t stream = nullptr);
+
+// y[i, :D] = x[rows[i], :D] as F32 or BF16 (rows: device int32, n values).
+void gather_rows(const float* x, int64_t ldx, const int32_t* rows, int64_t n, int64_t D, DType y_type, void* y, int64_t ldy,
+                 cudaStream_t stream = nullptr);
+// y[rows[i], :D] = x[i, :D].
+void scatter_rows(const float* x, int64_t ldx, const int32_t* rows, int64_t n, int64_t D, float* y, int64_t ldy,
+                  cudaStream_t stream = nullptr);
+// MoE combine: y[m] = Σ_j w[m, j] · slots[m·K + j] summed in ascending expert order of idx[m, :] (the CPU's
+// order), plus the old y[m] when `accumulate` (the shared experts' output).
+void moe_combine(const float* slots, const int32_t* idx, const float* w, int64_t M, int64_t K, int64_t D, float* y,
+                 int64_t ldy, bool accumulate, cudaStream_t stream = nullptr);
+
+}  // namespace dsv3::cuda

@@ -1,0 +1,653 @@
+// Routed experts on the GPU: the expert pointer tables, the fused decode kernels (no host synchronisation),
+// and the prefill path (device permutation + a loop of cuBLASLt GEMMs over experts + un-permutation).
+#include <algorithm>
+#include <vector>
+
+#include "kernels/cuda/common.cuh"
+#include "kernels/cuda/moe_ops.h"
+
+namespace dsv3::cuda {
+
+namespace {
+using namespace dev;
+
+constexpr int kMaxE = 1024;
+
+template <class T>
+void* upload_table(const std::vector<T>& v) {
+  if (v.empty()) return nullptr;
+  void* d = device_malloc(v.size() * sizeof(T));
+  copy_to_device(d, v.data(), v.size() * sizeof(T));
+  return d;
+}
+
+// ---- weight loads: 8 consecutive values of one row as f32 (bf16, or e4m3 times its 128x128 block scale) ----
+
+// The raw fetch split from the conversion, so several rows' loads can be in flight before any math.
+template <class W> struct Raw;
+template <> struct Raw<uint16_t> { uint4 v; };
+template <> struct Raw<uint8_t> { uint2 v; };
+__device__ __forceinline__ void fetch(const uint16_t* __restrict__ row, int64_t d0, Raw<uint16_t>& r) {
+  r.v = __ldg(reinterpret_cast<const uint4*>(row + d0));
+}
+__device__ __forceinline__ void fetch(const uint8_t* __restrict__ row, int64_t d0, Raw<uint8_t>& r) {
+  r.v = __ldg(reinterpret_cast<const uint2*>(row + d0));
+}
+__device__ __forceinline__ void unpack(const Raw<uint16_t>& r, float s, float (&w)[8]) {
+  (void)s;
+  const uint32_t u[4] = {r.v.x, r.v.y, r.v.z, r.v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    w[2 * i] = __uint_as_float(u[i] << 16);
+    w[2 * i + 1] = __uint_as_float(u[i] & 0xffff0000u);
+  }
+}
+__device__ __forceinline__ void unpack(const Raw<uint8_t>& r, float s, float (&w)[8]) {
+  const uint32_t u[2] = {r.v.x, r.v.y};
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const __half2_raw lo = __nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t(u[i] & 0xffffu), __NV_E4M3);
+    const __half2_raw hi = __nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t(u[i] >> 16), __NV_E4M3);
+    const float2 a = __half22float2(__half2(lo)), b = __half22float2(__half2(hi));
+    w[4 * i] = a.x * s;
+    w[4 * i + 1] = a.y * s;
+    w[4 * i + 2] = b.x * s;
+    w[4 * i + 3] = b.y * s;
+  }
+}
+
+// ---- decode workspace: group table written by kernel A, read by kernel B ----
+// ints: [0] number of groups; gexp[gmax]; gcount[gmax]; glist[gmax * slots] (slots of each group, ascending);
+// then (16-byte aligned) h f32 [slots, I].
+struct DecodeLayout {
+  int64_t gmax, slots;
+  size_t ints() const { return size_t(1 + 2 * gmax + gmax * slots); }
+  size_t h_offset() const { return (ints() * 4 + 255) / 256 * 256; }
+  size_t bytes(int64_t I) const { return h_offset() + size_t(slots) * size_t(I) * 4; }
+};
+
+constexpr int kThreadsA = 256, kWarpsA = kThreadsA / 32, kRowsPerWarpA = 2, kRowsA = kWarpsA * kRowsPerWarpA;
+constexpr int kTokChunk = 4;  // tokens of one expert handled per pass over its rows
+
+// Kernel A: block (g, tile) = the g-th distinct chosen expert (ascending id) x rows [tile·kRowsA, +kRowsA) of I.
+// h[s, i] = silu(gate_i · x[m]) * (up_i · x[m]) for each slot s = m·k + j routed to that expert.
+template <class W>
+__global__ void __launch_bounds__(kThreadsA) k_moe_decode_gate_up(const float* __restrict__ x, int64_t ldx,
+                                                                   const int32_t* __restrict__ idx, int slots, int k, int E,
+                                                                   int D, int I, const void* const* __restrict__ gu_tab,
+                                                                   const float* const* __restrict__ gu_scale_tab,
+                                                                   int32_t* __restrict__ ws, int gmax, float* __restrict__ h) {
+  __shared__ uint32_t bits[kMaxE / 32];
+  __shared__ int s_slot[kMoeDecodeMaxSlots];
+  __shared__ int s_warpcnt[kThreadsA / 32];
+  __shared__ int s_expert, s_ngroups;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = blockIdx.x;
+  for (int i = tid; i < kMaxE / 32; i += blockDim.x) bits[i] = 0;
+  __syncthreads();
+  for (int s = tid; s < slots; s += blockDim.x) {
+    const int e = idx[s];
+    if (e >= 0 && e < E) atomicOr(&bits[e >> 5], 1u << (e & 31));
+  }
+  __syncthreads();
+  if (warp == 0) {  // E <= 1024: one word per lane; the g-th set bit and the number of set bits
+    const int nw = (E + 31) >> 5;
+    const uint32_t b = lane < nw ? bits[lane] : 0u;
+    const int c = __popc(b);
+    int incl = c;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int t = __shfl_up_sync(0xffffffffu, incl, o);
+      if (lane >= o) incl += t;
+    }
+    const int excl = incl - c;
+    if (g >= excl && g < incl) {
+      uint32_t bb = b;
+      for (int r = g - excl; r > 0; --r) bb &= bb - 1;
+      s_expert = lane * 32 + __ffs(bb) - 1;
+    }
+    if (lane == 31) {
+      s_ngroups = incl;
+      if (g >= incl) s_expert = -1;
+    }
+  }
+  __syncthreads();
+  const int e = s_expert;
+  if (g == 0 && blockIdx.y == 0 && tid == 0) ws[0] = s_ngroups;
+  if (e < 0 || g >= gmax) return;
+  // The slots routed to e, in ascending order (ballot compaction).
+  int n = 0;
+  for (int base = 0; base < slots; base += blockDim.x) {
+    const int s = base + tid;
+    const bool p = s < slots && idx[s] == e;
+    const unsigned m = __ballot_sync(0xffffffffu, p);
+    if (lane == 0) s_warpcnt[warp] = __popc(m);
+    __syncthreads();
+    int off = n;
+    for (int w2 = 0; w2 < warp; ++w2) off += s_warpcnt[w2];
+    if (p) s_slot[off + __popc(m & ((1u << lane) - 1u))] = s;
+    int tot = 0;
+    for (int w2 = 0; w2 < int(blockDim.x >> 5); ++w2) tot += s_warpcnt[w2];
+    n += tot;
+    __syncthreads();
+  }
+  if (blockIdx.y == 0) {
+    int32_t* gexp = ws + 1;
+    int32_t* gcount = gexp + gmax;
+    int32_t* glist = gcount + gmax;
+    if (tid == 0) {
+      gexp[g] = e;
+      gcount[g] = n;
+    }
+    for (int r = tid; r < n; r += blockDim.x) glist[int64_t(g) * slots + r] = s_slot[r];
+  }
+  const W* wgu = static_cast<const W*>(gu_tab[e]);
+  const float* sc = gu_scale_tab ? gu_scale_tab[e] : nullptr;
+  const int kb = (D + 127) / 128, ib = (I + 127) / 128;
+  const int row0 = blockIdx.y * kRowsA + warp * kRowsPerWarpA;
+  for (int c0 = 0; c0 < n; c0 += kTokChunk) {
+    const int nt = min(kTokChunk, n - c0);
+    const float* xr[kTokChunk];
+#pragma unroll
+    for (int t = 0; t < kTokChunk; ++t) xr[t] = x + int64_t(s_slot[c0 + min(t, nt - 1)] / k) * ldx;
+    float ag[kTokChunk][kRowsPerWarpA], au[kTokChunk][kRowsPerWarpA];
+#pragma unroll
+    for (int t = 0; t < kTokChunk; ++t)
+#pragma unroll
+      for (int r = 0; r < kRowsPerWarpA; ++r) ag[t][r] = au[t][r] = 0.0f;
+    const W* rg[kRowsPerWarpA];
+    const W* ru[kRowsPerWarpA];
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarpA; ++r) {
+      const int i = min(row0 + r, I - 1);
+      rg[r] = wgu + int64_t(i) * D;
+      ru[r] = wgu + int64_t(I + i) * D;
+    }
+#pragma unroll 2
+    for (int d0 = lane * 8; d0 < D; d0 += 256) {
+      Raw<W> fg[kRowsPerWarpA], fu[kRowsPerWarpA];
+#pragma unroll
+      for (int r = 0; r < kRowsPerWarpA; ++r) {
+        fetch(rg[r], d0, fg[r]);
+        fetch(ru[r], d0, fu[r]);
+      }
+      float sg[kRowsPerWarpA], su[kRowsPerWarpA];
+#pragma unroll
+      for (int r = 0; r < kRowsPerWarpA; ++r) {
+        sg[r] = su[r] = 1.0f;
+        if (sc) {
+          const int i = min(row0 + r, I - 1);
+          sg[r] = __ldg(sc + (i / 128) * kb + d0 / 128);
+          su[r] = __ldg(sc + (ib + i / 128) * kb + d0 / 128);
+        }
+      }
+      float xv[kTokChunk][8];
+#pragma unroll
+      for (int t = 0; t < kTokChunk; ++t) {
+        if (t < nt) {
+          const float4 a = __ldg(reinterpret_cast<const float4*>(xr[t] + d0));
+          const float4 b = __ldg(reinterpret_cast<const float4*>(xr[t] + d0 + 4));
+          xv[t][0] = a.x, xv[t][1] = a.y, xv[t][2] = a.z, xv[t][3] = a.w;
+          xv[t][4] = b.x, xv[t][5] = b.y, xv[t][6] = b.z, xv[t][7] = b.w;
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < kRowsPerWarpA; ++r) {
+        float wg[8], wu[8];
+        unpack(fg[r], sg[r], wg);
+        unpack(fu[r], su[r], wu);
+#pragma unroll
+        for (int t = 0; t < kTokChunk; ++t) {
+          if (t < nt) {
+#pragma unroll
+            for (int q = 0; q < 8; ++q) {
+              ag[t][r] = fmaf(wg[q], xv[t][q], ag[t][r]);
+              au[t][r] = fmaf(wu[q], xv[t][q], au[t][r]);
+            }
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int t = 0; t < kTokChunk; ++t) {
+      if (t < nt) {
+#pragma unroll
+        for (int r = 0; r < kRowsPerWarpA; ++r) {
+          const float gs = warp_sum(ag[t][r]), us = warp_sum(au[t][r]);
+          const int i = row0 + r;
+          if (lane == 0 && i < I) h[int64_t(s_slot[c0 + t]) * I + i] = gs / (1.0f + expf(-gs)) * us;
+        }
+      }
+    }
+  }
+}
+
+constexpr int kThreadsB = 256, kWarpsB = kThreadsB / 32;
+constexpr int kMaxChunksB = 8;  // 8-value chunks of an I row held per lane at once (I <= 2048 in one pass)
+
+// Kernel B: block = rows [blockIdx.x·kWarpsB, +kWarpsB) of D, one row per warp. For each group (ascending
+// expert id) the warp holds its down row in registers and, for each token of the group, adds w · (row · h[s])
+// into the token's accumulator. Then y = acc (+ y).
+template <class W>
+__global__ void __launch_bounds__(kThreadsB) k_moe_decode_down(const int32_t* __restrict__ ws, int gmax, int slots, int k,
+                                                                int M, int D, int I, const float* __restrict__ h,
+                                                                const float* __restrict__ wts,
+                                                                const void* const* __restrict__ dn_tab,
+                                                                const float* const* __restrict__ dn_scale_tab,
+                                                                float* __restrict__ y, int64_t ldy, bool accumulate) {
+  extern __shared__ float acc[];  // [M][kWarpsB]
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  for (int i = tid; i < M * kWarpsB; i += blockDim.x) acc[i] = 0.0f;
+  __syncthreads();
+  const int d = blockIdx.x * kWarpsB + warp;
+  const int ngroups = ws[0];
+  const int32_t* gexp = ws + 1;
+  const int32_t* gcount = gexp + gmax;
+  const int32_t* glist = gcount + gmax;
+  const int ib = (I + 127) / 128;
+  if (d < D) {
+    for (int g = 0; g < ngroups; ++g) {
+      const int e = gexp[g], n = gcount[g];
+      const W* row = static_cast<const W*>(dn_tab[e]) + int64_t(d) * I;
+      const float* sc = dn_scale_tab ? dn_scale_tab[e] + int64_t(d / 128) * ib : nullptr;
+      for (int p0 = 0; p0 < I; p0 += kMaxChunksB * 256) {
+        Raw<W> f[kMaxChunksB];
+#pragma unroll
+        for (int c = 0; c < kMaxChunksB; ++c) {
+          const int i0 = p0 + c * 256 + lane * 8;
+          if (i0 < I) fetch(row, i0, f[c]);
+        }
+        float wv[kMaxChunksB][8];
+#pragma unroll
+        for (int c = 0; c < kMaxChunksB; ++c) {
+          const int i0 = p0 + c * 256 + lane * 8;
+          if (i0 < I) unpack(f[c], sc ? __ldg(sc + i0 / 128) : 1.0f, wv[c]);
+        }
+        for (int r = 0; r < n; ++r) {
+          const int s = glist[int64_t(g) * slots + r];
+          const float* hr = h + int64_t(s) * I;
+          float part = 0.0f;
+#pragma unroll
+          for (int c = 0; c < kMaxChunksB; ++c) {
+            const int i0 = p0 + c * 256 + lane * 8;
+            if (i0 < I) {
+              const float4 a = *reinterpret_cast<const float4*>(hr + i0);
+              const float4 b = *reinterpret_cast<const float4*>(hr + i0 + 4);
+              part = fmaf(wv[c][0], a.x, part);
+              part = fmaf(wv[c][1], a.y, part);
+              part = fmaf(wv[c][2], a.z, part);
+              part = fmaf(wv[c][3], a.w, part);
+              part = fmaf(wv[c][4], b.x, part);
+              part = fmaf(wv[c][5], b.y, part);
+              part = fmaf(wv[c][6], b.z, part);
+              part = fmaf(wv[c][7], b.w, part);
+            }
+          }
+          part = warp_sum(part);
+          // Partial sums over I chunks of one slot are combined before weighting when I fits one pass (the
+          // usual case); with I > 2048 each pass's part is weighted separately (still a fixed order).
+          if (lane == 0) acc[(s / k) * kWarpsB + warp] += wts[s] * part;
+        }
+      }
+    }
+  }
+  __syncwarp();
+  if (d < D && lane == 0) {
+    for (int m = 0; m < M; ++m) {
+      float* yp = y + int64_t(m) * ldy + d;
+      *yp = accumulate ? acc[m * kWarpsB + warp] + *yp : acc[m * kWarpsB + warp];
+    }
+  }
+}
+
+// ---- prefill: permutation ----
+
+// One block per expert: the slots routed to it, in ascending order, by ballot compaction; counts[e].
+__global__ void k_moe_count(const int32_t* __restrict__ idx, int slots, int32_t* __restrict__ counts) {
+  __shared__ int part[32];
+  const int e = blockIdx.x;
+  int c = 0;
+  for (int s = threadIdx.x; s < slots; s += blockDim.x) c += idx[s] == e;
+  c = __reduce_add_sync(0xffffffffu, c);
+  if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = c;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int t = 0;
+    for (int w = 0; w < int(blockDim.x >> 5); ++w) t += part[w];
+    counts[e] = t;
+  }
+}
+// Exclusive scan of E <= 1024 counts in one block of 1024 threads.
+__global__ void k_moe_offsets(const int32_t* __restrict__ counts, int E, int32_t* __restrict__ offsets) {
+  __shared__ int wsum[32];
+  const int t = threadIdx.x, lane = t & 31, w = t >> 5;
+  const int c = t < E ? counts[t] : 0;
+  int incl = c;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int v = __shfl_up_sync(0xffffffffu, incl, o);
+    if (lane >= o) incl += v;
+  }
+  if (lane == 31) wsum[w] = incl;
+  __syncthreads();
+  if (w == 0) {
+    int v = wsum[lane], vi = v;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int u = __shfl_up_sync(0xffffffffu, vi, o);
+      if (lane >= o) vi += u;
+    }
+    wsum[lane] = vi - v;
+  }
+  __syncthreads();
+  const int excl = wsum[w] + incl - c;
+  if (t < E) offsets[t] = excl;
+  if (t == E - 1) offsets[E] = excl + c;
+}
+__global__ void k_moe_place(const int32_t* __restrict__ idx, int slots, const int32_t* __restrict__ offsets,
+                            int32_t* __restrict__ perm, int32_t* __restrict__ slot_row) {
+  __shared__ int wcnt[32];
+  const int e = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nw = blockDim.x >> 5;
+  int n = offsets[e];
+  for (int base = 0; base < slots; base += blockDim.x) {
+    const int s = base + tid;
+    const bool p = s < slots && idx[s] == e;
+    const unsigned m = __ballot_sync(0xffffffffu, p);
+    if (lane == 0) wcnt[warp] = __popc(m);
+    __syncthreads();
+    int off = n, tot = 0;
+    for (int w2 = 0; w2 < nw; ++w2) {
+      if (w2 < warp) off += wcnt[w2];
+      tot += wcnt[w2];
+    }
+    if (p) {
+      const int r = off + __popc(m & ((1u << lane) - 1u));
+      perm[r] = s;
+      slot_row[s] = r;
+    }
+    n += tot;
+    __syncthreads();
+  }
+}
+
+template <class O>
+__global__ void k_moe_gather(const float* __restrict__ x, int64_t ldx, const int32_t* __restrict__ perm, int k, int D,
+                             O* __restrict__ out, int64_t ldo) {
+  const int64_t p = blockIdx.x;
+  const float* xr = x + int64_t(perm[p] / k) * ldx;
+  O* o = out + p * ldo;
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    if constexpr (sizeof(O) == 4) o[d] = xr[d];
+    else o[d] = f32_to_bf16(xr[d]);
+  }
+}
+
+__global__ void k_moe_unpermute(const float* __restrict__ eo, int64_t ld, const int32_t* __restrict__ slot_row,
+                                const int32_t* __restrict__ idx, const float* __restrict__ wts, int k, int D,
+                                float* __restrict__ y, int64_t ldy, bool accumulate) {
+  __shared__ int order[64];
+  const int64_t m = blockIdx.x;
+  if (threadIdx.x == 0) {  // ascending expert order (insertion sort of <= 64 entries)
+    const int kk = min(k, 64);
+    for (int j = 0; j < kk; ++j) {
+      int t = j;
+      while (t > 0 && idx[m * k + order[t - 1]] > idx[m * k + j]) {
+        order[t] = order[t - 1];
+        --t;
+      }
+      order[t] = j;
+    }
+  }
+  __syncthreads();
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    float a = 0.0f;
+    for (int jj = 0; jj < k; ++jj) {
+      const int j = jj < 64 ? order[jj] : jj;
+      a += eo[int64_t(slot_row[m * k + j]) * ld + d] * wts[m * k + j];
+    }
+    float* yp = y + m * ldy + d;
+    *yp = accumulate ? a + *yp : a;
+  }
+}
+
+void check_experts(const MoeExperts& w) {
+  DSV3_CHECK(w.E > 0 && w.D > 0 && w.I > 0, "moe: experts not set (E {}, D {}, I {})", w.E, w.D, w.I);
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------------------
+
+MoeExperts::MoeExperts(int64_t E_, int64_t D_, int64_t I_, DType type_, std::vector<const void*> gu,
+                       std::vector<const void*> dn, std::vector<const float*> gus, std::vector<const float*> dns)
+    : E(E_), D(D_), I(I_), type(type_), gate_up(std::move(gu)), down(std::move(dn)), gate_up_scale(std::move(gus)),
+      down_scale(std::move(dns)) {
+  DSV3_CHECK(type == DType::BF16 || type == DType::F8_E4M3, "moe experts: weights must be BF16 or F8_E4M3, not {}",
+             dtype_name(type));
+  DSV3_CHECK(E > 0 && E <= kMaxE, "moe experts: E = {} outside [1, {}]", E, kMaxE);
+  DSV3_CHECK(D % 8 == 0 && I % 8 == 0 && D > 0 && I > 0, "moe experts: D {} and I {} must be positive multiples of 8", D, I);
+  DSV3_CHECK(int64_t(gate_up.size()) == E && int64_t(down.size()) == E, "moe experts: {} gate_up and {} down pointers for {} experts",
+             gate_up.size(), down.size(), E);
+  if (type == DType::F8_E4M3)
+    DSV3_CHECK(int64_t(gate_up_scale.size()) == E && int64_t(down_scale.size()) == E,
+               "moe experts: fp8 weights need {} scale pointers each (got {} and {})", E, gate_up_scale.size(), down_scale.size());
+  table_[0] = upload_table(gate_up);
+  table_[1] = upload_table(down);
+  table_[2] = upload_table(gate_up_scale);
+  table_[3] = upload_table(down_scale);
+}
+MoeExperts::~MoeExperts() {
+  for (void*& p : table_) device_free(p), p = nullptr;
+}
+MoeExperts::MoeExperts(MoeExperts&& o) noexcept { *this = std::move(o); }
+MoeExperts& MoeExperts::operator=(MoeExperts&& o) noexcept {
+  if (this != &o) {
+    for (void*& p : table_) device_free(p), p = nullptr;
+    E = o.E, D = o.D, I = o.I, type = o.type;
+    gate_up = std::move(o.gate_up), down = std::move(o.down);
+    gate_up_scale = std::move(o.gate_up_scale), down_scale = std::move(o.down_scale);
+    for (int i = 0; i < 4; ++i) table_[i] = o.table_[i], o.table_[i] = nullptr;
+  }
+  return *this;
+}
+int64_t MoeExperts::bytes_per_expert() const {
+  if (type == DType::BF16) return 3 * I * D * 2;
+  const int64_t kb = ceil_div(D, 128), ib = ceil_div(I, 128), db = ceil_div(D, 128);
+  return 3 * I * D + (2 * ib * kb + db * ib) * 4;
+}
+
+// ---- decode ----
+
+size_t moe_decode_workspace_bytes(int64_t M, int64_t top_k, int64_t E, int64_t I) {
+  const int64_t slots = M * top_k;
+  return DecodeLayout{std::min(E, slots), slots}.bytes(I);
+}
+
+void moe_decode(const MoeExperts& w, const float* x, int64_t ldx, const int32_t* idx, const float* wts, int64_t M,
+                int64_t top_k, float* y, int64_t ldy, bool accumulate, void* workspace, size_t workspace_bytes,
+                cudaStream_t stream) {
+  check_experts(w);
+  if (M <= 0) return;
+  const int64_t slots = M * top_k;
+  DSV3_CHECK(top_k > 0 && slots <= kMoeDecodeMaxSlots, "moe_decode: M·top_k = {}·{} outside [1, {}]", M, top_k,
+             kMoeDecodeMaxSlots);
+  DSV3_CHECK(ldx % 4 == 0 && ldx >= w.D && ldy >= w.D, "moe_decode: row strides ldx {} (multiple of 4) / ldy {} must be >= D {}",
+             ldx, ldy, w.D);
+  const DecodeLayout L{std::min(w.E, slots), slots};
+  DSV3_CHECK(workspace_bytes >= L.bytes(w.I), "moe_decode: workspace of {} bytes, needs {}", workspace_bytes, L.bytes(w.I));
+  int32_t* ws = static_cast<int32_t*>(workspace);
+  float* h = reinterpret_cast<float*>(static_cast<char*>(workspace) + L.h_offset());
+  const dim3 ga(unsigned(L.gmax), unsigned(ceil_div(w.I, kRowsA)));
+  const int E = int(w.E), D = int(w.D), I = int(w.I), k = int(top_k), sl = int(slots), gm = int(L.gmax);
+  if (w.type == DType::BF16)
+    k_moe_decode_gate_up<uint16_t><<<ga, kThreadsA, 0, stream>>>(x, ldx, idx, sl, k, E, D, I, w.d_gate_up(), nullptr, ws, gm, h);
+  else
+    k_moe_decode_gate_up<uint8_t><<<ga, kThreadsA, 0, stream>>>(x, ldx, idx, sl, k, E, D, I, w.d_gate_up(),
+                                                                 w.d_gate_up_scale(), ws, gm, h);
+  DSV3_CUDA_CHECK_LAUNCH("moe_decode gate_up kernel");
+  const size_t smem = size_t(M) * kWarpsB * sizeof(float);
+  const unsigned gb = unsigned(ceil_div(w.D, kWarpsB));
+  if (w.type == DType::BF16) {
+    if (smem > 48 * 1024)
+      DSV3_CUDA_CHECK(cudaFuncSetAttribute(k_moe_decode_down<uint16_t>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    k_moe_decode_down<uint16_t><<<gb, kThreadsB, smem, stream>>>(ws, gm, sl, k, int(M), D, I, h, wts, w.d_down(), nullptr, y,
+                                                                ldy, accumulate);
+  } else {
+    if (smem > 48 * 1024)
+      DSV3_CUDA_CHECK(cudaFuncSetAttribute(k_moe_decode_down<uint8_t>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    k_moe_decode_down<uint8_t><<<gb, kThreadsB, smem, stream>>>(ws, gm, sl, k, int(M), D, I, h, wts, w.d_down(),
+                                                               w.d_down_scale(), y, ldy, accumulate);
+  }
+  DSV3_CUDA_CHECK_LAUNCH("moe_decode down kernel");
+}
+
+// ---- prefill ----
+
+void moe_permute(const int32_t* idx, int64_t M, int64_t top_k, int64_t E, int32_t* counts, int32_t* offsets, int32_t* perm,
+                 int32_t* slot_row, cudaStream_t stream) {
+  DSV3_CHECK(E > 0 && E <= kMaxE, "moe_permute: E = {} outside [1, {}]", E, kMaxE);
+  const int64_t slots = M * top_k;
+  DSV3_CHECK(slots < (int64_t(1) << 31), "moe_permute: {} slots", slots);
+  if (slots <= 0) {
+    memset_device(counts, 0, size_t(E) * 4, stream);
+    memset_device(offsets, 0, size_t(E + 1) * 4, stream);
+    return;
+  }
+  k_moe_count<<<unsigned(E), 256, 0, stream>>>(idx, int(slots), counts);
+  DSV3_CUDA_CHECK_LAUNCH("moe_permute count kernel");
+  k_moe_offsets<<<1, 1024, 0, stream>>>(counts, int(E), offsets);
+  DSV3_CUDA_CHECK_LAUNCH("moe_permute offsets kernel");
+  k_moe_place<<<unsigned(E), 1024, 0, stream>>>(idx, int(slots), offsets, perm, slot_row);
+  DSV3_CUDA_CHECK_LAUNCH("moe_permute place kernel");
+}
+
+void moe_gather(const float* x, int64_t ldx, const int32_t* perm, int64_t rows, int64_t top_k, int64_t D, DType ot, void* out,
+                int64_t ldo, cudaStream_t stream) {
+  DSV3_CHECK(ot == DType::F32 || ot == DType::BF16, "moe_gather: output must be F32 or BF16, not {}", dtype_name(ot));
+  if (rows <= 0) return;
+  const int threads = D >= 1024 ? 256 : 128;
+  if (ot == DType::F32)
+    k_moe_gather<<<unsigned(rows), threads, 0, stream>>>(x, ldx, perm, int(top_k), int(D), static_cast<float*>(out), ldo);
+  else
+    k_moe_gather<<<unsigned(rows), threads, 0, stream>>>(x, ldx, perm, int(top_k), int(D), static_cast<uint16_t*>(out), ldo);
+  DSV3_CUDA_CHECK_LAUNCH("moe_gather kernel");
+}
+
+void moe_unpermute(const float* eo, int64_t ld, const int32_t* slot_row, const int32_t* idx, const float* wts, int64_t M,
+                   int64_t top_k, int64_t D, float* y, int64_t ldy, bool accumulate, cudaStream_t stream) {
+  if (M <= 0) return;
+  const int threads = D >= 1024 ? 256 : 128;
+  k_moe_unpermute<<<unsigned(M), threads, 0, stream>>>(eo, ld, slot_row, idx, wts, int(top_k), int(D), y, ldy, accumulate);
+  DSV3_CUDA_CHECK_LAUNCH("moe_unpermute kernel");
+}
+
+namespace {
+struct PrefillLayout {
+  size_t counts, offsets, perm, slot_row, xg, gu, hb, out, total;
+  PrefillLayout(int64_t M, int64_t k, int64_t E, int64_t D, int64_t I) {
+    const int64_t S = M * k;
+    auto al = [](size_t b) { return (b + 255) / 256 * 256; };
+    size_t o = 0;
+    counts = o, o += al(size_t(E) * 4);
+    offsets = o, o += al(size_t(E + 1) * 4);
+    perm = o, o += al(size_t(S) * 4);
+    slot_row = o, o += al(size_t(S) * 4);
+    xg = o, o += al(size_t(S) * size_t(D) * 2);
+    gu = o, o += al(size_t(S) * size_t(2 * I) * 4);
+    hb = o, o += al(size_t(S) * size_t(I) * 2);
+    out = o, o += al(size_t(S) * size_t(D) * 4);
+    total = o;
+  }
+};
+}  // namespace
+
+size_t moe_prefill_workspace_bytes(int64_t M, int64_t top_k, int64_t E, int64_t D, int64_t I) {
+  return PrefillLayout(M, top_k, E, D, I).total;
+}
+
+void moe_prefill(Gemm& gemm, const MoeExperts& w, const float* x, int64_t ldx, const int32_t* idx, const float* wts, int64_t M,
+                 int64_t top_k, float* y, int64_t ldy, bool accumulate, void* workspace, size_t workspace_bytes,
+                 cudaStream_t stream) {
+  check_experts(w);
+  if (M <= 0) return;
+  const PrefillLayout L(M, top_k, w.E, w.D, w.I);
+  DSV3_CHECK(workspace_bytes >= L.total, "moe_prefill: workspace of {} bytes, needs {}", workspace_bytes, L.total);
+  char* base = static_cast<char*>(workspace);
+  auto* counts = reinterpret_cast<int32_t*>(base + L.counts);
+  auto* offsets = reinterpret_cast<int32_t*>(base + L.offsets);
+  auto* perm = reinterpret_cast<int32_t*>(base + L.perm);
+  auto* slot_row = reinterpret_cast<int32_t*>(base + L.slot_row);
+  auto* xg = reinterpret_cast<uint16_t*>(base + L.xg);
+  auto* gu = reinterpret_cast<float*>(base + L.gu);
+  auto* hb = reinterpret_cast<uint16_t*>(base + L.hb);
+  auto* out = reinterpret_cast<float*>(base + L.out);
+  const int64_t S = M * top_k, D = w.D, I = w.I;
+  moe_permute(idx, M, top_k, w.E, counts, offsets, perm, slot_row, stream);
+  moe_gather(x, ldx, perm, S, top_k, D, DType::BF16, xg, D, stream);
+  std::vector<int32_t> off(size_t(w.E + 1));
+  copy_to_host(off.data(), offsets, off.size() * 4, stream);
+  synchronize(stream);
+  const bool fp8 = w.type == DType::F8_E4M3;
+  for (int64_t e = 0; e < w.E; ++e) {
+    const int64_t r0 = off[size_t(e)], n = off[size_t(e + 1)] - r0;
+    if (n <= 0) continue;
+    if (!fp8) {
+      gemm.matmul(DType::BF16, xg + r0 * D, D, w.gate_up[size_t(e)], D, DType::F32, gu + r0 * 2 * I, 2 * I, n, 2 * I, D, stream);
+    } else {
+      // gate and up separately: each keeps its own 128x128 scale blocks (I need not be a multiple of 128).
+      const auto* wq = static_cast<const uint8_t*>(w.gate_up[size_t(e)]);
+      const float* s = w.gate_up_scale[size_t(e)];
+      gemm.linear_fp8(DType::BF16, xg + r0 * D, D, wq, s, DType::F32, gu + r0 * 2 * I, 2 * I, n, I, D, stream);
+      gemm.linear_fp8(DType::BF16, xg + r0 * D, D, wq + I * D, s + ceil_div(I, 128) * ceil_div(D, 128), DType::F32,
+                      gu + r0 * 2 * I + I, 2 * I, n, I, D, stream);
+    }
+  }
+  silu_mul(gu, 2 * I, DType::BF16, hb, I, S, I, stream);
+  for (int64_t e = 0; e < w.E; ++e) {
+    const int64_t r0 = off[size_t(e)], n = off[size_t(e + 1)] - r0;
+    if (n <= 0) continue;
+    if (!fp8)
+      gemm.matmul(DType::BF16, hb + r0 * I, I, w.down[size_t(e)], I, DType::F32, out + r0 * D, D, n, D, I, stream);
+    else
+      gemm.linear_fp8(DType::BF16, hb + r0 * I, I, static_cast<const uint8_t*>(w.down[size_t(e)]), w.down_scale[size_t(e)],
+                      DType::F32, out + r0 * D, D, n, D, I, stream);
+  }
+  moe_unpermute(out, D, slot_row, idx, wts, M, top_k, D, y, ldy, accumulate, stream);
+}
+
+// ---- streams and graphs ----
+
+cudaStream_t stream_create() {
+  cudaStream_t s = nullptr;
+  DSV3_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  return s;
+}
+void stream_destroy(cudaStream_t s) noexcept {
+  if (s) (void)cudaStreamDestroy(s);
+}
+CudaGraph::~CudaGraph() {
+  if (exec_) (void)cudaGraphExecDestroy(static_cast<cudaGraphExec_t>(exec_));
+  if (graph_) (void)cudaGraphDestroy(static_cast<cudaGraph_t>(graph_));
+}
+void CudaGraph::begin(cudaStream_t s) {
+  DSV3_CHECK(s != nullptr, "CudaGraph: capture needs a created stream, not the legacy default stream");
+  s_ = s;
+  DSV3_CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+}
+void CudaGraph::end() {
+  cudaGraph_t g = nullptr;
+  DSV3_CUDA_CHECK(cudaStreamEndCapture(s_, &g));
+  if (graph_) (void)cudaGraphDestroy(static_cast<cudaGraph_t>(graph_));
+  if (exec_) (void)cudaGraphExecDestroy(static_cast<cudaGraphExec_t>(exec_));
+  graph_ = g;
+  exec_ = nullptr;
+  cudaGraphExec_t e = nullptr;
+  DSV3_CUDA_CHECK(cudaGraphInstantiate(&e, g, 0));
+  exec_ = e;
+}
+void CudaGraph::launch(cudaStream_t s) {
+  DSV3_CHECK(exec_ != nullptr, "CudaGraph: nothing captured");
+  DSV3_CUDA_CHECK(cudaGraphLaunch(static_cast<cudaGraphExec_t>(exec_), s));
+}
+
+}  // namespace dsv3::cuda

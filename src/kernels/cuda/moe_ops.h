@@ -1,0 +1,188 @@
+// CUDA kernels for the routed experts of a DeepSeekMoE layer (prefill and decode) and for sampling on the GPU.
+// Same conventions as cuda_ops.h: raw device pointers, element strides, a cudaStream_t, no CUDA headers needed,
+// failures as dsv3::Error. Implementation: moe.cu (experts) and sampling.cu (sampling).
+//
+// Semantics are those of the CPU Moe::forward (src/model/modules.cpp) for the routed part:
+//   y[m] = Σ_j w[m, j] · down_e( silu(gate_e · x[m]) * (up_e · x[m]) ),  e = idx[m, j]
+// summed per token in ascending expert order (the CPU's index_add order), accumulated in f32, then added to
+// what y holds (the shared experts' output) when `accumulate` is true: y[m] = Σ + y[m], as the CPU does.
+// Nothing here uses float atomics: every output element has one writer and a fixed summation order, so results
+// are bitwise reproducible run to run.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "kernels/cuda/cuda_ops.h"
+
+#if defined(__CUDACC__)
+#define DSV3_HD __host__ __device__ __forceinline__
+#else
+#define DSV3_HD inline
+#endif
+
+namespace dsv3::cuda {
+
+// ---------------------------------------------------------------------------------------------------------
+// The routed experts of one layer
+// ---------------------------------------------------------------------------------------------------------
+
+// Non-owning view of E experts' weights (device memory, owned by the engine) plus the device-side pointer
+// tables this object owns (built once in the constructor; synchronous upload).
+//   type BF16: gate_up[e] -> [2I, D] bf16 (rows 0..I-1 = gate_proj, I..2I-1 = up_proj), down[e] -> [D, I] bf16.
+//   type F8_E4M3: the same shapes in e4m3 bytes, with the checkpoint's 128x128 block scales (weight_scale_inv):
+//     gate_up_scale[e] -> [2·ceil(I/128), ceil(D/128)] f32 = gate's scale rows, then up's (each proj keeps its
+//     own blocks, so I need not be a multiple of 128); down_scale[e] -> [ceil(D/128), ceil(I/128)].
+// Requirements: D % 8 == 0, I % 8 == 0, pointers 16-byte aligned.
+class MoeExperts {
+ public:
+  MoeExperts() = default;
+  MoeExperts(int64_t E, int64_t D, int64_t I, DType type, std::vector<const void*> gate_up, std::vector<const void*> down,
+             std::vector<const float*> gate_up_scale = {}, std::vector<const float*> down_scale = {});
+  ~MoeExperts();
+  MoeExperts(MoeExperts&&) noexcept;
+  MoeExperts& operator=(MoeExperts&&) noexcept;
+  MoeExperts(const MoeExperts&) = delete;
+  MoeExperts& operator=(const MoeExperts&) = delete;
+
+  int64_t E = 0, D = 0, I = 0;
+  DType type = DType::BF16;
+  // Host copies of the pointers (used by the prefill path, which calls cuBLASLt per expert).
+  std::vector<const void*> gate_up, down;
+  std::vector<const float*> gate_up_scale, down_scale;
+  // Device arrays of the same pointers (E entries each; scale tables null for BF16), read by the decode kernels.
+  const void* const* d_gate_up() const { return static_cast<const void* const*>(table_[0]); }
+  const void* const* d_down() const { return static_cast<const void* const*>(table_[1]); }
+  const float* const* d_gate_up_scale() const { return static_cast<const float* const*>(table_[2]); }
+  const float* const* d_down_scale() const { return static_cast<const float* const*>(table_[3]); }
+  // Bytes of weights (and scales) of one expert: what decoding reads per distinct expert chosen.
+  int64_t bytes_per_expert() const;
+
+ private:
+  void* table_[4] = {nullptr, nullptr, nullptr, nullptr};
+};
+
+// ---------------------------------------------------------------------------------------------------------
+// Decode: fused routed experts for a few tokens, no host synchronisation (CUDA-graph capturable)
+// ---------------------------------------------------------------------------------------------------------
+
+// Largest M·top_k moe_decode accepts (one block sorts the slots).
+constexpr int64_t kMoeDecodeMaxSlots = 1024;
+size_t moe_decode_workspace_bytes(int64_t M, int64_t top_k, int64_t E, int64_t I);
+// x f32 [M, D] (row stride ldx); idx int32 [M, top_k] and wts f32 [M, top_k] in device memory (e.g. from
+// moe_route); y f32 [M, D] (row stride ldy): y = Σ (+ y when accumulate). Each distinct chosen expert's
+// weights are read once whatever the number of tokens that chose it. Two kernels: gate|up + SiLU·mul into
+// `workspace` per (token, slot), then down + the weighted sum per token. Requires M·top_k <= kMoeDecodeMaxSlots,
+// E <= 1024, x and y 16-byte aligned rows (ldx, ldy multiples of 4). Meant for M <= 64; any M within the limit
+// is correct. Precision: weights as stored (bf16, or e4m3 × block scale), x and all sums in f32.
+void moe_decode(const MoeExperts& w, const float* x, int64_t ldx, const int32_t* idx, const float* wts, int64_t M,
+                int64_t top_k, float* y, int64_t ldy, bool accumulate, void* workspace, size_t workspace_bytes,
+                cudaStream_t stream = nullptr);
+
+// ---------------------------------------------------------------------------------------------------------
+// Prefill: token permutation + grouped expert GEMMs through cuBLASLt
+// ---------------------------------------------------------------------------------------------------------
+
+// Stable grouping of the M·top_k slots (slot s = m·top_k + j) by expert, all on the device:
+//   counts[e] = #slots routed to e; offsets[e] = Σ_{e' < e} counts[e'] (E + 1 entries, offsets[E] = M·top_k);
+//   perm[p] = the slot at permuted row p (slots of expert e at rows offsets[e].., in ascending slot order);
+//   slot_row[s] = the permuted row of slot s (inverse of perm). Requires E <= 1024. idx out of [0, E) -> the
+//   slot is counted nowhere and a later moe_unpermute reads garbage: route with moe_route.
+void moe_permute(const int32_t* idx, int64_t M, int64_t top_k, int64_t E, int32_t* counts, int32_t* offsets,
+                 int32_t* perm, int32_t* slot_row, cudaStream_t stream = nullptr);
+// out[p, :] = x[perm[p] / top_k, :] converted to out_type (F32 or BF16); rows = M·top_k.
+void moe_gather(const float* x, int64_t ldx, const int32_t* perm, int64_t rows, int64_t top_k, int64_t D,
+                DType out_type, void* out, int64_t ldo, cudaStream_t stream = nullptr);
+// y[m, :] = Σ_j w[m, j] · expert_out[slot_row[m·top_k + j], :] in ascending idx[m, j] order (+ y[m, :] when
+// accumulate); expert_out f32 with row stride ld.
+void moe_unpermute(const float* expert_out, int64_t ld, const int32_t* slot_row, const int32_t* idx, const float* wts,
+                   int64_t M, int64_t top_k, int64_t D, float* y, int64_t ldy, bool accumulate,
+                   cudaStream_t stream = nullptr);
+
+size_t moe_prefill_workspace_bytes(int64_t M, int64_t top_k, int64_t E, int64_t D, int64_t I);
+// The whole routed-expert FFN for many tokens: permute, gather x as bf16 rows, per expert one cuBLASLt GEMM
+// for gate|up [n_e, 2I] (f32 out), one SiLU·mul over all rows (bf16 out), per expert one GEMM for down (f32),
+// un-permute. A loop of cuBLASLt calls (not a single grouped kernel): the per-expert row counts are copied to
+// the host, so this SYNCHRONIZES `stream` once and cannot be captured in a CUDA graph (use moe_decode there).
+// FP8 experts run gemm.linear_fp8 per expert (activations quantized 1x128 on the fly). Same x/idx/wts/y
+// contract as moe_decode; any M.
+void moe_prefill(Gemm& gemm, const MoeExperts& w, const float* x, int64_t ldx, const int32_t* idx, const float* wts,
+                 int64_t M, int64_t top_k, float* y, int64_t ldy, bool accumulate, void* workspace,
+                 size_t workspace_bytes, cudaStream_t stream = nullptr);
+
+// ---------------------------------------------------------------------------------------------------------
+// Streams and CUDA graphs (used by the tests and benchmarks of the kernels above; the engine may use them too)
+// ---------------------------------------------------------------------------------------------------------
+
+cudaStream_t stream_create();  // a non-blocking stream
+void stream_destroy(cudaStream_t s) noexcept;
+// Captures the work issued on `s` between begin() and end() (thread-local capture mode), then replays it.
+class CudaGraph {
+ public:
+  CudaGraph() = default;
+  ~CudaGraph();
+  CudaGraph(const CudaGraph&) = delete;
+  CudaGraph& operator=(const CudaGraph&) = delete;
+  void begin(cudaStream_t s);
+  void end();  // instantiates; throws the capture's error (e.g. a synchronising call inside) as dsv3::Error
+  void launch(cudaStream_t s);
+
+ private:
+  cudaStream_t s_ = nullptr;
+  void* graph_ = nullptr;
+  void* exec_ = nullptr;
+};
+
+// ---------------------------------------------------------------------------------------------------------
+// Sampling on the GPU (no host synchronisation; graph-capturable)
+// ---------------------------------------------------------------------------------------------------------
+
+// The filters of dsv3::Sampler (src/infer/sampler.h) without the history penalties: softmax at temperature,
+// then on the stable descending order: top-k, top-p (smallest prefix with mass >= top_p), min-p (p >= min_p ·
+// p_max, at least one token); then one draw from the renormalised kept mass. temperature <= 0 is greedy
+// (first maximum). The kept set equals Sampler::distribution's; the draw uses the counter-based RNG below, so
+// a (seed, step, row) triple always gives the same token (bitwise, run to run).
+struct GpuSampling {
+  float temperature = 0.0f;  // <= 0: greedy
+  int top_k = 0;             // 0: off
+  float top_p = 1.0f;        // 1: off
+  float min_p = 0.0f;        // 0: off
+};
+size_t sample_workspace_bytes(int64_t B, int64_t V);
+// logits f32 [B, V] (row stride ld); rng: device uint64 [B, 2] = (seed, step) per row; out int32 [B]. With
+// advance_step the kernel increments each row's step after its draw (so a captured graph replays new draws).
+// Probabilities are compared in a fixed-point form (p · 2^52 truncated to an integer) so that sums are exact
+// and order-free; the draw picks the first kept token (index order) whose running fixed-point mass exceeds
+// floor(u · total), u = philox_uniform(seed, step, row).
+void sample_rows(const float* logits, int64_t ld, int64_t B, int64_t V, const GpuSampling& p, uint64_t* rng,
+                 bool advance_step, int32_t* out, void* workspace, size_t workspace_bytes,
+                 cudaStream_t stream = nullptr);
+
+// Philox-4x32-10 (Salmon et al. 2011) on counter (row, step_lo, step_hi, 0) with key (seed_lo, seed_hi): the same
+// function on host and device. philox_uniform returns a double in [0, 1) with 53 random bits.
+struct Philox4 {
+  uint32_t v[4];
+};
+DSV3_HD Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {
+  for (int r = 0; r < 10; ++r) {
+    const uint64_t p0 = uint64_t(0xD2511F53u) * c0, p1 = uint64_t(0xCD9E8D57u) * c2;
+    const uint32_t n0 = uint32_t(p1 >> 32) ^ c1 ^ k0, n2 = uint32_t(p0 >> 32) ^ c3 ^ k1;
+    c1 = uint32_t(p1);
+    c3 = uint32_t(p0);
+    c0 = n0;
+    c2 = n2;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  return {{c0, c1, c2, c3}};
+}
+DSV3_HD double philox_uniform(uint64_t seed, uint64_t step, uint64_t row) {
+  const Philox4 r = philox4x32_10(uint32_t(row), uint32_t(step), uint32_t(step >> 32), uint32_t(row >> 32), uint32_t(seed),
+                                  uint32_t(seed >> 32));
+  const uint64_t bits = (uint64_t(r.v[0]) << 32 | r.v[1]) >> 11;
+  return double(bits) * 0x1.0p-53;
+}
+// The fixed-point probability of the sampler: p · 2^52 truncated (p in [0, 1]).
+DSV3_HD uint64_t prob_fixed(float p) { return uint64_t(double(p) * 0x1.0p52); }
+
+}  // namespace dsv3::cuda
