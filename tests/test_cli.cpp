@@ -362,6 +362,25 @@ TEST(Cli, GenerateRejectsBadRequests) {
   expect_one_line_error(gen({"--prompt", "caf\xC3", "--tokenizer", tokenizer_path()}), {"UTF-8"});
 }
 
+// --device cuda where no GPU is visible (CI, or CUDA_VISIBLE_DEVICES empty), or in a build without CUDA: one
+// line naming the cause, no output file.
+TEST(Cli, DeviceCudaWithoutGpuIsAClearError) {
+  TempDir t;
+  auto golden = io::SafetensorsFile::open(test::golden_dir("tiny") + "/golden.safetensors");
+  write_input(t / "in.safetensors", "input_ids", golden->get("input_ids"));
+  ::setenv("CUDA_VISIBLE_DEVICES", "", 1);
+  const Result fwd = dsv3({"forward", "--model", tiny_model(), "--input", t / "in.safetensors", "--output",
+                           t / "out.safetensors", "--device", "cuda"});
+  const Result gen = dsv3({"generate", "--model", tiny_model(), "--prompt-ids", "1,2", "--device", "cuda", "--dtype", "fp32"});
+  const Result bad = dsv3({"generate", "--model", tiny_model(), "--prompt-ids", "1,2", "--device", "tpu"});
+  ::unsetenv("CUDA_VISIBLE_DEVICES");
+  expect_one_line_error(fwd, {"no CUDA GPU available"});
+  EXPECT_FALSE(fs::exists(t / "out.safetensors"));
+  expect_one_line_error(gen, {"no CUDA GPU available"});
+  EXPECT_GT(bad.status, 0) << show(bad);
+  EXPECT_NE(bad.err.find("tpu"), std::string::npos) << bad.err;
+}
+
 // ----- tokenize -------------------------------------------------------------------------------------------
 
 TEST(Cli, TokenizeRejectsMalformedLines) {

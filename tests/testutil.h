@@ -1,12 +1,18 @@
 #pragma once
 #include <cmath>
+#include <cstdlib>
 #include <string>
 
 #include "core/tensor.h"
 
 namespace dsv3::test {
 
-inline std::string shared_dir() { return DSV3_SHARED_DIR; }
+// ../shared beside the checkout (fixed at configure time); DSV3_SHARED_DIR in the environment overrides it, for
+// binaries run on another machine (the GPU tests).
+inline std::string shared_dir() {
+  const char* env = std::getenv("DSV3_SHARED_DIR");
+  return env && *env ? env : DSV3_SHARED_DIR;
+}
 inline std::string golden_dir(const std::string& c) { return shared_dir() + "/golden/" + c; }
 
 // ‖a − b‖ / ‖b‖ over all elements (both converted to float64).

@@ -5,6 +5,7 @@
 // the device-to-device copy bandwidth measured in the same run, batch-1 decode tokens/s next to its bound
 // (bytes of weights one decode step reads ÷ that bandwidth), batch-B decode throughput, and prefill of T tokens
 // (the Generator's cached prefill, and the uncached forward without copying its logits to the host).
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
@@ -15,6 +16,7 @@
 #include "infer/cuda_model.h"
 #include "kernels/cuda/cuda_ops.h"
 #include "model/init.h"
+#include "model/stats.h"
 
 using namespace dsv3;
 
@@ -35,6 +37,25 @@ double copy_bandwidth() {
   }
   std::sort(ms.begin(), ms.end());
   return 2.0 * double(bytes) / (double(ms[ms.size() / 2]) * 1e-3);  // read + write
+}
+
+// cuBLASLt bf16 GEMM rate (f32 out) on y[M,N] = x[M,K]·W[N,K]ᵀ, FLOP/s, median of 10 event-timed runs.
+double gemm_rate(int64_t M, int64_t N, int64_t K) {
+  cuda::DeviceBuffer<uint16_t> x(size_t(M * K)), w(size_t(N * K));
+  cuda::DeviceBuffer<float> y(size_t(M * N));
+  cuda::memset_device(x.get(), 0x3c, x.bytes());
+  cuda::memset_device(w.get(), 0x3c, w.bytes());
+  cuda::Gemm g;
+  cuda::EventTimer t;
+  std::vector<float> ms;
+  for (int i = 0; i < 13; ++i) {
+    t.start();
+    g.matmul(DType::BF16, x.get(), K, w.get(), K, DType::F32, y.get(), N, M, N, K);
+    const float v = t.stop_ms();
+    if (i >= 3) ms.push_back(v);
+  }
+  std::sort(ms.begin(), ms.end());
+  return 2.0 * double(M) * double(N) * double(K) / (double(ms[ms.size() / 2]) * 1e-3);
 }
 
 int64_t argmax(const float* x, int64_t V) { return int64_t(std::max_element(x, x + V) - x); }
@@ -140,6 +161,9 @@ int main(int argc, char** argv) {
       const double t = since(t0);
       if (rep > 0) fwd = t;
     }
+    const double flops_tok = model_stats(m->config()).forward_flops_per_token(prefill);
+    const double g_big = gemm_rate(8192, 8192, 8192), g_model = gemm_rate(prefill, m->config().hidden_size * 4,
+                                                                            m->config().hidden_size);
     std::printf("device: %s | weights %.3f GiB (%s%s) | decode reads %.1f MB/token\n", d.name.c_str(),
                 double(m->weight_bytes()) / double(1ull << 30), dtype.c_str(), fp8 ? ", fp8 checkpoint" : "", bytes / 1e6);
     std::printf("| what | value |\n| --- | ---: |\n");
@@ -149,8 +173,11 @@ int main(int argc, char** argv) {
                 (long long)context, (long long)tokens, (long long)rep1, r1, 100.0 * r1 / bound, 1e3 / r1);
     if (batch > 1)
       std::printf("| batch-%lld decode (%lld graph replays) | %.1f tokens/s |\n", (long long)batch, (long long)repB, rB);
-    std::printf("| prefill T=%lld, cached step (generator path) | %.1f tokens/s (%.1f ms) |\n", (long long)prefill,
-                double(prefill) / pre, pre * 1e3);
+    std::printf("| cuBLASLt bf16 GEMM 8192^3 / %lldx%lldx%lld | %.1f / %.1f TFLOP/s |\n", (long long)prefill,
+                (long long)m->config().hidden_size * 4, (long long)m->config().hidden_size, g_big / 1e12, g_model / 1e12);
+    std::printf("| prefill T=%lld, cached step (generator path) | %.1f tokens/s (%.1f ms, %.1f TFLOP/s = %.1f%% of 8192^3 GEMM) |\n",
+                (long long)prefill, double(prefill) / pre, pre * 1e3, flops_tok * double(prefill) / pre / 1e12,
+                100.0 * flops_tok * double(prefill) / pre / g_big);
     std::printf("| prefill T=%lld, uncached forward incl. logits to host | %.1f tokens/s (%.1f ms) |\n", (long long)prefill,
                 double(prefill) / fwd, fwd * 1e3);
   } catch (const std::exception& e) {

@@ -103,7 +103,7 @@ struct Arena {
 enum Slot : size_t {
   S_META, S_H, S_XACT, S_QA, S_QAN, S_Q, S_KVA, S_CN, S_KV, S_K, S_O, S_OACT, S_ATT, S_QC, S_OL, S_AWS, S_X2, S_FFN, S_GU,
   S_A, S_LOGIT, S_IDX, S_W, S_SLOTS, S_PERM, S_XG, S_YE, S_MOEWS, S_FINAL, S_ROWS, S_ROWSACT, S_MTPCAT, S_EMB, S_HPREV, S_ERR, S_CNA,
-  S_COUNT
+  S_TAKE, S_COUNT
 };
 
 // One execution context: a cuBLASLt handle and the scratch it and the kernels use. Decode steps that are
@@ -861,7 +861,7 @@ struct CudaModel::Impl {
         std::vector<int32_t> last;
         int64_t rr = 0;
         for (const auto& q : batch.seqs) last.push_back(int32_t((rr += q.n) - 1));
-        take = ex.arena.as<int32_t>(S_PERM, S);
+        take = ex.arena.as<int32_t>(S_TAKE, S);  // not S_PERM: the MoE reuses that slot
         cuda::copy_to_device(take, last.data(), last.size() * 4, s());
       }
       step_body(ex, r, take, out_rows, false);

@@ -225,7 +225,8 @@ TEST(CudaMoe, GatherAndUnpermuteMatchCpu) {
       ref[size_t(m * D + d)] = a + y0[size_t(m * D + d)];
     }
   }
-  EXPECT_EQ(download(dy), ref);  // same order, same f32 operations: bitwise
+  // Same order of f32 operations; only FMA contraction (nvcc fuses, the host build may not) can differ.
+  EXPECT_LT(rel_l2(download(dy), ref), 1e-6);
 }
 
 struct DecodeCase {

@@ -486,7 +486,9 @@ int latent_splits(const LatentAttention& p, DType ct) {
   const int64_t per_sm = mma && mma_tiles(p) == 4 ? 1 : 2;  // resident blocks per SM
   const int64_t blocks = p.batch * p.s_q * ceil_div(p.heads, hm);
   const int64_t want = ceil_div(per_sm * int64_t(sm_count()), std::max<int64_t>(1, blocks));
-  const int64_t most = std::max<int64_t>(1, ceil_div(p.max_len, 256));  // at least 256 rows a split
+  // Enough splits to fill the GPU even at batch 1 (a split is one tile of DT rows at least): the decode step of a
+  // small batch is otherwise one block streaming the whole context.
+  const int64_t most = std::max<int64_t>(1, ceil_div(p.max_len, int64_t(DT)));
   return int(std::clamp<int64_t>(want, 1, most));
 }
 

@@ -154,41 +154,59 @@ void latent_append(const float* c, int64_t ldc, int64_t kvr, const float* kr, in
   DSV3_CUDA_CHECK_LAUNCH("latent_append kernel");
 }
 
-// One block per (head, tile of kMT rows): the x tile in shared memory, threads over n, w read once per tile.
-constexpr int kMT = 8;
+// Decode-sized per-head products (M small, K and N a few hundred): one block of 8 warps per (head, 32 columns,
+// kMT rows). The warps split K (so a block has 8 independent load streams, not one serial loop over K); lanes
+// take consecutive columns (coalesced weight rows); partial sums meet in shared memory.
+constexpr int kMT = 8, kHW = 8;
 template <class W>
-__global__ void k_head_matmul(const float* __restrict__ x, int64_t xs0, int64_t xs1, int64_t K, const W* __restrict__ w,
-                              int64_t wsh, int64_t wsk, int64_t N, float* __restrict__ y, int64_t ys0, int64_t ys1, int64_t M) {
-  extern __shared__ float xs[];  // [kMT][K]
-  const int64_t h = blockIdx.x, m0 = int64_t(blockIdx.y) * kMT;
+__global__ void __launch_bounds__(kHW * 32) k_head_matmul(const float* __restrict__ x, int64_t xs0, int64_t xs1, int K,
+                                                         const W* __restrict__ w, int64_t wsh, int64_t wsk, int N,
+                                                         float* __restrict__ y, int64_t ys0, int64_t ys1, int64_t M) {
+  extern __shared__ float xs[];  // [kMT][K], then red[kHW][kMT][32]
+  float* red = xs + kMT * K;
+  const int64_t h = blockIdx.x, m0 = int64_t(blockIdx.z) * kMT;
   const int mt = M - m0 < kMT ? int(M - m0) : kMT;
-  for (int64_t i = threadIdx.x; i < int64_t(mt) * K; i += blockDim.x) xs[i] = x[(m0 + i / K) * xs0 + h * xs1 + i % K];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n = blockIdx.y * 32 + lane;
+  for (int i = threadIdx.x; i < mt * K; i += blockDim.x) xs[i] = x[(m0 + i / K) * xs0 + h * xs1 + i % K];
   __syncthreads();
-  const W* wh = w + h * wsh;
-  for (int64_t n = threadIdx.x; n < N; n += blockDim.x) {
-    float acc[kMT];
+  float acc[kMT];
 #pragma unroll
-    for (int r = 0; r < kMT; ++r) acc[r] = 0.0f;
-    for (int64_t k = 0; k < K; ++k) {
-      const float wv = load_f32(wh, k * wsk + n);
+  for (int r = 0; r < kMT; ++r) acc[r] = 0.0f;
+  if (n < N) {
+    const W* wh = w + h * wsh + n;
+    const int kc = (K + kHW - 1) / kHW, k0 = warp * kc, k1 = min(K, k0 + kc);
+#pragma unroll 4
+    for (int k = k0; k < k1; ++k) {
+      const float wv = load_f32(wh, int64_t(k) * wsk);
 #pragma unroll
-      for (int r = 0; r < kMT; ++r) acc[r] += xs[r * K + k] * wv;
+      for (int r = 0; r < kMT; ++r)
+        if (r < mt) acc[r] = fmaf(xs[r * K + k], wv, acc[r]);
     }
-    for (int r = 0; r < mt; ++r) y[(m0 + r) * ys0 + h * ys1 + n] = acc[r];
+  }
+#pragma unroll
+  for (int r = 0; r < kMT; ++r) red[(warp * kMT + r) * 32 + lane] = acc[r];
+  __syncthreads();
+  for (int i = threadIdx.x; i < mt * 32; i += blockDim.x) {
+    const int r = i / 32, l = i % 32, nn = blockIdx.y * 32 + l;
+    float v = 0.0f;
+#pragma unroll
+    for (int q = 0; q < kHW; ++q) v += red[(q * kMT + r) * 32 + l];
+    if (nn < N) y[(m0 + r) * ys0 + h * ys1 + nn] = v;
   }
 }
 void head_matmul(const float* x, int64_t xs0, int64_t xs1, int64_t K, DType wt, const void* w, int64_t wsh, int64_t wsk, int64_t N,
                  float* y, int64_t ys0, int64_t ys1, int64_t M, int64_t H, cudaStream_t s) {
   check_act(wt, "head_matmul weight");
   if (M * H * N <= 0) return;
-  const size_t smem = size_t(kMT) * size_t(K) * sizeof(float);
+  const size_t smem = size_t(kMT) * size_t(K) * sizeof(float) + size_t(kHW * kMT * 32) * sizeof(float);
   DSV3_CHECK(smem <= 48 * 1024, "head_matmul: K = {} is too large", K);
-  const dim3 grid(unsigned(H), unsigned((M + kMT - 1) / kMT));
-  const int threads = N >= 256 ? 256 : 128;
+  DSV3_CHECK((M + kMT - 1) / kMT <= 65535, "head_matmul: {} rows are too many", M);
+  const dim3 grid(unsigned(H), unsigned((N + 31) / 32), unsigned((M + kMT - 1) / kMT));
   if (wt == DType::F32)
-    k_head_matmul<<<grid, threads, smem, s>>>(x, xs0, xs1, K, static_cast<const float*>(w), wsh, wsk, N, y, ys0, ys1, M);
+    k_head_matmul<<<grid, kHW * 32, smem, s>>>(x, xs0, xs1, int(K), static_cast<const float*>(w), wsh, wsk, int(N), y, ys0, ys1, M);
   else
-    k_head_matmul<<<grid, threads, smem, s>>>(x, xs0, xs1, K, static_cast<const uint16_t*>(w), wsh, wsk, N, y, ys0, ys1, M);
+    k_head_matmul<<<grid, kHW * 32, smem, s>>>(x, xs0, xs1, int(K), static_cast<const uint16_t*>(w), wsh, wsk, int(N), y, ys0,
+                                               ys1, M);
   DSV3_CUDA_CHECK_LAUNCH("head_matmul kernel");
 }
 
