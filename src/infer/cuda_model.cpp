@@ -23,6 +23,9 @@ namespace {
 template <class T>
 using DBuf = cuda::DeviceBuffer<T>;
 constexpr int64_t kBlock = 64;  // latent cache rows per block (FlashMLA's block size)
+// From this many tokens a bf16 prefill's attention runs as cuBLASLt GEMMs (O(T²) scratch, tensor cores) instead
+// of the f32 flash kernel.
+constexpr int64_t kGemmAttentionFrom = 256;
 
 std::string gib(double bytes) { return fmt::format("{:.2f} GiB", bytes / double(1ull << 30)); }
 
@@ -573,8 +576,14 @@ struct CudaModel::Impl {
       float* k = ex.arena.as<float>(S_K, M * H * dqk);
       cuda::mla_expand_k(kv, H, dn, dv, kva + kvr, W, dr, k, M, s());
       const int64_t T = r.T;
-      cuda::attention_causal(q, {T * H * dqk, H * dqk, dqk}, k, {T * H * dqk, H * dqk, dqk}, kv + dn, {T * H * hd, H * hd, hd}, o,
-                             {T * H * dv, H * dv, dv}, r.B, T, H, dqk, dv, scale, s());
+      const cuda::Strides3 sq{T * H * dqk, H * dqk, dqk}, sv{T * H * hd, H * hd, hd}, so{T * H * dv, H * dv, dv};
+      if (act == DType::BF16 && T >= kGemmAttentionFrom) {  // long prefill: tensor-core GEMMs around a row softmax
+        const size_t wsb = cuda::attention_causal_gemm_workspace(r.B, T, H, dqk, dv);
+        cuda::attention_causal_gemm(ex.gemm, q, sq, k, sq, kv + dn, sv, o, so, r.B, T, H, dqk, dv, scale, ex.arena.get(S_AWS, wsb),
+                                    wsb, s());
+      } else {
+        cuda::attention_causal(q, sq, k, sq, kv + dn, sv, o, so, r.B, T, H, dqk, dv, scale, s());
+      }
     } else {  // absorbed: queries folded into the latent space, paged decode kernel over the cache
       const CudaCache& c = *r.cache;
       float* qc = ex.arena.as<float>(S_QC, M * H * W);

@@ -283,3 +283,66 @@ void moe_combine(const float* slots, const int32_t* idx, const float* w, int64_t
 }
 
 }  // namespace dsv3::cuda
+
+// ---- causal attention through cuBLASLt (long prefill) ----
+namespace dsv3::cuda {
+namespace {
+// dst[b·ob + t·ot + h·oh + d·od] = bf16(src[b·s.b + t·s.t + h·s.h + d]) over [B, T, H, D].
+__global__ void k_pack_bf16(const float* __restrict__ src, Strides3 s, int64_t T, int64_t H, int64_t D, uint16_t* __restrict__ dst,
+                            int64_t ob, int64_t ot, int64_t oh, int64_t od, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t d = i % D, h = (i / D) % H, t = (i / (D * H)) % T, b = i / (D * H * T);
+    dst[b * ob + t * ot + h * oh + d * od] = f32_to_bf16(src[b * s.b + t * s.t + h * s.h + d]);
+  }
+}
+// P[i, j] = softmax_j≤i(scale · S[i, j]) in bf16, 0 for j > i (one block per row).
+__global__ void k_causal_softmax(const float* __restrict__ S, int64_t T, float scale, uint16_t* __restrict__ P) {
+  __shared__ float red[32];
+  const int64_t i = blockIdx.x;
+  const float* s = S + i * T;
+  uint16_t* p = P + i * T;
+  float m = -INFINITY;
+  for (int64_t j = threadIdx.x; j <= i; j += blockDim.x) m = fmaxf(m, s[j] * scale);
+  m = block_max(m, red);
+  float l = 0.0f;
+  for (int64_t j = threadIdx.x; j <= i; j += blockDim.x) l += expf(s[j] * scale - m);
+  l = block_sum(l, red);
+  const float inv = 1.0f / l;
+  for (int64_t j = threadIdx.x; j < T; j += blockDim.x) p[j] = j <= i ? f32_to_bf16(expf(s[j] * scale - m) * inv) : uint16_t(0);
+}
+}  // namespace
+
+size_t attention_causal_gemm_workspace(int64_t B, int64_t T, int64_t H, int64_t D, int64_t Dv) {
+  return size_t(B * T * H * (2 * D + Dv)) * 2 + size_t(T * T) * 4 + size_t(T * T) * 2 + 256 * 3;
+}
+
+void attention_causal_gemm(Gemm& g, const float* q, Strides3 sq, const float* k, Strides3 sk, const float* v, Strides3 sv, float* out,
+                           Strides3 so, int64_t B, int64_t T, int64_t H, int64_t D, int64_t Dv, float scale, void* ws, size_t ws_bytes,
+                           cudaStream_t s) {
+  if (B * T * H == 0) return;
+  DSV3_CHECK(ws_bytes >= attention_causal_gemm_workspace(B, T, H, D, Dv), "attention_causal_gemm: workspace of {} bytes, {} needed",
+             ws_bytes, attention_causal_gemm_workspace(B, T, H, D, Dv));
+  auto align = [](uint8_t* p) { return reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(p) + 255) & ~uintptr_t(255)); };
+  uint8_t* base = align(static_cast<uint8_t*>(ws));
+  auto* qb = reinterpret_cast<uint16_t*>(base);                     // [B, T, H, D]
+  auto* kb = qb + B * T * H * D;                                    // [B, T, H, D]
+  auto* vt = kb + B * T * H * D;                                    // [B, H, Dv, T]
+  auto* S = reinterpret_cast<float*>(align(reinterpret_cast<uint8_t*>(vt + B * H * Dv * T)));  // [T, T]
+  auto* P = reinterpret_cast<uint16_t*>(align(reinterpret_cast<uint8_t*>(S + T * T)));        // [T, T]
+  const int64_t nq = B * T * H * D, nv = B * T * H * Dv;
+  k_pack_bf16<<<grid_for(nq, 256), 256, 0, s>>>(q, sq, T, H, D, qb, T * H * D, H * D, D, 1, nq);
+  k_pack_bf16<<<grid_for(nq, 256), 256, 0, s>>>(k, sk, T, H, D, kb, T * H * D, H * D, D, 1, nq);
+  k_pack_bf16<<<grid_for(nv, 256), 256, 0, s>>>(v, sv, T, H, Dv, vt, H * Dv * T, 1, Dv * T, T, nv);
+  DSV3_CUDA_CHECK_LAUNCH("attention_causal_gemm pack kernels");
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h) {
+      const uint16_t* qh = qb + b * T * H * D + h * D;
+      const uint16_t* kh = kb + b * T * H * D + h * D;
+      g.matmul(DType::BF16, qh, H * D, kh, H * D, DType::F32, S, T, T, T, D, s);  // S = Q Kᵀ
+      k_causal_softmax<<<unsigned(T), 256, 0, s>>>(S, T, scale, P);
+      DSV3_CUDA_CHECK_LAUNCH("attention_causal_gemm softmax kernel");
+      g.matmul(DType::BF16, P, T, vt + (b * H + h) * Dv * T, T, DType::F32, out + b * so.b + h * so.h, so.t, T, Dv, T, s);  // O = P V
+    }
+}
+
+}  // namespace dsv3::cuda

@@ -84,4 +84,13 @@ void scatter_rows(const float* x, int64_t ldx, const int32_t* rows, int64_t n, i
 void moe_combine(const float* slots, const int32_t* idx, const float* w, int64_t M, int64_t K, int64_t D, float* y,
                  int64_t ldy, bool accumulate, cudaStream_t stream = nullptr);
 
+// Causal softmax attention for long prefills on tensor cores: per (sequence, head) S = Q·Kᵀ and O = P·V as
+// cuBLASLt bf16 GEMMs (f32 accumulation) around a row softmax written as bf16 P (twin of ops::attention_causal;
+// layouts as attention_causal). Workspace: attention_causal_gemm_workspace bytes (bf16 copies of q, k, vᵀ and
+// one [T, T] score matrix).
+size_t attention_causal_gemm_workspace(int64_t B, int64_t T, int64_t H, int64_t D, int64_t Dv);
+void attention_causal_gemm(Gemm& g, const float* q, Strides3 sq, const float* k, Strides3 sk, const float* v, Strides3 sv,
+                           float* out, Strides3 so, int64_t B, int64_t T, int64_t H, int64_t D, int64_t Dv, float scale, void* ws,
+                           size_t ws_bytes, cudaStream_t stream = nullptr);
+
 }  // namespace dsv3::cuda
