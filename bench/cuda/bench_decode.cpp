@@ -61,7 +61,8 @@ double gemm_rate(int64_t M, int64_t N, int64_t K) {
 int64_t argmax(const float* x, int64_t V) { return int64_t(std::max_element(x, x + V) - x); }
 
 // Decode `steps` tokens for B sequences after a prompt of P tokens each; returns tokens/s of the decode part.
-double decode_rate(const CudaModel& m, int64_t B, int64_t P, int64_t steps, int64_t* graph_replays) {
+// *graph_ms (when given): GPU time of one replay of the step's CUDA graph alone, timed while the cache lives.
+double decode_rate(const CudaModel& m, int64_t B, int64_t P, int64_t steps, int64_t* graph_replays, double* graph_ms = nullptr) {
   const int64_t V = m.config().vocab_size;
   auto cache = m.make_cache(B, P + steps + 1);
   std::vector<int64_t> toks;
@@ -84,7 +85,9 @@ double decode_rate(const CudaModel& m, int64_t B, int64_t P, int64_t steps, int6
     for (int64_t b = 0; b < B; ++b) last[size_t(b)] = argmax(st.logits.f32() + b * V, V);
   }
   *graph_replays = m.graph_replays() - r0;
-  return double(B * (steps - warm)) / since(t0);
+  const double rate = double(B * (steps - warm)) / since(t0);
+  if (graph_ms) *graph_ms = m.time_last_graph_ms(50);
+  return rate;
 }
 }  // namespace
 
@@ -138,7 +141,8 @@ int main(int argc, char** argv) {
     const double bytes = double(m->decode_bytes_per_token());
     const double bound = bw / bytes;
     int64_t rep1 = 0, repB = 0;
-    const double r1 = decode_rate(*m, 1, context, tokens, &rep1);
+    double g1 = -1;  // the batch-1 decode graph alone (no host work)
+    const double r1 = decode_rate(*m, 1, context, tokens, &rep1, &g1);
     const double rB = batch > 1 ? decode_rate(*m, batch, context, std::min<int64_t>(tokens, 64), &repB) : 0.0;
 
     // Prefill: the Generator's cached prefill of one prompt (last row's logits only), then the uncached forward.
@@ -171,6 +175,9 @@ int main(int argc, char** argv) {
     std::printf("| batch-1 decode bound (copy bw / bytes per token) | %.0f tokens/s |\n", bound);
     std::printf("| batch-1 decode (context %lld, %lld tokens, %lld graph replays) | %.1f tokens/s (%.1f%% of bound, %.3f ms/token) |\n",
                 (long long)context, (long long)tokens, (long long)rep1, r1, 100.0 * r1 / bound, 1e3 / r1);
+    if (g1 > 0)
+      std::printf("| batch-1 decode step, GPU time of its CUDA graph alone | %.3f ms (%.1f%% of the bound's %.3f ms) |\n", g1,
+                  100.0 * (1e3 / bound) / g1, 1e3 / bound);
     if (batch > 1)
       std::printf("| batch-%lld decode (%lld graph replays) | %.1f tokens/s |\n", (long long)batch, (long long)repB, rB);
     std::printf("| cuBLASLt bf16 GEMM 8192^3 / %lldx%lldx%lld | %.1f / %.1f TFLOP/s |\n", (long long)prefill,

@@ -942,6 +942,17 @@ int64_t CudaModel::decode_bytes_per_token() const { return impl_->decode_bytes; 
 DType CudaModel::dtype() const { return impl_->act; }
 int64_t CudaModel::graph_replays() const { return impl_->replays; }
 
+double CudaModel::time_last_graph_ms(int reps) const {
+  const Impl& m = *impl_;
+  if (m.graphs.empty() || reps <= 0) return -1.0;
+  const cuda::Graph& g = *m.graphs.begin()->second;
+  g.launch(m.s());
+  cuda::EventTimer t;
+  t.start(m.s());
+  for (int i = 0; i < reps; ++i) g.launch(m.s());
+  return double(t.stop_ms(m.s())) / reps;
+}
+
 std::unique_ptr<StepCache> CudaModel::make_cache(int64_t slots, int64_t max_tokens) const {
   const Impl& m = *impl_;
   DSV3_CHECK(slots >= 1 && max_tokens >= 1, "cache of {} slots x {} tokens", slots, max_tokens);

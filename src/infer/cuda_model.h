@@ -50,6 +50,10 @@ class CudaModel final : public StepModel {
   int64_t decode_bytes_per_token() const;
   DType dtype() const;
   int64_t graph_replays() const;  // decode steps that ran as a replayed CUDA graph
+  // Benchmarking: GPU milliseconds per replay of the most recently captured decode graph (replayed `reps`
+  // times back to back, event-timed; it rewrites the same cache rows, so that cache must still exist), or -1
+  // when none was captured.
+  double time_last_graph_ms(int reps) const;
 
   struct Impl;
 
