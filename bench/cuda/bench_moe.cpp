@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/cuda/infer_ops.h"
 #include "kernels/cuda/moe_ops.h"
 
 using namespace dsv3;
@@ -141,7 +142,8 @@ int main(int argc, char** argv) {
     const DeviceInfo di = device_info();
     std::printf("device: %s, %d SMs, %.1f GiB, L2 %.0f MiB\n", di.name.c_str(), di.sm_count, double(di.total_mem) / (1 << 30),
                 double(di.l2_bytes) / (1 << 20));
-    cudaStream_t s = stream_create();
+    Stream stream;
+    cudaStream_t s = stream.get();
     std::mt19937_64 rng(2024);
     double copy_gbs = 0;
     {
@@ -186,12 +188,12 @@ int main(int argc, char** argv) {
           const size_t wsb = moe_decode_workspace_bytes(M, sh.k, sh.E, sh.I);
           DeviceBuffer<uint8_t> ws(wsb);
           synchronize();
-          CudaGraph g;
+          Graph g;
           g.begin(s);
           for (int c = 0; c < kCalls; ++c)
             moe_decode(layers[size_t(c) % layers.size()].view, x.get(), sh.D, didx[size_t(c)].get(), dw[size_t(c)].get(), M, sh.k,
                        y.get(), sh.D, true, ws.get(), wsb, s);
-          g.end();
+          g.end(s);
           const float ms = median_ms([&] { g.launch(s); }, s) / kCalls;
           const double gbs = bytes / kCalls / (ms * 1e-3) / 1e9;
           char shape[96], note[64];
@@ -260,7 +262,6 @@ int main(int argc, char** argv) {
         add("sample_rows", shape, ms, double(B) / (ms * 1e-3), "rows/s");
       }
     }
-    stream_destroy(s);
     std::printf("\n| kernel | shape | median ms | rate | unit | note |\n| --- | --- | ---: | ---: | --- | --- |\n");
     for (const Row& r : rows)
       std::printf("| %s | %s | %.4f | %.1f | %s | %s |\n", r.what.c_str(), r.shape.c_str(), r.ms, r.value, r.unit.c_str(), r.note.c_str());

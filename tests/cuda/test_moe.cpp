@@ -10,6 +10,7 @@
 #include <numeric>
 
 #include "cuda_test_util.h"
+#include "kernels/cuda/infer_ops.h"
 #include "kernels/cuda/moe_ops.h"
 
 namespace dsv3::cuda::test {
@@ -278,16 +279,16 @@ TEST_P(CudaMoeDecode, MatchesCpuTwin) {
   EXPECT_LT(err, 1e-5);
   EXPECT_EQ(run(nullptr), got) << "not reproducible";
   // The same call captured in a CUDA graph replays to the same bits.
-  cudaStream_t s = stream_create();
+  Stream stream;
+  cudaStream_t s = stream.get();
   DeviceBuffer<float> dy = c.accumulate ? upload(y0s) : poisoned<float>(y0s.size());
   synchronize();
-  CudaGraph g;
+  Graph g;
   g.begin(s);
   moe_decode(dev->view, dx.get(), ldx, didx.get(), dw.get(), c.M, c.k, dy.get(), ldy, false, ws.get(), wsb, s);
-  g.end();
+  g.end(s);
   g.launch(s);
   synchronize(s);
-  stream_destroy(s);
   if (!c.accumulate) {
     auto out = download(dy);
     std::vector<float> o(size_t(c.M * c.D));

@@ -36,6 +36,7 @@ void Graph::reset() {
   exec_ = graph_ = nullptr;
 }
 void Graph::begin(cudaStream_t s) {
+  DSV3_CHECK(s != nullptr, "CUDA graph capture needs a created stream, not the legacy default stream");
   reset();
   DSV3_CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
 }

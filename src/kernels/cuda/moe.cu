@@ -615,39 +615,4 @@ void moe_prefill(Gemm& gemm, const MoeExperts& w, const float* x, int64_t ldx, c
   moe_unpermute(out, D, slot_row, idx, wts, M, top_k, D, y, ldy, accumulate, stream);
 }
 
-// ---- streams and graphs ----
-
-cudaStream_t stream_create() {
-  cudaStream_t s = nullptr;
-  DSV3_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
-  return s;
-}
-void stream_destroy(cudaStream_t s) noexcept {
-  if (s) (void)cudaStreamDestroy(s);
-}
-CudaGraph::~CudaGraph() {
-  if (exec_) (void)cudaGraphExecDestroy(static_cast<cudaGraphExec_t>(exec_));
-  if (graph_) (void)cudaGraphDestroy(static_cast<cudaGraph_t>(graph_));
-}
-void CudaGraph::begin(cudaStream_t s) {
-  DSV3_CHECK(s != nullptr, "CudaGraph: capture needs a created stream, not the legacy default stream");
-  s_ = s;
-  DSV3_CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
-}
-void CudaGraph::end() {
-  cudaGraph_t g = nullptr;
-  DSV3_CUDA_CHECK(cudaStreamEndCapture(s_, &g));
-  if (graph_) (void)cudaGraphDestroy(static_cast<cudaGraph_t>(graph_));
-  if (exec_) (void)cudaGraphExecDestroy(static_cast<cudaGraphExec_t>(exec_));
-  graph_ = g;
-  exec_ = nullptr;
-  cudaGraphExec_t e = nullptr;
-  DSV3_CUDA_CHECK(cudaGraphInstantiate(&e, g, 0));
-  exec_ = e;
-}
-void CudaGraph::launch(cudaStream_t s) {
-  DSV3_CHECK(exec_ != nullptr, "CudaGraph: nothing captured");
-  DSV3_CUDA_CHECK(cudaGraphLaunch(static_cast<cudaGraphExec_t>(exec_), s));
-}
-
 }  // namespace dsv3::cuda

@@ -110,28 +110,6 @@ void moe_prefill(Gemm& gemm, const MoeExperts& w, const float* x, int64_t ldx, c
                  int64_t M, int64_t top_k, float* y, int64_t ldy, bool accumulate, void* workspace,
                  size_t workspace_bytes, cudaStream_t stream = nullptr);
 
-// ---------------------------------------------------------------------------------------------------------
-// Streams and CUDA graphs (used by the tests and benchmarks of the kernels above; the engine may use them too)
-// ---------------------------------------------------------------------------------------------------------
-
-cudaStream_t stream_create();  // a non-blocking stream
-void stream_destroy(cudaStream_t s) noexcept;
-// Captures the work issued on `s` between begin() and end() (thread-local capture mode), then replays it.
-class CudaGraph {
- public:
-  CudaGraph() = default;
-  ~CudaGraph();
-  CudaGraph(const CudaGraph&) = delete;
-  CudaGraph& operator=(const CudaGraph&) = delete;
-  void begin(cudaStream_t s);
-  void end();  // instantiates; throws the capture's error (e.g. a synchronising call inside) as dsv3::Error
-  void launch(cudaStream_t s);
-
- private:
-  cudaStream_t s_ = nullptr;
-  void* graph_ = nullptr;
-  void* exec_ = nullptr;
-};
 
 // ---------------------------------------------------------------------------------------------------------
 // Sampling on the GPU (no host synchronisation; graph-capturable)
