@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "temp_dir.h"
 #include "io/safetensors.h"
 #include "model/stats.h"
 #include "testutil.h"
@@ -27,20 +28,8 @@ using json = nlohmann::json;
 
 // ----- running the binary -------------------------------------------------------------------------------
 
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-    path = fs::temp_directory_path() /
-           ("dsv3_cli_" + std::string(info ? info->name() : "x") + "_" + std::to_string(::getpid()));
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  std::string operator/(const std::string& name) const { return (path / name).string(); }
+struct TempDir : test::TempDir {
+  TempDir() : test::TempDir("dsv3_cli") {}
 };
 
 std::string read_file(const std::string& path) {

@@ -6,6 +6,7 @@
 #include <fstream>
 #include <limits>
 
+#include "temp_dir.h"
 #include "core/error.h"
 #include "io/config.h"
 
@@ -76,11 +77,11 @@ void expect_round_trip(const ModelConfig& c) {
   expect_same(parse(json::parse(c.to_json().dump(2))), c);
 }
 
-// A file under the temp dir, unique per test and process (other builds may run these tests concurrently).
+// A file in a scratch folder unique to this process (other builds may run these tests concurrently), removed
+// at exit.
 std::string temp_file(const std::string& name, const std::string& text) {
-  const auto dir = std::filesystem::temp_directory_path() / ("dsv3_cfg_" + std::to_string(getpid()));
-  std::filesystem::create_directories(dir);
-  const std::string path = (dir / name).string();
+  static test::TempDir dir("dsv3_cfg");
+  const std::string path = dir / name;
   std::ofstream(path, std::ios::binary) << text;
   return path;
 }

@@ -37,6 +37,7 @@
 #include <string>
 #include <vector>
 
+#include "temp_dir.h"
 #include "io/config.h"
 #include "model/init.h"
 #include "model/transformer.h"
@@ -47,17 +48,8 @@ namespace {
 
 namespace fs = std::filesystem;
 
-struct TempDir {
-  fs::path path;
-  explicit TempDir(const std::string& tag) {
-    path = fs::temp_directory_path() / ("dsv3_grad_fd_" + tag + "_" + std::to_string(::getpid()));
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
+struct TempDir : test::TempDir {
+  explicit TempDir(const std::string& tag) : test::TempDir("dsv3_grad_fd_" + tag, false) {}
 };
 
 // Variant (a): q LoRA, 2 MTP modules, group-limited routing (2 groups, 1 kept), one dense layer then MoE.

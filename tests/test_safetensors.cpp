@@ -14,6 +14,7 @@
 #include <random>
 #include <set>
 
+#include "temp_dir.h"
 #include "io/safetensors.h"
 #include "testutil.h"
 
@@ -26,20 +27,8 @@ using io::SafetensorsFile;
 using ::testing::HasSubstr;
 
 // A fresh folder under the system temp dir, removed with everything in it at scope exit.
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    static int counter = 0;
-    path = fs::temp_directory_path() / fmt::format("dsv3_st_{}_{}", getpid(), counter++);
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  std::string operator/(const std::string& name) const { return (path / name).string(); }
-  size_t count() const { return size_t(std::distance(fs::directory_iterator(path), fs::directory_iterator())); }
+struct TempDir : test::TempDir {
+  TempDir() : test::TempDir("dsv3_st") {}
 };
 
 std::string read_bytes(const std::string& p) {

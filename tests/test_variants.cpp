@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "temp_dir.h"
 #include "io/config.h"
 #include "io/safetensors.h"
 #include "model/init.h"
@@ -96,17 +97,8 @@ TEST(Variants, ReferenceDetectsWrongRope) {
 
 // ----- variants: the implementation vs the reference ---------------------------------------------------
 
-struct TempDir {
-  fs::path path;
-  explicit TempDir(const std::string& tag) {
-    path = fs::temp_directory_path() / ("dsv3_variants_" + tag + "_" + std::to_string(::getpid()));
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
+struct TempDir : test::TempDir {
+  explicit TempDir(const std::string& tag) : test::TempDir("dsv3_variants_" + tag, false) {}
 };
 
 ModelConfig base_config() {
