@@ -1,9 +1,12 @@
 // Training throughput: optimizer steps of a DeepSeek-V3-architecture model (default: the demo's
 // configs/kjv.json, MTP depth 1, balance loss on) on random tokens, next to OpenBLAS sgemm in the same run.
 // FLOPs per step = 3 × forward FLOPs (forward + backward ≈ 2× forward) of the main model plus the MTP
-// modules. Usage: bench_train [config.json] [batch] [seq_len] [steps]
+// modules. Usage: bench_train [config.json] [batch] [seq_len] [steps] [recompute]
+// With `recompute`, MLA's norms and up-projections are recomputed in backward; the peak RSS printed at the end
+// shows the memory that saves (compare two runs).
 #include <cblas.h>
 #include <omp.h>
+#include <sys/resource.h>
 
 #include <chrono>
 #include <cstdio>
@@ -36,6 +39,7 @@ int main(int argc, char** argv) {
   const std::string config = argc > 1 ? argv[1] : DSV3_SOURCE_DIR "/configs/kjv.json";
   const int64_t B = argc > 2 ? std::atoll(argv[2]) : 16, T = argc > 3 ? std::atoll(argv[3]) : 256;
   const int steps = argc > 4 ? std::atoi(argv[4]) : 6;
+  const bool recompute = argc > 5 && std::string(argv[5]) == "recompute";
   const ModelConfig cfg = ModelConfig::load(config);
   const std::string dir = "/tmp/dsv3-bench-train-" + std::to_string(getpid());
   write_random_checkpoint(cfg, dir, {.seed = 1, .fp8 = false, .bias_scale = 0.0f});
@@ -66,7 +70,7 @@ int main(int argc, char** argv) {
     for (int64_t i = 0; i < B * T; ++i) ids.data<int64_t>()[i] = int64_t(rng() % uint32_t(cfg.vocab_size));
     auto t0 = clk::now();
     Grads g;
-    model->loss_and_grads(ids, {0.3f, 1e-4f}, g);
+    model->loss_and_grads(ids, {0.3f, 1e-4f, recompute}, g);
     train::clip_grad_norm(g, 1.0);
     opt.step(g, 1e-3f);
     const double sec = seconds_since(t0);
@@ -78,5 +82,8 @@ int main(int argc, char** argv) {
               int(cfg.num_nextn_predict_layers), (long long)B, (long long)T);
   std::printf("train step: mean %.3f s (best %.3f s)  %.0f tokens/s  %.1f GFLOP/s | OpenBLAS sgemm 2048^3: %.1f GFLOP/s | ratio %.1f%%\n",
               mean, best, double(B * T) / mean, step_flops / mean / 1e9, peak, 100.0 * step_flops / mean / 1e9 / peak);
+  rusage ru{};
+  getrusage(RUSAGE_SELF, &ru);
+  std::printf("recompute %s | peak RSS %.1f MiB\n", recompute ? "on" : "off", double(ru.ru_maxrss) / 1024.0);
   return 0;
 }

@@ -100,49 +100,68 @@ void Mla::load(const WeightLoader& w, const std::string& p, int64_t layer, const
   o_proj_ = w.linear(p + "o_proj.weight", hid, H_ * dv_);
 }
 
-Tensor Mla::forward(const Tensor& x, const Batch& bt, LatentCache* cache, Ctx* ctx) const {
-  const int64_t M = x.dim(0), B = bt.B, T = bt.T, dqk = dn_ + dr_;
-  Tensor qa, qan, q;
+Tensor Mla::queries(const Tensor& x, const Tensor& qa, const Batch& bt, Tensor* qan) const {
+  const int64_t M = x.dim(0), dqk = dn_ + dr_;
+  Tensor q;
   if (q_proj_) {
     q = linear(x, *q_proj_);
   } else {
-    qa = linear(x, *q_a_proj_);
-    qan = rmsnormed(qa, q_a_layernorm_, eps_);
-    q = linear(qan, *q_b_proj_);
+    *qan = rmsnormed(qa, q_a_layernorm_, eps_);
+    q = linear(*qan, *q_b_proj_);
   }
-  Tensor kva = linear(x, kv_a_proj_);  // [M, kv_lora_rank + rope]: latent c_kv | shared k_rope
-
   Tensor q_rope = q.reshape({M, H_, dqk}).slice(2, dn_, dqk);
   ops::rope(q_rope, bt.positions, rope_);
+  return q;
+}
+
+void Mla::keys(const Tensor& kva, Tensor* cn, Tensor* kv, Tensor* k) const {
+  const int64_t M = kva.dim(0), dqk = dn_ + dr_;
+  *cn = rmsnormed(kva.slice(1, 0, kvr_), kv_a_layernorm_, eps_);
+  *kv = linear(*cn, kv_b_proj_);  // [M, H·(dn+dv)]
+  // Keys per head: [k_nope_h | k_rope], the rope part shared by all heads.
+  *k = f32({M, H_, dqk});
+  const float* kvp = kv->f32();
+  const float* krp = kva.f32() + kvr_;
+  float* kp = k->f32();
+#pragma omp parallel for schedule(static) if (M * H_ * dqk > 65536)
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t h = 0; h < H_; ++h) {
+      float* dst = kp + (m * H_ + h) * dqk;
+      std::copy_n(kvp + m * H_ * (dn_ + dv_) + h * (dn_ + dv_), dn_, dst);
+      std::copy_n(krp + m * (kvr_ + dr_), dr_, dst + dn_);
+    }
+}
+
+Tensor Mla::forward(const Tensor& x, const Batch& bt, LatentCache* cache, Ctx* ctx) const {
+  const int64_t M = x.dim(0), B = bt.B, T = bt.T, dqk = dn_ + dr_;
+  Tensor qa, qan;
+  if (!q_proj_) qa = linear(x, *q_a_proj_);
+  Tensor q = queries(x, qa, bt, &qan);
+  Tensor kva = linear(x, kv_a_proj_);  // [M, kv_lora_rank + rope]: latent c_kv | shared k_rope
   Tensor k_rope = kva.reshape({M, 1, kvr_ + dr_}).slice(2, kvr_, kvr_ + dr_);
   ops::rope(k_rope, bt.positions, rope_);
   if (cache) return forward_absorbed(q, kva, bt, *cache);
-  Tensor cn = rmsnormed(kva.slice(1, 0, kvr_), kv_a_layernorm_, eps_);
-  Tensor kv = linear(cn, kv_b_proj_);  // [M, H·(dn+dv)]
-
-  // Keys per head: [k_nope_h | k_rope], the rope part shared by all heads.
-  Tensor k = f32({M, H_, dqk});
-  {
-    const float* kvp = kv.f32();
-    const float* krp = kva.f32() + kvr_;
-    float* kp = k.f32();
-#pragma omp parallel for schedule(static) if (M * H_ * dqk > 65536)
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t h = 0; h < H_; ++h) {
-        float* dst = kp + (m * H_ + h) * dqk;
-        std::copy_n(kvp + m * H_ * (dn_ + dv_) + h * (dn_ + dv_), dn_, dst);
-        std::copy_n(krp + m * (kvr_ + dr_), dr_, dst + dn_);
-      }
-  }
+  Tensor cn, kv, k;
+  keys(kva, &cn, &kv, &k);
   Tensor v = kv.reshape({B, T, H_, dn_ + dv_}).slice(3, dn_, dn_ + dv_);
   Tensor o = f32({B, T, H_, dv_});
   ops::attention_causal(q.reshape({B, T, H_, dqk}), k.reshape({B, T, H_, dqk}), v, scale_, o);
-  if (ctx) *ctx = {x, qa, qan, q, kva, cn, kv, k, o};
+  if (ctx) {
+    const bool recompute = ctx->recompute;
+    *ctx = recompute ? Ctx{true, x, qa, {}, {}, kva, {}, {}, {}, o} : Ctx{false, x, qa, qan, q, kva, cn, kv, k, o};
+  }
   return linear(o.reshape({M, H_ * dv_}), o_proj_);
 }
 
-Tensor Mla::backward(const Ctx& c, const Tensor& dout, const Batch& bt, Grads& g) const {
-  const int64_t M = c.x.dim(0), B = bt.B, T = bt.T, dqk = dn_ + dr_, hd = dn_ + dv_;
+Tensor Mla::backward(const Ctx& saved, const Tensor& dout, const Batch& bt, Grads& g) const {
+  const int64_t M = saved.x.dim(0), B = bt.B, T = bt.T, dqk = dn_ + dr_, hd = dn_ + dv_;
+  Ctx redone;
+  if (saved.recompute) {  // the same operations on the same inputs as forward: bit-identical tensors
+    redone = saved;
+    redone.q = queries(saved.x, saved.qa, bt, &redone.qan);
+    keys(saved.kva, &redone.cn, &redone.kv, &redone.k);
+  }
+  const Ctx& c = saved.recompute ? redone : saved;
   Tensor o2 = c.o.reshape({M, H_ * dv_});
   Tensor d_o = linear_back(o2, o_proj_, dout, g);
   Tensor dq = f32({M, H_, dqk}), dk = f32({M, H_, dqk}), dkv = f32({M, H_ * hd});

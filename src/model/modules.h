@@ -54,6 +54,9 @@ class Mla {
  public:
   void load(const WeightLoader& w, const std::string& prefix, int64_t layer, const ModelConfig& cfg);
   struct Ctx {  // activations saved for backward (expanded form only)
+    // Set before forward: keep only x, qa, kva and o, and recompute the rest (the q_a/kv_a RMSNorms and the q/kv
+    // up-projections, report §3.2.3) in backward: less memory for one more pass through those products.
+    bool recompute = false;
     Tensor x, qa, qan, q, kva, cn, kv, k, o;
   };
   // x: normed input [M, hidden]. cache: null for the expanded (training/prefill) form. ctx: filled when given.
@@ -64,6 +67,10 @@ class Mla {
  private:
   std::string prefix_;
   Tensor forward_absorbed(const Tensor& q, const Tensor& kva, const Batch& batch, LatentCache& cache) const;
+  // Roped queries [M, H·(dn+dr)] of the normed input x (qa: q_a_proj's output, with q LoRA); qan gets q_a's norm.
+  Tensor queries(const Tensor& x, const Tensor& qa, const Batch& batch, Tensor* qan) const;
+  // From kva (roped k_rope): the normed latent cn, its up-projection kv [M, H·(dn+dv)] and the keys k [M, H, dn+dr].
+  void keys(const Tensor& kva, Tensor* cn, Tensor* kv, Tensor* k) const;
   int64_t layer_ = 0, H_ = 0, dn_ = 0, dr_ = 0, dv_ = 0, kvr_ = 0;
   mutable Tensor kv_b_f32_;  // kv_b_proj in float32 [H·(dn+dv), kvr], made on first absorbed use
   float eps_ = 1e-6f, scale_ = 1.0f;

@@ -162,6 +162,7 @@ Transformer::Losses Transformer::loss_and_grads(const Tensor& input_ids, const L
     if (opts.balance_alpha > 0) out.balance_loss += l.moe().balance_loss(c.moe, seq_len, opts.balance_alpha);
   };
   for (size_t i = 0; i < layers_.size(); ++i) {
+    ctx[i].attn.recompute = opts.recompute;
     layers_[i].forward(h, batch, nullptr, nullptr, &ctx[i]);
     balance(int64_t(i), layers_[i], ctx[i], T);
   }
@@ -197,6 +198,7 @@ Transformer::Losses Transformer::loss_and_grads(const Tensor& input_ids, const L
       L.ahead = take_positions(ids.reshape({M, 1}), B, T, k, n).reshape({B * n});
       Tensor emb = Tensor::empty(DType::F32, {B * n, D});
       ops::embedding(L.ahead, mod.embed_tokens(), emb);
+      L.ctx.layer.attn.recompute = opts.recompute;
       L.out = mod.forward(L.prev, emb, L.batch, nullptr, nullptr, &L.ctx);
       balance(cfg_.num_hidden_layers + k - 1, mod.layer(), L.ctx.layer, n);
       // Loss of this depth through the shared head.

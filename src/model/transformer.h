@@ -55,6 +55,7 @@ class Transformer {
   struct LossOptions {
     float mtp_lambda = 0.3f;     // λ of the MTP loss (the report: 0.3, later 0.1)
     float balance_alpha = 0.0f;  // α of the sequence-wise balance loss (0: off)
+    bool recompute = false;      // recompute MLA's norms and up-projections in backward (Mla::Ctx::recompute)
   };
   struct Losses {
     double loss = 0, mtp_loss = 0;  // main and mean-over-depths MTP cross-entropy
@@ -63,7 +64,7 @@ class Transformer {
   };
   Losses loss_and_grads(const Tensor& input_ids, const LossOptions& opts, Grads& g) const;
   Losses loss_and_grads(const Tensor& input_ids, float mtp_lambda, Grads& g) const {
-    return loss_and_grads(input_ids, LossOptions{mtp_lambda, 0.0f}, g);
+    return loss_and_grads(input_ids, LossOptions{mtp_lambda, 0.0f, false}, g);
   }
 
   // Every parameter and buffer, main model first, then the MTP modules.

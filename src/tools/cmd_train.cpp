@@ -27,6 +27,7 @@ void add_train(CLI::App& app, Command& run) {
   sub->add_option("--clip", o->clip, "Global gradient-norm clipping (0: off)")->capture_default_str();
   sub->add_option("--bias-gamma", o->bias_gamma, "γ of the auxiliary-loss-free bias update (0: off)")->capture_default_str();
   sub->add_option("--balance-alpha", o->balance_alpha, "α of the sequence-wise balance loss (0: off)")->capture_default_str();
+  sub->add_flag("--recompute", o->recompute, "Recompute MLA's RMSNorms and up-projections in backward instead of keeping them");
   sub->add_option("--mtp-lambda", o->mtp_lambda, "λ, weight of the MTP loss")->capture_default_str();
   sub->add_option("--eval-every", o->eval_every, "Steps between validation evaluations")->capture_default_str();
   sub->add_option("--eval-tokens", o->eval_tokens, "Validation tokens per evaluation (the last one uses all)")->capture_default_str();

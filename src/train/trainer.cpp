@@ -253,7 +253,7 @@ TrainResult train(const TrainOptions& o) {
     const auto t0 = std::chrono::steady_clock::now();
     const Tensor ids = chunk_batch(train_shard, batch_chunks(o.seed, step, o.batch, n_chunks), T);
     Grads g;
-    const auto L = model->loss_and_grads(ids, Transformer::LossOptions{o.mtp_lambda, o.balance_alpha}, g);
+    const auto L = model->loss_and_grads(ids, Transformer::LossOptions{o.mtp_lambda, o.balance_alpha, o.recompute}, g);
     const double gnorm = clip_grad_norm(g, o.clip);
     if (!std::isfinite(L.loss) || !std::isfinite(L.mtp_loss) || !std::isfinite(gnorm))
       fail("step {}: the loss is {} (gradient norm {}); stopping. The last good checkpoint is {}", step + 1, L.loss, gnorm,

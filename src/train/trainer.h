@@ -22,6 +22,7 @@ struct TrainOptions {
   double clip = 1.0;
   float bias_gamma = 1e-3f;     // γ of the bias update (0: off)
   float balance_alpha = 1e-4f;  // α of the sequence-wise balance loss (0: off)
+  bool recompute = false;       // recompute MLA's norms and up-projections in backward (memory for time)
   float mtp_lambda = 0.3f;
   int64_t eval_every = 100, eval_tokens = 32768, save_every = 200, log_every = 10;
   uint64_t seed = 1;
