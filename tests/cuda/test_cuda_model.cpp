@@ -49,12 +49,41 @@ double rel_l2_rows(const Tensor& a, const Tensor& b, const std::vector<char>& ke
   return std::sqrt(num / (den > 0 ? den : 1.0));
 }
 
-// Forward of a golden case on the GPU; returns the number of routing choices that differ from the golden.
+// Which tokens a forward routed exactly as the golden in every layer (routing flips are counted in diff/total),
+// and which MTP rows (b, i) — combining h_i with token i+1 — rest on two such tokens.
+struct RoutedAsGolden {
+  std::vector<char> tokens, mtp_rows;
+  int64_t diff = 0, total = 0;
+};
+RoutedAsGolden routed_as_golden(const ForwardResult& r, const io::SafetensorsFile& golden, int64_t B, int64_t T) {
+  RoutedAsGolden a;
+  a.tokens.assign(size_t(B * T), 1);
+  for (const auto& [layer, idx] : r.routing) {
+    const std::string key = "routing." + std::to_string(layer) + ".experts";
+    if (!golden.contains(key)) continue;
+    const Tensor want = golden.get(key);
+    EXPECT_EQ(idx.shape(), want.shape()) << key;
+    if (idx.shape() != want.shape()) continue;
+    const int64_t k = idx.dim(1);
+    for (int64_t i = 0; i < idx.numel(); ++i)
+      if (idx.data<int64_t>()[i] != want.data<int64_t>()[i]) ++a.diff, a.tokens[size_t(i / k)] = 0;
+    a.total += idx.numel();
+  }
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = 0; i + 1 < T; ++i) a.mtp_rows.push_back(a.tokens[size_t(b * T + i)] && a.tokens[size_t(b * T + i + 1)]);
+  return a;
+}
+
+// Forward of a golden case on the GPU, measured against the golden.
 // A token whose routed experts differ from the golden's in any layer carries an error of order one from there
 // on (another expert), which no tolerance on the rest can absorb: the errors are measured over the tokens routed
 // as in the golden (all of them in fp32, where the routing must be identical), and the differences reported.
-// tol < 0: report only.
-int64_t check_forward(const std::string& name, DType dt, double tol, bool fp8_native = true) {
+// tol < 0: report only (the caller asserts on what is returned).
+struct ForwardCheck {
+  int64_t routing_diff = 0;
+  double first_layer = 0, logits = 0, mtp = 0;  // first layer over all tokens; the rest over tokens routed as the golden
+};
+ForwardCheck check_forward(const std::string& name, DType dt, double tol, bool fp8_native = true) {
   auto host = Transformer::load(test::golden_dir(name) + "/model");
   auto golden = io::SafetensorsFile::open(test::golden_dir(name) + "/golden.safetensors");
   auto m = gpu_model(*host, dt, true, fp8_native);
@@ -65,23 +94,9 @@ int64_t check_forward(const std::string& name, DType dt, double tol, bool fp8_na
   const Tensor ids = golden->get("input_ids");
   const int64_t B = ids.dim(0), T = ids.dim(1);
   const ForwardResult r = m->forward(ids, o);
-  std::vector<char> same(size_t(B * T), 1);
-  int64_t diff = 0, total = 0;
-  for (const auto& [layer, idx] : r.routing) {
-    const std::string key = "routing." + std::to_string(layer) + ".experts";
-    if (!golden->contains(key)) continue;
-    const Tensor want = golden->get(key);
-    EXPECT_EQ(idx.shape(), want.shape()) << key;
-    if (idx.shape() != want.shape()) continue;
-    const int64_t k = idx.dim(1);
-    for (int64_t i = 0; i < idx.numel(); ++i)
-      if (idx.data<int64_t>()[i] != want.data<int64_t>()[i]) ++diff, same[size_t(i / k)] = 0;
-    total += idx.numel();
-  }
-  EXPECT_GT(total, 0) << name << ": no routing reported";
-  std::vector<char> same_mtp;  // MTP row (b, i) combines h_i with token i+1
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t i = 0; i + 1 < T; ++i) same_mtp.push_back(same[size_t(b * T + i)] && same[size_t(b * T + i + 1)]);
+  const RoutedAsGolden routed = routed_as_golden(r, *golden, B, T);
+  const std::vector<char>& same = routed.tokens;
+  EXPECT_GT(routed.total, 0) << name << ": no routing reported";
   const int64_t kept = std::count(same.begin(), same.end(), 1);
   double worst_hidden = 0;
   for (size_t i = 0; i < r.hidden_states.size(); ++i) {
@@ -96,7 +111,7 @@ int64_t check_forward(const std::string& name, DType dt, double tol, bool fp8_na
   const double e_logits = rel_l2_rows(r.logits, golden->get("logits"), same);
   const double e_all = test::rel_l2(r.logits, golden->get("logits"));
   EXPECT_EQ(r.mtp_logits.size(), 1u);
-  const double e_mtp = r.mtp_logits.empty() ? 0 : rel_l2_rows(r.mtp_logits[0], golden->get("mtp_logits"), same_mtp);
+  const double e_mtp = r.mtp_logits.empty() ? 0 : rel_l2_rows(r.mtp_logits[0], golden->get("mtp_logits"), routed.mtp_rows);
   if (!report_only) {
     EXPECT_LT(e_logits, tol) << name << " logits";
     EXPECT_LT(rel_l2_rows(r.final_hidden, golden->get("final_hidden"), same), tol) << name;
@@ -105,13 +120,14 @@ int64_t check_forward(const std::string& name, DType dt, double tol, bool fp8_na
   std::printf("  %-4s %-4s%s: routing %lld of %lld choices differ (%lld of %lld tokens routed as the golden); over those: "
               "rel L2 hidden max %.3g, logits %.3g, mtp %.3g; logits over all tokens %.3g\n",
               name.c_str(), dt == DType::F32 ? "fp32" : "bf16", fp8_native && name == "fp8" && dt == DType::BF16 ? " (native FP8 GEMMs)" : "",
-              (long long)diff, (long long)total, (long long)kept, (long long)(B * T), worst_hidden, e_logits, e_mtp, e_all);
-  return diff;
+              (long long)routed.diff, (long long)routed.total, (long long)kept, (long long)(B * T), worst_hidden, e_logits, e_mtp,
+              e_all);
+  return {routed.diff, test::rel_l2(r.hidden_states.at(1), golden->get("hidden_states.1")), e_logits, e_mtp};
 }
 
 TEST(CudaModel, GoldenForwardFp32) {
   DSV3_REQUIRE_GPU();
-  for (const char* name : {"tiny", "fp8"}) EXPECT_EQ(check_forward(name, DType::F32, 1e-4), 0) << name;
+  for (const char* name : {"tiny", "fp8"}) EXPECT_EQ(check_forward(name, DType::F32, 1e-4).routing_diff, 0) << name;
 }
 
 // bf16 compute on the stored weights (the FP8 checkpoint dequantized to bf16 at load): 2e-2, routing differences
@@ -130,28 +146,11 @@ TEST(CudaModel, GoldenForwardBf16) {
 // choices counted and rare (<= 10%).
 TEST(CudaModel, GoldenForwardFp8Native) {
   DSV3_REQUIRE_GPU();
-  auto host = Transformer::load(test::golden_dir("fp8") + "/model");
-  auto golden = io::SafetensorsFile::open(test::golden_dir("fp8") + "/golden.safetensors");
-  auto m = gpu_model(*host, DType::BF16);
-  ForwardOptions o;
-  o.hidden_states = true;
-  o.routing = true;
-  const ForwardResult r = m->forward(golden->get("input_ids"), o);
-  EXPECT_LT(test::rel_l2(r.hidden_states.at(1), golden->get("hidden_states.1")), 6e-2);
-  const int64_t diff = check_forward("fp8", DType::BF16, -1, true);
-  EXPECT_LE(diff, 8) << "of 80 routing choices";
-  std::vector<char> same(size_t(r.logits.dim(0) * r.logits.dim(1)), 1);
-  for (const auto& [layer, idx] : r.routing) {
-    const Tensor want = golden->get("routing." + std::to_string(layer) + ".experts");
-    for (int64_t i = 0; i < idx.numel(); ++i)
-      if (idx.data<int64_t>()[i] != want.data<int64_t>()[i]) same[size_t(i / idx.dim(1))] = 0;
-  }
-  std::vector<char> same_mtp;
-  const int64_t B = r.logits.dim(0), T = r.logits.dim(1);
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t i = 0; i + 1 < T; ++i) same_mtp.push_back(same[size_t(b * T + i)] && same[size_t(b * T + i + 1)]);
-  EXPECT_LT(rel_l2_rows(r.logits, golden->get("logits"), same), 1e-1);
-  EXPECT_LT(rel_l2_rows(r.mtp_logits.at(0), golden->get("mtp_logits"), same_mtp), 1.5e-1);
+  const ForwardCheck c = check_forward("fp8", DType::BF16, -1, true);
+  EXPECT_LT(c.first_layer, 6e-2);
+  EXPECT_LE(c.routing_diff, 8) << "of 80 routing choices";
+  EXPECT_LT(c.logits, 1e-1);
+  EXPECT_LT(c.mtp, 1.5e-1);
 }
 
 TEST(CudaModel, GreedyMatchesTransformersWithAndWithoutMtp) {
@@ -238,12 +237,7 @@ TEST(CudaModel, CachedBf16StepsMatchGoldenWithAndWithoutGraphs) {
       // Tokens the uncached bf16 forward routes as the golden (see check_forward).
       ForwardOptions fo;
       fo.routing = true;
-      std::vector<char> same(size_t(B * T), 1);
-      for (const auto& [layer, idx] : m->forward(ids, fo).routing) {
-        const Tensor want = golden->get("routing." + std::to_string(layer) + ".experts");
-        for (int64_t i = 0; i < idx.numel(); ++i)
-          if (idx.data<int64_t>()[i] != want.data<int64_t>()[i]) same[size_t(i / idx.dim(1))] = 0;
-      }
+      const std::vector<char> same = routed_as_golden(m->forward(ids, fo), *golden, B, T).tokens;
       const double e = rel_l2_rows(got, golden->get("logits"), same);
       std::printf("  %s bf16%s cached steps vs golden rel L2 %.3g over %lld of %lld tokens, graph replays %lld\n", name,
                   graphs ? " (graphs)" : "", e, (long long)std::count(same.begin(), same.end(), 1), (long long)(B * T),
