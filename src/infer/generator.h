@@ -4,9 +4,8 @@
 // distribution through the standard rejection rule).
 #pragma once
 #include <functional>
-#include <vector>
-
 #include <memory>
+#include <vector>
 
 #include "infer/sampler.h"
 #include "infer/step_model.h"

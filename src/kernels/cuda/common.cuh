@@ -27,6 +27,10 @@ __device__ __forceinline__ uint8_t f32_to_fp8e4m3_sat(float f) { return uint8_t(
 template <class T> __device__ __forceinline__ float load_f32(const T* p, int64_t i);
 template <> __device__ __forceinline__ float load_f32<float>(const float* p, int64_t i) { return p[i]; }
 template <> __device__ __forceinline__ float load_f32<uint16_t>(const uint16_t* p, int64_t i) { return bf16_to_f32(p[i]); }
+// The write side: f32 as is, or rounded to bf16.
+template <class T> __device__ __forceinline__ void store(T* p, float v);
+template <> __device__ __forceinline__ void store<float>(float* p, float v) { *p = v; }
+template <> __device__ __forceinline__ void store<uint16_t>(uint16_t* p, float v) { *p = f32_to_bf16(v); }
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll

@@ -57,18 +57,20 @@ __global__ void k_dequant_weight(const uint8_t* __restrict__ w, const float* __r
   }
 }
 
-template <class G>
+// One block per row; y in F32 or BF16 (O), gamma in F32 or BF16 (G).
+template <class G, class O>
 __global__ void k_rmsnorm(const float* __restrict__ x, int64_t ldx, const G* __restrict__ gamma, float eps,
-                          float* __restrict__ y, int64_t ldy, int64_t D) {
+                          O* __restrict__ y, int64_t ldy, int64_t D) {
   __shared__ float red[32];
   const float* xr = x + blockIdx.x * ldx;
-  float* yr = y + blockIdx.x * ldy;
+  O* yr = y + blockIdx.x * ldy;
   float ss = 0.0f;
   for (int64_t j = threadIdx.x; j < D; j += blockDim.x) ss += xr[j] * xr[j];
   ss = block_sum(ss, red);
   const float r = 1.0f / sqrtf(ss / float(D) + eps);
-  for (int64_t j = threadIdx.x; j < D; j += blockDim.x) yr[j] = load_f32(gamma, j) * (xr[j] * r);
+  for (int64_t j = threadIdx.x; j < D; j += blockDim.x) store(yr + j, load_f32(gamma, j) * (xr[j] * r));
 }
+int rmsnorm_threads(int64_t D) { return D >= 1024 ? 512 : D >= 256 ? 256 : 128; }
 
 __global__ void k_rope_table(const float* __restrict__ inv_freq, int64_t half, float af, int64_t max_pos, float* __restrict__ t) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < max_pos * half; i += int64_t(gridDim.x) * blockDim.x) {
@@ -202,10 +204,20 @@ void dequantize_fp8_weight(const uint8_t* w, const float* si, int64_t N, int64_t
 void rmsnorm(const float* x, int64_t ldx, DType gt, const void* gamma, float eps, float* y, int64_t ldy, int64_t M, int64_t D, cudaStream_t s) {
   check_float_type(gt, "rmsnorm weight");
   if (M <= 0) return;
-  const int threads = D >= 1024 ? 512 : D >= 256 ? 256 : 128;
+  const int threads = rmsnorm_threads(D);
   if (gt == DType::F32) k_rmsnorm<<<unsigned(M), threads, 0, s>>>(x, ldx, static_cast<const float*>(gamma), eps, y, ldy, D);
   else k_rmsnorm<<<unsigned(M), threads, 0, s>>>(x, ldx, static_cast<const uint16_t*>(gamma), eps, y, ldy, D);
   DSV3_CUDA_CHECK_LAUNCH("rmsnorm kernel");
+}
+
+void rmsnorm_to(const float* x, int64_t ldx, const float* gamma, float eps, DType yt, void* y, int64_t ldy, int64_t M, int64_t D,
+                cudaStream_t s) {
+  DSV3_CHECK(yt == DType::F32 || yt == DType::BF16, "rmsnorm_to output: dtype must be F32 or BF16, not {}", dtype_name(yt));
+  if (M <= 0) return;
+  const int threads = rmsnorm_threads(D);
+  if (yt == DType::F32) k_rmsnorm<<<unsigned(M), threads, 0, s>>>(x, ldx, gamma, eps, static_cast<float*>(y), ldy, D);
+  else k_rmsnorm<<<unsigned(M), threads, 0, s>>>(x, ldx, gamma, eps, static_cast<uint16_t*>(y), ldy, D);
+  DSV3_CUDA_CHECK_LAUNCH("rmsnorm_to kernel");
 }
 
 void rope_build_table(const float* inv_freq, int64_t half, float af, int64_t max_pos, float* table, cudaStream_t s) {

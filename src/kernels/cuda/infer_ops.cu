@@ -14,9 +14,6 @@ unsigned grid_for(int64_t n, int threads) {
 void check_act(DType t, const char* what) {
   DSV3_CHECK(t == DType::F32 || t == DType::BF16, "{}: dtype must be F32 or BF16, not {}", what, dtype_name(t));
 }
-template <class T> __device__ __forceinline__ void store(T* p, float v);
-template <> __device__ __forceinline__ void store<float>(float* p, float v) { *p = v; }
-template <> __device__ __forceinline__ void store<uint16_t>(uint16_t* p, float v) { *p = f32_to_bf16(v); }
 }  // namespace
 
 // ---- streams, graphs, memory ----
@@ -72,28 +69,7 @@ void host_free_pinned(void* p) noexcept {
 
 // ---- row ops ----
 
-template <class O>
-__global__ void k_rmsnorm_to(const float* __restrict__ x, int64_t ldx, const float* __restrict__ g, float eps, O* __restrict__ y,
-                             int64_t ldy, int64_t D) {
-  __shared__ float red[32];
-  const float* xr = x + blockIdx.x * ldx;
-  O* yr = y + blockIdx.x * ldy;
-  float ss = 0.0f;
-  for (int64_t j = threadIdx.x; j < D; j += blockDim.x) ss += xr[j] * xr[j];
-  ss = block_sum(ss, red);
-  const float r = 1.0f / sqrtf(ss / float(D) + eps);
-  for (int64_t j = threadIdx.x; j < D; j += blockDim.x) store(yr + j, g[j] * (xr[j] * r));
-}
-
-void rmsnorm_to(const float* x, int64_t ldx, const float* gamma, float eps, DType yt, void* y, int64_t ldy, int64_t M, int64_t D,
-                cudaStream_t s) {
-  check_act(yt, "rmsnorm_to output");
-  if (M <= 0) return;
-  const int threads = D >= 1024 ? 512 : D >= 256 ? 256 : 128;
-  if (yt == DType::F32) k_rmsnorm_to<<<unsigned(M), threads, 0, s>>>(x, ldx, gamma, eps, static_cast<float*>(y), ldy, D);
-  else k_rmsnorm_to<<<unsigned(M), threads, 0, s>>>(x, ldx, gamma, eps, static_cast<uint16_t*>(y), ldy, D);
-  DSV3_CUDA_CHECK_LAUNCH("rmsnorm_to kernel");
-}
+// rmsnorm_to: elementwise.cu (the same kernel as rmsnorm, with a BF16 output).
 
 template <class O>
 __global__ void k_cast_rows(const float* __restrict__ x, int64_t ldx, O* __restrict__ y, int64_t ldy, int64_t M, int64_t N) {
