@@ -47,13 +47,16 @@ struct MlpW {
 
 struct AttnW {
   bool lora = false;
-  Lin q_a, q_b, q, kv_a, kv_b, o;
+  // in: the projections of the normed input stacked by rows, one GEMM: [q_a_proj | kv_a_proj_with_mqa] with a q LoRA,
+  // [q_proj | kv_a_proj_with_mqa] without; its first nq outputs are q_a (or q), the last kvr + dr the latent and k_rope.
+  Lin in, q_b, kv_b, o;
+  int64_t nq = 0;
   DBuf<float> q_a_ln, kv_a_ln;
   DBuf<uint8_t> wkv_own;    // kv_b in the compute dtype when kv_b itself is FP8
   const void* wkv = nullptr;  // [H·(dn+dv), kvr] compute dtype: W_UK_h = rows h·hd.., used by the absorbed queries
   DBuf<uint8_t> wuv_t;      // [H, kvr, dv] compute dtype: W_UV_hᵀ
   int64_t bytes() const {
-    return q_a.bytes() + q_b.bytes() + q.bytes() + kv_a.bytes() + kv_b.bytes() + o.bytes() + int64_t(q_a_ln.bytes()) +
+    return in.bytes() + q_b.bytes() + kv_b.bytes() + o.bytes() + int64_t(q_a_ln.bytes()) +
            int64_t(kv_a_ln.bytes());
   }
 };
@@ -104,7 +107,7 @@ struct Arena {
   }
 };
 enum Slot : size_t {
-  S_META, S_H, S_XACT, S_QA, S_QAN, S_Q, S_KVA, S_CN, S_KV, S_K, S_O, S_OACT, S_ATT, S_QC, S_OL, S_AWS, S_X2, S_FFN, S_GU,
+  S_META, S_H, S_XACT, S_QA, S_QAN, S_Q, S_CN, S_KV, S_K, S_O, S_OACT, S_ATT, S_QC, S_OL, S_AWS, S_X2, S_FFN, S_GU,
   S_A, S_LOGIT, S_IDX, S_W, S_SLOTS, S_PERM, S_XG, S_YE, S_MOEWS, S_FINAL, S_ROWS, S_ROWSACT, S_MTPCAT, S_EMB, S_HPREV, S_ERR, S_CNA,
   S_TAKE, S_COUNT
 };
@@ -206,7 +209,8 @@ struct CudaModel::Impl {
       Lin L;
       L.K = ws[0].cols();
       for (const auto& w : ws) L.N += w.rows();
-      const bool fp8 = !force && native_fp8(ws[0]);
+      bool fp8 = !force;
+      for (const auto& w : ws) fp8 = fp8 && native_fp8(w);
       if (fp8) {
         DSV3_CHECK(ws[0].block_n == 128 && ws[0].block_k == 128, "FP8 weights on the GPU need 128x128 scale blocks, '{}' has {}x{}",
                    ws[0].name, ws[0].block_n, ws[0].block_k);
@@ -266,14 +270,16 @@ struct CudaModel::Impl {
     void attn(AttnW& a, const std::string& p) {
       const ModelConfig& c = m.cfg;
       a.lora = c.q_lora_rank > 0;
+      const ops::Weight kva = wl.linear(p + "kv_a_proj_with_mqa.weight", m.kvr + m.dr, m.D);
       if (a.lora) {
-        a.q_a = lin(p + "q_a_proj.weight", c.q_lora_rank, m.D);
+        a.in = stacked({wl.linear(p + "q_a_proj.weight", c.q_lora_rank, m.D), kva});
+        a.nq = c.q_lora_rank;
         a.q_a_ln = vec(p + "q_a_layernorm.weight", c.q_lora_rank);
         a.q_b = lin(p + "q_b_proj.weight", m.H * m.dqk, c.q_lora_rank);
       } else {
-        a.q = lin(p + "q_proj.weight", m.H * m.dqk, m.D);
+        a.in = stacked({wl.linear(p + "q_proj.weight", m.H * m.dqk, m.D), kva});
+        a.nq = m.H * m.dqk;
       }
-      a.kv_a = lin(p + "kv_a_proj_with_mqa.weight", m.kvr + m.dr, m.D);
       a.kv_a_ln = vec(p + "kv_a_layernorm.weight", m.kvr);
       const ops::Weight kvb = wl.linear(p + "kv_b_proj.weight", m.H * m.hd, m.kvr);
       a.kv_b = stacked({kvb});
@@ -468,19 +474,15 @@ struct CudaModel::Impl {
     lin(ex, w.down, a, w.I, y, D, M);
   }
 
-  // Routed + shared experts of x2 (f32 [M, D]) into y.
-  void moe_fwd(Exec& ex, const MoeW& e, const float* x2, int64_t M, float* y, const RowsInfo& r, bool no_sync) const {
+  // Routed + shared experts of x2 (f32 [M, D]; xa: the same in the GEMM dtype, ld D) into y.
+  void moe_fwd(Exec& ex, const MoeW& e, const float* x2, const void* xa, int64_t M, float* y, const RowsInfo& r, bool no_sync) const {
     const int64_t E = cfg.n_routed_experts, K = router.top_k;
     float* logits = ex.arena.as<float>(S_LOGIT, M * E);
     lin(ex, e.gate, x2, D, logits, E, M);
     int32_t* idx = ex.arena.as<int32_t>(S_IDX, M * K);
     float* wts = ex.arena.as<float>(S_W, M * K);
     cuda::moe_route(logits, E, M, E, e.has_bias ? e.bias.get() : nullptr, router, idx, wts, s());
-    if (e.shared) {
-      int64_t ldx = 0;
-      const void* xa = to_act(ex, x2, D, M, D, S_XACT, &ldx);
-      mlp_fwd(ex, *e.shared, xa, ldx, M, y);
-    }
+    if (e.shared) mlp_fwd(ex, *e.shared, xa, D, M, y);
     const bool acc = e.shared.has_value();
     if (r.routing) {
       std::vector<int32_t> h(size_t(M * K));
@@ -540,55 +542,28 @@ struct CudaModel::Impl {
 
   // MLA of the normed input x (GEMM dtype, [M, D]) into out (f32 [M, D]).
   void mla_fwd(Exec& ex, const AttnW& a, int64_t cache_layer, const void* x, int64_t ldx, const RowsInfo& r, float* out) const {
-    const int64_t M = r.M;
-    float* q = ex.arena.as<float>(S_Q, M * H * dqk);
+    const int64_t M = r.M, nin = a.in.N;
+    float* qkv = ex.arena.as<float>(S_QA, M * nin);
+    lin(ex, a.in, x, ldx, qkv, nin, M);
+    float* kva = qkv + a.nq;  // [c_kv | k_rope], row stride nin
+    float* q = qkv;
+    int64_t ldq = nin;
     if (a.lora) {
-      const int64_t qr = a.q_a.N;
-      float* qa = ex.arena.as<float>(S_QA, M * qr);
-      lin(ex, a.q_a, x, ldx, qa, qr, M);
-      void* qan = ex.arena.get(S_QAN, size_t(M * qr) * dtype_size(act));
-      cuda::rmsnorm_to(qa, qr, a.q_a_ln.get(), eps, act, qan, qr, M, qr, s());
-      lin(ex, a.q_b, qan, qr, q, H * dqk, M);
-    } else {
-      lin(ex, a.q, x, ldx, q, H * dqk, M);
+      void* qan = ex.arena.get(S_QAN, size_t(M * a.nq) * dtype_size(act));
+      cuda::rmsnorm_to(qkv, nin, a.q_a_ln.get(), eps, act, qan, a.nq, M, a.nq, s());
+      q = ex.arena.as<float>(S_Q, M * H * dqk);
+      ldq = H * dqk;
+      lin(ex, a.q_b, qan, a.nq, q, ldq, M);
     }
-    float* kva = ex.arena.as<float>(S_KVA, M * W);
-    lin(ex, a.kv_a, x, ldx, kva, W, M);
-    cuda::rope(q + dn, H * dqk, dqk, M, H, dr, r.pos64, rope_table.get(), s());
-    cuda::rope(kva + kvr, W, 0, M, 1, dr, r.pos64, rope_table.get(), s());
-    float* o = ex.arena.as<float>(S_O, M * H * dv);
-    float* cnf = nullptr;
-    void* pool = nullptr;
-    if (r.cached) {  // append [kv_a_layernorm(c_kv) | roped k_rope] of the new tokens to the latent cache
-      cnf = ex.arena.as<float>(S_CN, M * kvr);
-      cuda::rmsnorm_to(kva, W, a.kv_a_ln.get(), eps, DType::F32, cnf, kvr, M, kvr, s());
-      pool = r.cache->layer(cache_layer);
-      cuda::latent_append(cnf, kvr, kvr, kva + kvr, W, dr, r.dst_rows, M, r.cache->type, pool, s());
-    }
-    if (!r.cached || r.fresh) {  // expanded: keys and values per head, causal prefill kernel
-      void* cn = cnf;
-      if (!cn || act != DType::F32) {
-        cn = ex.arena.get(S_CNA, size_t(M * kvr) * dtype_size(act));
-        cuda::rmsnorm_to(kva, W, a.kv_a_ln.get(), eps, act, cn, kvr, M, kvr, s());
-      }
-      float* kv = ex.arena.as<float>(S_KV, M * H * hd);
-      lin(ex, a.kv_b, cn, kvr, kv, H * hd, M);
-      float* k = ex.arena.as<float>(S_K, M * H * dqk);
-      cuda::mla_expand_k(kv, H, dn, dv, kva + kvr, W, dr, k, M, s());
-      const int64_t T = r.T;
-      const cuda::Strides3 sq{T * H * dqk, H * dqk, dqk}, sv{T * H * hd, H * hd, hd}, so{T * H * dv, H * dv, dv};
-      if (act == DType::BF16 && T >= kGemmAttentionFrom) {  // long prefill: tensor-core GEMMs around a row softmax
-        const size_t wsb = cuda::attention_causal_gemm_workspace(r.B, T, H, dqk, dv);
-        cuda::attention_causal_gemm(ex.gemm, q, sq, k, sq, kv + dn, sv, o, so, r.B, T, H, dqk, dv, scale, ex.arena.get(S_AWS, wsb),
-                                    wsb, s());
-      } else {
-        cuda::attention_causal(q, sq, k, sq, kv + dn, sv, o, so, r.B, T, H, dqk, dv, scale, s());
-      }
-    } else {  // absorbed: queries folded into the latent space, paged decode kernel over the cache
+    void* pool = r.cached ? r.cache->layer(cache_layer) : nullptr;
+    const void* oa = nullptr;
+    int64_t ldo = H * dv;
+    if (r.cached && !r.fresh) {  // absorbed: queries folded into the latent space, paged decode kernel over the cache
       const CudaCache& c = *r.cache;
       float* qc = ex.arena.as<float>(S_QC, M * H * W);
-      cuda::head_matmul(q, H * dqk, dqk, dn, act, a.wkv, hd * kvr, kvr, kvr, qc, H * W, W, M, H, s());
-      cuda::copy_heads(q + dn, H * dqk, dqk, qc + kvr, H * W, W, M, H, dr, s());
+      cuda::mla_decode_prep(q, ldq, H, dn, dr, kva, nin, kvr, a.kv_a_ln.get(), eps, r.pos64, rope_table.get(), r.dst_rows, c.type,
+                            pool, qc, H * W, M, s());
+      cuda::head_matmul(q, ldq, dqk, dn, act, a.wkv, hd * kvr, kvr, kvr, DType::F32, qc, H * W, W, M, H, s());
       float* ol = ex.arena.as<float>(S_OL, M * H * kvr);
       for (const RowsInfo::Call& call : r.calls) {
         cuda::LatentAttention p;
@@ -599,32 +574,60 @@ struct CudaModel::Impl {
         cuda::attention_latent(p, qc + call.row0 * H * W, c.type, pool, r.table + call.seq0 * c.max_blocks, r.pos32 + call.row0,
                                ol + call.row0 * H * kvr, ws, wsb, s());
       }
-      cuda::head_matmul(ol, H * kvr, kvr, kvr, act, a.wuv_t.get(), kvr * dv, dv, dv, o, H * dv, dv, M, H, s());
+      void* o = ex.arena.get(S_OACT, size_t(M * H * dv) * dtype_size(act));
+      cuda::head_matmul(ol, H * kvr, kvr, kvr, act, a.wuv_t.get(), kvr * dv, dv, dv, act, o, H * dv, dv, M, H, s());
+      oa = o;
+    } else {  // expanded: keys and values per head, causal prefill kernel
+      cuda::rope(q + dn, ldq, dqk, M, H, dr, r.pos64, rope_table.get(), s());
+      cuda::rope(kva + kvr, nin, 0, M, 1, dr, r.pos64, rope_table.get(), s());
+      float* cnf = nullptr;
+      if (r.cached) {  // append [kv_a_layernorm(c_kv) | roped k_rope] of the new tokens to the latent cache
+        cnf = ex.arena.as<float>(S_CN, M * kvr);
+        cuda::rmsnorm_to(kva, nin, a.kv_a_ln.get(), eps, DType::F32, cnf, kvr, M, kvr, s());
+        cuda::latent_append(cnf, kvr, kvr, kva + kvr, nin, dr, r.dst_rows, M, r.cache->type, pool, s());
+      }
+      void* cn = cnf;
+      if (!cn || act != DType::F32) {
+        cn = ex.arena.get(S_CNA, size_t(M * kvr) * dtype_size(act));
+        cuda::rmsnorm_to(kva, nin, a.kv_a_ln.get(), eps, act, cn, kvr, M, kvr, s());
+      }
+      float* kv = ex.arena.as<float>(S_KV, M * H * hd);
+      lin(ex, a.kv_b, cn, kvr, kv, H * hd, M);
+      float* k = ex.arena.as<float>(S_K, M * H * dqk);
+      cuda::mla_expand_k(kv, H, dn, dv, kva + kvr, nin, dr, k, M, s());
+      const int64_t T = r.T;
+      const cuda::Strides3 sq{T * ldq, ldq, dqk}, sk{T * H * dqk, H * dqk, dqk}, sv{T * H * hd, H * hd, hd}, so{T * H * dv, H * dv, dv};
+      float* o = ex.arena.as<float>(S_O, M * H * dv);
+      if (act == DType::BF16 && T >= kGemmAttentionFrom) {  // long prefill: tensor-core GEMMs around a row softmax
+        const size_t wsb = cuda::attention_causal_gemm_workspace(r.B, T, H, dqk, dv);
+        cuda::attention_causal_gemm(ex.gemm, q, sq, k, sk, kv + dn, sv, o, so, r.B, T, H, dqk, dv, scale, ex.arena.get(S_AWS, wsb),
+                                    wsb, s());
+      } else {
+        cuda::attention_causal(q, sq, k, sk, kv + dn, sv, o, so, r.B, T, H, dqk, dv, scale, s());
+      }
+      oa = to_act(ex, o, H * dv, M, H * dv, S_OACT, &ldo);
     }
-    int64_t ldo = 0;
-    const void* oa = to_act(ex, o, H * dv, M, H * dv, S_OACT, &ldo);
     lin(ex, a.o, oa, ldo, out, D, M);
   }
 
-  // One decoder layer on the residual stream h [M, D] (in place).
-  void layer_fwd(Exec& ex, const LayerW& L, float* h, const RowsInfo& r, bool no_sync) const {
+  // One decoder layer on the residual stream h [M, D]. `pending` (when not null) is the previous layer's output, added
+  // to h here in the same pass as the input norm; the layer's own MLP/MoE output is returned, not yet added (the
+  // caller adds it, or hands it to the next layer or the final norm).
+  float* layer_fwd(Exec& ex, const LayerW& L, float* h, const float* pending, const RowsInfo& r, bool no_sync) const {
     const int64_t M = r.M;
     void* xa = ex.arena.get(S_XACT, size_t(M * D) * dtype_size(act));
-    cuda::rmsnorm_to(h, D, L.ln1.get(), eps, act, xa, D, M, D, s());
+    cuda::residual_rmsnorm(h, D, pending, D, L.ln1.get(), eps, M, D, nullptr, 0, act, xa, D, s());
     float* att = ex.arena.as<float>(S_ATT, M * D);
     mla_fwd(ex, L.attn, L.cache_layer, xa, D, r, att);
-    cuda::add_rows(h, D, att, D, M, D, s());
-    float* x2 = ex.arena.as<float>(S_X2, M * D);
-    cuda::rmsnorm_to(h, D, L.ln2.get(), eps, DType::F32, x2, D, M, D, s());
+    // The FFN input: f32 for the router and the routed experts, the GEMM dtype for the shared/dense MLP.
+    float* x2 = L.moe ? ex.arena.as<float>(S_X2, M * D) : nullptr;
+    const bool same = x2 && act == DType::F32;
+    cuda::residual_rmsnorm(h, D, att, D, L.ln2.get(), eps, M, D, x2, D, act, same ? nullptr : xa, D, s());
+    const void* xa2 = same ? static_cast<const void*>(x2) : xa;
     float* y = ex.arena.as<float>(S_FFN, M * D);
-    if (L.moe) {
-      moe_fwd(ex, *L.moe, x2, M, y, r, no_sync);
-    } else {
-      int64_t ldx = 0;
-      const void* xa2 = to_act(ex, x2, D, M, D, S_XACT, &ldx);
-      mlp_fwd(ex, *L.mlp, xa2, ldx, M, y);
-    }
-    cuda::add_rows(h, D, y, D, M, D, s());
+    if (L.moe) moe_fwd(ex, *L.moe, x2, xa2, M, y, r, no_sync);
+    else mlp_fwd(ex, *L.mlp, xa2, D, M, y);
+    return y;
   }
 
   // The MTP module k on h_prev [M, D] (device) and the embeddings of the tokens one ahead (device ids).
@@ -641,9 +644,9 @@ struct CudaModel::Impl {
     cuda::rmsnorm_to(emb, D, t.enorm.get(), eps, act, cat, 2 * D, M, D, s());
     cuda::rmsnorm_to(h_prev, D, t.hnorm.get(), eps, act, static_cast<uint8_t*>(cat) + size_t(D) * es, 2 * D, M, D, s());
     lin(ex, t.eh, cat, 2 * D, h_out, D, M);
-    layer_fwd(ex, t.layer, h_out, r, false);
+    const float* y = layer_fwd(ex, t.layer, h_out, nullptr, r, false);
     void* hn = ex.arena.get(S_ROWSACT, size_t(M * D) * es);
-    cuda::rmsnorm_to(h_out, D, t.head_norm.get(), eps, act, hn, D, M, D, s());
+    cuda::residual_rmsnorm(h_out, D, y, D, t.head_norm.get(), eps, M, D, nullptr, 0, act, hn, D, s());
     lin(ex, *t.head, hn, D, logits, V, M);
   }
 
@@ -686,7 +689,7 @@ struct CudaModel::Impl {
     for (size_t i = 0; i < layers.size(); ++i) {
       std::vector<int32_t> routing;
       r.routing = opts.routing && layers[i].moe ? &routing : nullptr;
-      layer_fwd(ex, layers[i], h, r, false);
+      cuda::add_rows(h, D, layer_fwd(ex, layers[i], h, nullptr, r, false), D, M, D, s());
       if (r.routing) {
         Tensor t = Tensor::empty(DType::I64, {M, router.top_k});
         for (int64_t m = 0; m < M; ++m) {
@@ -816,12 +819,12 @@ struct CudaModel::Impl {
     uint32_t* err = ex.arena.as<uint32_t>(S_ERR, 1);
     cuda::embedding_reset_error(err, s());
     cuda::embedding(DType::I64, r.ids, M, act, embed.get(), V, D, h, D, err, s());
-    for (const LayerW& L : layers) layer_fwd(ex, L, h, r, no_sync);
+    const float* pending = nullptr;
+    for (const LayerW& L : layers) pending = layer_fwd(ex, L, h, pending, r, no_sync);
     float* fin = ex.arena.as<float>(S_FINAL, M * D);
-    cuda::rmsnorm_to(h, D, norm.get(), eps, DType::F32, fin, D, M, D, s());
-    void* xa = ex.arena.get(S_ROWSACT, size_t(out_rows * D) * dtype_size(act));
+    void* xa = ex.arena.get(S_ROWSACT, size_t(std::max(out_rows, M) * D) * dtype_size(act));
+    cuda::residual_rmsnorm(h, D, pending, D, norm.get(), eps, M, D, fin, D, act, take ? nullptr : xa, D, s());
     if (take) cuda::gather_rows(fin, D, take, out_rows, D, act, xa, D, s());
-    else cuda::cast_rows(fin, D, act, xa, D, out_rows, D, s());
     float* lg = ex.arena.as<float>(S_LOGIT, out_rows * V);
     lin(ex, head, xa, D, lg, V, out_rows);
   }

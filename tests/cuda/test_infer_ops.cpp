@@ -1,8 +1,13 @@
 // Glue kernels of the CUDA model (kernels/cuda/infer_ops.h) against host loops: the per-head products of the
-// absorbed MLA (decode shapes of small.json and DeepSeek-V3, strided operands, F32 and BF16 weights).
+// absorbed MLA (decode shapes of small.json and DeepSeek-V3, strided operands, F32 and BF16 weights and outputs),
+// the fused residual + RMSNorm (bit-identical to the unfused kernels) and the absorbed-decode prologue.
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <cstdio>
+#include <cstring>
+#include <string>
+#include <utility>
 #include <tuple>
 
 #include "cuda_test_util.h"
@@ -41,10 +46,13 @@ TEST(CudaInferOps, HeadMatmulMatchesHost) {
     auto dx = upload(x);
     auto dwf = upload(wf);
     auto dwb = upload(to_bf16(wf));
+    // bf16 weights also write bf16 outputs (the model's o_latent·W_UVᵀ feeding o_proj).
     auto dy = poisoned<float>(size_t(c.M * ys0));
+    auto dyb = poisoned<uint16_t>(size_t(c.M * ys0));
     head_matmul(dx.get(), xs0, xs1, c.K, c.bf16 ? DType::BF16 : DType::F32, c.bf16 ? static_cast<const void*>(dwb.get()) : dwf.get(),
-                wsh, wsk, c.N, dy.get(), ys0, ys1, c.M, c.H);
-    const auto got = download(dy);
+                wsh, wsk, c.N, c.bf16 ? DType::BF16 : DType::F32, c.bf16 ? static_cast<void*>(dyb.get()) : dy.get(), ys0, ys1, c.M,
+                c.H);
+    const auto got = c.bf16 ? from_bf16(download(dyb)) : download(dy);
     std::vector<float> g, r;
     for (int64_t m = 0; m < c.M; ++m)
       for (int64_t h = 0; h < c.H; ++h)
@@ -52,8 +60,104 @@ TEST(CudaInferOps, HeadMatmulMatchesHost) {
           g.push_back(got[size_t(m * ys0 + h * ys1 + n)]);
           r.push_back(float(want[size_t(m * ys0 + h * ys1 + n)]));
         }
+    // f32 outputs: summation order only (1e-5); bf16 outputs: one rounding (2^-9 relative at most, 4e-3).
     const double e = rel_l2(g, r);
-    EXPECT_LT(e, 1e-5) << "M " << c.M << " H " << c.H << " K " << c.K << " N " << c.N;
+    EXPECT_LT(e, c.bf16 ? 4e-3 : 1e-5) << "M " << c.M << " H " << c.H << " K " << c.K << " N " << c.N;
+  }
+}
+
+// The fused layer boundary must equal add_rows + rmsnorm_to bit for bit (the model's golden tolerances were
+// measured with the unfused kernels), with and without the add, for both outputs and padded rows.
+TEST(CudaInferOps, ResidualRmsnormEqualsUnfused) {
+  DSV3_REQUIRE_GPU();
+  std::mt19937_64 rng(17);
+  for (auto [M, D] : {std::pair<int64_t, int64_t>{1, 1024}, {5, 256}, {64, 7168}, {3, 100}}) {
+    for (bool add : {true, false}) {
+      const int64_t ldh = D + 3, ldd = D + 1, ldy = D + 2;
+      const auto h0 = randn(size_t(M * ldh), rng), d = randn(size_t(M * ldd), rng), g = randn(size_t(D), rng, 0.5f, 1.0f);
+      auto dh_ref = upload(h0), dh = upload(h0);
+      auto dd = upload(d), dg = upload(g);
+      auto yf_ref = poisoned<float>(size_t(M * ldy)), yf = poisoned<float>(size_t(M * ldy));
+      auto yb_ref = poisoned<uint16_t>(size_t(M * ldy)), yb = poisoned<uint16_t>(size_t(M * ldy));
+      if (add) add_rows(dh_ref.get(), ldh, dd.get(), ldd, M, D);
+      rmsnorm_to(dh_ref.get(), ldh, dg.get(), 1e-6f, DType::F32, yf_ref.get(), ldy, M, D);
+      rmsnorm_to(dh_ref.get(), ldh, dg.get(), 1e-6f, DType::BF16, yb_ref.get(), ldy, M, D);
+      residual_rmsnorm(dh.get(), ldh, add ? dd.get() : nullptr, ldd, dg.get(), 1e-6f, M, D, yf.get(), ldy, DType::BF16, yb.get(), ldy);
+      const std::string what = "M " + std::to_string(M) + " D " + std::to_string(D) + (add ? " add" : "");
+      EXPECT_EQ(download(dh), download(dh_ref)) << what;
+      const auto a = download(yf), b = download(yf_ref);
+      for (int64_t m = 0; m < M; ++m)
+        EXPECT_EQ(0, std::memcmp(a.data() + m * ldy, b.data() + m * ldy, size_t(D) * 4)) << what << " row " << m;
+      const auto ab = download(yb), bb = download(yb_ref);
+      for (int64_t m = 0; m < M; ++m)
+        EXPECT_EQ(0, std::memcmp(ab.data() + m * ldy, bb.data() + m * ldy, size_t(D) * 2)) << what << " row " << m;
+    }
+  }
+}
+
+// The absorbed-decode prologue against a host loop: queries' rotary parts into qc, the normed latent and roped
+// k_rope into the paged pool rows (F32 pool: 1e-6; BF16 pool: one rounding, 4e-3).
+TEST(CudaInferOps, MlaDecodePrepMatchesHost) {
+  DSV3_REQUIRE_GPU();
+  std::mt19937_64 rng(23);
+  struct Case {
+    int64_t M, H, dn, dr, kvr;
+    bool bf16;
+  };
+  for (const Case c : {Case{1, 16, 64, 32, 256, true}, Case{3, 128, 128, 64, 512, true}, Case{5, 3, 8, 4, 40, false}}) {
+    const int64_t dqk = c.dn + c.dr, W = c.kvr + c.dr, half = c.dr / 2, max_pos = 64;
+    const int64_t ldq = c.H * dqk + 7, ldkv = W + 384, ldqc = c.H * W;
+    const auto q = randn(size_t(c.M * ldq), rng), kv = randn(size_t(c.M * ldkv), rng), g = randn(size_t(c.kvr), rng, 0.5f, 1.0f);
+    std::vector<float> inv(static_cast<size_t>(half));
+    for (int64_t p = 0; p < half; ++p) inv[size_t(p)] = std::pow(10000.0f, -2.0f * float(p) / float(c.dr));
+    auto dinv = upload(inv);
+    DeviceBuffer<float> table(size_t(max_pos * c.dr));
+    rope_build_table(dinv.get(), half, 1.1f, max_pos, table.get());
+    const auto tab = download(table);
+    std::vector<int64_t> pos(size_t(c.M));
+    std::vector<int32_t> rows(size_t(c.M));
+    for (int64_t m = 0; m < c.M; ++m) pos[size_t(m)] = (m * 13 + 5) % max_pos, rows[size_t(m)] = int32_t(c.M - 1 - m) * 2 + 1;
+    const int64_t pool_rows = 2 * c.M + 1;
+    auto dq = upload(q), dkv = upload(kv), dg = upload(g);
+    auto dpos = upload(pos);
+    auto drows = upload(rows);
+    auto qc = poisoned<float>(size_t(c.M * ldqc));
+    auto pf = poisoned<float>(size_t(pool_rows * W));
+    auto pb = poisoned<uint16_t>(size_t(pool_rows * W));
+    mla_decode_prep(dq.get(), ldq, c.H, c.dn, c.dr, dkv.get(), ldkv, c.kvr, dg.get(), 1e-6f, dpos.get(), table.get(), drows.get(),
+                    c.bf16 ? DType::BF16 : DType::F32, c.bf16 ? static_cast<void*>(pb.get()) : pf.get(), qc.get(), ldqc, c.M);
+    const auto gq = download(qc);
+    const auto gp = c.bf16 ? from_bf16(download(pb)) : download(pf);
+    std::vector<float> got_q, want_q, got_p, want_p;
+    auto rot = [&](int64_t m, int64_t p, float a, float b, float* x, float* y) {
+      const float cs = tab[size_t((pos[size_t(m)] * half + p) * 2)], sn = tab[size_t((pos[size_t(m)] * half + p) * 2 + 1)];
+      *x = a * cs - b * sn, *y = b * cs + a * sn;
+    };
+    for (int64_t m = 0; m < c.M; ++m) {
+      for (int64_t h = 0; h < c.H; ++h)
+        for (int64_t p = 0; p < half; ++p) {
+          float x, y;
+          const float* v = q.data() + m * ldq + h * dqk + c.dn + 2 * p;
+          rot(m, p, v[0], v[1], &x, &y);
+          want_q.insert(want_q.end(), {x, y});
+          const float* o = gq.data() + m * ldqc + h * W + c.kvr + 2 * p;
+          got_q.insert(got_q.end(), {o[0], o[1]});
+        }
+      const float* kr = kv.data() + m * ldkv;
+      double ss = 0;
+      for (int64_t j = 0; j < c.kvr; ++j) ss += double(kr[j]) * kr[j];
+      const double r = 1.0 / std::sqrt(ss / double(c.kvr) + 1e-6);
+      const float* row = gp.data() + int64_t(rows[size_t(m)]) * W;
+      for (int64_t j = 0; j < c.kvr; ++j) want_p.push_back(float(g[size_t(j)] * kr[j] * r)), got_p.push_back(row[j]);
+      for (int64_t p = 0; p < half; ++p) {
+        float x, y;
+        rot(m, p, kr[c.kvr + 2 * p], kr[c.kvr + 2 * p + 1], &x, &y);
+        want_p.insert(want_p.end(), {x, y});
+        got_p.insert(got_p.end(), {row[c.kvr + 2 * p], row[c.kvr + 2 * p + 1]});
+      }
+    }
+    EXPECT_LT(rel_l2(got_q, want_q), 1e-6) << "H " << c.H;
+    EXPECT_LT(rel_l2(got_p, want_p), c.bf16 ? 4e-3 : 1e-6) << "H " << c.H;
   }
 }
 

@@ -98,7 +98,90 @@ void add_rows(float* h, int64_t ldh, const float* d, int64_t ldd, int64_t M, int
   DSV3_CUDA_CHECK_LAUNCH("add_rows kernel");
 }
 
+template <class A>
+__global__ void k_residual_rmsnorm(float* __restrict__ h, int64_t ldh, const float* __restrict__ d, int64_t ldd,
+                                   const float* __restrict__ gamma, float eps, int64_t D, float* __restrict__ yf, int64_t ldyf,
+                                   A* __restrict__ ya, int64_t ldya) {
+  __shared__ float red[32];
+  float* hr = h + blockIdx.x * ldh;
+  float ss = 0.0f;
+  for (int64_t j = threadIdx.x; j < D; j += blockDim.x) {
+    float v = hr[j];
+    if (d) {
+      v += d[blockIdx.x * ldd + j];
+      hr[j] = v;
+    }
+    ss += v * v;
+  }
+  ss = block_sum(ss, red);
+  const float r = 1.0f / sqrtf(ss / float(D) + eps);
+  for (int64_t j = threadIdx.x; j < D; j += blockDim.x) {
+    const float v = gamma[j] * (hr[j] * r);
+    if (yf) yf[blockIdx.x * ldyf + j] = v;
+    if (ya) store(ya + blockIdx.x * ldya + j, v);
+  }
+}
+void residual_rmsnorm(float* h, int64_t ldh, const float* d, int64_t ldd, const float* gamma, float eps, int64_t M, int64_t D,
+                      float* yf, int64_t ldyf, DType yt, void* ya, int64_t ldya, cudaStream_t s) {
+  if (ya) check_act(yt, "residual_rmsnorm output");
+  if (M <= 0) return;
+  // The thread count of rmsnorm_to (elementwise.cu), so that the sums meet in the same order.
+  const int threads = D >= 1024 ? 512 : D >= 256 ? 256 : 128;
+  if (ya && yt == DType::F32)
+    k_residual_rmsnorm<<<unsigned(M), threads, 0, s>>>(h, ldh, d, ldd, gamma, eps, D, yf, ldyf, static_cast<float*>(ya), ldya);
+  else
+    k_residual_rmsnorm<<<unsigned(M), threads, 0, s>>>(h, ldh, d, ldd, gamma, eps, D, yf, ldyf, static_cast<uint16_t*>(ya), ldya);
+  DSV3_CUDA_CHECK_LAUNCH("residual_rmsnorm kernel");
+}
+
 // ---- MLA ----
+
+template <class P>
+__global__ void k_mla_decode_prep(const float* __restrict__ q, int64_t ldq, int H, int dn, int half, const float* __restrict__ kv,
+                                  int64_t ldkv, int kvr, const float* __restrict__ gamma, float eps, const int64_t* __restrict__ pos,
+                                  const float* __restrict__ table, const int32_t* __restrict__ rows, P* __restrict__ pool,
+                                  float* __restrict__ qc, int64_t ldqc) {
+  __shared__ float red[32];
+  const int64_t m = blockIdx.x;
+  const int dqk = dn + 2 * half, W = kvr + 2 * half;
+  const float2* cs = reinterpret_cast<const float2*>(table) + pos[m] * half;
+  for (int i = threadIdx.x; i < H * half; i += blockDim.x) {
+    const int h = i / half, p = i % half;
+    const float* v = q + m * ldq + h * dqk + dn + 2 * p;
+    float* o = qc + m * ldqc + int64_t(h) * W + kvr + 2 * p;
+    const float2 c = cs[p];
+    const float a = v[0], b = v[1];
+    o[0] = a * c.x - b * c.y;
+    o[1] = b * c.x + a * c.y;
+  }
+  const float* c = kv + m * ldkv;
+  float ss = 0.0f;
+  for (int j = threadIdx.x; j < kvr; j += blockDim.x) ss += c[j] * c[j];
+  ss = block_sum(ss, red);
+  const float r = 1.0f / sqrtf(ss / float(kvr) + eps);
+  P* dst = pool + int64_t(rows[m]) * W;
+  for (int j = threadIdx.x; j < kvr; j += blockDim.x) store(dst + j, gamma[j] * (c[j] * r));
+  for (int p = threadIdx.x; p < half; p += blockDim.x) {
+    const float a = c[kvr + 2 * p], b = c[kvr + 2 * p + 1];
+    store(dst + kvr + 2 * p, a * cs[p].x - b * cs[p].y);
+    store(dst + kvr + 2 * p + 1, b * cs[p].x + a * cs[p].y);
+  }
+}
+void mla_decode_prep(const float* q, int64_t ldq, int64_t H, int64_t dn, int64_t dr, const float* kv, int64_t ldkv, int64_t kvr,
+                     const float* gamma, float eps, const int64_t* pos, const float* table, const int32_t* rows, DType pt, void* pool,
+                     float* qc, int64_t ldqc, int64_t M, cudaStream_t s) {
+  check_act(pt, "latent cache");
+  DSV3_CHECK(dr % 2 == 0, "mla_decode_prep: rope dim {} is odd", dr);
+  if (M <= 0) return;
+  const int threads = kvr >= 1024 ? 512 : kvr >= 256 ? 256 : 128;  // rmsnorm_to's, for the same sum order
+  if (pt == DType::F32)
+    k_mla_decode_prep<<<unsigned(M), threads, 0, s>>>(q, ldq, int(H), int(dn), int(dr / 2), kv, ldkv, int(kvr), gamma, eps, pos, table,
+                                                      rows, static_cast<float*>(pool), qc, ldqc);
+  else
+    k_mla_decode_prep<<<unsigned(M), threads, 0, s>>>(q, ldq, int(H), int(dn), int(dr / 2), kv, ldkv, int(kvr), gamma, eps, pos, table,
+                                                      rows, static_cast<uint16_t*>(pool), qc, ldqc);
+  DSV3_CUDA_CHECK_LAUNCH("mla_decode_prep kernel");
+}
 
 __global__ void k_expand_k(const float* __restrict__ kv, int64_t H, int64_t dn, int64_t dv, const float* __restrict__ kr,
                            int64_t ldkr, int64_t dr, float* __restrict__ k, int64_t M) {
@@ -135,10 +218,10 @@ void latent_append(const float* c, int64_t ldc, int64_t kvr, const float* kr, in
 // kMT rows). The warps split K (so a block has 8 independent load streams, not one serial loop over K); lanes
 // take consecutive columns (coalesced weight rows); partial sums meet in shared memory.
 constexpr int kMT = 8, kHW = 8;
-template <class W>
+template <class W, class Y>
 __global__ void __launch_bounds__(kHW * 32) k_head_matmul(const float* __restrict__ x, int64_t xs0, int64_t xs1, int K,
                                                          const W* __restrict__ w, int64_t wsh, int64_t wsk, int N,
-                                                         float* __restrict__ y, int64_t ys0, int64_t ys1, int64_t M) {
+                                                         Y* __restrict__ y, int64_t ys0, int64_t ys1, int64_t M) {
   extern __shared__ float xs[];  // [kMT][K], then red[kHW][kMT][32]
   float* red = xs + kMT * K;
   const int64_t h = blockIdx.x, m0 = int64_t(blockIdx.z) * kMT;
@@ -168,37 +251,28 @@ __global__ void __launch_bounds__(kHW * 32) k_head_matmul(const float* __restric
     float v = 0.0f;
 #pragma unroll
     for (int q = 0; q < kHW; ++q) v += red[(q * kMT + r) * 32 + l];
-    if (nn < N) y[(m0 + r) * ys0 + h * ys1 + nn] = v;
+    if (nn < N) store(y + (m0 + r) * ys0 + h * ys1 + nn, v);
   }
 }
+template <class W, class Y>
+void launch_head_matmul(dim3 grid, size_t smem, cudaStream_t s, const float* x, int64_t xs0, int64_t xs1, int K, const void* w,
+                        int64_t wsh, int64_t wsk, int N, void* y, int64_t ys0, int64_t ys1, int64_t M) {
+  k_head_matmul<<<grid, kHW * 32, smem, s>>>(x, xs0, xs1, K, static_cast<const W*>(w), wsh, wsk, N, static_cast<Y*>(y), ys0, ys1, M);
+}
 void head_matmul(const float* x, int64_t xs0, int64_t xs1, int64_t K, DType wt, const void* w, int64_t wsh, int64_t wsk, int64_t N,
-                 float* y, int64_t ys0, int64_t ys1, int64_t M, int64_t H, cudaStream_t s) {
+                 DType yt, void* y, int64_t ys0, int64_t ys1, int64_t M, int64_t H, cudaStream_t s) {
   check_act(wt, "head_matmul weight");
+  check_act(yt, "head_matmul output");
   if (M * H * N <= 0) return;
   const size_t smem = size_t(kMT) * size_t(K) * sizeof(float) + size_t(kHW * kMT * 32) * sizeof(float);
   DSV3_CHECK(smem <= 48 * 1024, "head_matmul: K = {} is too large", K);
   DSV3_CHECK((M + kMT - 1) / kMT <= 65535, "head_matmul: {} rows are too many", M);
   const dim3 grid(unsigned(H), unsigned((N + 31) / 32), unsigned((M + kMT - 1) / kMT));
-  if (wt == DType::F32)
-    k_head_matmul<<<grid, kHW * 32, smem, s>>>(x, xs0, xs1, int(K), static_cast<const float*>(w), wsh, wsk, int(N), y, ys0, ys1, M);
-  else
-    k_head_matmul<<<grid, kHW * 32, smem, s>>>(x, xs0, xs1, int(K), static_cast<const uint16_t*>(w), wsh, wsk, int(N), y, ys0,
-                                               ys1, M);
+  const bool wf = wt == DType::F32, yf = yt == DType::F32;
+  auto* launch = wf ? (yf ? launch_head_matmul<float, float> : launch_head_matmul<float, uint16_t>)
+                    : (yf ? launch_head_matmul<uint16_t, float> : launch_head_matmul<uint16_t, uint16_t>);
+  launch(grid, smem, s, x, xs0, xs1, int(K), w, wsh, wsk, int(N), y, ys0, ys1, M);
   DSV3_CUDA_CHECK_LAUNCH("head_matmul kernel");
-}
-
-__global__ void k_copy_heads(const float* __restrict__ x, int64_t xs0, int64_t xs1, float* __restrict__ y, int64_t ys0,
-                             int64_t ys1, int64_t M, int64_t H, int64_t N) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < M * H * N; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t j = i % N, h = (i / N) % H, m = i / (N * H);
-    y[m * ys0 + h * ys1 + j] = x[m * xs0 + h * xs1 + j];
-  }
-}
-void copy_heads(const float* x, int64_t xs0, int64_t xs1, float* y, int64_t ys0, int64_t ys1, int64_t M, int64_t H, int64_t N,
-                cudaStream_t s) {
-  if (M * H * N <= 0) return;
-  k_copy_heads<<<grid_for(M * H * N, 256), 256, 0, s>>>(x, xs0, xs1, y, ys0, ys1, M, H, N);
-  DSV3_CUDA_CHECK_LAUNCH("copy_heads kernel");
 }
 
 // ---- MoE rows ----

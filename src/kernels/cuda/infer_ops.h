@@ -56,6 +56,10 @@ void cast_rows(const float* x, int64_t ldx, DType y_type, void* y, int64_t ldy, 
                cudaStream_t stream = nullptr);
 // h[m, :N] += d[m, :N].
 void add_rows(float* h, int64_t ldh, const float* d, int64_t ldd, int64_t M, int64_t N, cudaStream_t stream = nullptr);
+// A decoder-layer boundary in one pass: h[m, :D] += d[m, :D] (skipped when d is null), then rmsnorm(h[m])·gamma written
+// to yf (F32, when not null) and to ya (in ya_type, when not null). Bit-identical to add_rows then rmsnorm_to.
+void residual_rmsnorm(float* h, int64_t ldh, const float* d, int64_t ldd, const float* gamma, float eps, int64_t M, int64_t D,
+                      float* yf, int64_t ldyf, DType ya_type, void* ya, int64_t ldya, cudaStream_t stream = nullptr);
 
 // Expanded MLA keys: k[m, h] = [kv[m, h·(dn+dv) : +dn] | k_rope[m]] ([M, H, dn+dr] contiguous), k_rope at
 // kr + m·ldkr (dr values, shared by all heads).
@@ -65,14 +69,18 @@ void mla_expand_k(const float* kv, int64_t H, int64_t dn, int64_t dv, const floa
 void latent_append(const float* c, int64_t ldc, int64_t kvr, const float* kr, int64_t ldkr, int64_t dr, const int32_t* rows,
                    int64_t M, DType pool_type, void* pool, cudaStream_t stream = nullptr);
 
-// Per-head products: y[m·ys0 + h·ys1 + n] = Σ_k x[m·xs0 + h·xs1 + k] · w[h·wsh + k·wsk + n] for n < N, k < K;
-// w F32 or BF16, f32 accumulation (the absorbed q_nope·W_UK and o_latent·W_UVᵀ).
-void head_matmul(const float* x, int64_t xs0, int64_t xs1, int64_t K, DType w_type, const void* w, int64_t wsh, int64_t wsk,
-                 int64_t N, float* y, int64_t ys0, int64_t ys1, int64_t M, int64_t H, cudaStream_t stream = nullptr);
-// y[m·ys0 + h·ys1 + j] = x[m·xs0 + h·xs1 + j], j < N.
-void copy_heads(const float* x, int64_t xs0, int64_t xs1, float* y, int64_t ys0, int64_t ys1, int64_t M, int64_t H, int64_t N,
-                cudaStream_t stream = nullptr);
+// The absorbed-MLA decode prologue of M new tokens in one kernel (one block per token):
+//   qc[m, h·(kvr+dr) + kvr ..] = RoPE(q[m, h·(dn+dr) + dn ..])        (the queries' rotary part, beside q_nope·W_UK)
+//   pool row rows[m] = [rmsnorm(kv[m, :kvr])·gamma | RoPE(kv[m, kvr : kvr+dr])]   (latent cache append)
+// pos: positions (int64), table: rope_build_table's. The same math as rope + copy_heads + rmsnorm_to + latent_append.
+void mla_decode_prep(const float* q, int64_t ldq, int64_t H, int64_t dn, int64_t dr, const float* kv, int64_t ldkv, int64_t kvr,
+                     const float* gamma, float eps, const int64_t* pos, const float* table, const int32_t* rows, DType pool_type,
+                     void* pool, float* qc, int64_t ldqc, int64_t M, cudaStream_t stream = nullptr);
 
+// Per-head products: y[m·ys0 + h·ys1 + n] = Σ_k x[m·xs0 + h·xs1 + k] · w[h·wsh + k·wsk + n] for n < N, k < K;
+// w F32 or BF16, f32 accumulation, y written as F32 or BF16 (the absorbed q_nope·W_UK and o_latent·W_UVᵀ).
+void head_matmul(const float* x, int64_t xs0, int64_t xs1, int64_t K, DType w_type, const void* w, int64_t wsh, int64_t wsk,
+                 int64_t N, DType y_type, void* y, int64_t ys0, int64_t ys1, int64_t M, int64_t H, cudaStream_t stream = nullptr);
 // y[i, :D] = x[rows[i], :D] as F32 or BF16 (rows: device int32, n values).
 void gather_rows(const float* x, int64_t ldx, const int32_t* rows, int64_t n, int64_t D, DType y_type, void* y, int64_t ldy,
                  cudaStream_t stream = nullptr);
