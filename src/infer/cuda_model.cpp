@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <optional>
@@ -162,6 +163,10 @@ struct CudaModel::Impl {
   DBuf<uint8_t> embed;
   Lin head;
   DBuf<float> norm, rope_table;
+  DBuf<uint32_t> route_counter;  // moe_gate_route's block counter (0 between launches; one stream runs them all)
+  // DSV3_UNFUSED_ROUTER=1 routes decode steps as prefill does (cuBLAS gate product, then moe_route): for A/B
+  // benchmarks of the one-launch router in the same run.
+  bool fused_router = true;
   std::vector<LayerW> layers;
   std::vector<MtpW> mtp;
   int64_t weight_bytes = 0, decode_bytes = 0;
@@ -379,6 +384,10 @@ struct CudaModel::Impl {
       cuda::synchronize();
       weight_bytes += head.bytes();
     }
+    const char* unfused = std::getenv("DSV3_UNFUSED_ROUTER");
+    fused_router = !(unfused && *unfused && std::string(unfused) != "0");
+    route_counter = DBuf<uint32_t>(1);
+    cuda::memset_device(route_counter.get(), 0, 4);
     const ops::RopeTable rt = make_rope_table(c);
     DBuf<float> inv(rt.inv_freq.size());
     cuda::copy_to_device(inv.get(), rt.inv_freq.data(), inv.bytes());
@@ -439,10 +448,14 @@ struct CudaModel::Impl {
     if (M <= 0) return;
     if (L.type == DType::F8_E4M3) {
       const int64_t kb = cuda::ceil_div(L.K, 128);
+      // Decode-sized rows: one GEMV launch on the e4m3 bytes; larger ones: cuBLASLt's block-scaled GEMM.
+      const bool gemv = cuda::fp8_gemv_supported(act, x, ldx, M, L.K);
       auto run = [&](const uint8_t* w, const float* sc, float* yy, int64_t N) {
-        ex.gemm.linear_fp8(act, x, ldx, w, sc, DType::F32, yy, ldy, M, N, L.K, s());
+        if (gemv) cuda::fp8_gemv(act, x, ldx, M, w, sc, yy, ldy, N, L.K, s());
+        else ex.gemm.linear_fp8(act, x, ldx, w, sc, DType::F32, yy, ldy, M, N, L.K, s());
       };
-      if (L.split) {
+      // Stacked at a multiple of 128 rows, the two scale grids are one grid: one product.
+      if (L.split % 128 != 0) {
         run(L.w.get(), L.scale.get(), y, L.split);
         run(L.w.get() + L.split * L.K, L.scale.get() + cuda::ceil_div(L.split, 128) * kb, y + L.split, L.N - L.split);
       } else {
@@ -478,10 +491,16 @@ struct CudaModel::Impl {
   void moe_fwd(Exec& ex, const MoeW& e, const float* x2, const void* xa, int64_t M, float* y, const RowsInfo& r, bool no_sync) const {
     const int64_t E = cfg.n_routed_experts, K = router.top_k;
     float* logits = ex.arena.as<float>(S_LOGIT, M * E);
-    lin(ex, e.gate, x2, D, logits, E, M);
     int32_t* idx = ex.arena.as<int32_t>(S_IDX, M * K);
     float* wts = ex.arena.as<float>(S_W, M * K);
-    cuda::moe_route(logits, E, M, E, e.has_bias ? e.bias.get() : nullptr, router, idx, wts, s());
+    const float* bias = e.has_bias ? e.bias.get() : nullptr;
+    if (fused_router && M <= cuda::kGateRouteMaxM && D % 4 == 0) {  // decode: gate product and top-k in one launch
+      cuda::moe_gate_route(x2, D, M, reinterpret_cast<const float*>(e.gate.w.get()), D, E, bias, router, logits, route_counter.get(), idx,
+                           wts, s());
+    } else {
+      lin(ex, e.gate, x2, D, logits, E, M);
+      cuda::moe_route(logits, E, M, E, bias, router, idx, wts, s());
+    }
     if (e.shared) mlp_fwd(ex, *e.shared, xa, D, M, y);
     const bool acc = e.shared.has_value();
     if (r.routing) {

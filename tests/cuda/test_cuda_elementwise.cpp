@@ -177,6 +177,44 @@ TEST(CudaOps, RouterMatchesCpu) {
   }
 }
 
+// The one-launch decode router: its logits against a double-precision host product (relative L2 1e-6), its
+// choices identical to moe_route's on those logits (weights bit for bit), and the block counter left at 0 so that
+// the next launch (a graph replay) works: run twice.
+TEST(CudaOps, GateRouteMatchesProductThenRoute) {
+  DSV3_REQUIRE_GPU();
+  std::mt19937_64 rng(18);
+  struct Case { int64_t M, E, D; int G, TG, K; bool bias; };
+  for (const Case c : {Case{1, 64, 1024, 8, 4, 6, true}, Case{16, 256, 7168, 8, 4, 8, true}, Case{3, 16, 40, 4, 2, 3, false},
+                       Case{5, 72, 512, 1, 1, 6, true}}) {
+    const int64_t ldx = c.D + 4;
+    const auto x = randn(size_t(c.M * ldx), rng), g = randn(size_t(c.E * c.D), rng, 0.05f), bias = randn(size_t(c.E), rng, 0.3f);
+    auto dx = upload(x), dg = upload(g), db = upload(bias);
+    DeviceBuffer<uint32_t> counter(1);
+    memset_device(counter.get(), 0, 4);
+    const RouterConfig p{c.G, c.TG, c.K, true, 2.5f};
+    for (int run = 0; run < 2; ++run) {
+      auto dl = poisoned<float>(size_t(c.M * c.E));
+      DeviceBuffer<int32_t> di(static_cast<size_t>(c.M * c.K)), ri(static_cast<size_t>(c.M * c.K));
+      auto dw = poisoned<float>(size_t(c.M * c.K)), rw = poisoned<float>(size_t(c.M * c.K));
+      moe_gate_route(dx.get(), ldx, c.M, dg.get(), c.D, c.E, c.bias ? db.get() : nullptr, p, dl.get(), counter.get(), di.get(), dw.get());
+      moe_route(dl.get(), c.E, c.M, c.E, c.bias ? db.get() : nullptr, p, ri.get(), rw.get());
+      const auto logits = download(dl);
+      std::vector<float> want(size_t(c.M * c.E));
+      for (int64_t m = 0; m < c.M; ++m)
+        for (int64_t e = 0; e < c.E; ++e) {
+          double a = 0;
+          for (int64_t d = 0; d < c.D; ++d) a += double(x[size_t(m * ldx + d)]) * double(g[size_t(e * c.D + d)]);
+          want[size_t(m * c.E + e)] = float(a);
+        }
+      EXPECT_LT(rel_l2(logits, want), 1e-6) << "E " << c.E << " D " << c.D;
+      EXPECT_EQ(download(di), download(ri)) << "E " << c.E << " run " << run;
+      const auto a = download(dw), b = download(rw);
+      EXPECT_EQ(0, std::memcmp(a.data(), b.data(), a.size() * 4)) << "E " << c.E << " run " << run;
+      EXPECT_EQ(download(counter)[0], 0u);
+    }
+  }
+}
+
 TEST(CudaOps, ArgmaxAndSoftmaxMatchHost) {
   DSV3_REQUIRE_GPU();
   std::mt19937_64 rng(17);

@@ -188,6 +188,41 @@ TEST(CudaGemm, Fp8BlockScaledMatchesCpu) {
   std::printf("fp8 fallbacks: %lld\n", (long long)gemm.fallbacks());
 }
 
+// The decode FP8 GEMV (activations not quantized) against the CPU's f32 product with the dequantized weights:
+// f32 accumulation in another order only (rel L2 < 1e-5); bf16 activations are rounded on the host first.
+TEST(CudaGemm, Fp8GemvMatchesCpu) {
+  DSV3_REQUIRE_GPU();
+  std::mt19937_64 rng(25);
+  struct Case { int64_t M, N, K; bool bf16; };
+  for (const Case c : {Case{1, 2048, 7168, true}, Case{1, 672, 1024, true}, Case{8, 1536, 384, true}, Case{3, 1024, 704, false},
+                       Case{5, 100, 208, true}, Case{1, 129, 16, false}}) {
+    const Fp8Weight w = make_fp8_weight(c.N, c.K, rng);
+    const int64_t ldx = c.K + 8;
+    std::vector<float> x = randn(size_t(c.M * ldx), rng);
+    if (c.bf16) x = round_bf16(x);
+    std::vector<float> xc(size_t(c.M * c.K));
+    for (int64_t m = 0; m < c.M; ++m) std::copy_n(x.data() + m * ldx, c.K, xc.data() + m * c.K);
+    const std::vector<float> ref = cpu_linear(xc, c.M, c.K, host_weight(w));
+    auto dxf = upload(x);
+    auto dxb = upload(to_bf16(x));
+    const void* dx = c.bf16 ? static_cast<const void*>(dxb.get()) : dxf.get();
+    const DType xt = c.bf16 ? DType::BF16 : DType::F32;
+    ASSERT_TRUE(fp8_gemv_supported(xt, dx, ldx, c.M, c.K));
+    auto dwq = upload(w.q);
+    auto dws = upload(w.scale_inv);
+    const int64_t ldy = c.N + 3;
+    auto dy = poisoned<float>(size_t(c.M * ldy));
+    fp8_gemv(xt, dx, ldx, c.M, dwq.get(), dws.get(), dy.get(), ldy, c.N, c.K);
+    const auto yp = download(dy);
+    std::vector<float> y;
+    for (int64_t m = 0; m < c.M; ++m) y.insert(y.end(), yp.begin() + m * ldy, yp.begin() + m * ldy + c.N);
+    EXPECT_LT(rel_l2(y, ref), 1e-5) << "M " << c.M << " N " << c.N << " K " << c.K;
+  }
+  EXPECT_FALSE(fp8_gemv_supported(DType::BF16, nullptr, 200, 9, 1024));  // too many rows
+  EXPECT_FALSE(fp8_gemv_supported(DType::BF16, nullptr, 200, 1, 200));   // K not a multiple of 16
+  EXPECT_THROW(fp8_gemv(DType::BF16, nullptr, 200, 1, nullptr, nullptr, nullptr, 1, 1, 200), Error);
+}
+
 // Which scale layouts cuBLASLt reads: runs one shape with each of the four (weight, activation) layouts and
 // checks that the library's choice (weight [nb][kb], activation [kb][M]) is the one that matches the CPU.
 TEST(CudaGemm, Fp8ScaleLayoutProbe) {

@@ -252,6 +252,47 @@ TEST(CudaModel, CachedBf16StepsMatchGoldenWithAndWithoutGraphs) {
   }
 }
 
+// Native FP8 decode steps: one token at a time from the first, every product of the FP8 checkpoint runs as
+// fp8_gemv (e4m3 weights times their f32 block scales, activations kept in bf16), so a token's logits carry only
+// the bf16 path's roundings: within 2e-2 of the golden. A token whose routing flips at a router near-tie (this
+// path's hidden states differ from the golden's by ~5e-3) is off by much more; such tokens are counted and must
+// stay rare (<= 10%), and the median token within 2e-2.
+TEST(CudaModel, NativeFp8DecodeStepsMatchGolden) {
+  DSV3_REQUIRE_GPU();
+  auto host = Transformer::load(test::golden_dir("fp8") + "/model");
+  auto golden = io::SafetensorsFile::open(test::golden_dir("fp8") + "/golden.safetensors");
+  const Tensor ids = golden->get("input_ids");
+  const int64_t B = ids.dim(0), T = ids.dim(1), V = host->config().vocab_size;
+  auto m = gpu_model(*host, DType::BF16, true, true);
+  Tensor got = Tensor::zeros(DType::F32, {B * T, V});
+  for (int64_t b = 0; b < B; ++b) {
+    const std::vector<int64_t> tok = row_of(ids, b);
+    auto cache = m->make_cache(1, T);
+    for (int64_t pos = 0; pos < T; ++pos) {
+      const auto st = m->step({tok[size_t(pos)]}, Batch::cached({{0, pos, 1}}), *cache);
+      std::copy_n(st.logits.f32(), V, got.f32() + (b * T + pos) * V);
+    }
+  }
+  const Tensor want = golden->get("logits").contiguous().to(DType::F32).reshape({B * T, V});
+  std::vector<double> err;
+  for (int64_t r = 0; r < B * T; ++r) {
+    std::vector<char> one(size_t(B * T), 0);
+    one[size_t(r)] = 1;
+    err.push_back(rel_l2_rows(got, want, one));
+  }
+  std::vector<double> sorted = err;
+  std::sort(sorted.begin(), sorted.end());
+  const auto off = std::count_if(err.begin(), err.end(), [](double e) { return e >= 2e-2; });
+  std::printf("  fp8 native decode steps (fp8_gemv) vs golden: per-token rel L2 median %.3g, max %.3g; %lld of %lld tokens "
+              "beyond 2e-2 (routing near-ties); graph replays %lld\n",
+              sorted[sorted.size() / 2], sorted.back(), (long long)off, (long long)(B * T), (long long)m->graph_replays());
+  for (int64_t r = 0; r < B * T; ++r)
+    if (err[size_t(r)] >= 2e-2) std::printf("    token %lld: %.3g\n", (long long)r, err[size_t(r)]);
+  EXPECT_LT(sorted[sorted.size() / 2], 2e-2);
+  EXPECT_LE(off * 10, B * T);
+  EXPECT_GT(m->graph_replays(), 0);
+}
+
 // Several prompts of different lengths, sampled: the GPU (fp32) and the CPU draw the same tokens, since the
 // host-side sampler sees logits that agree to ~1e-6.
 TEST(CudaModel, BatchedSamplingMatchesCpu) {

@@ -105,6 +105,14 @@ inline int64_t fp8_act_scale_count(int64_t M, int64_t K) { return ceil_div(K, kF
 // saturated to ±448. x is F32 or BF16 [M, K] with row stride ldx; xq is [M, K] contiguous.
 void quantize_fp8_1x128(DType x_type, const void* x, int64_t ldx, int64_t M, int64_t K, uint8_t* xq, float* scale,
                         cudaStream_t stream = nullptr);
+// Decode-sized FP8 products without activation quantization: y[m, :N] (f32, row stride ldy) = x[m, :K] (F32 or
+// BF16, row stride ldx) · (w e4m3 [N, K] · scale_inv[n / 128, k / 128])ᵀ with f32 accumulation, for at most
+// kFp8GemvMaxM rows (one launch; the weights streamed once). Needs K a multiple of 16, ldx a multiple of 8 and x
+// 16-byte aligned: fp8_gemv_supported says whether a call qualifies.
+constexpr int64_t kFp8GemvMaxM = 8;
+bool fp8_gemv_supported(DType x_type, const void* x, int64_t ldx, int64_t M, int64_t K);
+void fp8_gemv(DType x_type, const void* x, int64_t ldx, int64_t M, const uint8_t* w, const float* w_scale_inv, float* y,
+              int64_t ldy, int64_t N, int64_t K, cudaStream_t stream = nullptr);
 // out[N, K] bf16 = w e4m3 [N, K] · scale_inv[n / 128, k / 128] (scale_inv [ceil(N/128), ceil(K/128)] row-major,
 // the checkpoint's weight_scale_inv).
 void dequantize_fp8_weight(const uint8_t* w, const float* scale_inv, int64_t N, int64_t K, uint16_t* out_bf16,
@@ -191,6 +199,13 @@ struct RouterConfig {
 // ties to the lower index), w f32 [M, top_k]. Requires E % n_group == 0, E <= 1024, top_k <= 32.
 void moe_route(const float* logits, int64_t ld, int64_t M, int64_t E, const float* bias, const RouterConfig& cfg,
                int32_t* idx, float* w, cudaStream_t stream = nullptr);
+// The whole router of a decode step in one launch: logits = x · gateᵀ (x f32 [M, D] row stride ldx, gate f32
+// [E, D]; one warp per expert), written to `logits` ([M, E] scratch), then routed as moe_route by the last block to
+// finish. `counter`: one device uint32 that is 0 before the launch and is 0 again after it. M <= kGateRouteMaxM
+// (the routing runs in one block); D and ldx multiples of 4.
+constexpr int64_t kGateRouteMaxM = 16;
+void moe_gate_route(const float* x, int64_t ldx, int64_t M, const float* gate, int64_t D, int64_t E, const float* bias,
+                    const RouterConfig& cfg, float* logits, uint32_t* counter, int32_t* idx, float* w, cudaStream_t stream = nullptr);
 
 // ---------------------------------------------------------------------------------------------------------
 // Sampling helpers

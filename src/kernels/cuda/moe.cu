@@ -21,40 +21,7 @@ void* upload_table(const std::vector<T>& v) {
   return d;
 }
 
-// ---- weight loads: 8 consecutive values of one row as f32 (bf16, or e4m3 times its 128x128 block scale) ----
-
-// The raw fetch split from the conversion, so several rows' loads can be in flight before any math.
-template <class W> struct Raw;
-template <> struct Raw<uint16_t> { uint4 v; };
-template <> struct Raw<uint8_t> { uint2 v; };
-__device__ __forceinline__ void fetch(const uint16_t* __restrict__ row, int64_t d0, Raw<uint16_t>& r) {
-  r.v = __ldg(reinterpret_cast<const uint4*>(row + d0));
-}
-__device__ __forceinline__ void fetch(const uint8_t* __restrict__ row, int64_t d0, Raw<uint8_t>& r) {
-  r.v = __ldg(reinterpret_cast<const uint2*>(row + d0));
-}
-__device__ __forceinline__ void unpack(const Raw<uint16_t>& r, float s, float (&w)[8]) {
-  (void)s;
-  const uint32_t u[4] = {r.v.x, r.v.y, r.v.z, r.v.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    w[2 * i] = __uint_as_float(u[i] << 16);
-    w[2 * i + 1] = __uint_as_float(u[i] & 0xffff0000u);
-  }
-}
-__device__ __forceinline__ void unpack(const Raw<uint8_t>& r, float s, float (&w)[8]) {
-  const uint32_t u[2] = {r.v.x, r.v.y};
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const __half2_raw lo = __nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t(u[i] & 0xffffu), __NV_E4M3);
-    const __half2_raw hi = __nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t(u[i] >> 16), __NV_E4M3);
-    const float2 a = __half22float2(__half2(lo)), b = __half22float2(__half2(hi));
-    w[4 * i] = a.x * s;
-    w[4 * i + 1] = a.y * s;
-    w[4 * i + 2] = b.x * s;
-    w[4 * i + 3] = b.y * s;
-  }
-}
+// Weight loads (fetch/unpack of 8 values of a row): common.cuh.
 
 // ---- decode workspace: group table written by kernel A, read by kernel B ----
 // ints: [0] number of groups; gexp[gmax]; gcount[gmax]; glist[gmax * slots] (slots of each group, ascending);

@@ -1,4 +1,5 @@
-// DeepSeek-V3 router on the GPU: one block per token, semantics exactly as ops::moe_route (src/kernels/cpu).
+// DeepSeek-V3 router on the GPU: one warp per token, semantics exactly as ops::moe_route (src/kernels/cpu); and the
+// decode-step router that computes the gate logits and routes in one launch.
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/cuda_ops.h"
 
@@ -12,97 +13,189 @@ constexpr int kMaxE = 1024, kMaxG = 64, kMaxK = 32;
 // (value, index) order of the CPU's partial_sort: larger value first, ties to the lower index.
 __device__ __forceinline__ bool better(float a, int ia, float b, int ib) { return a > b || (a == b && ia < ib); }
 
-__global__ void k_route(const float* __restrict__ logits, int64_t ld, int E, const float* __restrict__ bias, RouterConfig p,
-                        int32_t* __restrict__ idx, float* __restrict__ w) {
-  __shared__ float s[kMaxE], choice[kMaxE];
-  __shared__ unsigned char taken[kMaxE];
-  __shared__ float gscore[kMaxG];
-  __shared__ unsigned char keep[kMaxG];
-  __shared__ float rv[32];
-  __shared__ int ri[32];
-  __shared__ int chosen[kMaxK];
-  const int64_t m = blockIdx.x;
-  const float* l = logits + m * ld;
-  const int G = p.n_group, per = E / G;
-  for (int e = threadIdx.x; e < E; e += blockDim.x) {
-    const float v = 1.0f / (1.0f + expf(-l[e]));
-    s[e] = v;
-    choice[e] = v + (bias ? bias[e] : 0.0f);
-    taken[e] = 0;
+// The best (value, index) over the warp's candidates (bi == INT32_MAX: none); every lane gets the result.
+__device__ __forceinline__ void warp_best(float& bv, int& bi) {
+  for (int o = 16; o > 0; o >>= 1) {
+    const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+    const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+    if (oi != INT32_MAX && (bi == INT32_MAX || better(ov, oi, bv, bi))) { bv = ov; bi = oi; }
   }
-  __syncthreads();
+}
+
+// One token routed by one warp, exactly as ops::moe_route: sigmoid scores s, choice scores c = s + bias; with
+// groups, a group scores the sum of its two best choices, the topk_group best groups stay and the experts of the
+// others compete with choice 0.0 (transformers' masked_fill); the top_k best choices win (ties to the lower
+// index), weighted s / Σ s (norm_topk_prob) · routed_scaling_factor, summed in the chosen order like the CPU.
+// s, c: E floats of this warp's shared memory, gs: n_group floats. Logits are read past L1 (__ldcg): in the fused
+// router they were written by other blocks of the same launch. E <= 1024, n_group <= 64, top_k <= 32.
+__device__ void route_warp(const float* __restrict__ logits, int E, const float* __restrict__ bias, const RouterConfig& p,
+                           float* s, float* c, float* gs, int32_t* __restrict__ idx, float* __restrict__ w) {
+  const int lane = threadIdx.x & 31;
+  for (int e = lane; e < E; e += 32) {
+    const float v = 1.0f / (1.0f + expf(-__ldcg(logits + e)));
+    s[e] = v;
+    c[e] = v + (bias ? bias[e] : 0.0f);
+  }
+  __syncwarp();
+  const int G = p.n_group, per = E / G;
   if (G > 1) {
-    for (int g = threadIdx.x; g < G; g += blockDim.x) {
+    for (int g = lane; g < G; g += 32) {
       float t1 = -INFINITY, t2 = -INFINITY;
       for (int e = g * per; e < (g + 1) * per; ++e) {
-        const float c = choice[e];
-        if (c > t1) { t2 = t1; t1 = c; } else if (c > t2) { t2 = c; }
+        const float v = c[e];
+        if (v > t1) { t2 = t1; t1 = v; } else if (v > t2) { t2 = v; }
       }
-      gscore[g] = t1 + t2;
-      keep[g] = 0;
+      gs[g] = t1 + t2;
     }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      for (int i = 0; i < p.topk_group; ++i) {  // selection of the topk_group best groups
-        int b = -1;
-        for (int g = 0; g < G; ++g)
-          if (!keep[g] && (b < 0 || better(gscore[g], g, gscore[b], b))) b = g;
-        keep[b] = 1;
-      }
+    __syncwarp();
+    uint64_t keep = 0;
+    for (int i = 0; i < p.topk_group; ++i) {
+      float bv = -INFINITY;
+      int bi = INT32_MAX;
+      for (int g = lane; g < G; g += 32)
+        if (!((keep >> g) & 1u) && (bi == INT32_MAX || better(gs[g], g, bv, bi))) { bv = gs[g]; bi = g; }
+      warp_best(bv, bi);
+      keep |= uint64_t(1) << bi;
     }
-    __syncthreads();
-    // Experts of dropped groups compete with score 0.0, as transformers' masked_fill(..., 0.0).
-    for (int e = threadIdx.x; e < E; e += blockDim.x)
-      if (!keep[e / per]) choice[e] = 0.0f;
-    __syncthreads();
+    for (int e = lane; e < E; e += 32)
+      if (!((keep >> (e / per)) & 1u)) c[e] = 0.0f;
+    __syncwarp();
   }
-  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  uint32_t taken = 0;  // bit i: expert lane + 32·i
+  int chosen[kMaxK];
   for (int k = 0; k < p.top_k; ++k) {
     float bv = -INFINITY;
     int bi = INT32_MAX;
-    for (int e = threadIdx.x; e < E; e += blockDim.x)
-      if (!taken[e] && (bi == INT32_MAX || better(choice[e], e, bv, bi))) { bv = choice[e]; bi = e; }
-    for (int o = 16; o > 0; o >>= 1) {
-      const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-      const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-      if (oi != INT32_MAX && (bi == INT32_MAX || better(ov, oi, bv, bi))) { bv = ov; bi = oi; }
-    }
-    if (lane == 0) { rv[wid] = bv; ri[wid] = bi; }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      float b = rv[0];
-      int bidx = ri[0];
-      for (int i = 1; i < nw; ++i)
-        if (ri[i] != INT32_MAX && (bidx == INT32_MAX || better(rv[i], ri[i], b, bidx))) { b = rv[i]; bidx = ri[i]; }
-      chosen[k] = bidx;
-      taken[bidx] = 1;
-    }
-    __syncthreads();
+    for (int e = lane, i = 0; e < E; e += 32, ++i)
+      if (!((taken >> i) & 1u) && (bi == INT32_MAX || better(c[e], e, bv, bi))) { bv = c[e]; bi = e; }
+    warp_best(bv, bi);
+    if ((bi & 31) == lane) taken |= 1u << (bi >> 5);
+    chosen[k] = bi;
   }
-  if (threadIdx.x == 0) {
-    // Same float operations in the same order as the CPU op.
+  if (lane == 0) {
     float sum = 0.0f;
     for (int i = 0; i < p.top_k; ++i) sum += s[chosen[i]];
     const float denom = p.norm_topk_prob ? sum + 1e-20f : 1.0f;
     for (int i = 0; i < p.top_k; ++i) {
-      idx[m * p.top_k + i] = chosen[i];
-      w[m * p.top_k + i] = s[chosen[i]] / denom * p.routed_scaling_factor;
+      idx[i] = chosen[i];
+      w[i] = s[chosen[i]] / denom * p.routed_scaling_factor;
     }
   }
+  __syncwarp();
+}
+
+constexpr int kRouteWarps = 8;
+size_t route_smem(int E, int G) { return sizeof(float) * size_t(kRouteWarps) * size_t(2 * E + G); }
+
+// moe_route: one warp per token.
+__global__ void __launch_bounds__(kRouteWarps * 32) k_route(const float* __restrict__ logits, int64_t ld, int64_t M, int E,
+                                                           const float* __restrict__ bias, RouterConfig p, int32_t* __restrict__ idx,
+                                                           float* __restrict__ w) {
+  extern __shared__ float sm[];
+  const int warp = threadIdx.x >> 5;
+  const int64_t m = int64_t(blockIdx.x) * kRouteWarps + warp;
+  if (m >= M) return;
+  float* s = sm + warp * (2 * E + p.n_group);
+  route_warp(logits + m * ld, E, bias, p, s, s + E, s + 2 * E, idx + m * p.top_k, w + m * p.top_k);
+}
+
+// moe_gate_route: warp (block b, warp v) computes the logits of expert b·8 + v for every token (f32 dot products,
+// float4 loads, 8 tokens per pass over the expert's row); the last block to finish routes the tokens.
+__global__ void __launch_bounds__(kRouteWarps * 32) k_gate_route(const float* __restrict__ x, int64_t ldx, int M,
+                                                                const float* __restrict__ gate, int D, int E,
+                                                                const float* __restrict__ bias, RouterConfig p,
+                                                                float* __restrict__ logits, unsigned* __restrict__ counter,
+                                                                int32_t* __restrict__ idx, float* __restrict__ w) {
+  extern __shared__ float sm[];
+  __shared__ bool last;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int e = blockIdx.x * kRouteWarps + warp;
+  if (e < E) {
+    // The row in pieces of 1024 values: each lane issues its 8 float4 loads of gate and x before any math (one
+    // round trip per piece, not one per float4).
+    const float4* g4 = reinterpret_cast<const float4*>(gate + int64_t(e) * D);
+    const int D4 = D / 4;
+    for (int m0 = 0; m0 < M; m0 += 8) {
+      const int nt = min(8, M - m0);
+      float acc[8];
+#pragma unroll
+      for (int t = 0; t < 8; ++t) acc[t] = 0.0f;
+      for (int p0 = 0; p0 < D4; p0 += 256) {
+        float4 g[8];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          const int d4 = p0 + i * 32 + lane;
+          g[i] = d4 < D4 ? __ldg(g4 + d4) : make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+#pragma unroll
+        for (int t = 0; t < 8; ++t) {
+          if (t < nt) {
+            const float4* x4 = reinterpret_cast<const float4*>(x + int64_t(m0 + t) * ldx);
+            float4 v[8];
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+              const int d4 = p0 + i * 32 + lane;
+              v[i] = d4 < D4 ? __ldg(x4 + d4) : make_float4(0.f, 0.f, 0.f, 0.f);
+            }
+#pragma unroll
+            for (int i = 0; i < 8; ++i)
+              acc[t] = fmaf(g[i].x, v[i].x, fmaf(g[i].y, v[i].y, fmaf(g[i].z, v[i].z, fmaf(g[i].w, v[i].w, acc[t]))));
+          }
+        }
+      }
+#pragma unroll
+      for (int t = 0; t < 8; ++t) {
+        const float v = warp_sum(acc[t]);
+        if (t < nt && lane == 0) logits[int64_t(m0 + t) * E + e] = v;
+      }
+    }
+  }
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(counter, 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  if (threadIdx.x == 0) *counter = 0u;  // ready for the next launch (the stream orders it after this one)
+  float* s = sm + warp * (2 * E + p.n_group);
+  for (int m = warp; m < M; m += kRouteWarps)
+    route_warp(logits + int64_t(m) * E, E, bias, p, s, s + E, s + 2 * E, idx + int64_t(m) * p.top_k, w + int64_t(m) * p.top_k);
+}
+
+void check_router(int64_t E, const RouterConfig& p, const char* what) {
+  DSV3_CHECK(p.n_group >= 1 && E % p.n_group == 0 && p.topk_group >= 1 && p.topk_group <= p.n_group && p.top_k >= 1 &&
+                 p.top_k <= p.topk_group * (E / p.n_group),
+             "{}: invalid router parameters", what);
+  DSV3_CHECK(E <= kMaxE && p.n_group <= kMaxG && p.top_k <= kMaxK, "{}: E {} / n_group {} / top_k {} beyond the kernel's limits", what,
+             E, p.n_group, p.top_k);
+}
+void set_route_smem(const void* f, size_t bytes) {
+  if (bytes > 48 * 1024) DSV3_CUDA_CHECK(cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
 }
 }  // namespace
 
 void moe_route(const float* logits, int64_t ld, int64_t M, int64_t E, const float* bias, const RouterConfig& p, int32_t* idx,
                float* w, cudaStream_t stream) {
-  DSV3_CHECK(p.n_group >= 1 && E % p.n_group == 0 && p.topk_group >= 1 && p.topk_group <= p.n_group && p.top_k >= 1 &&
-                 p.top_k <= p.topk_group * (E / p.n_group),
-             "moe_route: invalid router parameters");
-  DSV3_CHECK(E <= kMaxE && p.n_group <= kMaxG && p.top_k <= kMaxK, "moe_route: E {} / n_group {} / top_k {} beyond the kernel's limits",
-             E, p.n_group, p.top_k);
+  check_router(E, p, "moe_route");
   if (M <= 0) return;
-  const int threads = E >= 256 ? 256 : int(round_up(E, 32));
-  k_route<<<unsigned(M), threads, 0, stream>>>(logits, ld, int(E), bias, p, idx, w);
+  const size_t smem = route_smem(int(E), p.n_group);
+  set_route_smem(reinterpret_cast<const void*>(&k_route), smem);
+  k_route<<<unsigned(ceil_div(M, kRouteWarps)), kRouteWarps * 32, smem, stream>>>(logits, ld, M, int(E), bias, p, idx, w);
   DSV3_CUDA_CHECK_LAUNCH("moe_route kernel");
+}
+
+void moe_gate_route(const float* x, int64_t ldx, int64_t M, const float* gate, int64_t D, int64_t E, const float* bias,
+                    const RouterConfig& p, float* logits, uint32_t* counter, int32_t* idx, float* w, cudaStream_t stream) {
+  check_router(E, p, "moe_gate_route");
+  DSV3_CHECK(M <= kGateRouteMaxM, "moe_gate_route: {} tokens, at most {}", M, kGateRouteMaxM);
+  DSV3_CHECK(D % 4 == 0 && ldx % 4 == 0 && (reinterpret_cast<uintptr_t>(x) & 15) == 0 && (reinterpret_cast<uintptr_t>(gate) & 15) == 0,
+             "moe_gate_route: D {} and ldx {} must be multiples of 4, x and gate 16-byte aligned", D, ldx);
+  if (M <= 0) return;
+  const size_t smem = route_smem(int(E), p.n_group);
+  set_route_smem(reinterpret_cast<const void*>(&k_gate_route), smem);
+  k_gate_route<<<unsigned(ceil_div(E, kRouteWarps)), kRouteWarps * 32, smem, stream>>>(x, ldx, int(M), gate, int(D), int(E), bias, p,
+                                                                                       logits, counter, idx, w);
+  DSV3_CUDA_CHECK_LAUNCH("moe_gate_route kernel");
 }
 
 }  // namespace dsv3::cuda

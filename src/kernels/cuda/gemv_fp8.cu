@@ -1,0 +1,115 @@
+// Decode-sized FP8 products (see fp8_gemv in cuda_ops.h): cuBLASLt's block-scaled FP8 GEMM wants M padded to 16
+// and activations quantized by a kernel of their own, four launches for one row; this is one launch that streams
+// the e4m3 weights once (half the bytes of bf16) and keeps the activations as they are.
+#include "kernels/cuda/common.cuh"
+#include "kernels/cuda/cuda_ops.h"
+
+namespace dsv3::cuda {
+
+namespace {
+using namespace dev;
+
+constexpr int kWarps = 8, kRows = 2;  // weight rows per warp: two independent load streams
+
+__device__ __forceinline__ void load16(const float* p, float (&v)[16]) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float4 a = __ldg(reinterpret_cast<const float4*>(p) + i);
+    v[4 * i] = a.x, v[4 * i + 1] = a.y, v[4 * i + 2] = a.z, v[4 * i + 3] = a.w;
+  }
+}
+__device__ __forceinline__ void load16(const uint16_t* p, float (&v)[16]) {
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const uint4 a = __ldg(reinterpret_cast<const uint4*>(p) + i);
+    const uint32_t u[4] = {a.x, a.y, a.z, a.w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      v[8 * i + 2 * j] = __uint_as_float(u[j] << 16);
+      v[8 * i + 2 * j + 1] = __uint_as_float(u[j] & 0xffff0000u);
+    }
+  }
+}
+
+// Warp = kRows consecutive output columns n; lane = 16 consecutive k per step of 512 (inside one 128-wide scale
+// block). Per-lane partial sums meet by warp shuffles; every output is one warp's fixed-order sum.
+template <class X>
+__global__ void __launch_bounds__(kWarps * 32) k_gemv_fp8(const X* __restrict__ x, int64_t ldx, int M, const uint8_t* __restrict__ w,
+                                                          const float* __restrict__ sc, int N, int K, float* __restrict__ y,
+                                                          int64_t ldy) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int n0 = (blockIdx.x * kWarps + warp) * kRows;
+  if (n0 >= N) return;
+  const int kb = (K + 127) / 128;
+  int rn[kRows];
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) rn[r] = min(n0 + r, N - 1);
+  float acc[kFp8GemvMaxM][kRows];
+#pragma unroll
+  for (int t = 0; t < kFp8GemvMaxM; ++t)
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) acc[t][r] = 0.0f;
+  for (int k0 = lane * 16; k0 < K; k0 += 512) {
+    Raw<uint8_t> f[kRows][2];
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      const uint8_t* row = w + int64_t(rn[r]) * K;
+      fetch(row, k0, f[r][0]);
+      fetch(row, k0 + 8, f[r][1]);
+    }
+    float wv[kRows][16];
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      const float s = __ldg(sc + (rn[r] / 128) * kb + k0 / 128);
+      float a[8], b[8];
+      unpack(f[r][0], s, a);
+      unpack(f[r][1], s, b);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) wv[r][i] = a[i], wv[r][8 + i] = b[i];
+    }
+#pragma unroll
+    for (int t = 0; t < kFp8GemvMaxM; ++t) {
+      if (t < M) {
+        float xv[16];
+        load16(x + int64_t(t) * ldx + k0, xv);
+#pragma unroll
+        for (int r = 0; r < kRows; ++r)
+#pragma unroll
+          for (int i = 0; i < 16; ++i) acc[t][r] = fmaf(wv[r][i], xv[i], acc[t][r]);
+      }
+    }
+  }
+#pragma unroll
+  for (int t = 0; t < kFp8GemvMaxM; ++t) {
+    if (t < M) {
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        const float v = warp_sum(acc[t][r]);
+        if (lane == 0 && n0 + r < N) y[int64_t(t) * ldy + n0 + r] = v;
+      }
+    }
+  }
+}
+}  // namespace
+
+bool fp8_gemv_supported(DType xt, const void* x, int64_t ldx, int64_t M, int64_t K) {
+  return (xt == DType::BF16 || xt == DType::F32) && M >= 1 && M <= kFp8GemvMaxM && K % 16 == 0 && ldx % 8 == 0 &&
+         (reinterpret_cast<uintptr_t>(x) & 15) == 0;
+}
+
+void fp8_gemv(DType xt, const void* x, int64_t ldx, int64_t M, const uint8_t* w, const float* w_scale_inv, float* y, int64_t ldy,
+              int64_t N, int64_t K, cudaStream_t s) {
+  DSV3_CHECK(fp8_gemv_supported(xt, x, ldx, M, K),
+             "fp8_gemv: x {} with {} rows (at most {}), K {} (multiple of 16), ldx {} (multiple of 8, 16-byte aligned rows)",
+             dtype_name(xt), M, kFp8GemvMaxM, K, ldx);
+  DSV3_CHECK((reinterpret_cast<uintptr_t>(w) & 7) == 0, "fp8_gemv: weights must be 8-byte aligned");
+  if (N <= 0) return;
+  const unsigned grid = unsigned(ceil_div(N, kWarps * kRows));
+  if (xt == DType::BF16)
+    k_gemv_fp8<<<grid, kWarps * 32, 0, s>>>(static_cast<const uint16_t*>(x), ldx, int(M), w, w_scale_inv, int(N), int(K), y, ldy);
+  else
+    k_gemv_fp8<<<grid, kWarps * 32, 0, s>>>(static_cast<const float*>(x), ldx, int(M), w, w_scale_inv, int(N), int(K), y, ldy);
+  DSV3_CUDA_CHECK_LAUNCH("fp8_gemv kernel");
+}
+
+}  // namespace dsv3::cuda
