@@ -30,7 +30,7 @@ for stage in $STAGES; do
         --print-ids --speculative mtp 2>&1 | tail -4
     done
     CUDA_VISIBLE_DEVICES= "$DIR/dsv3" generate --model "$SHARED/golden/tiny/model" --prompt-ids 1,2 --device cuda 2>&1 | tail -2
-    echo "rc=$? (expected 1: no GPU visible)"
+    echo "rc=${PIPESTATUS[0]} (expected 1: no GPU visible)"
     "$DIR/dsv3" init --config "$SHARED/configs/small.json" --random --output "$t/bf16" 2>&1 | tail -1
     "$DIR/dsv3" generate --model "$t/bf16" --prompt-ids 1,2,3,4 --max-new-tokens 64 --device cuda --ignore-eos 2>&1 | tail -3
     rm -rf "$t"
