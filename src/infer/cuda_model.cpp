@@ -167,6 +167,8 @@ struct CudaModel::Impl {
   // DSV3_UNFUSED_ROUTER=1 routes decode steps as prefill does (cuBLAS gate product, then moe_route): for A/B
   // benchmarks of the one-launch router in the same run.
   bool fused_router = true;
+  // DSV3_NO_BF16_GEMV=1: decode-sized bf16 products through cuBLASLt instead of our GEMV (A/B benchmarks).
+  bool bf16_gemv = true;
   std::vector<LayerW> layers;
   std::vector<MtpW> mtp;
   int64_t weight_bytes = 0, decode_bytes = 0;
@@ -384,8 +386,12 @@ struct CudaModel::Impl {
       cuda::synchronize();
       weight_bytes += head.bytes();
     }
-    const char* unfused = std::getenv("DSV3_UNFUSED_ROUTER");
-    fused_router = !(unfused && *unfused && std::string(unfused) != "0");
+    auto env_flag = [](const char* name) {
+      const char* v = std::getenv(name);
+      return v && *v && std::string(v) != "0";
+    };
+    fused_router = !env_flag("DSV3_UNFUSED_ROUTER");
+    bf16_gemv = !env_flag("DSV3_NO_BF16_GEMV");
     route_counter = DBuf<uint32_t>(1);
     cuda::memset_device(route_counter.get(), 0, 4);
     const ops::RopeTable rt = make_rope_table(c);
@@ -449,9 +455,9 @@ struct CudaModel::Impl {
     if (L.type == DType::F8_E4M3) {
       const int64_t kb = cuda::ceil_div(L.K, 128);
       // Decode-sized rows: one GEMV launch on the e4m3 bytes; larger ones: cuBLASLt's block-scaled GEMM.
-      const bool gemv = cuda::fp8_gemv_supported(act, x, ldx, M, L.K);
+      const bool gemv = cuda::gemv_supported(act, x, ldx, M, L.K);
       auto run = [&](const uint8_t* w, const float* sc, float* yy, int64_t N) {
-        if (gemv) cuda::fp8_gemv(act, x, ldx, M, w, sc, yy, ldy, N, L.K, s());
+        if (gemv) cuda::gemv(DType::F8_E4M3, act, x, ldx, M, w, sc, yy, ldy, N, L.K, s());
         else ex.gemm.linear_fp8(act, x, ldx, w, sc, DType::F32, yy, ldy, M, N, L.K, s());
       };
       // Stacked at a multiple of 128 rows, the two scale grids are one grid: one product.
@@ -465,6 +471,10 @@ struct CudaModel::Impl {
     }
     const DType xt = L.type == DType::F32 && act != DType::F32 ? DType::F32 : act;
     DSV3_CHECK(xt == L.type, "internal error: {} activations for a {} weight", dtype_name(xt), dtype_name(L.type));
+    if (bf16_gemv && L.type == DType::BF16 && cuda::gemv_supported(act, x, ldx, M, L.K)) {
+      cuda::gemv(DType::BF16, act, x, ldx, M, L.w.get(), nullptr, y, ldy, L.N, L.K, s());
+      return;
+    }
     ex.gemm.matmul(L.type, x, ldx, L.w.get(), L.K, DType::F32, y, ldy, M, L.N, L.K, s());
   }
   // x (f32 rows) in the GEMM input dtype: x itself for F32, else a bf16 copy in `slot`.

@@ -188,39 +188,53 @@ TEST(CudaGemm, Fp8BlockScaledMatchesCpu) {
   std::printf("fp8 fallbacks: %lld\n", (long long)gemm.fallbacks());
 }
 
-// The decode FP8 GEMV (activations not quantized) against the CPU's f32 product with the dequantized weights:
-// f32 accumulation in another order only (rel L2 < 1e-5); bf16 activations are rounded on the host first.
-TEST(CudaGemm, Fp8GemvMatchesCpu) {
+// The decode GEMV (bf16 weights, or e4m3 weights with their block scales; activations not quantized) against the
+// CPU's f32 product with the same (dequantized) weights: f32 accumulation in another order only (rel L2 < 1e-5);
+// bf16 activations and weights are rounded on the host first. Launched back to back (programmatic dependents of
+// each other) into one output, so a missing wait would show as a wrong row.
+TEST(CudaGemm, GemvMatchesCpu) {
   DSV3_REQUIRE_GPU();
   std::mt19937_64 rng(25);
-  struct Case { int64_t M, N, K; bool bf16; };
-  for (const Case c : {Case{1, 2048, 7168, true}, Case{1, 672, 1024, true}, Case{8, 1536, 384, true}, Case{3, 1024, 704, false},
-                       Case{5, 100, 208, true}, Case{1, 129, 16, false}}) {
+  struct Case { int64_t M, N, K; bool bf16x, fp8w; };
+  for (const Case c : {Case{1, 2048, 7168, true, true}, Case{1, 672, 1024, true, true}, Case{8, 1536, 384, true, true},
+                       Case{3, 1024, 704, false, true}, Case{5, 100, 208, true, true}, Case{1, 129, 16, false, true},
+                       Case{1, 2048, 7168, true, false}, Case{1, 32000, 1024, true, false}, Case{7, 300, 352, false, false}}) {
     const Fp8Weight w = make_fp8_weight(c.N, c.K, rng);
+    const ops::Weight hw8 = host_weight(w);
+    std::vector<float> wf = round_bf16(randn(size_t(c.N * c.K), rng, 0.05f));
+    ops::Weight hwb;
+    hwb.w = Tensor::from_vector(wf, {c.N, c.K});
     const int64_t ldx = c.K + 8;
     std::vector<float> x = randn(size_t(c.M * ldx), rng);
-    if (c.bf16) x = round_bf16(x);
+    if (c.bf16x) x = round_bf16(x);
     std::vector<float> xc(size_t(c.M * c.K));
     for (int64_t m = 0; m < c.M; ++m) std::copy_n(x.data() + m * ldx, c.K, xc.data() + m * c.K);
-    const std::vector<float> ref = cpu_linear(xc, c.M, c.K, host_weight(w));
+    const std::vector<float> ref = cpu_linear(xc, c.M, c.K, c.fp8w ? hw8 : hwb);
     auto dxf = upload(x);
     auto dxb = upload(to_bf16(x));
-    const void* dx = c.bf16 ? static_cast<const void*>(dxb.get()) : dxf.get();
-    const DType xt = c.bf16 ? DType::BF16 : DType::F32;
-    ASSERT_TRUE(fp8_gemv_supported(xt, dx, ldx, c.M, c.K));
+    const void* dx = c.bf16x ? static_cast<const void*>(dxb.get()) : dxf.get();
+    const DType xt = c.bf16x ? DType::BF16 : DType::F32;
+    ASSERT_TRUE(gemv_supported(xt, dx, ldx, c.M, c.K));
     auto dwq = upload(w.q);
     auto dws = upload(w.scale_inv);
+    auto dwb = upload(to_bf16(wf));
     const int64_t ldy = c.N + 3;
     auto dy = poisoned<float>(size_t(c.M * ldy));
-    fp8_gemv(xt, dx, ldx, c.M, dwq.get(), dws.get(), dy.get(), ldy, c.N, c.K);
+    // Two launches: columns [0, h) then [h, N), the second a dependent of the first (FP8: h on a scale block).
+    const int64_t h = c.fp8w ? (c.N / 2) / 128 * 128 : c.N / 2;
+    for (const auto& [n0, n1] : {std::pair<int64_t, int64_t>{0, h}, {h, c.N}}) {
+      const void* wp = c.fp8w ? static_cast<const void*>(dwq.get() + n0 * c.K) : static_cast<const void*>(dwb.get() + n0 * c.K);
+      gemv(c.fp8w ? DType::F8_E4M3 : DType::BF16, xt, dx, ldx, c.M, wp, c.fp8w ? dws.get() + (n0 / 128) * w.kb : nullptr, dy.get() + n0,
+           ldy, n1 - n0, c.K);
+    }
     const auto yp = download(dy);
     std::vector<float> y;
     for (int64_t m = 0; m < c.M; ++m) y.insert(y.end(), yp.begin() + m * ldy, yp.begin() + m * ldy + c.N);
-    EXPECT_LT(rel_l2(y, ref), 1e-5) << "M " << c.M << " N " << c.N << " K " << c.K;
+    EXPECT_LT(rel_l2(y, ref), 1e-5) << "M " << c.M << " N " << c.N << " K " << c.K << (c.fp8w ? " fp8" : " bf16");
   }
-  EXPECT_FALSE(fp8_gemv_supported(DType::BF16, nullptr, 200, 9, 1024));  // too many rows
-  EXPECT_FALSE(fp8_gemv_supported(DType::BF16, nullptr, 200, 1, 200));   // K not a multiple of 16
-  EXPECT_THROW(fp8_gemv(DType::BF16, nullptr, 200, 1, nullptr, nullptr, nullptr, 1, 1, 200), Error);
+  EXPECT_FALSE(gemv_supported(DType::BF16, nullptr, 200, 9, 1024));  // too many rows
+  EXPECT_FALSE(gemv_supported(DType::BF16, nullptr, 200, 1, 200));   // K not a multiple of 16
+  EXPECT_THROW(gemv(DType::F8_E4M3, DType::BF16, nullptr, 200, 1, nullptr, nullptr, nullptr, 1, 1, 200), Error);
 }
 
 // Which scale layouts cuBLASLt reads: runs one shape with each of the four (weight, activation) layouts and

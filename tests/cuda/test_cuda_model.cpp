@@ -253,7 +253,7 @@ TEST(CudaModel, CachedBf16StepsMatchGoldenWithAndWithoutGraphs) {
 }
 
 // Native FP8 decode steps: one token at a time from the first, every product of the FP8 checkpoint runs as
-// fp8_gemv (e4m3 weights times their f32 block scales, activations kept in bf16), so a token's logits carry only
+// gemv (e4m3 weights times their f32 block scales, activations kept in bf16), so a token's logits carry only
 // the bf16 path's roundings: within 2e-2 of the golden. A token whose routing flips at a router near-tie (this
 // path's hidden states differ from the golden's by ~5e-3) is off by much more; such tokens are counted and must
 // stay rare (<= 10%), and the median token within 2e-2.
@@ -283,7 +283,7 @@ TEST(CudaModel, NativeFp8DecodeStepsMatchGolden) {
   std::vector<double> sorted = err;
   std::sort(sorted.begin(), sorted.end());
   const auto off = std::count_if(err.begin(), err.end(), [](double e) { return e >= 2e-2; });
-  std::printf("  fp8 native decode steps (fp8_gemv) vs golden: per-token rel L2 median %.3g, max %.3g; %lld of %lld tokens "
+  std::printf("  fp8 native decode steps (gemv) vs golden: per-token rel L2 median %.3g, max %.3g; %lld of %lld tokens "
               "beyond 2e-2 (routing near-ties); graph replays %lld\n",
               sorted[sorted.size() / 2], sorted.back(), (long long)off, (long long)(B * T), (long long)m->graph_replays());
   for (int64_t r = 0; r < B * T; ++r)

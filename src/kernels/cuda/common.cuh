@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <utility>
 
 #include "kernels/cuda/cuda_check.h"
 
@@ -98,4 +99,39 @@ __device__ __forceinline__ void unpack(const Raw<uint8_t>& r, float s, float (&w
   }
 }
 
+// ---- programmatic dependent launch (sm_90): overlap a kernel's prologue with the end of the one before ----
+// A kernel launched with launch_dependent may start before the previous kernel in the stream has finished; it must
+// call grid_dependency_wait() before it reads anything that kernel writes (or writes anything it reads).
+// grid_dependents_launch() lets the next such kernel start early. Both are no-ops without the launch attribute.
+__device__ __forceinline__ void grid_dependency_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void grid_dependents_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" :::);
+#endif
+}
+__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
+
 }  // namespace dsv3::cuda::dev
+
+namespace dsv3::cuda {
+// Launches kernel<<<grid, block, smem, stream>>>(args...) as a programmatic dependent of the previous kernel in the
+// stream (cudaLaunchAttributeProgrammaticStreamSerialization; kept by stream capture as a programmatic graph edge).
+template <class... Params, class... Args>
+void launch_dependent(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, Args&&... args) {
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  DSV3_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...));
+}
+}  // namespace dsv3::cuda

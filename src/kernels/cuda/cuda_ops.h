@@ -105,14 +105,15 @@ inline int64_t fp8_act_scale_count(int64_t M, int64_t K) { return ceil_div(K, kF
 // saturated to ±448. x is F32 or BF16 [M, K] with row stride ldx; xq is [M, K] contiguous.
 void quantize_fp8_1x128(DType x_type, const void* x, int64_t ldx, int64_t M, int64_t K, uint8_t* xq, float* scale,
                         cudaStream_t stream = nullptr);
-// Decode-sized FP8 products without activation quantization: y[m, :N] (f32, row stride ldy) = x[m, :K] (F32 or
-// BF16, row stride ldx) · (w e4m3 [N, K] · scale_inv[n / 128, k / 128])ᵀ with f32 accumulation, for at most
-// kFp8GemvMaxM rows (one launch; the weights streamed once). Needs K a multiple of 16, ldx a multiple of 8 and x
-// 16-byte aligned: fp8_gemv_supported says whether a call qualifies.
-constexpr int64_t kFp8GemvMaxM = 8;
-bool fp8_gemv_supported(DType x_type, const void* x, int64_t ldx, int64_t M, int64_t K);
-void fp8_gemv(DType x_type, const void* x, int64_t ldx, int64_t M, const uint8_t* w, const float* w_scale_inv, float* y,
-              int64_t ldy, int64_t N, int64_t K, cudaStream_t stream = nullptr);
+// Decode-sized products: y[m, :N] (f32, row stride ldy) = x[m, :K] (F32 or BF16, row stride ldx) · Wᵀ with f32
+// accumulation, for at most kGemvMaxM rows, W BF16 [N, K] or F8_E4M3 [N, K] times w_scale_inv[n / 128, k / 128]
+// (activations are not quantized). One launch, made a programmatic dependent of the kernel before it (it
+// prefetches its weights while that kernel ends). Needs K a multiple of 16, ldx a multiple of 8 and x 16-byte
+// aligned: gemv_supported says whether a call qualifies.
+constexpr int64_t kGemvMaxM = 8;
+bool gemv_supported(DType x_type, const void* x, int64_t ldx, int64_t M, int64_t K);
+void gemv(DType w_type, DType x_type, const void* x, int64_t ldx, int64_t M, const void* w, const float* w_scale_inv, float* y,
+          int64_t ldy, int64_t N, int64_t K, cudaStream_t stream = nullptr);
 // out[N, K] bf16 = w e4m3 [N, K] · scale_inv[n / 128, k / 128] (scale_inv [ceil(N/128), ceil(K/128)] row-major,
 // the checkpoint's weight_scale_inv).
 void dequantize_fp8_weight(const uint8_t* w, const float* scale_inv, int64_t N, int64_t K, uint16_t* out_bf16,

@@ -62,6 +62,7 @@ template <class G, class O>
 __global__ void k_rmsnorm(const float* __restrict__ x, int64_t ldx, const G* __restrict__ gamma, float eps,
                           O* __restrict__ y, int64_t ldy, int64_t D) {
   __shared__ float red[32];
+  grid_dependents_launch();  // the next GEMV may start prefetching its weights
   const float* xr = x + blockIdx.x * ldx;
   O* yr = y + blockIdx.x * ldy;
   float ss = 0.0f;
@@ -95,6 +96,7 @@ __global__ void k_rope(float* __restrict__ x, int64_t s0, int64_t s1, int64_t M,
 
 template <class O>
 __global__ void k_silu_mul(const float* __restrict__ gu, int64_t ldg, O* __restrict__ out, int64_t ldo, int64_t M, int64_t I) {
+  grid_dependents_launch();
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < M * I; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t m = i / I, j = i % I;
     const float g = gu[m * ldg + j], u = gu[m * ldg + I + j];

@@ -103,6 +103,7 @@ __global__ void k_residual_rmsnorm(float* __restrict__ h, int64_t ldh, const flo
                                    const float* __restrict__ gamma, float eps, int64_t D, float* __restrict__ yf, int64_t ldyf,
                                    A* __restrict__ ya, int64_t ldya) {
   __shared__ float red[32];
+  grid_dependents_launch();  // the next GEMV may start prefetching its weights
   float* hr = h + blockIdx.x * ldh;
   float ss = 0.0f;
   for (int64_t j = threadIdx.x; j < D; j += blockDim.x) {
@@ -223,6 +224,7 @@ __global__ void __launch_bounds__(kHW * 32) k_head_matmul(const float* __restric
                                                          const W* __restrict__ w, int64_t wsh, int64_t wsk, int N,
                                                          Y* __restrict__ y, int64_t ys0, int64_t ys1, int64_t M) {
   extern __shared__ float xs[];  // [kMT][K], then red[kHW][kMT][32]
+  grid_dependents_launch();
   float* red = xs + kMT * K;
   const int64_t h = blockIdx.x, m0 = int64_t(blockIdx.z) * kMT;
   const int mt = M - m0 < kMT ? int(M - m0) : kMT;

@@ -108,6 +108,7 @@ __global__ void __launch_bounds__(kRouteWarps * 32) k_gate_route(const float* __
                                                                 int32_t* __restrict__ idx, float* __restrict__ w) {
   extern __shared__ float sm[];
   __shared__ bool last;
+  grid_dependents_launch();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int e = blockIdx.x * kRouteWarps + warp;
   if (e < E) {
