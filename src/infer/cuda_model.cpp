@@ -455,10 +455,12 @@ struct CudaModel::Impl {
     if (L.type == DType::F8_E4M3) {
       const int64_t kb = cuda::ceil_div(L.K, 128);
       // Decode-sized rows: one GEMV launch on the e4m3 bytes; larger ones: cuBLASLt's block-scaled GEMM.
-      const bool gemv = cuda::gemv_supported(act, x, ldx, M, L.K);
+      if (cuda::gemv_supported(act, x, ldx, M, L.K)) {  // both stacked weights in one launch
+        cuda::gemv(DType::F8_E4M3, act, x, ldx, M, L.w.get(), L.scale.get(), y, ldy, L.N, L.K, s(), L.split);
+        return;
+      }
       auto run = [&](const uint8_t* w, const float* sc, float* yy, int64_t N) {
-        if (gemv) cuda::gemv(DType::F8_E4M3, act, x, ldx, M, w, sc, yy, ldy, N, L.K, s());
-        else ex.gemm.linear_fp8(act, x, ldx, w, sc, DType::F32, yy, ldy, M, N, L.K, s());
+        ex.gemm.linear_fp8(act, x, ldx, w, sc, DType::F32, yy, ldy, M, N, L.K, s());
       };
       // Stacked at a multiple of 128 rows, the two scale grids are one grid: one product.
       if (L.split % 128 != 0) {

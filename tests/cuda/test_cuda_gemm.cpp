@@ -232,6 +232,28 @@ TEST(CudaGemm, GemvMatchesCpu) {
     for (int64_t m = 0; m < c.M; ++m) y.insert(y.end(), yp.begin() + m * ldy, yp.begin() + m * ldy + c.N);
     EXPECT_LT(rel_l2(y, ref), 1e-5) << "M " << c.M << " N " << c.N << " K " << c.K << (c.fp8w ? " fp8" : " bf16");
   }
+  // Two FP8 weights stacked at a row count that is not a multiple of 128 (gate | up of a 704-wide MLP): one launch
+  // with scale_split equals the two products.
+  {
+    const int64_t I = 704, K = 1024, M = 2;
+    const Fp8Weight g = make_fp8_weight(I, K, rng), u = make_fp8_weight(I, K, rng);
+    std::vector<uint8_t> q = g.q;
+    q.insert(q.end(), u.q.begin(), u.q.end());
+    std::vector<float> sc = g.scale_inv;
+    sc.insert(sc.end(), u.scale_inv.begin(), u.scale_inv.end());
+    const std::vector<float> x = round_bf16(randn(size_t(M * K), rng));
+    std::vector<float> ref = cpu_linear(x, M, K, host_weight(g)), ru = cpu_linear(x, M, K, host_weight(u)), want;
+    for (int64_t m = 0; m < M; ++m) {
+      want.insert(want.end(), ref.begin() + m * I, ref.begin() + (m + 1) * I);
+      want.insert(want.end(), ru.begin() + m * I, ru.begin() + (m + 1) * I);
+    }
+    auto dx = upload(to_bf16(x));
+    auto dq = upload(q);
+    auto ds = upload(sc);
+    auto dy = poisoned<float>(size_t(M * 2 * I));
+    gemv(DType::F8_E4M3, DType::BF16, dx.get(), K, M, dq.get(), ds.get(), dy.get(), 2 * I, 2 * I, K, nullptr, I);
+    EXPECT_LT(rel_l2(download(dy), want), 1e-5) << "stacked FP8 weights (scale_split)";
+  }
   EXPECT_FALSE(gemv_supported(DType::BF16, nullptr, 200, 9, 1024));  // too many rows
   EXPECT_FALSE(gemv_supported(DType::BF16, nullptr, 200, 1, 200));   // K not a multiple of 16
   EXPECT_THROW(gemv(DType::F8_E4M3, DType::BF16, nullptr, 200, 1, nullptr, nullptr, nullptr, 1, 1, 200), Error);

@@ -109,11 +109,13 @@ void quantize_fp8_1x128(DType x_type, const void* x, int64_t ldx, int64_t M, int
 // accumulation, for at most kGemvMaxM rows, W BF16 [N, K] or F8_E4M3 [N, K] times w_scale_inv[n / 128, k / 128]
 // (activations are not quantized). One launch, made a programmatic dependent of the kernel before it (it
 // prefetches its weights while that kernel ends). Needs K a multiple of 16, ldx a multiple of 8 and x 16-byte
-// aligned: gemv_supported says whether a call qualifies.
+// aligned: gemv_supported says whether a call qualifies. scale_split > 0 (FP8): W is two weights stacked by rows,
+// the first scale_split rows long, each with its own scale grid (the second's rows follow the first's
+// ceil(scale_split / 128) rows), as the model stacks gate | up.
 constexpr int64_t kGemvMaxM = 8;
 bool gemv_supported(DType x_type, const void* x, int64_t ldx, int64_t M, int64_t K);
 void gemv(DType w_type, DType x_type, const void* x, int64_t ldx, int64_t M, const void* w, const float* w_scale_inv, float* y,
-          int64_t ldy, int64_t N, int64_t K, cudaStream_t stream = nullptr);
+          int64_t ldy, int64_t N, int64_t K, cudaStream_t stream = nullptr, int64_t scale_split = 0);
 // out[N, K] bf16 = w e4m3 [N, K] · scale_inv[n / 128, k / 128] (scale_inv [ceil(N/128), ceil(K/128)] row-major,
 // the checkpoint's weight_scale_inv).
 void dequantize_fp8_weight(const uint8_t* w, const float* scale_inv, int64_t N, int64_t K, uint16_t* out_bf16,

@@ -37,8 +37,8 @@ __device__ __forceinline__ void load16(const uint16_t* p, float (&v)[16]) {
 // block for FP8). Per-lane partial sums meet by warp shuffles; every output is one warp's fixed-order sum.
 template <class W, class X>
 __global__ void __launch_bounds__(kWarps * 32) k_gemv(const X* __restrict__ x, int64_t ldx, int M, const W* __restrict__ w,
-                                                      const float* __restrict__ sc, int N, int K, float* __restrict__ y,
-                                                      int64_t ldy) {
+                                                      const float* __restrict__ sc, int split, int N, int K,
+                                                      float* __restrict__ y, int64_t ldy) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int n0 = (blockIdx.x * kWarps + warp) * kRows;
   int rn[kRows];
@@ -56,6 +56,9 @@ __global__ void __launch_bounds__(kWarps * 32) k_gemv(const X* __restrict__ x, i
   grid_dependents_launch();
   if (n0 >= N) return;
   const int kb = (K + 127) / 128;
+  int srow[kRows];  // scale row of each weight row (two stacked FP8 weights: the second's grid follows the first's)
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) srow[r] = rn[r] < split ? rn[r] / 128 : (split + 127) / 128 + (rn[r] - split) / 128;
   float acc[kGemvMaxM][kRows];
 #pragma unroll
   for (int t = 0; t < kGemvMaxM; ++t)
@@ -72,7 +75,7 @@ __global__ void __launch_bounds__(kWarps * 32) k_gemv(const X* __restrict__ x, i
     float wv[kRows][16];
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
-      const float s = sc ? __ldg(sc + (rn[r] / 128) * kb + k0 / 128) : 1.0f;
+      const float s = sc ? __ldg(sc + srow[r] * kb + k0 / 128) : 1.0f;
       float a[8], b[8];
       unpack(f[r][0], s, a);
       unpack(f[r][1], s, b);
@@ -104,10 +107,10 @@ __global__ void __launch_bounds__(kWarps * 32) k_gemv(const X* __restrict__ x, i
 }
 
 template <class W, class X>
-void launch(const void* x, int64_t ldx, int64_t M, const void* w, const float* sc, float* y, int64_t ldy, int64_t N, int64_t K,
-            cudaStream_t s) {
+void launch(const void* x, int64_t ldx, int64_t M, const void* w, const float* sc, int64_t split, float* y, int64_t ldy, int64_t N,
+            int64_t K, cudaStream_t s) {
   launch_dependent(k_gemv<W, X>, dim3(unsigned(ceil_div(N, kWarps * kRows))), dim3(kWarps * 32), 0, s, static_cast<const X*>(x), ldx,
-                   int(M), static_cast<const W*>(w), sc, int(N), int(K), y, ldy);
+                   int(M), static_cast<const W*>(w), sc, int(split), int(N), int(K), y, ldy);
 }
 }  // namespace
 
@@ -117,7 +120,7 @@ bool gemv_supported(DType xt, const void* x, int64_t ldx, int64_t M, int64_t K) 
 }
 
 void gemv(DType wt, DType xt, const void* x, int64_t ldx, int64_t M, const void* w, const float* w_scale_inv, float* y, int64_t ldy,
-          int64_t N, int64_t K, cudaStream_t s) {
+          int64_t N, int64_t K, cudaStream_t s, int64_t scale_split) {
   DSV3_CHECK(gemv_supported(xt, x, ldx, M, K),
              "gemv: x {} with {} rows (at most {}), K {} (multiple of 16), ldx {} (multiple of 8, 16-byte aligned rows)",
              dtype_name(xt), M, kGemvMaxM, K, ldx);
@@ -125,12 +128,13 @@ void gemv(DType wt, DType xt, const void* x, int64_t ldx, int64_t M, const void*
                  (wt == DType::F8_E4M3 && w_scale_inv && (reinterpret_cast<uintptr_t>(w) & 7) == 0),
              "gemv: weights must be BF16 (16-byte aligned) or F8_E4M3 with scales (8-byte aligned), not {}", dtype_name(wt));
   if (N <= 0) return;
+  const int64_t split = scale_split > 0 && scale_split < N ? scale_split : N;
   if (wt == DType::BF16) {
-    if (xt == DType::BF16) launch<uint16_t, uint16_t>(x, ldx, M, w, nullptr, y, ldy, N, K, s);
-    else launch<uint16_t, float>(x, ldx, M, w, nullptr, y, ldy, N, K, s);
+    if (xt == DType::BF16) launch<uint16_t, uint16_t>(x, ldx, M, w, nullptr, split, y, ldy, N, K, s);
+    else launch<uint16_t, float>(x, ldx, M, w, nullptr, split, y, ldy, N, K, s);
   } else {
-    if (xt == DType::BF16) launch<uint8_t, uint16_t>(x, ldx, M, w, w_scale_inv, y, ldy, N, K, s);
-    else launch<uint8_t, float>(x, ldx, M, w, w_scale_inv, y, ldy, N, K, s);
+    if (xt == DType::BF16) launch<uint8_t, uint16_t>(x, ldx, M, w, w_scale_inv, split, y, ldy, N, K, s);
+    else launch<uint8_t, float>(x, ldx, M, w, w_scale_inv, split, y, ldy, N, K, s);
   }
   DSV3_CUDA_CHECK_LAUNCH("gemv kernel");
 }
