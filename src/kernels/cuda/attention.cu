@@ -115,6 +115,7 @@ struct DecodeArgs {
 
 template <class C>
 __global__ void __launch_bounds__(DTHREADS) k_latent_split(DecodeArgs a) {
+  dependent_kernel_begin();
   extern __shared__ float sm[];
   const int W = a.W, R = a.R, KS = W + 4;  // padded row stride (16 B) keeps the lanes' row reads conflict-free
   float* qs = sm;                 // [DH][W]
@@ -232,6 +233,7 @@ __global__ void __launch_bounds__(DTHREADS) k_latent_split(DecodeArgs a) {
 
 // Merges the splits of one (query token, head) for 128 columns: weights exp(m_s - M) / sum_s exp(m_s - M) l_s.
 __global__ void k_latent_combine(const float* __restrict__ part, const float* __restrict__ ml, int splits, int R, float* __restrict__ out) {
+  dependent_kernel_begin();
   extern __shared__ float wsh[];  // [splits]
   __shared__ float red[32];
   const int64_t row = blockIdx.x;  // (query token, head)
@@ -294,6 +296,7 @@ constexpr size_t mma_smem_bytes() {
 
 template <int MT>
 __global__ void __launch_bounds__(256, MT == 1 ? 2 : 1) k_latent_mma(DecodeArgs a) {
+  dependent_kernel_begin();
   constexpr int HM = 16 * MT;
   extern __shared__ __align__(16) unsigned char smraw[];
   uint16_t* qs = reinterpret_cast<uint16_t*>(smraw);  // [HM][TSTR]
@@ -544,10 +547,12 @@ void attention_latent(const LatentAttention& p, const float* q, DType ct, const 
   if (use_mma(p, ct)) {
     if (mma_tiles(p) == 4) {
       set_smem(reinterpret_cast<const void*>(&k_latent_mma<4>), mma_smem_bytes<4>());
-      k_latent_mma<4><<<dim3(unsigned(splits), unsigned(nq), unsigned(ceil_div(p.heads, 64))), 256, mma_smem_bytes<4>(), s>>>(a);
+      launch_dependent(k_latent_mma<4>, dim3(unsigned(splits), unsigned(nq), unsigned(ceil_div(p.heads, 64))), dim3(256),
+                       mma_smem_bytes<4>(), s, a);
     } else {
       set_smem(reinterpret_cast<const void*>(&k_latent_mma<1>), mma_smem_bytes<1>());
-      k_latent_mma<1><<<dim3(unsigned(splits), unsigned(nq), unsigned(ceil_div(p.heads, 16))), 256, mma_smem_bytes<1>(), s>>>(a);
+      launch_dependent(k_latent_mma<1>, dim3(unsigned(splits), unsigned(nq), unsigned(ceil_div(p.heads, 16))), dim3(256),
+                       mma_smem_bytes<1>(), s, a);
     }
     DSV3_CUDA_CHECK_LAUNCH("attention_latent tensor-core split kernel");
   } else {  // f32 cache or other widths: the SIMT kernel
@@ -555,15 +560,15 @@ void attention_latent(const LatentAttention& p, const float* q, DType ct, const 
     const dim3 grid(unsigned(splits), unsigned(nq), unsigned(ceil_div(p.heads, DH)));
     if (ct == DType::F32) {
       set_smem(reinterpret_cast<const void*>(&k_latent_split<float>), smem);
-      k_latent_split<float><<<grid, DTHREADS, smem, s>>>(a);
+      launch_dependent(k_latent_split<float>, grid, dim3(DTHREADS), smem, s, a);
     } else {
       set_smem(reinterpret_cast<const void*>(&k_latent_split<uint16_t>), smem);
-      k_latent_split<uint16_t><<<grid, DTHREADS, smem, s>>>(a);
+      launch_dependent(k_latent_split<uint16_t>, grid, dim3(DTHREADS), smem, s, a);
     }
     DSV3_CUDA_CHECK_LAUNCH("attention_latent split kernel");
   }
-  k_latent_combine<<<dim3(unsigned(nq * p.heads), unsigned(ceil_div(p.R, 128))), 128, sizeof(float) * size_t(splits), s>>>(
-      a.part, a.ml, splits, a.R, out);
+  launch_dependent(k_latent_combine, dim3(unsigned(nq * p.heads), unsigned(ceil_div(p.R, 128))), dim3(128),
+                   sizeof(float) * size_t(splits), s, a.part, a.ml, splits, a.R, out);
   DSV3_CUDA_CHECK_LAUNCH("attention_latent combine kernel");
 }
 

@@ -113,6 +113,12 @@ __device__ __forceinline__ void grid_dependents_launch() {
   asm volatile("griddepcontrol.launch_dependents;" :::);
 #endif
 }
+// The first statement of a kernel launched with launch_dependent that has nothing to do before its inputs exist:
+// wait for the kernel before, then let the next dependent kernel launch (its blocks start while this one runs).
+__device__ __forceinline__ void dependent_kernel_begin() {
+  grid_dependency_wait();
+  grid_dependents_launch();
+}
 __device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
 
 }  // namespace dsv3::cuda::dev

@@ -61,8 +61,8 @@ __global__ void k_dequant_weight(const uint8_t* __restrict__ w, const float* __r
 template <class G, class O>
 __global__ void k_rmsnorm(const float* __restrict__ x, int64_t ldx, const G* __restrict__ gamma, float eps,
                           O* __restrict__ y, int64_t ldy, int64_t D) {
+  dependent_kernel_begin();
   __shared__ float red[32];
-  grid_dependents_launch();  // the next GEMV may start prefetching its weights
   const float* xr = x + blockIdx.x * ldx;
   O* yr = y + blockIdx.x * ldy;
   float ss = 0.0f;
@@ -96,7 +96,7 @@ __global__ void k_rope(float* __restrict__ x, int64_t s0, int64_t s1, int64_t M,
 
 template <class O>
 __global__ void k_silu_mul(const float* __restrict__ gu, int64_t ldg, O* __restrict__ out, int64_t ldo, int64_t M, int64_t I) {
-  grid_dependents_launch();
+  dependent_kernel_begin();
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < M * I; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t m = i / I, j = i % I;
     const float g = gu[m * ldg + j], u = gu[m * ldg + I + j];
@@ -207,8 +207,11 @@ void rmsnorm(const float* x, int64_t ldx, DType gt, const void* gamma, float eps
   check_float_type(gt, "rmsnorm weight");
   if (M <= 0) return;
   const int threads = rmsnorm_threads(D);
-  if (gt == DType::F32) k_rmsnorm<<<unsigned(M), threads, 0, s>>>(x, ldx, static_cast<const float*>(gamma), eps, y, ldy, D);
-  else k_rmsnorm<<<unsigned(M), threads, 0, s>>>(x, ldx, static_cast<const uint16_t*>(gamma), eps, y, ldy, D);
+  const dim3 grid(static_cast<unsigned>(M)), block(threads);
+  if (gt == DType::F32)
+    launch_dependent(k_rmsnorm<float, float>, grid, block, 0, s, x, ldx, static_cast<const float*>(gamma), eps, y, ldy, D);
+  else
+    launch_dependent(k_rmsnorm<uint16_t, float>, grid, block, 0, s, x, ldx, static_cast<const uint16_t*>(gamma), eps, y, ldy, D);
   DSV3_CUDA_CHECK_LAUNCH("rmsnorm kernel");
 }
 
@@ -217,8 +220,11 @@ void rmsnorm_to(const float* x, int64_t ldx, const float* gamma, float eps, DTyp
   DSV3_CHECK(yt == DType::F32 || yt == DType::BF16, "rmsnorm_to output: dtype must be F32 or BF16, not {}", dtype_name(yt));
   if (M <= 0) return;
   const int threads = rmsnorm_threads(D);
-  if (yt == DType::F32) k_rmsnorm<<<unsigned(M), threads, 0, s>>>(x, ldx, gamma, eps, static_cast<float*>(y), ldy, D);
-  else k_rmsnorm<<<unsigned(M), threads, 0, s>>>(x, ldx, gamma, eps, static_cast<uint16_t*>(y), ldy, D);
+  const dim3 grid(static_cast<unsigned>(M)), block(threads);
+  if (yt == DType::F32)
+    launch_dependent(k_rmsnorm<float, float>, grid, block, 0, s, x, ldx, gamma, eps, static_cast<float*>(y), ldy, D);
+  else
+    launch_dependent(k_rmsnorm<float, uint16_t>, grid, block, 0, s, x, ldx, gamma, eps, static_cast<uint16_t*>(y), ldy, D);
   DSV3_CUDA_CHECK_LAUNCH("rmsnorm_to kernel");
 }
 
@@ -238,8 +244,9 @@ void rope(float* x, int64_t s0, int64_t s1, int64_t M, int64_t H, int64_t R, con
 void silu_mul(const float* gu, int64_t ldg, DType ot, void* out, int64_t ldo, int64_t M, int64_t I, cudaStream_t s) {
   check_float_type(ot, "silu_mul output");
   if (M * I <= 0) return;
-  if (ot == DType::F32) k_silu_mul<<<grid_1d(M * I, 256), 256, 0, s>>>(gu, ldg, static_cast<float*>(out), ldo, M, I);
-  else k_silu_mul<<<grid_1d(M * I, 256), 256, 0, s>>>(gu, ldg, static_cast<uint16_t*>(out), ldo, M, I);
+  const dim3 grid(grid_1d(M * I, 256)), block(256);
+  if (ot == DType::F32) launch_dependent(k_silu_mul<float>, grid, block, 0, s, gu, ldg, static_cast<float*>(out), ldo, M, I);
+  else launch_dependent(k_silu_mul<uint16_t>, grid, block, 0, s, gu, ldg, static_cast<uint16_t*>(out), ldo, M, I);
   DSV3_CUDA_CHECK_LAUNCH("silu_mul kernel");
 }
 

@@ -102,8 +102,8 @@ template <class A>
 __global__ void k_residual_rmsnorm(float* __restrict__ h, int64_t ldh, const float* __restrict__ d, int64_t ldd,
                                    const float* __restrict__ gamma, float eps, int64_t D, float* __restrict__ yf, int64_t ldyf,
                                    A* __restrict__ ya, int64_t ldya) {
+  dependent_kernel_begin();
   __shared__ float red[32];
-  grid_dependents_launch();  // the next GEMV may start prefetching its weights
   float* hr = h + blockIdx.x * ldh;
   float ss = 0.0f;
   for (int64_t j = threadIdx.x; j < D; j += blockDim.x) {
@@ -128,10 +128,13 @@ void residual_rmsnorm(float* h, int64_t ldh, const float* d, int64_t ldd, const 
   if (M <= 0) return;
   // The thread count of rmsnorm_to (elementwise.cu), so that the sums meet in the same order.
   const int threads = D >= 1024 ? 512 : D >= 256 ? 256 : 128;
+  const dim3 grid(static_cast<unsigned>(M)), block(threads);
   if (ya && yt == DType::F32)
-    k_residual_rmsnorm<<<unsigned(M), threads, 0, s>>>(h, ldh, d, ldd, gamma, eps, D, yf, ldyf, static_cast<float*>(ya), ldya);
+    launch_dependent(k_residual_rmsnorm<float>, grid, block, 0, s, h, ldh, d, ldd, gamma, eps, D, yf, ldyf, static_cast<float*>(ya),
+                     ldya);
   else
-    k_residual_rmsnorm<<<unsigned(M), threads, 0, s>>>(h, ldh, d, ldd, gamma, eps, D, yf, ldyf, static_cast<uint16_t*>(ya), ldya);
+    launch_dependent(k_residual_rmsnorm<uint16_t>, grid, block, 0, s, h, ldh, d, ldd, gamma, eps, D, yf, ldyf,
+                     static_cast<uint16_t*>(ya), ldya);
   DSV3_CUDA_CHECK_LAUNCH("residual_rmsnorm kernel");
 }
 
@@ -142,6 +145,7 @@ __global__ void k_mla_decode_prep(const float* __restrict__ q, int64_t ldq, int 
                                   int64_t ldkv, int kvr, const float* __restrict__ gamma, float eps, const int64_t* __restrict__ pos,
                                   const float* __restrict__ table, const int32_t* __restrict__ rows, P* __restrict__ pool,
                                   float* __restrict__ qc, int64_t ldqc) {
+  dependent_kernel_begin();
   __shared__ float red[32];
   const int64_t m = blockIdx.x;
   const int dqk = dn + 2 * half, W = kvr + 2 * half;
@@ -175,12 +179,13 @@ void mla_decode_prep(const float* q, int64_t ldq, int64_t H, int64_t dn, int64_t
   DSV3_CHECK(dr % 2 == 0, "mla_decode_prep: rope dim {} is odd", dr);
   if (M <= 0) return;
   const int threads = kvr >= 1024 ? 512 : kvr >= 256 ? 256 : 128;  // rmsnorm_to's, for the same sum order
+  const dim3 grid(static_cast<unsigned>(M)), block(threads);
   if (pt == DType::F32)
-    k_mla_decode_prep<<<unsigned(M), threads, 0, s>>>(q, ldq, int(H), int(dn), int(dr / 2), kv, ldkv, int(kvr), gamma, eps, pos, table,
-                                                      rows, static_cast<float*>(pool), qc, ldqc);
+    launch_dependent(k_mla_decode_prep<float>, grid, block, 0, s, q, ldq, int(H), int(dn), int(dr / 2), kv, ldkv, int(kvr), gamma, eps,
+                     pos, table, rows, static_cast<float*>(pool), qc, ldqc);
   else
-    k_mla_decode_prep<<<unsigned(M), threads, 0, s>>>(q, ldq, int(H), int(dn), int(dr / 2), kv, ldkv, int(kvr), gamma, eps, pos, table,
-                                                      rows, static_cast<uint16_t*>(pool), qc, ldqc);
+    launch_dependent(k_mla_decode_prep<uint16_t>, grid, block, 0, s, q, ldq, int(H), int(dn), int(dr / 2), kv, ldkv, int(kvr), gamma,
+                     eps, pos, table, rows, static_cast<uint16_t*>(pool), qc, ldqc);
   DSV3_CUDA_CHECK_LAUNCH("mla_decode_prep kernel");
 }
 
@@ -223,8 +228,8 @@ template <class W, class Y>
 __global__ void __launch_bounds__(kHW * 32) k_head_matmul(const float* __restrict__ x, int64_t xs0, int64_t xs1, int K,
                                                          const W* __restrict__ w, int64_t wsh, int64_t wsk, int N,
                                                          Y* __restrict__ y, int64_t ys0, int64_t ys1, int64_t M) {
+  dependent_kernel_begin();
   extern __shared__ float xs[];  // [kMT][K], then red[kHW][kMT][32]
-  grid_dependents_launch();
   float* red = xs + kMT * K;
   const int64_t h = blockIdx.x, m0 = int64_t(blockIdx.z) * kMT;
   const int mt = M - m0 < kMT ? int(M - m0) : kMT;
@@ -259,7 +264,8 @@ __global__ void __launch_bounds__(kHW * 32) k_head_matmul(const float* __restric
 template <class W, class Y>
 void launch_head_matmul(dim3 grid, size_t smem, cudaStream_t s, const float* x, int64_t xs0, int64_t xs1, int K, const void* w,
                         int64_t wsh, int64_t wsk, int N, void* y, int64_t ys0, int64_t ys1, int64_t M) {
-  k_head_matmul<<<grid, kHW * 32, smem, s>>>(x, xs0, xs1, K, static_cast<const W*>(w), wsh, wsk, N, static_cast<Y*>(y), ys0, ys1, M);
+  launch_dependent(k_head_matmul<W, Y>, grid, dim3(kHW * 32), smem, s, x, xs0, xs1, K, static_cast<const W*>(w), wsh, wsk, N,
+                   static_cast<Y*>(y), ys0, ys1, M);
 }
 void head_matmul(const float* x, int64_t xs0, int64_t xs1, int64_t K, DType wt, const void* w, int64_t wsh, int64_t wsk, int64_t N,
                  DType yt, void* y, int64_t ys0, int64_t ys1, int64_t M, int64_t H, cudaStream_t s) {

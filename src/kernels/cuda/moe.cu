@@ -44,6 +44,7 @@ __global__ void __launch_bounds__(kThreadsA) k_moe_decode_gate_up(const float* _
                                                                    int D, int I, const void* const* __restrict__ gu_tab,
                                                                    const float* const* __restrict__ gu_scale_tab,
                                                                    int32_t* __restrict__ ws, int gmax, float* __restrict__ h) {
+  dependent_kernel_begin();
   __shared__ uint32_t bits[kMaxE / 32];
   __shared__ int s_slot[kMoeDecodeMaxSlots];
   __shared__ int s_warpcnt[kThreadsA / 32];
@@ -202,6 +203,7 @@ __global__ void __launch_bounds__(kThreadsB) k_moe_decode_down(const int32_t* __
                                                                 const void* const* __restrict__ dn_tab,
                                                                 const float* const* __restrict__ dn_scale_tab,
                                                                 float* __restrict__ y, int64_t ldy, bool accumulate) {
+  dependent_kernel_begin();
   extern __shared__ float acc[];  // [M][kWarpsB]
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   for (int i = tid; i < M * kWarpsB; i += blockDim.x) acc[i] = 0.0f;
@@ -447,23 +449,24 @@ void moe_decode(const MoeExperts& w, const float* x, int64_t ldx, const int32_t*
   const dim3 ga(unsigned(L.gmax), unsigned(ceil_div(w.I, kRowsA)));
   const int E = int(w.E), D = int(w.D), I = int(w.I), k = int(top_k), sl = int(slots), gm = int(L.gmax);
   if (w.type == DType::BF16)
-    k_moe_decode_gate_up<uint16_t><<<ga, kThreadsA, 0, stream>>>(x, ldx, idx, sl, k, E, D, I, w.d_gate_up(), nullptr, ws, gm, h);
+    launch_dependent(k_moe_decode_gate_up<uint16_t>, ga, dim3(kThreadsA), 0, stream, x, ldx, idx, sl, k, E, D, I, w.d_gate_up(),
+                     nullptr, ws, gm, h);
   else
-    k_moe_decode_gate_up<uint8_t><<<ga, kThreadsA, 0, stream>>>(x, ldx, idx, sl, k, E, D, I, w.d_gate_up(),
-                                                                 w.d_gate_up_scale(), ws, gm, h);
+    launch_dependent(k_moe_decode_gate_up<uint8_t>, ga, dim3(kThreadsA), 0, stream, x, ldx, idx, sl, k, E, D, I, w.d_gate_up(),
+                     w.d_gate_up_scale(), ws, gm, h);
   DSV3_CUDA_CHECK_LAUNCH("moe_decode gate_up kernel");
   const size_t smem = size_t(M) * kWarpsB * sizeof(float);
   const unsigned gb = unsigned(ceil_div(w.D, kWarpsB));
   if (w.type == DType::BF16) {
     if (smem > 48 * 1024)
       DSV3_CUDA_CHECK(cudaFuncSetAttribute(k_moe_decode_down<uint16_t>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-    k_moe_decode_down<uint16_t><<<gb, kThreadsB, smem, stream>>>(ws, gm, sl, k, int(M), D, I, h, wts, w.d_down(), nullptr, y,
-                                                                ldy, accumulate);
+    launch_dependent(k_moe_decode_down<uint16_t>, dim3(gb), dim3(kThreadsB), smem, stream, ws, gm, sl, k, int(M), D, I, h, wts,
+                     w.d_down(), nullptr, y, ldy, accumulate);
   } else {
     if (smem > 48 * 1024)
       DSV3_CUDA_CHECK(cudaFuncSetAttribute(k_moe_decode_down<uint8_t>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-    k_moe_decode_down<uint8_t><<<gb, kThreadsB, smem, stream>>>(ws, gm, sl, k, int(M), D, I, h, wts, w.d_down(),
-                                                               w.d_down_scale(), y, ldy, accumulate);
+    launch_dependent(k_moe_decode_down<uint8_t>, dim3(gb), dim3(kThreadsB), smem, stream, ws, gm, sl, k, int(M), D, I, h, wts,
+                     w.d_down(), w.d_down_scale(), y, ldy, accumulate);
   }
   DSV3_CUDA_CHECK_LAUNCH("moe_decode down kernel");
 }

@@ -91,6 +91,7 @@ size_t route_smem(int E, int G) { return sizeof(float) * size_t(kRouteWarps) * s
 __global__ void __launch_bounds__(kRouteWarps * 32) k_route(const float* __restrict__ logits, int64_t ld, int64_t M, int E,
                                                            const float* __restrict__ bias, RouterConfig p, int32_t* __restrict__ idx,
                                                            float* __restrict__ w) {
+  dependent_kernel_begin();
   extern __shared__ float sm[];
   const int warp = threadIdx.x >> 5;
   const int64_t m = int64_t(blockIdx.x) * kRouteWarps + warp;
@@ -106,9 +107,9 @@ __global__ void __launch_bounds__(kRouteWarps * 32) k_gate_route(const float* __
                                                                 const float* __restrict__ bias, RouterConfig p,
                                                                 float* __restrict__ logits, unsigned* __restrict__ counter,
                                                                 int32_t* __restrict__ idx, float* __restrict__ w) {
+  dependent_kernel_begin();
   extern __shared__ float sm[];
   __shared__ bool last;
-  grid_dependents_launch();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int e = blockIdx.x * kRouteWarps + warp;
   if (e < E) {
@@ -181,7 +182,8 @@ void moe_route(const float* logits, int64_t ld, int64_t M, int64_t E, const floa
   if (M <= 0) return;
   const size_t smem = route_smem(int(E), p.n_group);
   set_route_smem(reinterpret_cast<const void*>(&k_route), smem);
-  k_route<<<unsigned(ceil_div(M, kRouteWarps)), kRouteWarps * 32, smem, stream>>>(logits, ld, M, int(E), bias, p, idx, w);
+  launch_dependent(k_route, dim3(unsigned(ceil_div(M, kRouteWarps))), dim3(kRouteWarps * 32), smem, stream, logits, ld, M, int(E),
+                   bias, p, idx, w);
   DSV3_CUDA_CHECK_LAUNCH("moe_route kernel");
 }
 
@@ -194,8 +196,8 @@ void moe_gate_route(const float* x, int64_t ldx, int64_t M, const float* gate, i
   if (M <= 0) return;
   const size_t smem = route_smem(int(E), p.n_group);
   set_route_smem(reinterpret_cast<const void*>(&k_gate_route), smem);
-  k_gate_route<<<unsigned(ceil_div(E, kRouteWarps)), kRouteWarps * 32, smem, stream>>>(x, ldx, int(M), gate, int(D), int(E), bias, p,
-                                                                                       logits, counter, idx, w);
+  launch_dependent(k_gate_route, dim3(unsigned(ceil_div(E, kRouteWarps))), dim3(kRouteWarps * 32), smem, stream, x, ldx, int(M), gate,
+                   int(D), int(E), bias, p, logits, counter, idx, w);
   DSV3_CUDA_CHECK_LAUNCH("moe_gate_route kernel");
 }
 
