@@ -107,11 +107,15 @@ __global__ void __launch_bounds__(kRouteWarps * 32) k_gate_route(const float* __
                                                                 const float* __restrict__ bias, RouterConfig p,
                                                                 float* __restrict__ logits, unsigned* __restrict__ counter,
                                                                 int32_t* __restrict__ idx, float* __restrict__ w) {
-  dependent_kernel_begin();
   extern __shared__ float sm[];
   __shared__ bool last;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int e = blockIdx.x * kRouteWarps + warp;
+  if (e < E)  // the gate row into L2 while the kernel before ends (it does not depend on it)
+    for (int64_t b = int64_t(lane) * 128; b < int64_t(D) * 4; b += 32 * 128)
+      prefetch_l2(reinterpret_cast<const char*>(gate + int64_t(e) * D) + b);
+  grid_dependency_wait();
+  grid_dependents_launch();
   if (e < E) {
     // The row in pieces of 1024 values: each lane issues its 8 float4 loads of gate and x before any math (one
     // round trip per piece, not one per float4).
