@@ -103,11 +103,15 @@ int main(int argc, char** argv) {
     }
 
     {  // 3. Absorbed-MLA decode attention over a paged bf16 latent cache (block 64), one query token a sequence.
-      struct S { int64_t batch, H, L; };
-      std::vector<S> shapes = {{1, 16, 32768}, {1, 16, 131072}, {1, 128, 32768}, {8, 16, 32768}, {32, 128, 8192}, {64, 16, 16384}};
+      // DeepSeek-V3's latent (576 = 512 + 64, tensor-core kernel), then small.json's (288 = 256 + 32, SIMT kernel) at
+      // decode-step contexts.
+      struct S { int64_t batch, H, L, W, R; };
+      std::vector<S> shapes = {{1, 16, 32768, 576, 512}, {1, 16, 131072, 576, 512}, {1, 128, 32768, 576, 512},
+                               {8, 16, 32768, 576, 512},  {32, 128, 8192, 576, 512},  {64, 16, 16384, 576, 512},
+                               {1, 16, 256, 288, 256},    {1, 16, 4096, 288, 256},    {64, 16, 256, 288, 256}};
       if (quick) shapes.resize(2);
       for (const S& s : shapes) {
-        const int64_t W = 576, R = 512, bs = 64, nblk = ceil_div(s.L, bs);
+        const int64_t W = s.W, R = s.R, bs = 64, nblk = ceil_div(s.L, bs);
         LatentAttention p;
         p.batch = s.batch;
         p.s_q = 1;
@@ -141,7 +145,8 @@ int main(int argc, char** argv) {
           attention_latent(p, q.get(), DType::BF16, pool.get(), dt.get(), dp.get(), out.get(), ws.get(), ws.size());
         });
         const double bytes = double(s.batch) * double(s.L) * double(W) * 2.0;  // the cache, read once
-        const std::string shape = "batch " + std::to_string(s.batch) + " H " + std::to_string(s.H) + " L " + std::to_string(s.L);
+        const std::string shape = "batch " + std::to_string(s.batch) + " H " + std::to_string(s.H) + " L " + std::to_string(s.L) +
+                                  " W " + std::to_string(W);
         add("MLA decode attention (bf16 cache)", shape, ms, bytes / (ms * 1e-3) / 1e9, "GB/s");
       }
     }
