@@ -100,6 +100,15 @@ __global__ void __launch_bounds__(kRouteWarps * 32) k_route(const float* __restr
   route_warp(logits + m * ld, E, bias, p, s, s + E, s + 2 * E, idx + m * p.top_k, w + m * p.top_k);
 }
 
+// A lane's 8 float4 of one 1024-value piece of a row (zeros past D4 float4s), all loads issued before any use.
+__device__ __forceinline__ void load_piece(const float4* __restrict__ row, int p0, int D4, int lane, float4 (&v)[8]) {
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const int d4 = p0 + i * 32 + lane;
+    v[i] = d4 < D4 ? __ldg(row + d4) : make_float4(0.f, 0.f, 0.f, 0.f);
+  }
+}
+
 // moe_gate_route: warp (block b, warp v) computes the logits of expert b·8 + v for every token (f32 dot products,
 // float4 loads, 8 tokens per pass over the expert's row); the last block to finish routes the tokens.
 __global__ void __launch_bounds__(kRouteWarps * 32) k_gate_route(const float* __restrict__ x, int64_t ldx, int M,
@@ -128,21 +137,13 @@ __global__ void __launch_bounds__(kRouteWarps * 32) k_gate_route(const float* __
       for (int t = 0; t < 8; ++t) acc[t] = 0.0f;
       for (int p0 = 0; p0 < D4; p0 += 256) {
         float4 g[8];
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-          const int d4 = p0 + i * 32 + lane;
-          g[i] = d4 < D4 ? __ldg(g4 + d4) : make_float4(0.f, 0.f, 0.f, 0.f);
-        }
+        load_piece(g4, p0, D4, lane, g);
 #pragma unroll
         for (int t = 0; t < 8; ++t) {
           if (t < nt) {
             const float4* x4 = reinterpret_cast<const float4*>(x + int64_t(m0 + t) * ldx);
             float4 v[8];
-#pragma unroll
-            for (int i = 0; i < 8; ++i) {
-              const int d4 = p0 + i * 32 + lane;
-              v[i] = d4 < D4 ? __ldg(x4 + d4) : make_float4(0.f, 0.f, 0.f, 0.f);
-            }
+            load_piece(x4, p0, D4, lane, v);
 #pragma unroll
             for (int i = 0; i < 8; ++i)
               acc[t] = fmaf(g[i].x, v[i].x, fmaf(g[i].y, v[i].y, fmaf(g[i].z, v[i].z, fmaf(g[i].w, v[i].w, acc[t]))));
