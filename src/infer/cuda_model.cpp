@@ -27,6 +27,9 @@ constexpr int64_t kBlock = 64;  // latent cache rows per block (FlashMLA's block
 // From this many tokens a bf16 prefill's attention runs as cuBLASLt GEMMs (O(T²) scratch, tensor cores) instead
 // of the f32 flash kernel.
 constexpr int64_t kGemmAttentionFrom = 256;
+// Up to this context a decode step's attention runs as one fused kernel (one block per token and head streams the
+// whole context); longer ones split the context over blocks (attention_latent).
+constexpr int64_t kFusedMlaMaxLen = 1024;
 
 std::string gib(double bytes) { return fmt::format("{:.2f} GiB", bytes / double(1ull << 30)); }
 
@@ -169,6 +172,8 @@ struct CudaModel::Impl {
   bool fused_router = true;
   // DSV3_NO_BF16_GEMV=1: decode-sized bf16 products through cuBLASLt instead of our GEMV (A/B benchmarks).
   bool bf16_gemv = true;
+  // DSV3_UNFUSED_MLA=1: decode attention as five kernels (prologue, W_UK, split attention, merge, W_UV), for A/B runs.
+  bool fused_mla = true;
   std::vector<LayerW> layers;
   std::vector<MtpW> mtp;
   int64_t weight_bytes = 0, decode_bytes = 0;
@@ -392,6 +397,7 @@ struct CudaModel::Impl {
     };
     fused_router = !env_flag("DSV3_UNFUSED_ROUTER");
     bf16_gemv = !env_flag("DSV3_NO_BF16_GEMV");
+    fused_mla = !env_flag("DSV3_UNFUSED_MLA");
     route_counter = DBuf<uint32_t>(1);
     cuda::memset_device(route_counter.get(), 0, 4);
     const ops::RopeTable rt = make_rope_table(c);
@@ -571,6 +577,21 @@ struct CudaModel::Impl {
     cuda::moe_combine(slots, idx, wts, M, K, D, y, D, acc, s());
   }
 
+  // The fused absorbed decode (mla_decode_fused) when every sequence of the pass brings one new token and the
+  // context is short enough for one block per head to stream it; nullopt otherwise.
+  std::optional<cuda::MlaDecodeShape> fused_mla_shape(const RowsInfo& r) const {
+    if (!fused_mla || r.calls.empty()) return std::nullopt;
+    cuda::MlaDecodeShape sh;
+    for (const RowsInfo::Call& call : r.calls) {
+      if (call.s_q != 1) return std::nullopt;
+      sh.max_len = std::max(sh.max_len, call.max_len);
+    }
+    sh.H = H, sh.dn = dn, sh.dr = dr, sh.dv = dv, sh.kvr = kvr, sh.block_size = kBlock, sh.max_blocks = r.cache->max_blocks;
+    sh.scale = scale;
+    if (sh.max_len > kFusedMlaMaxLen || !cuda::mla_decode_fused_supported(sh)) return std::nullopt;
+    return sh;
+  }
+
   // MLA of the normed input x (GEMM dtype, [M, D]) into out (f32 [M, D]).
   void mla_fwd(Exec& ex, const AttnW& a, int64_t cache_layer, const void* x, int64_t ldx, const RowsInfo& r, float* out) const {
     const int64_t M = r.M, nin = a.in.N;
@@ -589,7 +610,12 @@ struct CudaModel::Impl {
     void* pool = r.cached ? r.cache->layer(cache_layer) : nullptr;
     const void* oa = nullptr;
     int64_t ldo = H * dv;
-    if (r.cached && !r.fresh) {  // absorbed: queries folded into the latent space, paged decode kernel over the cache
+    if (r.cached && !r.fresh && fused_mla_shape(r)) {  // one new token per sequence, short contexts: one kernel
+      void* o = ex.arena.get(S_OACT, size_t(M * H * dv) * dtype_size(act));
+      cuda::mla_decode_fused(*fused_mla_shape(r), q, ldq, kva, nin, a.kv_a_ln.get(), eps, r.pos64, rope_table.get(), r.dst_rows, r.table,
+                             act, a.wkv, a.wuv_t.get(), pool, o, H * dv, M, s());
+      oa = o;
+    } else if (r.cached && !r.fresh) {  // absorbed: queries folded into the latent space, paged decode kernel over the cache
       const CudaCache& c = *r.cache;
       float* qc = ex.arena.as<float>(S_QC, M * H * W);
       cuda::mla_decode_prep(q, ldq, H, dn, dr, kva, nin, kvr, a.kv_a_ln.get(), eps, r.pos64, rope_table.get(), r.dst_rows, c.type,

@@ -77,6 +77,21 @@ void mla_decode_prep(const float* q, int64_t ldq, int64_t H, int64_t dn, int64_t
                      const float* gamma, float eps, const int64_t* pos, const float* table, const int32_t* rows, DType pool_type,
                      void* pool, float* qc, int64_t ldqc, int64_t M, cudaStream_t stream = nullptr);
 
+// The whole absorbed-MLA decode of M new tokens, one per sequence (s_q = 1), in one kernel (one block per token and
+// head): the prologue above (the new latent row appended at pool row rows[m]), q_nope·W_UK, softmax attention over
+// rows 0..pos[m] of sequence m (block_table: [M, max_blocks] blocks of block_size rows) and ·W_UVᵀ, written to
+// out[m·ldo + h·dv ..] in `act` (the dtype of the pool, wuk and wuv_t too). wuk: kv_b's rows, W_UK_h at
+// h·(dn+dv)·kvr with row stride kvr; wuv_t: [H, kvr, dv]. max_len: more than every pos[m].
+struct MlaDecodeShape {
+  int64_t H = 0, dn = 0, dr = 0, dv = 0, kvr = 0, block_size = 0, max_blocks = 0, max_len = 0;
+  float scale = 1.0f;
+};
+bool mla_decode_fused_supported(const MlaDecodeShape& s);
+void mla_decode_fused(const MlaDecodeShape& s, const float* q, int64_t ldq, const float* kv, int64_t ldkv, const float* gamma,
+                      float eps, const int64_t* pos, const float* table, const int32_t* rows, const int32_t* block_table, DType act,
+                      const void* wuk, const void* wuv_t, void* pool, void* out, int64_t ldo, int64_t M,
+                      cudaStream_t stream = nullptr);
+
 // Per-head products: y[m·ys0 + h·ys1 + n] = Σ_k x[m·xs0 + h·xs1 + k] · w[h·wsh + k·wsk + n] for n < N, k < K;
 // w F32 or BF16, f32 accumulation, y written as F32 or BF16 (the absorbed q_nope·W_UK and o_latent·W_UVᵀ).
 void head_matmul(const float* x, int64_t xs0, int64_t xs1, int64_t K, DType w_type, const void* w, int64_t wsh, int64_t wsk,
