@@ -174,6 +174,8 @@ struct CudaModel::Impl {
   bool bf16_gemv = true;
   // DSV3_UNFUSED_MLA=1: decode attention as five kernels (prologue, W_UK, split attention, merge, W_UV), for A/B runs.
   bool fused_mla = true;
+  // DSV3_UNFUSED_SHARED=1: decode steps run the shared experts as their own MLP (three launches), for A/B runs.
+  bool fused_shared = true;
   std::vector<LayerW> layers;
   std::vector<MtpW> mtp;
   int64_t weight_bytes = 0, decode_bytes = 0;
@@ -398,6 +400,7 @@ struct CudaModel::Impl {
     fused_router = !env_flag("DSV3_UNFUSED_ROUTER");
     bf16_gemv = !env_flag("DSV3_NO_BF16_GEMV");
     fused_mla = !env_flag("DSV3_UNFUSED_MLA");
+    fused_shared = !env_flag("DSV3_UNFUSED_SHARED");
     route_counter = DBuf<uint32_t>(1);
     cuda::memset_device(route_counter.get(), 0, 4);
     const ops::RopeTable rt = make_rope_table(c);
@@ -519,18 +522,25 @@ struct CudaModel::Impl {
       lin(ex, e.gate, x2, D, logits, E, M);
       cuda::moe_route(logits, E, M, E, bias, router, idx, wts, s());
     }
-    if (e.shared) mlp_fwd(ex, *e.shared, xa, D, M, y);
-    const bool acc = e.shared.has_value();
+    const bool decode = e.use_table && M * K <= cuda::kMoeDecodeMaxSlots && M <= 64;
+    // Decode: the shared experts ride in moe_decode's two kernels (three launches fewer per layer).
+    std::optional<cuda::MoeSharedExpert> fold;
+    if (decode && e.shared && fused_shared && e.shared->gu.type == e.table.type && e.shared->I % 8 == 0) {
+      const MlpW& sw = *e.shared;
+      fold = cuda::MoeSharedExpert{sw.gu.w.get(), sw.down.w.get(), sw.gu.scale.get(), sw.down.scale.get(), sw.I};
+    }
+    if (e.shared && !fold) mlp_fwd(ex, *e.shared, xa, D, M, y);
+    const bool acc = e.shared.has_value() && !fold;
     if (r.routing) {
       std::vector<int32_t> h(size_t(M * K));
       cuda::copy_to_host(h.data(), idx, h.size() * 4, s());
       cuda::synchronize(s());
       r.routing->insert(r.routing->end(), h.begin(), h.end());
     }
-    if (e.use_table && M * K <= cuda::kMoeDecodeMaxSlots && M <= 64) {
-      const size_t wsb = cuda::moe_decode_workspace_bytes(M, K, E, e.table.I);
+    if (decode) {
+      const size_t wsb = cuda::moe_decode_workspace_bytes(M, K, E, e.table.I, fold ? fold->I : 0);
       void* ws = ex.arena.get(S_MOEWS, wsb);
-      cuda::moe_decode(e.table, x2, D, idx, wts, M, K, y, D, acc, ws, wsb, s());
+      cuda::moe_decode(e.table, x2, D, idx, wts, M, K, y, D, acc, ws, wsb, s(), fold ? &*fold : nullptr);
       return;
     }
     DSV3_CHECK(!no_sync, "internal error: a captured step needs the host-synchronising MoE path");

@@ -311,6 +311,53 @@ INSTANTIATE_TEST_SUITE_P(
              "I" + std::to_string(c.I) + (c.fp8 ? "_fp8" : "_bf16") + (c.skew ? "_skew" : "") + (c.accumulate ? "_acc" : "");
     });
 
+// The shared expert folded into moe_decode: y = Σ routed + shared(x) (+ y), against the twin with the shared expert's
+// output as y0; with M up to 64 and a shared width (2·I, 3·I + 8) unlike the routed experts'.
+TEST(CudaMoeDecodeShared, MatchesCpuTwin) {
+  DSV3_REQUIRE_GPU();
+  struct Case {
+    int64_t M, k, E, D, I, Is;
+    bool fp8, accumulate;
+  };
+  for (const Case c : {Case{1, 6, 64, 1024, 352, 704, false, false}, Case{1, 6, 64, 1024, 352, 704, true, false},
+                       Case{64, 6, 64, 1024, 352, 704, false, true}, Case{5, 3, 10, 264, 40, 128, true, true},
+                       Case{3, 8, 256, 512, 2304, 2304, false, false}}) {
+    std::mt19937_64 rng(300 + c.M + c.Is);
+    const HostExperts h = make_experts(c.E, c.D, c.I, c.fp8, rng);
+    const HostExperts hs = make_experts(1, c.D, c.Is, c.fp8, rng);
+    auto dev = upload_experts(h);
+    auto devs = upload_experts(hs);
+    std::vector<int32_t> idx;
+    std::vector<float> w;
+    make_routing(c.M, c.k, c.E, false, rng, idx, w);
+    const auto x = randn(size_t(c.M * c.D), rng), y0 = randn(size_t(c.M * c.D), rng);
+    // shared(x) (+ y0): the twin of one expert of weight 1 per token.
+    std::vector<float> base = reference(hs, x, std::vector<int32_t>(size_t(c.M), 0), std::vector<float>(size_t(c.M), 1.0f), c.M, 1,
+                                        c.accumulate ? &y0 : nullptr);
+    const auto ref = reference(h, x, idx, w, c.M, c.k, &base);
+    auto dx = upload(x);
+    auto didx = upload(idx);
+    auto dw = upload(w);
+    MoeSharedExpert sh;
+    sh.gate_up = devs->view.gate_up[0], sh.down = devs->view.down[0], sh.I = c.Is;
+    if (c.fp8) sh.gate_up_scale = devs->view.gate_up_scale[0], sh.down_scale = devs->view.down_scale[0];
+    const size_t wsb = moe_decode_workspace_bytes(c.M, c.k, c.E, c.I, c.Is);
+    DeviceBuffer<uint8_t> ws(wsb);
+    DeviceBuffer<float> dy = c.accumulate ? upload(y0) : poisoned<float>(y0.size());
+    moe_decode(dev->view, dx.get(), c.D, didx.get(), dw.get(), c.M, c.k, dy.get(), c.D, c.accumulate, ws.get(), wsb, nullptr, &sh);
+    const auto got = download(dy);
+    ASSERT_TRUE(all_finite(got));
+    const double err = rel_l2(got, ref);
+    std::printf("  decode + shared M %lld I %lld Is %lld %s: rel L2 %.2e\n", (long long)c.M, (long long)c.I, (long long)c.Is,
+                c.fp8 ? "fp8" : "bf16", err);
+    EXPECT_LT(err, 1e-5);
+    EXPECT_THROW(moe_decode(dev->view, dx.get(), c.D, didx.get(), dw.get(), c.M, c.k, dy.get(), c.D, false, ws.get(),
+                            moe_decode_workspace_bytes(c.M, c.k, c.E, c.I), nullptr, &sh),
+                 Error)
+        << "a workspace without room for the shared expert";
+  }
+}
+
 TEST(CudaMoe, PrefillMatchesCpuTwinAndDecode) {
   DSV3_REQUIRE_GPU();
   for (const bool fp8 : {false, true}) {

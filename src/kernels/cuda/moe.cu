@@ -26,98 +26,40 @@ void* upload_table(const std::vector<T>& v) {
 // ---- decode workspace: group table written by kernel A, read by kernel B ----
 // ints: [0] number of groups; gexp[gmax]; gcount[gmax]; glist[gmax * slots] (slots of each group, ascending);
 // then (16-byte aligned) h f32 [slots, I].
+// With a shared expert of width Is, its h f32 [M, Is] follows.
 struct DecodeLayout {
   int64_t gmax, slots;
   size_t ints() const { return size_t(1 + 2 * gmax + gmax * slots); }
   size_t h_offset() const { return (ints() * 4 + 255) / 256 * 256; }
-  size_t bytes(int64_t I) const { return h_offset() + size_t(slots) * size_t(I) * 4; }
+  size_t hs_offset(int64_t I) const { return h_offset() + (size_t(slots) * size_t(I) * 4 + 255) / 256 * 256; }
+  size_t bytes(int64_t I, int64_t M = 0, int64_t Is = 0) const { return hs_offset(I) + size_t(M) * size_t(Is) * 4; }
 };
 
 constexpr int kThreadsA = 256, kWarpsA = kThreadsA / 32, kRowsPerWarpA = 2, kRowsA = kWarpsA * kRowsPerWarpA;
 constexpr int kTokChunk = 4;  // tokens of one expert handled per pass over its rows
 
-// Kernel A: block (g, tile) = the g-th distinct chosen expert (ascending id) x rows [tile·kRowsA, +kRowsA) of I.
-// h[s, i] = silu(gate_i · x[m]) * (up_i · x[m]) for each slot s = m·k + j routed to that expert.
+// The shared expert of a decode MoE call (width Is, same dtype and layout as the routed experts).
+struct SharedArgs {
+  const void* gu = nullptr;
+  const void* dn = nullptr;
+  const float* gus = nullptr;
+  const float* dns = nullptr;
+  int Is = 0;
+  float* h = nullptr;  // [M, Is]
+};
+
+// h[list[t], i] = silu(gate_i · x[list[t] / k]) * (up_i · x[list[t] / k]) for the n tokens in `list` (shared memory) and
+// the rows i = row0 + {0, 1} of one warp; wgu: [2I, D] gate | up, sc its scale rows (gate's, then up's) or null.
 template <class W>
-__global__ void __launch_bounds__(kThreadsA) k_moe_decode_gate_up(const float* __restrict__ x, int64_t ldx,
-                                                                   const int32_t* __restrict__ idx, int slots, int k, int E,
-                                                                   int D, int I, const void* const* __restrict__ gu_tab,
-                                                                   const float* const* __restrict__ gu_scale_tab,
-                                                                   int32_t* __restrict__ ws, int gmax, float* __restrict__ h) {
-  dependent_kernel_begin();
-  __shared__ uint32_t bits[kMaxE / 32];
-  __shared__ int s_slot[kMoeDecodeMaxSlots];
-  __shared__ int s_warpcnt[kThreadsA / 32];
-  __shared__ int s_expert, s_ngroups;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int g = blockIdx.x;
-  for (int i = tid; i < kMaxE / 32; i += blockDim.x) bits[i] = 0;
-  __syncthreads();
-  for (int s = tid; s < slots; s += blockDim.x) {
-    const int e = idx[s];
-    if (e >= 0 && e < E) atomicOr(&bits[e >> 5], 1u << (e & 31));
-  }
-  __syncthreads();
-  if (warp == 0) {  // E <= 1024: one word per lane; the g-th set bit and the number of set bits
-    const int nw = (E + 31) >> 5;
-    const uint32_t b = lane < nw ? bits[lane] : 0u;
-    const int c = __popc(b);
-    int incl = c;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const int t = __shfl_up_sync(0xffffffffu, incl, o);
-      if (lane >= o) incl += t;
-    }
-    const int excl = incl - c;
-    if (g >= excl && g < incl) {
-      uint32_t bb = b;
-      for (int r = g - excl; r > 0; --r) bb &= bb - 1;
-      s_expert = lane * 32 + __ffs(bb) - 1;
-    }
-    if (lane == 31) {
-      s_ngroups = incl;
-      if (g >= incl) s_expert = -1;
-    }
-  }
-  __syncthreads();
-  const int e = s_expert;
-  if (g == 0 && blockIdx.y == 0 && tid == 0) ws[0] = s_ngroups;
-  if (e < 0 || g >= gmax) return;
-  // The slots routed to e, in ascending order (ballot compaction).
-  int n = 0;
-  for (int base = 0; base < slots; base += blockDim.x) {
-    const int s = base + tid;
-    const bool p = s < slots && idx[s] == e;
-    const unsigned m = __ballot_sync(0xffffffffu, p);
-    if (lane == 0) s_warpcnt[warp] = __popc(m);
-    __syncthreads();
-    int off = n;
-    for (int w2 = 0; w2 < warp; ++w2) off += s_warpcnt[w2];
-    if (p) s_slot[off + __popc(m & ((1u << lane) - 1u))] = s;
-    int tot = 0;
-    for (int w2 = 0; w2 < int(blockDim.x >> 5); ++w2) tot += s_warpcnt[w2];
-    n += tot;
-    __syncthreads();
-  }
-  if (blockIdx.y == 0) {
-    int32_t* gexp = ws + 1;
-    int32_t* gcount = gexp + gmax;
-    int32_t* glist = gcount + gmax;
-    if (tid == 0) {
-      gexp[g] = e;
-      gcount[g] = n;
-    }
-    for (int r = tid; r < n; r += blockDim.x) glist[int64_t(g) * slots + r] = s_slot[r];
-  }
-  const W* wgu = static_cast<const W*>(gu_tab[e]);
-  const float* sc = gu_scale_tab ? gu_scale_tab[e] : nullptr;
+__device__ __forceinline__ void gate_up_rows(const float* __restrict__ x, int64_t ldx, const int* list, int n, int k, int D, int I,
+                                             const W* __restrict__ wgu, const float* __restrict__ sc, int row0, int lane,
+                                             float* __restrict__ h) {
   const int kb = (D + 127) / 128, ib = (I + 127) / 128;
-  const int row0 = blockIdx.y * kRowsA + warp * kRowsPerWarpA;
   for (int c0 = 0; c0 < n; c0 += kTokChunk) {
     const int nt = min(kTokChunk, n - c0);
     const float* xr[kTokChunk];
 #pragma unroll
-    for (int t = 0; t < kTokChunk; ++t) xr[t] = x + int64_t(s_slot[c0 + min(t, nt - 1)] / k) * ldx;
+    for (int t = 0; t < kTokChunk; ++t) xr[t] = x + int64_t(list[c0 + min(t, nt - 1)] / k) * ldx;
     float ag[kTokChunk][kRowsPerWarpA], au[kTokChunk][kRowsPerWarpA];
 #pragma unroll
     for (int t = 0; t < kTokChunk; ++t)
@@ -183,88 +125,212 @@ __global__ void __launch_bounds__(kThreadsA) k_moe_decode_gate_up(const float* _
         for (int r = 0; r < kRowsPerWarpA; ++r) {
           const float gs = warp_sum(ag[t][r]), us = warp_sum(au[t][r]);
           const int i = row0 + r;
-          if (lane == 0 && i < I) h[int64_t(s_slot[c0 + t]) * I + i] = gs / (1.0f + expf(-gs)) * us;
+          if (lane == 0 && i < I) h[int64_t(list[c0 + t]) * I + i] = gs / (1.0f + expf(-gs)) * us;
         }
       }
     }
   }
 }
 
+// Kernel A: block (g, tile) = the g-th distinct chosen expert (ascending id) x rows [tile·kRowsA, +kRowsA) of I.
+// h[s, i] = silu(gate_i · x[m]) * (up_i · x[m]) for each slot s = m·k + j routed to that expert. With a shared
+// expert, the blocks g = gmax compute its h for every token (rows of Is).
+template <class W>
+__global__ void __launch_bounds__(kThreadsA) k_moe_decode_gate_up(const float* __restrict__ x, int64_t ldx,
+                                                                   const int32_t* __restrict__ idx, int slots, int k, int E,
+                                                                   int D, int I, const void* const* __restrict__ gu_tab,
+                                                                   const float* const* __restrict__ gu_scale_tab,
+                                                                   int32_t* __restrict__ ws, int gmax, float* __restrict__ h,
+                                                                   SharedArgs sh, int M) {
+  __shared__ uint32_t bits[kMaxE / 32];
+  __shared__ int s_slot[kMoeDecodeMaxSlots];
+  __shared__ int s_warpcnt[kThreadsA / 32];
+  __shared__ int s_expert, s_ngroups;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = blockIdx.x;
+  if (g == gmax) {  // the shared expert: every token, weight rows that do not depend on the kernel before
+    const int row0 = blockIdx.y * kRowsA + warp * kRowsPerWarpA;
+    if (blockIdx.y * kRowsA < sh.Is)
+      for (int r = 0; r < kRowsPerWarpA; ++r) {
+        const int i = min(row0 + r, sh.Is - 1);
+        for (int b = lane * 128; b < D * int(sizeof(W)); b += 32 * 128) {
+          prefetch_l2(reinterpret_cast<const char*>(static_cast<const W*>(sh.gu) + int64_t(i) * D) + b);
+          prefetch_l2(reinterpret_cast<const char*>(static_cast<const W*>(sh.gu) + int64_t(sh.Is + i) * D) + b);
+        }
+      }
+    dependent_kernel_begin();
+    if (blockIdx.y * kRowsA >= sh.Is) return;
+    for (int t = tid; t < M; t += blockDim.x) s_slot[t] = t;
+    __syncthreads();
+    gate_up_rows(x, ldx, s_slot, M, 1, D, sh.Is, static_cast<const W*>(sh.gu), sh.gus, row0, lane, sh.h);
+    return;
+  }
+  dependent_kernel_begin();
+  if (blockIdx.y * kRowsA >= I) return;  // a tile of the shared expert's wider grid
+  for (int i = tid; i < kMaxE / 32; i += blockDim.x) bits[i] = 0;
+  __syncthreads();
+  for (int s = tid; s < slots; s += blockDim.x) {
+    const int e = idx[s];
+    if (e >= 0 && e < E) atomicOr(&bits[e >> 5], 1u << (e & 31));
+  }
+  __syncthreads();
+  if (warp == 0) {  // E <= 1024: one word per lane; the g-th set bit and the number of set bits
+    const int nw = (E + 31) >> 5;
+    const uint32_t b = lane < nw ? bits[lane] : 0u;
+    const int c = __popc(b);
+    int incl = c;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int t = __shfl_up_sync(0xffffffffu, incl, o);
+      if (lane >= o) incl += t;
+    }
+    const int excl = incl - c;
+    if (g >= excl && g < incl) {
+      uint32_t bb = b;
+      for (int r = g - excl; r > 0; --r) bb &= bb - 1;
+      s_expert = lane * 32 + __ffs(bb) - 1;
+    }
+    if (lane == 31) {
+      s_ngroups = incl;
+      if (g >= incl) s_expert = -1;
+    }
+  }
+  __syncthreads();
+  const int e = s_expert;
+  if (g == 0 && blockIdx.y == 0 && tid == 0) ws[0] = s_ngroups;
+  if (e < 0 || g >= gmax) return;
+  // The slots routed to e, in ascending order (ballot compaction).
+  int n = 0;
+  for (int base = 0; base < slots; base += blockDim.x) {
+    const int s = base + tid;
+    const bool p = s < slots && idx[s] == e;
+    const unsigned m = __ballot_sync(0xffffffffu, p);
+    if (lane == 0) s_warpcnt[warp] = __popc(m);
+    __syncthreads();
+    int off = n;
+    for (int w2 = 0; w2 < warp; ++w2) off += s_warpcnt[w2];
+    if (p) s_slot[off + __popc(m & ((1u << lane) - 1u))] = s;
+    int tot = 0;
+    for (int w2 = 0; w2 < int(blockDim.x >> 5); ++w2) tot += s_warpcnt[w2];
+    n += tot;
+    __syncthreads();
+  }
+  if (blockIdx.y == 0) {
+    int32_t* gexp = ws + 1;
+    int32_t* gcount = gexp + gmax;
+    int32_t* glist = gcount + gmax;
+    if (tid == 0) {
+      gexp[g] = e;
+      gcount[g] = n;
+    }
+    for (int r = tid; r < n; r += blockDim.x) glist[int64_t(g) * slots + r] = s_slot[r];
+  }
+  const int row0 = blockIdx.y * kRowsA + warp * kRowsPerWarpA;
+  gate_up_rows(x, ldx, s_slot, n, k, D, I, static_cast<const W*>(gu_tab[e]), gu_scale_tab ? gu_scale_tab[e] : nullptr, row0, lane, h);
+}
+
 constexpr int kThreadsB = 256, kWarpsB = kThreadsB / 32;
 constexpr int kMaxChunksB = 8;  // 8-value chunks of an I row held per lane at once (I <= 2048 in one pass)
 
+// One warp, one down row of one expert (I wide, scale row `sc` or null): for each of the n tokens, add
+// weight(r) · (row · h[slot(r)]) into acc[slot(r) / k][warp], the rows' chunks held in registers.
+template <class W, class Slot, class Weight>
+__device__ __forceinline__ void down_row(const W* __restrict__ row, const float* __restrict__ sc, int I, int n, Slot slot,
+                                         Weight weight, int k, const float* __restrict__ h, float* acc, int lane, int warp) {
+  for (int p0 = 0; p0 < I; p0 += kMaxChunksB * 256) {
+    Raw<W> f[kMaxChunksB];
+#pragma unroll
+    for (int c = 0; c < kMaxChunksB; ++c) {
+      const int i0 = p0 + c * 256 + lane * 8;
+      if (i0 < I) fetch(row, i0, f[c]);
+    }
+    float wv[kMaxChunksB][8];
+#pragma unroll
+    for (int c = 0; c < kMaxChunksB; ++c) {
+      const int i0 = p0 + c * 256 + lane * 8;
+      if (i0 < I) unpack(f[c], sc ? __ldg(sc + i0 / 128) : 1.0f, wv[c]);
+    }
+    for (int r = 0; r < n; ++r) {
+      const int s = slot(r);
+      const float* hr = h + int64_t(s) * I;
+      float part = 0.0f;
+#pragma unroll
+      for (int c = 0; c < kMaxChunksB; ++c) {
+        const int i0 = p0 + c * 256 + lane * 8;
+        if (i0 < I) {
+          const float4 a = *reinterpret_cast<const float4*>(hr + i0);
+          const float4 b = *reinterpret_cast<const float4*>(hr + i0 + 4);
+          part = fmaf(wv[c][0], a.x, part);
+          part = fmaf(wv[c][1], a.y, part);
+          part = fmaf(wv[c][2], a.z, part);
+          part = fmaf(wv[c][3], a.w, part);
+          part = fmaf(wv[c][4], b.x, part);
+          part = fmaf(wv[c][5], b.y, part);
+          part = fmaf(wv[c][6], b.z, part);
+          part = fmaf(wv[c][7], b.w, part);
+        }
+      }
+      part = warp_sum(part);
+      // Partial sums over I chunks of one slot are combined before weighting when I fits one pass (the
+      // usual case); with I > 2048 each pass's part is weighted separately (still a fixed order).
+      if (lane == 0) acc[(s / k) * kWarpsB + warp] += weight(r) * part;
+    }
+  }
+}
+
 // Kernel B: block = rows [blockIdx.x·kWarpsB, +kWarpsB) of D, one row per warp. For each group (ascending
 // expert id) the warp holds its down row in registers and, for each token of the group, adds w · (row · h[s])
-// into the token's accumulator. Then y = acc (+ y).
+// into the token's accumulator. Then y = acc (+ the shared expert's row · hs[m]) (+ y).
 template <class W>
 __global__ void __launch_bounds__(kThreadsB) k_moe_decode_down(const int32_t* __restrict__ ws, int gmax, int slots, int k,
                                                                 int M, int D, int I, const float* __restrict__ h,
                                                                 const float* __restrict__ wts,
                                                                 const void* const* __restrict__ dn_tab,
                                                                 const float* const* __restrict__ dn_scale_tab,
-                                                                float* __restrict__ y, int64_t ldy, bool accumulate) {
-  dependent_kernel_begin();
-  extern __shared__ float acc[];  // [M][kWarpsB]
+                                                                float* __restrict__ y, int64_t ldy, bool accumulate, SharedArgs sh) {
+  extern __shared__ float acc[];  // [M][kWarpsB], then the shared expert's [M][kWarpsB]
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  for (int i = tid; i < M * kWarpsB; i += blockDim.x) acc[i] = 0.0f;
-  __syncthreads();
   const int d = blockIdx.x * kWarpsB + warp;
+  const int ibs = (sh.Is + 127) / 128;
+  if (sh.Is > 0 && d < D)  // the shared expert's down row does not depend on the kernel before
+    for (int b = lane * 128; b < sh.Is * int(sizeof(W)); b += 32 * 128)
+      prefetch_l2(reinterpret_cast<const char*>(static_cast<const W*>(sh.dn) + int64_t(d) * sh.Is) + b);
+  dependent_kernel_begin();
+  float* acc_s = acc + M * kWarpsB;
+  for (int i = tid; i < 2 * M * kWarpsB; i += blockDim.x) acc[i] = 0.0f;
+  __syncthreads();
   const int ngroups = ws[0];
   const int32_t* gexp = ws + 1;
   const int32_t* gcount = gexp + gmax;
   const int32_t* glist = gcount + gmax;
   const int ib = (I + 127) / 128;
   if (d < D) {
-    for (int g = 0; g < ngroups; ++g) {
-      const int e = gexp[g], n = gcount[g];
-      const W* row = static_cast<const W*>(dn_tab[e]) + int64_t(d) * I;
-      const float* sc = dn_scale_tab ? dn_scale_tab[e] + int64_t(d / 128) * ib : nullptr;
-      for (int p0 = 0; p0 < I; p0 += kMaxChunksB * 256) {
-        Raw<W> f[kMaxChunksB];
-#pragma unroll
-        for (int c = 0; c < kMaxChunksB; ++c) {
-          const int i0 = p0 + c * 256 + lane * 8;
-          if (i0 < I) fetch(row, i0, f[c]);
-        }
-        float wv[kMaxChunksB][8];
-#pragma unroll
-        for (int c = 0; c < kMaxChunksB; ++c) {
-          const int i0 = p0 + c * 256 + lane * 8;
-          if (i0 < I) unpack(f[c], sc ? __ldg(sc + i0 / 128) : 1.0f, wv[c]);
-        }
-        for (int r = 0; r < n; ++r) {
-          const int s = glist[int64_t(g) * slots + r];
-          const float* hr = h + int64_t(s) * I;
-          float part = 0.0f;
-#pragma unroll
-          for (int c = 0; c < kMaxChunksB; ++c) {
-            const int i0 = p0 + c * 256 + lane * 8;
-            if (i0 < I) {
-              const float4 a = *reinterpret_cast<const float4*>(hr + i0);
-              const float4 b = *reinterpret_cast<const float4*>(hr + i0 + 4);
-              part = fmaf(wv[c][0], a.x, part);
-              part = fmaf(wv[c][1], a.y, part);
-              part = fmaf(wv[c][2], a.z, part);
-              part = fmaf(wv[c][3], a.w, part);
-              part = fmaf(wv[c][4], b.x, part);
-              part = fmaf(wv[c][5], b.y, part);
-              part = fmaf(wv[c][6], b.z, part);
-              part = fmaf(wv[c][7], b.w, part);
-            }
-          }
-          part = warp_sum(part);
-          // Partial sums over I chunks of one slot are combined before weighting when I fits one pass (the
-          // usual case); with I > 2048 each pass's part is weighted separately (still a fixed order).
-          if (lane == 0) acc[(s / k) * kWarpsB + warp] += wts[s] * part;
-        }
+    // Groups in ascending expert id, then (g = ngroups) the shared expert: every token, weight 1, its own sums.
+    for (int g = 0; g < ngroups + (sh.Is > 0 ? 1 : 0); ++g) {
+      const bool shared = g == ngroups;
+      const int32_t* gl = glist + int64_t(g) * slots;
+      const W* row;
+      const float* sc;
+      if (shared) {
+        row = static_cast<const W*>(sh.dn) + int64_t(d) * sh.Is;
+        sc = sh.dns ? sh.dns + int64_t(d / 128) * ibs : nullptr;
+      } else {
+        const int e = gexp[g];
+        row = static_cast<const W*>(dn_tab[e]) + int64_t(d) * I;
+        sc = dn_scale_tab ? dn_scale_tab[e] + int64_t(d / 128) * ib : nullptr;
       }
+      down_row(
+          row, sc, shared ? sh.Is : I, shared ? M : gcount[g], [&](int r) { return shared ? r : gl[r]; },
+          [&](int r) { return shared ? 1.0f : wts[gl[r]]; }, shared ? 1 : k, shared ? sh.h : h, shared ? acc_s : acc, lane, warp);
     }
   }
   __syncwarp();
   if (d < D && lane == 0) {
     for (int m = 0; m < M; ++m) {
       float* yp = y + int64_t(m) * ldy + d;
-      *yp = accumulate ? acc[m * kWarpsB + warp] + *yp : acc[m * kWarpsB + warp];
+      float v = acc[m * kWarpsB + warp];
+      if (sh.Is > 0) v += acc_s[m * kWarpsB + warp];
+      *yp = accumulate ? v + *yp : v;
     }
   }
 }
@@ -427,14 +493,14 @@ int64_t MoeExperts::bytes_per_expert() const {
 
 // ---- decode ----
 
-size_t moe_decode_workspace_bytes(int64_t M, int64_t top_k, int64_t E, int64_t I) {
+size_t moe_decode_workspace_bytes(int64_t M, int64_t top_k, int64_t E, int64_t I, int64_t shared_I) {
   const int64_t slots = M * top_k;
-  return DecodeLayout{std::min(E, slots), slots}.bytes(I);
+  return DecodeLayout{std::min(E, slots), slots}.bytes(I, M, shared_I);
 }
 
 void moe_decode(const MoeExperts& w, const float* x, int64_t ldx, const int32_t* idx, const float* wts, int64_t M,
                 int64_t top_k, float* y, int64_t ldy, bool accumulate, void* workspace, size_t workspace_bytes,
-                cudaStream_t stream) {
+                cudaStream_t stream, const MoeSharedExpert* shared) {
   check_experts(w);
   if (M <= 0) return;
   const int64_t slots = M * top_k;
@@ -442,31 +508,43 @@ void moe_decode(const MoeExperts& w, const float* x, int64_t ldx, const int32_t*
              kMoeDecodeMaxSlots);
   DSV3_CHECK(ldx % 4 == 0 && ldx >= w.D && ldy >= w.D, "moe_decode: row strides ldx {} (multiple of 4) / ldy {} must be >= D {}",
              ldx, ldy, w.D);
+  const int64_t Is = shared ? shared->I : 0;
+  if (shared)
+    DSV3_CHECK(Is > 0 && Is % 8 == 0 && shared->gate_up && shared->down &&
+                   (w.type != DType::F8_E4M3 || (shared->gate_up_scale && shared->down_scale)),
+               "moe_decode: shared expert of width {} (a positive multiple of 8, weights{} as the routed experts')", Is,
+               w.type == DType::F8_E4M3 ? " and scales" : "");
   const DecodeLayout L{std::min(w.E, slots), slots};
-  DSV3_CHECK(workspace_bytes >= L.bytes(w.I), "moe_decode: workspace of {} bytes, needs {}", workspace_bytes, L.bytes(w.I));
+  DSV3_CHECK(workspace_bytes >= L.bytes(w.I, M, Is), "moe_decode: workspace of {} bytes, needs {}", workspace_bytes, L.bytes(w.I, M, Is));
   int32_t* ws = static_cast<int32_t*>(workspace);
   float* h = reinterpret_cast<float*>(static_cast<char*>(workspace) + L.h_offset());
-  const dim3 ga(unsigned(L.gmax), unsigned(ceil_div(w.I, kRowsA)));
+  SharedArgs sa;
+  if (shared) {
+    sa.gu = shared->gate_up, sa.dn = shared->down, sa.gus = shared->gate_up_scale, sa.dns = shared->down_scale;
+    sa.Is = int(Is);
+    sa.h = reinterpret_cast<float*>(static_cast<char*>(workspace) + L.hs_offset(w.I));
+  }
+  const dim3 ga(unsigned(L.gmax + (shared ? 1 : 0)), unsigned(ceil_div(std::max(w.I, Is), kRowsA)));
   const int E = int(w.E), D = int(w.D), I = int(w.I), k = int(top_k), sl = int(slots), gm = int(L.gmax);
   if (w.type == DType::BF16)
     launch_dependent(k_moe_decode_gate_up<uint16_t>, ga, dim3(kThreadsA), 0, stream, x, ldx, idx, sl, k, E, D, I, w.d_gate_up(),
-                     nullptr, ws, gm, h);
+                     nullptr, ws, gm, h, sa, int(M));
   else
     launch_dependent(k_moe_decode_gate_up<uint8_t>, ga, dim3(kThreadsA), 0, stream, x, ldx, idx, sl, k, E, D, I, w.d_gate_up(),
-                     w.d_gate_up_scale(), ws, gm, h);
+                     w.d_gate_up_scale(), ws, gm, h, sa, int(M));
   DSV3_CUDA_CHECK_LAUNCH("moe_decode gate_up kernel");
-  const size_t smem = size_t(M) * kWarpsB * sizeof(float);
+  const size_t smem = size_t(2 * M) * kWarpsB * sizeof(float);
   const unsigned gb = unsigned(ceil_div(w.D, kWarpsB));
   if (w.type == DType::BF16) {
     if (smem > 48 * 1024)
       DSV3_CUDA_CHECK(cudaFuncSetAttribute(k_moe_decode_down<uint16_t>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
     launch_dependent(k_moe_decode_down<uint16_t>, dim3(gb), dim3(kThreadsB), smem, stream, ws, gm, sl, k, int(M), D, I, h, wts,
-                     w.d_down(), nullptr, y, ldy, accumulate);
+                     w.d_down(), nullptr, y, ldy, accumulate, sa);
   } else {
     if (smem > 48 * 1024)
       DSV3_CUDA_CHECK(cudaFuncSetAttribute(k_moe_decode_down<uint8_t>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
     launch_dependent(k_moe_decode_down<uint8_t>, dim3(gb), dim3(kThreadsB), smem, stream, ws, gm, sl, k, int(M), D, I, h, wts,
-                     w.d_down(), w.d_down_scale(), y, ldy, accumulate);
+                     w.d_down(), w.d_down_scale(), y, ldy, accumulate, sa);
   }
   DSV3_CUDA_CHECK_LAUNCH("moe_decode down kernel");
 }

@@ -68,16 +68,27 @@ class MoeExperts {
 
 // Largest M·top_k moe_decode accepts (one block sorts the slots).
 constexpr int64_t kMoeDecodeMaxSlots = 1024;
-size_t moe_decode_workspace_bytes(int64_t M, int64_t top_k, int64_t E, int64_t I);
+// The shared experts of a layer as one expert of width I (gate | up [2I, D], down [D, I]) in the routed experts'
+// dtype and layout (FP8: gate's scale rows, then up's), for moe_decode to fold in.
+struct MoeSharedExpert {
+  const void* gate_up = nullptr;
+  const void* down = nullptr;
+  const float* gate_up_scale = nullptr;
+  const float* down_scale = nullptr;
+  int64_t I = 0;
+};
+size_t moe_decode_workspace_bytes(int64_t M, int64_t top_k, int64_t E, int64_t I, int64_t shared_I = 0);
 // x f32 [M, D] (row stride ldx); idx int32 [M, top_k] and wts f32 [M, top_k] in device memory (e.g. from
 // moe_route); y f32 [M, D] (row stride ldy): y = Σ (+ y when accumulate). Each distinct chosen expert's
 // weights are read once whatever the number of tokens that chose it. Two kernels: gate|up + SiLU·mul into
 // `workspace` per (token, slot), then down + the weighted sum per token. Requires M·top_k <= kMoeDecodeMaxSlots,
 // E <= 1024, x and y 16-byte aligned rows (ldx, ldy multiples of 4). Meant for M <= 64; any M within the limit
 // is correct. Precision: weights as stored (bf16, or e4m3 × block scale), x and all sums in f32.
+// With `shared`, the same two kernels also compute the shared expert of every token (extra blocks of the first, a
+// last term in the second): y = Σ routed + shared(x) (+ y when accumulate); the workspace then needs shared->I.
 void moe_decode(const MoeExperts& w, const float* x, int64_t ldx, const int32_t* idx, const float* wts, int64_t M,
                 int64_t top_k, float* y, int64_t ldy, bool accumulate, void* workspace, size_t workspace_bytes,
-                cudaStream_t stream = nullptr);
+                cudaStream_t stream = nullptr, const MoeSharedExpert* shared = nullptr);
 
 // ---------------------------------------------------------------------------------------------------------
 // Prefill: token permutation + grouped expert GEMMs through cuBLASLt
