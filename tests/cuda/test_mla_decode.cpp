@@ -1,5 +1,6 @@
 // mla_decode_fused (one kernel for the absorbed-MLA decode step) against a double-precision host twin: paged cache with a
-// shuffled block table, several sequences at different positions, bf16 and f32, small.json's and DeepSeek-V3's head shapes.
+// shuffled block table, several sequences at positions at and around tile edges, bf16 and f32, small.json's shapes and
+// DeepSeek-V3's latent width.
 #include <algorithm>
 #include <numeric>
 
@@ -19,8 +20,8 @@ TEST(CudaMlaDecode, FusedMatchesHostTwin) {
   };
   const std::vector<Case> cases = {
       {16, 64, 32, 64, 256, 256, {0, 70, 255}, true},   // small.json
-      {16, 64, 32, 64, 256, 1024, {63, 64, 900}, false},
-      {128, 128, 64, 128, 512, 512, {5, 300}, true},    // DeepSeek-V3
+      {16, 64, 32, 64, 256, 1024, {31, 32, 900}, false},
+      {8, 32, 64, 32, 512, 512, {5, 300}, true},        // DeepSeek-V3's latent width: two columns per thread
       {3, 8, 8, 24, 40, 130, {1, 129}, false},          // odd sizes
   };
   for (const Case& c : cases) {
@@ -67,7 +68,7 @@ TEST(CudaMlaDecode, FusedMatchesHostTwin) {
     MlaDecodeShape sh;
     sh.H = c.H, sh.dn = c.dn, sh.dr = c.dr, sh.dv = c.dv, sh.kvr = c.kvr, sh.block_size = bs, sh.max_blocks = max_blocks;
     sh.max_len = c.max_len, sh.scale = 1.0f / std::sqrt(float(dqk));
-    ASSERT_TRUE(mla_decode_fused_supported(sh));
+    ASSERT_TRUE(mla_decode_fused_supported(sh, act));
     mla_decode_fused(sh, dq.get(), ldq, dkv.get(), ldkv, dg.get(), 1e-6f, dpos.get(), table.get(), drows.get(), dbt.get(), act, duk, duv,
                      dpool, dout, ldo, M);
     const auto got_out = c.bf16 ? from_bf16(download(ob)) : download(of);
@@ -141,16 +142,21 @@ TEST(CudaMlaDecode, FusedMatchesHostTwin) {
 TEST(CudaMlaDecode, UnsupportedShapesAreRefused) {
   MlaDecodeShape sh;
   sh.H = 16, sh.dn = 64, sh.dr = 32, sh.dv = 64, sh.kvr = 256, sh.block_size = 64, sh.max_blocks = 4, sh.max_len = 256;
-  EXPECT_TRUE(mla_decode_fused_supported(sh));
+  EXPECT_TRUE(mla_decode_fused_supported(sh, DType::BF16));
+  EXPECT_TRUE(mla_decode_fused_supported(sh, DType::F32));
+  EXPECT_FALSE(mla_decode_fused_supported(sh, DType::F16));
   MlaDecodeShape odd = sh;
   odd.kvr = 260;  // not a multiple of 8
-  EXPECT_FALSE(mla_decode_fused_supported(odd));
+  EXPECT_FALSE(mla_decode_fused_supported(odd, DType::BF16));
   MlaDecodeShape wide = sh;
   wide.dv = 512;  // more output columns than threads
-  EXPECT_FALSE(mla_decode_fused_supported(wide));
+  EXPECT_FALSE(mla_decode_fused_supported(wide, DType::BF16));
+  MlaDecodeShape v3 = sh;
+  v3.H = 128, v3.dn = 128, v3.dr = 64, v3.dv = 128, v3.kvr = 512;  // a head's W_UK + W_UV: 256 KiB of shared memory
+  EXPECT_FALSE(mla_decode_fused_supported(v3, DType::BF16));
   MlaDecodeShape lng = sh;
-  lng.max_len = 1 << 20;  // scores beyond shared memory
-  EXPECT_FALSE(mla_decode_fused_supported(lng));
+  lng.max_len = 1 << 20;  // any context: tiles stream through shared memory
+  EXPECT_TRUE(mla_decode_fused_supported(lng, DType::BF16));
 }
 
 }  // namespace

@@ -99,6 +99,15 @@ __device__ __forceinline__ void unpack(const Raw<uint8_t>& r, float s, float (&w
   }
 }
 
+// ---- asynchronous global -> shared copies (cp.async, sm_80+): 16 bytes, zero-filled when !valid ----
+__device__ __forceinline__ uint32_t smem_u32(const void* p) { return uint32_t(__cvta_generic_to_shared(p)); }
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
 // ---- programmatic dependent launch (sm_90): overlap a kernel's prologue with the end of the one before ----
 // A kernel launched with launch_dependent may start before the previous kernel in the stream has finished; it must
 // call grid_dependency_wait() before it reads anything that kernel writes (or writes anything it reads).

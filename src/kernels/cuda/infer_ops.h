@@ -60,6 +60,10 @@ void add_rows(float* h, int64_t ldh, const float* d, int64_t ldd, int64_t M, int
 // to yf (F32, when not null) and to ya (in ya_type, when not null). Bit-identical to add_rows then rmsnorm_to.
 void residual_rmsnorm(float* h, int64_t ldh, const float* d, int64_t ldd, const float* gamma, float eps, int64_t M, int64_t D,
                       float* yf, int64_t ldyf, DType ya_type, void* ya, int64_t ldya, cudaStream_t stream = nullptr);
+// The same with two addends: h = (h + d) + d2 (either may be null), as two residual_rmsnorm-style adds in that order.
+void residual_rmsnorm2(float* h, int64_t ldh, const float* d, int64_t ldd, const float* d2, int64_t ldd2, const float* gamma, float eps,
+                       int64_t M, int64_t D, float* yf, int64_t ldyf, DType ya_type, void* ya, int64_t ldya,
+                       cudaStream_t stream = nullptr);
 
 // Expanded MLA keys: k[m, h] = [kv[m, h·(dn+dv) : +dn] | k_rope[m]] ([M, H, dn+dr] contiguous), k_rope at
 // kr + m·ldkr (dr values, shared by all heads).
@@ -81,12 +85,13 @@ void mla_decode_prep(const float* q, int64_t ldq, int64_t H, int64_t dn, int64_t
 // head): the prologue above (the new latent row appended at pool row rows[m]), q_nope·W_UK, softmax attention over
 // rows 0..pos[m] of sequence m (block_table: [M, max_blocks] blocks of block_size rows) and ·W_UVᵀ, written to
 // out[m·ldo + h·dv ..] in `act` (the dtype of the pool, wuk and wuv_t too). wuk: kv_b's rows, W_UK_h at
-// h·(dn+dv)·kvr with row stride kvr; wuv_t: [H, kvr, dv]. max_len: more than every pos[m].
+// h·(dn+dv)·kvr with row stride kvr; wuv_t: [H, kvr, dv]. max_len: more than every pos[m]. Supported when a head's
+// W_UK and W_UV fit in shared memory beside two cache tiles (small.json's shapes; not DeepSeek-V3's 128 x 512).
 struct MlaDecodeShape {
   int64_t H = 0, dn = 0, dr = 0, dv = 0, kvr = 0, block_size = 0, max_blocks = 0, max_len = 0;
   float scale = 1.0f;
 };
-bool mla_decode_fused_supported(const MlaDecodeShape& s);
+bool mla_decode_fused_supported(const MlaDecodeShape& s, DType act);
 void mla_decode_fused(const MlaDecodeShape& s, const float* q, int64_t ldq, const float* kv, int64_t ldkv, const float* gamma,
                       float eps, const int64_t* pos, const float* table, const int32_t* rows, const int32_t* block_table, DType act,
                       const void* wuk, const void* wuv_t, void* pool, void* out, int64_t ldo, int64_t M,

@@ -2,9 +2,11 @@
 //
 // Why: at batch 1 and short contexts a decode layer's attention was five dependent launches (prologue, q_nope·W_UK,
 // split attention, split merge, ·W_UVᵀ), each a few µs of latency for kilobytes of work. One block per
-// (token, head) does all of it: the head's W_UK and W_UV do not depend on the kernel before, so they are
-// prefetched into L2 before griddepcontrol.wait; the block recomputes the new token's latent row itself (every
-// head needs it; the head-0 block also appends it to the cache), so no block waits on another.
+// (token, head) does all of it. Latency, not bandwidth, is the cost, so every load is issued early and as one batch:
+// the head's W_UK and W_UV and the first cache tile go to shared memory by cp.async before griddepcontrol.wait
+// (none depends on the kernel before), later tiles while the previous one is scored (double buffer). The block
+// recomputes the new token's latent row itself (every head needs it; the head-0 block also appends it to the
+// cache), so no block waits on another.
 //
 // Math, per token m (position p) and head h, as the unfused chain: c = [rmsnorm(c_kv)·γ | RoPE(k_pe)] rounded to
 // the cache dtype; q = [q_nope·W_UK_h | RoPE(q_pe)]; s_j = scale · q·K_j for rows j ≤ p (row p is c);
@@ -19,7 +21,7 @@ namespace dsv3::cuda {
 using namespace dev;
 
 namespace {
-constexpr int kThreads = 256;
+constexpr int kThreads = 256, kTile = 32, kPad = 8;  // rows per staged cache tile; elements of padding per staged row
 
 struct FusedArgs {
   const float* q;  // [M, ldq]: per head [q_nope dn | q_pe dr]
@@ -40,42 +42,79 @@ struct FusedArgs {
   float eps, scale;
 };
 
-// 8 consecutive values of a cache row (bf16 or f32) as f32.
-__device__ __forceinline__ void load8(const uint16_t* p, float (&v)[8]) {
-  Raw<uint16_t> r;
-  fetch(p, 0, r);
-  unpack(r, 1.0f, v);
+// Shared memory: the head's W_UK [dn][kvr] and W_UVᵀ [kvr][dv], two cache tiles [kTile][W + kPad] (all in T), then f32
+// vectors.
+template <class T>
+size_t smem_bytes(int64_t dn, int64_t dr, int64_t dv, int64_t kvr) {
+  const int64_t W = kvr + dr;
+  return sizeof(T) * size_t(dn * kvr + kvr * dv + 2 * kTile * (W + kPad)) +
+         sizeof(float) * size_t(2 * W + dn + 2 * kTile + kvr + kThreads + 32 + 4);
 }
-__device__ __forceinline__ void load8(const float* p, float (&v)[8]) {
-  const float4 a = __ldg(reinterpret_cast<const float4*>(p)), b = __ldg(reinterpret_cast<const float4*>(p) + 1);
-  v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
-}
+
 __device__ __forceinline__ float round_to(float v, const float*) { return v; }
 __device__ __forceinline__ float round_to(float v, const uint16_t*) { return bf16_to_f32(f32_to_bf16(v)); }
+__device__ __forceinline__ float2 load2(const float* p) { return *reinterpret_cast<const float2*>(p); }
+__device__ __forceinline__ float2 load2(const uint16_t* p) {
+  const uint32_t u = *reinterpret_cast<const uint32_t*>(p);
+  return make_float2(__uint_as_float(u << 16), __uint_as_float(u & 0xffff0000u));
+}
+// n T values from global to shared memory, 16 bytes per cp.async (n·sizeof(T) a multiple of 16, both 16-byte aligned).
+template <class T>
+__device__ __forceinline__ void stage(T* dst, const T* src, int64_t n) {
+  constexpr int per = 16 / sizeof(T);
+  for (int64_t c = threadIdx.x; c < n / per; c += kThreads) cp_async16(dst + c * per, src + c * per, true);
+}
 
 template <class T>
-__global__ void __launch_bounds__(kThreads) k_mla_decode_fused(FusedArgs a) {
-  extern __shared__ __align__(16) float sm[];
-  const int W = a.kvr + a.dr, half = a.dr / 2, hd = a.dn + a.dv;
-  float* qv = sm;            // [W] the absorbed query
-  float* cur = qv + W;       // [W] the new token's cache row
-  float* qn = cur + W;       // [dn]
-  float* red = qn + a.dn;    // [32]
-  float* part = red + 32;    // [groups][kvr], then the latent output [kvr] and the W_UV partials
-  float* sc = part + (kThreads / (a.kvr / 8)) * a.kvr;  // [p + 1] scores, then probabilities
-  const int h = blockIdx.x, m = blockIdx.y, t = threadIdx.x;
-  const T* wuk = static_cast<const T*>(a.wuk) + int64_t(h) * hd * a.kvr;
-  const T* wuv = static_cast<const T*>(a.wuv_t) + int64_t(h) * a.kvr * a.dv;
-  {  // The head's weights into L2 while the kernel before finishes (they do not depend on it).
-    const int64_t lines_uk = (int64_t(a.dn) * a.kvr * sizeof(T) + 127) / 128, lines_uv = (int64_t(a.kvr) * a.dv * sizeof(T) + 127) / 128;
-    for (int64_t i = t; i < lines_uk; i += kThreads) prefetch_l2(reinterpret_cast<const char*>(wuk) + i * 128);
-    for (int64_t i = t; i < lines_uv; i += kThreads) prefetch_l2(reinterpret_cast<const char*>(wuv) + i * 128);
-  }
+__global__ void __launch_bounds__(kThreads, 1) k_mla_decode_fused(FusedArgs a) {
+  extern __shared__ __align__(16) unsigned char smraw[];
+  const int W = a.kvr + a.dr, half = a.dr / 2, hd = a.dn + a.dv, KS = W + kPad;
+  T* wuk_s = reinterpret_cast<T*>(smraw);        // [dn][kvr]
+  T* wuv_s = wuk_s + a.dn * a.kvr;                // [kvr][dv]
+  T* kt = wuv_s + a.kvr * a.dv;                   // [2][kTile][KS]
+  float* qv = reinterpret_cast<float*>(kt + 2 * kTile * KS);  // [W] the absorbed query
+  float* cur = qv + W;                            // [W] the new token's cache row
+  float* qn = cur + W;                            // [dn]
+  float* sct = qn + a.dn;                         // [kTile] scores of a tile
+  float* ps = sct + kTile;                        // [kTile] their probabilities
+  float* ol = ps + kTile;                         // [kvr] the latent output
+  float* part = ol + a.kvr;                       // [kThreads] W_UV partial sums
+  float* red = part + kThreads;                   // [32]
+  float* run = red + 32;                          // running max, sum, last rescale factor
+  const int h = blockIdx.x, m = blockIdx.y, t = threadIdx.x, lane = t & 31, warp = t >> 5;
+  T* pool = static_cast<T*>(a.pool);
+
+  // Before the wait, what does not depend on the kernel before: the head's weights, the step's metadata (written by
+  // host copies ahead of the step) and the first tile of cache rows < p (written by earlier steps).
+  stage(wuk_s, static_cast<const T*>(a.wuk) + int64_t(h) * hd * a.kvr, int64_t(a.dn) * a.kvr);
+  stage(wuv_s, static_cast<const T*>(a.wuv_t) + int64_t(h) * a.kvr * a.dv, int64_t(a.kvr) * a.dv);
+  cp_async_commit();
+  // The caller sizes max_len past every position; the clamp only keeps a bad position inside the block table.
+  const int64_t p = min(a.pos[m], int64_t(a.max_len - 1));
+  const int32_t* bt = a.btab + int64_t(m) * a.max_blocks;
+  const int ntiles = int(p / kTile) + 1;  // rows 0..p
+  constexpr int per = 16 / sizeof(T);
+  const int cpr = W / per;  // 16-byte chunks per row
+  auto load_tile = [&](int i) {
+    T* dst = kt + (i & 1) * kTile * KS;
+    const int64_t j0 = int64_t(i) * kTile;
+    for (int c = t; c < kTile * cpr; c += kThreads) {
+      const int j = c / cpr, ch = c % cpr;
+      const int64_t row = j0 + j;
+      // Row p is this step's, stored from `cur` (a zero-fill in flight there would race with that store); rows past p are
+      // zero-filled (their probability is 0, and 0 · stale NaN would not be).
+      if (row == p) continue;
+      const bool valid = row < p;
+      const T* src = valid ? pool + (int64_t(bt[row / a.bs]) * a.bs + row % a.bs) * W + ch * per : pool;
+      cp_async16(dst + j * KS + ch * per, src, valid);
+    }
+    cp_async_commit();
+  };
+  load_tile(0);
   grid_dependency_wait();
   grid_dependents_launch();
-  // The caller sizes max_len past every position; the clamp only keeps a bad position inside the scores buffer.
-  const int64_t p = min(a.pos[m], int64_t(a.max_len - 1));
-  const float2* cs = reinterpret_cast<const float2*>(a.table) + p * half;
+
+  const float2* cs = reinterpret_cast<const float2*>(a.table) + a.pos[m] * half;
   const float* qm = a.q + m * a.ldq + int64_t(h) * (a.dn + a.dr);
   const float* kvm = a.kv + m * a.ldkv;
   for (int i = t; i < a.dn; i += kThreads) qn[i] = qm[i];
@@ -90,98 +129,92 @@ __global__ void __launch_bounds__(kThreads) k_mla_decode_fused(FusedArgs a) {
   }
   float ss = 0.0f;
   for (int j = t; j < a.kvr; j += kThreads) ss += kvm[j] * kvm[j];
-  ss = block_sum(ss, red);  // its barriers also publish qn
+  ss = block_sum(ss, red);
   const float r = 1.0f / sqrtf(ss / float(a.kvr) + a.eps);
+  for (int j = t; j < a.kvr; j += kThreads) cur[j] = round_to(a.gamma[j] * (kvm[j] * r), static_cast<const T*>(nullptr));
+  if (t == 0) run[0] = -INFINITY, run[1] = 0.0f;
+  cp_async_wait<1>();  // the weights (the first tile may still be in flight)
+  __syncthreads();
+  // q_lat[j] = Σ_d q_nope[d] · W_UK[d][j].
   for (int j = t; j < a.kvr; j += kThreads) {
-    cur[j] = round_to(a.gamma[j] * (kvm[j] * r), static_cast<const T*>(nullptr));
-    // q_lat[j] = Σ_d q_nope[d] · W_UK[d][j]: lanes take consecutive j (coalesced rows of W_UK).
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     int d = 0;
     for (; d + 4 <= a.dn; d += 4) {
 #pragma unroll
-      for (int u = 0; u < 4; ++u) acc[u] = fmaf(qn[d + u], load_f32(wuk, int64_t(d + u) * a.kvr + j), acc[u]);
+      for (int u = 0; u < 4; ++u) acc[u] = fmaf(qn[d + u], load_f32(wuk_s, int64_t(d + u) * a.kvr + j), acc[u]);
     }
-    for (; d < a.dn; ++d) acc[0] = fmaf(qn[d], load_f32(wuk, int64_t(d) * a.kvr + j), acc[0]);
+    for (; d < a.dn; ++d) acc[0] = fmaf(qn[d], load_f32(wuk_s, int64_t(d) * a.kvr + j), acc[0]);
     qv[j] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
   }
-  __syncthreads();
-  T* pool = static_cast<T*>(a.pool);
   if (h == 0)
     for (int j = t; j < W; j += kThreads) store(pool + int64_t(a.rows[m]) * W + j, cur[j]);
-  const int32_t* bt = a.btab + int64_t(m) * a.max_blocks;
-  auto row_ptr = [&](int64_t j) -> const T* {
-    return pool + (int64_t(bt[j / a.bs]) * a.bs + j % a.bs) * W;
-  };
-  // Scores: one row per thread, 8 values per load, 4 independent partial sums.
-  float mx = -INFINITY;
-  for (int64_t j = t; j <= p; j += kThreads) {
-    float s4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    const T* kr = j == p ? nullptr : row_ptr(j);
-    for (int d = 0; d < W; d += 8) {
-      float v[8];
-      if (kr) {
-        load8(kr + d, v);
-      } else {
-#pragma unroll
-        for (int u = 0; u < 8; ++u) v[u] = cur[d + u];
+
+  // Online softmax over the tiles; thread t owns latent columns t and t + 256 of the output.
+  float acc[2] = {0.0f, 0.0f};
+  const int rr = t >> 3, pr = t & 7;  // scores: row rr of the tile, pair slice pr
+  for (int i = 0; i < ntiles; ++i) {
+    T* tile = kt + (i & 1) * kTile * KS;
+    const int64_t j0 = int64_t(i) * kTile;
+    cp_async_wait<0>();
+    if (p >= j0 && p < j0 + kTile)
+      for (int d = t; d < W; d += kThreads) store(tile + (p - j0) * KS + d, cur[d]);
+    __syncthreads();  // tile i (and q_lat) visible; every thread is done with the other buffer
+    if (i + 1 < ntiles) load_tile(i + 1);
+    {
+      const T* kr = tile + rr * KS;
+      float s = 0.0f;
+      for (int q2 = pr; q2 < W / 2; q2 += 8) {
+        const float2 k2 = load2(kr + 2 * q2), x2 = *reinterpret_cast<const float2*>(qv + 2 * q2);
+        s = fmaf(x2.x, k2.x, fmaf(x2.y, k2.y, s));
       }
-#pragma unroll
-      for (int u = 0; u < 8; ++u) s4[u & 3] = fmaf(qv[d + u], v[u], s4[u & 3]);
+      s += __shfl_xor_sync(0xffffffffu, s, 4);
+      s += __shfl_xor_sync(0xffffffffu, s, 2);
+      s += __shfl_xor_sync(0xffffffffu, s, 1);
+      if (pr == 0) sct[rr] = j0 + rr <= p ? s * a.scale : -INFINITY;
     }
-    const float s = ((s4[0] + s4[1]) + (s4[2] + s4[3])) * a.scale;
-    sc[j] = s;
-    mx = fmaxf(mx, s);
-  }
-  mx = block_max(mx, red);
-  float l = 0.0f;
-  for (int64_t j = t; j <= p; j += kThreads) {
-    const float e = expf(sc[j] - mx);
-    sc[j] = e;
-    l += e;
-  }
-  l = block_sum(l, red);  // its barriers also publish sc
-  // o = Σ_j p_j K_j[:kvr]: CT threads cover the kvr columns 8 at a time, `groups` of them split the rows.
-  const int ct = a.kvr / 8, groups = kThreads / ct, c8 = t % ct, g = t / ct;
-  if (g < groups) {
-    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    for (int64_t j = g; j <= p; j += groups) {
-      const float pj = sc[j];
-      float v[8];
-      if (j == p) {
-#pragma unroll
-        for (int u = 0; u < 8; ++u) v[u] = cur[8 * c8 + u];
-      } else {
-        load8(row_ptr(j) + 8 * c8, v);
+    __syncthreads();
+    if (warp == 0) {
+      const float sv = sct[lane], m_old = run[0];
+      const float m_new = fmaxf(m_old, warp_max(sv));  // finite: row j0 <= p is in every tile
+      const float pj = sv == -INFINITY ? 0.0f : expf(sv - m_new);
+      ps[lane] = pj;
+      const float sum = warp_sum(pj);
+      if (lane == 0) {
+        const float alpha = expf(m_old - m_new);  // 0 on the first tile
+        run[0] = m_new;
+        run[1] = run[1] * alpha + sum;
+        run[2] = alpha;
       }
-#pragma unroll
-      for (int u = 0; u < 8; ++u) acc[u] = fmaf(pj, v[u], acc[u]);
     }
+    __syncthreads();
+    const float alpha = run[2];
 #pragma unroll
-    for (int u = 0; u < 8; ++u) part[g * a.kvr + 8 * c8 + u] = acc[u];
+    for (int u = 0; u < 2; ++u) {
+      const int c = t + kThreads * u;
+      if (c < a.kvr) {
+        float o = acc[u] * alpha;
+        for (int j = 0; j < kTile; ++j) o = fmaf(ps[j], load_f32(tile, int64_t(j) * KS + c), o);
+        acc[u] = o;
+      }
+    }
   }
-  __syncthreads();
-  float* ol = sc;  // the probabilities are no longer needed
-  const float inv = 1.0f / l;
-  for (int j = t; j < a.kvr; j += kThreads) {
-    float o = 0.0f;
-    for (int q = 0; q < groups; ++q) o += part[q * a.kvr + j];
-    ol[j] = o * inv;
-  }
+  const float inv = 1.0f / run[1];
+#pragma unroll
+  for (int u = 0; u < 2; ++u)
+    if (t + kThreads * u < a.kvr) ol[t + kThreads * u] = acc[u] * inv;
   __syncthreads();
   // out[v] = Σ_j o[j] · W_UVᵀ[j][v]: dv threads per part, `parts` of them split j.
   const int parts = kThreads / a.dv, v = t % a.dv, pp = t / a.dv;
-  float acc = 0.0f;
   if (pp < parts) {
     const int chunk = (a.kvr + parts - 1) / parts, j0 = pp * chunk, j1 = min(a.kvr, j0 + chunk);
     float a4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     int j = j0;
     for (; j + 4 <= j1; j += 4) {
 #pragma unroll
-      for (int u = 0; u < 4; ++u) a4[u] = fmaf(ol[j + u], load_f32(wuv, int64_t(j + u) * a.dv + v), a4[u]);
+      for (int u = 0; u < 4; ++u) a4[u] = fmaf(ol[j + u], load_f32(wuv_s, int64_t(j + u) * a.dv + v), a4[u]);
     }
-    for (; j < j1; ++j) a4[0] = fmaf(ol[j], load_f32(wuv, int64_t(j) * a.dv + v), a4[0]);
-    acc = (a4[0] + a4[1]) + (a4[2] + a4[3]);
-    part[pp * a.dv + v] = acc;
+    for (; j < j1; ++j) a4[0] = fmaf(ol[j], load_f32(wuv_s, int64_t(j) * a.dv + v), a4[0]);
+    part[pp * a.dv + v] = (a4[0] + a4[1]) + (a4[2] + a4[3]);
   }
   __syncthreads();
   if (t < a.dv) {
@@ -191,28 +224,28 @@ __global__ void __launch_bounds__(kThreads) k_mla_decode_fused(FusedArgs a) {
   }
 }
 
-size_t fused_smem(const MlaDecodeShape& s) {
-  const int64_t W = s.kvr + s.dr, groups = kThreads / (s.kvr / 8);
-  return sizeof(float) * size_t(2 * W + s.dn + 32 + groups * s.kvr + std::max<int64_t>(s.max_len, s.kvr));
+constexpr size_t kMaxSmem = 227 * 1024;  // Hopper's opt-in shared memory per block
+size_t fused_smem(const MlaDecodeShape& s, DType act) {
+  return act == DType::F32 ? smem_bytes<float>(s.dn, s.dr, s.dv, s.kvr) : smem_bytes<uint16_t>(s.dn, s.dr, s.dv, s.kvr);
 }
 }  // namespace
 
-bool mla_decode_fused_supported(const MlaDecodeShape& s) {
-  return s.kvr % 8 == 0 && s.kvr / 8 <= kThreads && s.dr % 8 == 0 && s.dr > 0 && s.dv > 0 && s.dv <= kThreads && s.dn > 0 &&
-         s.H > 0 && s.H <= 65535 && s.max_len > 0 && s.block_size > 0 && fused_smem(s) <= 200 * 1024;
+bool mla_decode_fused_supported(const MlaDecodeShape& s, DType act) {
+  return (act == DType::F32 || act == DType::BF16) && s.kvr % 8 == 0 && s.kvr <= 2 * kThreads && (s.kvr + s.dr) % 16 == 0 &&
+         s.dr % 2 == 0 && s.dr > 0 && s.dv > 0 && s.dv <= kThreads && s.dn > 0 && s.H > 0 && s.H <= 65535 && s.max_len > 0 &&
+         s.block_size > 0 && fused_smem(s, act) <= kMaxSmem;
 }
 
 void mla_decode_fused(const MlaDecodeShape& s, const float* q, int64_t ldq, const float* kv, int64_t ldkv, const float* gamma,
                       float eps, const int64_t* pos, const float* table, const int32_t* rows, const int32_t* block_table,
                       DType act, const void* wuk, const void* wuv_t, void* pool, void* out, int64_t ldo, int64_t M, cudaStream_t st) {
-  DSV3_CHECK(act == DType::F32 || act == DType::BF16, "mla_decode_fused: dtype {} (F32 or BF16)", dtype_name(act));
-  DSV3_CHECK(mla_decode_fused_supported(s), "mla_decode_fused: H {} dn {} dr {} dv {} kvr {} max_len {} unsupported", s.H, s.dn, s.dr,
-             s.dv, s.kvr, s.max_len);
+  DSV3_CHECK(mla_decode_fused_supported(s, act), "mla_decode_fused: H {} dn {} dr {} dv {} kvr {} max_len {} in {} unsupported", s.H,
+             s.dn, s.dr, s.dv, s.kvr, s.max_len, dtype_name(act));
   DSV3_CHECK(M <= 65535, "mla_decode_fused: {} tokens are too many", M);
   if (M <= 0) return;
   FusedArgs a{q, ldq, kv, ldkv, gamma, pos, table, rows, block_table, wuk, wuv_t, pool, out, ldo, int(s.H), int(s.dn), int(s.dr),
               int(s.dv), int(s.kvr), int(s.block_size), int(s.max_blocks), int(s.max_len), eps, s.scale};
-  const size_t smem = fused_smem(s);
+  const size_t smem = fused_smem(s, act);
   const dim3 grid(unsigned(s.H), unsigned(M));
   auto set = [&](const void* f) {
     if (smem > 48 * 1024) DSV3_CUDA_CHECK(cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
