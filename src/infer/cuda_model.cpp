@@ -177,8 +177,6 @@ struct CudaModel::Impl {
   bool fused_mla = true;
   // DSV3_UNFUSED_SHARED=1: decode steps run the shared experts as their own MLP (three launches), for A/B runs.
   bool fused_shared = true;
-  // DSV3_UNFUSED_NORM=1: the RMSNorms before decode-sized products run as kernels of their own, for A/B runs.
-  bool fused_norm = true;
   std::vector<LayerW> layers;
   std::vector<MtpW> mtp;
   int64_t weight_bytes = 0, decode_bytes = 0;
@@ -404,7 +402,6 @@ struct CudaModel::Impl {
     bf16_gemv = !env_flag("DSV3_NO_BF16_GEMV");
     fused_mla = !env_flag("DSV3_UNFUSED_MLA");
     fused_shared = !env_flag("DSV3_UNFUSED_SHARED");
-    fused_norm = !env_flag("DSV3_UNFUSED_NORM");
     route_counter = DBuf<uint32_t>(1);
     cuda::memset_device(route_counter.get(), 0, 4);
     const ops::RopeTable rt = make_rope_table(c);
@@ -491,23 +488,6 @@ struct CudaModel::Impl {
       return;
     }
     ex.gemm.matmul(L.type, x, ldx, L.w.get(), L.K, DType::F32, y, ldy, M, L.N, L.K, s());
-  }
-  // y = (rmsnorm(a [+ b]) · gamma) · Wᵀ over K = L.K. Rows the GEMV takes get the norm fused into the product (a and b
-  // only read; returns false). Otherwise the norm runs first into `slot`, adding b into a in place when given (returns
-  // true: b is now part of a).
-  bool lin_norm(Exec& ex, const Lin& L, float* a, int64_t lda, const float* b, int64_t ldb, const float* gamma, int64_t M, float* y,
-                int64_t ldy, size_t slot) const {
-    const bool gemv_weights = L.type == DType::F8_E4M3 || (bf16_gemv && L.type == DType::BF16);
-    if (fused_norm && gemv_weights && act != DType::F32 && cuda::gemv_norm_supported(act, M, L.K)) {
-      cuda::gemv_norm(L.type, act, cuda::GemvNormIn{a, lda, b, ldb, gamma, eps}, M, L.w.get(), L.scale.get(), y, ldy, L.N, L.K, s(),
-                      L.split);
-      return false;
-    }
-    void* xa = ex.arena.get(slot, size_t(M * L.K) * dtype_size(act));
-    if (b) cuda::residual_rmsnorm(a, lda, b, ldb, gamma, eps, M, L.K, nullptr, 0, act, xa, L.K, s());
-    else cuda::rmsnorm_to(a, lda, gamma, eps, act, xa, L.K, M, L.K, s());
-    lin(ex, L, xa, L.K, y, ldy, M);
-    return b != nullptr;
   }
   // x (f32 rows) in the GEMM input dtype: x itself for F32, else a bf16 copy in `slot`.
   const void* to_act(Exec& ex, const float* x, int64_t ldx, int64_t M, int64_t N, size_t slot, int64_t* ld) const {
@@ -624,16 +604,20 @@ struct CudaModel::Impl {
     return sh;
   }
 
-  // MLA into out (f32 [M, D]) from qkv (f32 [M, a.in.N]): the input projection [q_a | c_kv | k_rope] (or [q | ...]).
-  void mla_fwd(Exec& ex, const AttnW& a, int64_t cache_layer, float* qkv, const RowsInfo& r, float* out) const {
+  // MLA of the normed input x (GEMM dtype, [M, D]) into out (f32 [M, D]).
+  void mla_fwd(Exec& ex, const AttnW& a, int64_t cache_layer, const void* x, int64_t ldx, const RowsInfo& r, float* out) const {
     const int64_t M = r.M, nin = a.in.N;
+    float* qkv = ex.arena.as<float>(S_QA, M * nin);
+    lin(ex, a.in, x, ldx, qkv, nin, M);
     float* kva = qkv + a.nq;  // [c_kv | k_rope], row stride nin
     float* q = qkv;
     int64_t ldq = nin;
     if (a.lora) {
+      void* qan = ex.arena.get(S_QAN, size_t(M * a.nq) * dtype_size(act));
+      cuda::rmsnorm_to(qkv, nin, a.q_a_ln.get(), eps, act, qan, a.nq, M, a.nq, s());
       q = ex.arena.as<float>(S_Q, M * H * dqk);
       ldq = H * dqk;
-      lin_norm(ex, a.q_b, qkv, nin, nullptr, 0, a.q_a_ln.get(), M, q, ldq, S_QAN);
+      lin(ex, a.q_b, qan, a.nq, q, ldq, M);
     }
     void* pool = r.cached ? r.cache->layer(cache_layer) : nullptr;
     const void* oa = nullptr;
@@ -700,17 +684,14 @@ struct CudaModel::Impl {
   // caller adds it, or hands it to the next layer or the final norm).
   float* layer_fwd(Exec& ex, const LayerW& L, float* h, const float* pending, const RowsInfo& r, bool no_sync) const {
     const int64_t M = r.M;
-    float* qkv = ex.arena.as<float>(S_QA, M * L.attn.in.N);
-    // The input norm of h + pending, fused into the input projection when it runs on the GEMV (h is then updated by the
-    // post-attention norm below, with both addends).
-    if (lin_norm(ex, L.attn.in, h, D, pending, D, L.ln1.get(), M, qkv, L.attn.in.N, S_XACT)) pending = nullptr;
-    float* att = ex.arena.as<float>(S_ATT, M * D);
-    mla_fwd(ex, L.attn, L.cache_layer, qkv, r, att);
-    // The FFN input: f32 for the router and the routed experts, the GEMM dtype for the shared/dense MLP.
     void* xa = ex.arena.get(S_XACT, size_t(M * D) * dtype_size(act));
+    cuda::residual_rmsnorm(h, D, pending, D, L.ln1.get(), eps, M, D, nullptr, 0, act, xa, D, s());
+    float* att = ex.arena.as<float>(S_ATT, M * D);
+    mla_fwd(ex, L.attn, L.cache_layer, xa, D, r, att);
+    // The FFN input: f32 for the router and the routed experts, the GEMM dtype for the shared/dense MLP.
     float* x2 = L.moe ? ex.arena.as<float>(S_X2, M * D) : nullptr;
     const bool same = x2 && act == DType::F32;
-    cuda::residual_rmsnorm2(h, D, pending, D, att, D, L.ln2.get(), eps, M, D, x2, D, act, same ? nullptr : xa, D, s());
+    cuda::residual_rmsnorm(h, D, att, D, L.ln2.get(), eps, M, D, x2, D, act, same ? nullptr : xa, D, s());
     const void* xa2 = same ? static_cast<const void*>(x2) : xa;
     float* y = ex.arena.as<float>(S_FFN, M * D);
     if (L.moe) moe_fwd(ex, *L.moe, x2, xa2, M, y, r, no_sync);

@@ -259,59 +259,6 @@ TEST(CudaGemm, GemvMatchesCpu) {
   EXPECT_THROW(gemv(DType::F8_E4M3, DType::BF16, nullptr, 200, 1, nullptr, nullptr, nullptr, 1, 1, 200), Error);
 }
 
-// gemv_norm: the RMSNorm of a [+ b] computed inside the GEMV, against the host norm (f32 formula, rounded to the x dtype
-// as rmsnorm_to rounds) followed by the CPU product. a and b must be left as they were.
-TEST(CudaGemm, GemvNormMatchesHost) {
-  DSV3_REQUIRE_GPU();
-  std::mt19937_64 rng(26);
-  struct Case { int64_t M, N, K; bool bf16x, fp8w, with_b; };
-  for (const Case c : {Case{1, 672, 1024, true, false, true}, Case{1, 1536, 384, true, true, false}, Case{8, 1536, 384, true, false, false},
-                       Case{3, 1024, 704, false, true, true}, Case{5, 100, 208, true, true, true}, Case{2, 2048, 7168, true, true, true}}) {
-    const Fp8Weight w = make_fp8_weight(c.N, c.K, rng);
-    std::vector<float> wf = round_bf16(randn(size_t(c.N * c.K), rng, 0.05f));
-    ops::Weight hwb;
-    hwb.w = Tensor::from_vector(wf, {c.N, c.K});
-    const int64_t lda = c.K + 8, ldb = c.K + 4;
-    const auto a = randn(size_t(c.M * lda), rng), b = randn(size_t(c.M * ldb), rng), g = randn(size_t(c.K), rng, 0.2f, 1.0f);
-    std::vector<float> xr(size_t(c.M * c.K));
-    for (int64_t m = 0; m < c.M; ++m) {
-      double ss = 0;
-      for (int64_t k = 0; k < c.K; ++k) {
-        const float v = a[size_t(m * lda + k)] + (c.with_b ? b[size_t(m * ldb + k)] : 0.0f);
-        ss += double(v) * v;
-      }
-      const float r = 1.0f / std::sqrt(float(ss / double(c.K)) + 1e-6f);
-      for (int64_t k = 0; k < c.K; ++k) {
-        const float v = a[size_t(m * lda + k)] + (c.with_b ? b[size_t(m * ldb + k)] : 0.0f);
-        const float x = g[size_t(k)] * (v * r);
-        xr[size_t(m * c.K + k)] = c.bf16x ? bf16_to_f32(f32_to_bf16(x)) : x;
-      }
-    }
-    const std::vector<float> ref = cpu_linear(xr, c.M, c.K, c.fp8w ? host_weight(w) : hwb);
-    auto da = upload(a), db = upload(b), dg = upload(g);
-    auto dwq = upload(w.q);
-    auto dws = upload(w.scale_inv);
-    auto dwb = upload(to_bf16(wf));
-    const DType xt = c.bf16x ? DType::BF16 : DType::F32;
-    ASSERT_TRUE(gemv_norm_supported(xt, c.M, c.K));
-    const int64_t ldy = c.N + 3;
-    auto dy = poisoned<float>(size_t(c.M * ldy));
-    GemvNormIn in{da.get(), lda, c.with_b ? db.get() : nullptr, ldb, dg.get(), 1e-6f};
-    gemv_norm(c.fp8w ? DType::F8_E4M3 : DType::BF16, xt, in, c.M, c.fp8w ? static_cast<const void*>(dwq.get()) : dwb.get(),
-              c.fp8w ? dws.get() : nullptr, dy.get(), ldy, c.N, c.K);
-    const auto yp = download(dy);
-    std::vector<float> y;
-    for (int64_t m = 0; m < c.M; ++m) y.insert(y.end(), yp.begin() + m * ldy, yp.begin() + m * ldy + c.N);
-    // bf16 x: a sum order other than the host's may round a rare element of x to the neighbouring bf16 value.
-    EXPECT_LT(rel_l2(y, ref), c.bf16x ? 1e-4 : 1e-5) << "M " << c.M << " N " << c.N << " K " << c.K;
-    EXPECT_EQ(download(da), a) << "a was written";
-    EXPECT_EQ(download(db), b) << "b was written";
-  }
-  EXPECT_FALSE(gemv_norm_supported(DType::BF16, 9, 1024));    // too many rows
-  EXPECT_FALSE(gemv_norm_supported(DType::F32, 8, 7168));     // x beyond the shared memory it may take
-  EXPECT_FALSE(gemv_norm_supported(DType::F8_E4M3, 1, 1024));  // x is f32 or bf16
-}
-
 // Which scale layouts cuBLASLt reads: runs one shape with each of the four (weight, activation) layouts and
 // checks that the library's choice (weight [nb][kb], activation [kb][M]) is the one that matches the CPU.
 TEST(CudaGemm, Fp8ScaleLayoutProbe) {

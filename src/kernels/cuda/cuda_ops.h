@@ -116,20 +116,6 @@ constexpr int64_t kGemvMaxM = 8;
 bool gemv_supported(DType x_type, const void* x, int64_t ldx, int64_t M, int64_t K);
 void gemv(DType w_type, DType x_type, const void* x, int64_t ldx, int64_t M, const void* w, const float* w_scale_inv, float* y,
           int64_t ldy, int64_t N, int64_t K, cudaStream_t stream = nullptr, int64_t scale_split = 0);
-// gemv of x = rmsnorm(a [+ b]) · gamma (a, b: f32 rows of K, only read; b may be null), the norm computed by every
-// block into shared memory in x_type: the RMSNorm before a decode-sized product without a launch of its own. Same
-// math as rmsnorm_to / residual_rmsnorm (sums in another order).
-struct GemvNormIn {
-  const float* a = nullptr;
-  int64_t lda = 0;
-  const float* b = nullptr;
-  int64_t ldb = 0;
-  const float* gamma = nullptr;
-  float eps = 1e-6f;
-};
-bool gemv_norm_supported(DType x_type, int64_t M, int64_t K);
-void gemv_norm(DType w_type, DType x_type, const GemvNormIn& in, int64_t M, const void* w, const float* w_scale_inv, float* y,
-               int64_t ldy, int64_t N, int64_t K, cudaStream_t stream = nullptr, int64_t scale_split = 0);
 // out[N, K] bf16 = w e4m3 [N, K] · scale_inv[n / 128, k / 128] (scale_inv [ceil(N/128), ceil(K/128)] row-major,
 // the checkpoint's weight_scale_inv).
 void dequantize_fp8_weight(const uint8_t* w, const float* scale_inv, int64_t N, int64_t K, uint16_t* out_bf16,

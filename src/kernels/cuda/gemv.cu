@@ -13,18 +13,17 @@ using namespace dev;
 
 constexpr int kWarps = 8, kRows = 2;  // weight rows per warp: two independent load streams
 
-// x rows: global memory, or the shared-memory copy of the fused norm (generic loads serve both).
 __device__ __forceinline__ void load16(const float* p, float (&v)[16]) {
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    const float4 a = reinterpret_cast<const float4*>(p)[i];
+    const float4 a = __ldg(reinterpret_cast<const float4*>(p) + i);
     v[4 * i] = a.x, v[4 * i + 1] = a.y, v[4 * i + 2] = a.z, v[4 * i + 3] = a.w;
   }
 }
 __device__ __forceinline__ void load16(const uint16_t* p, float (&v)[16]) {
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
-    const uint4 a = reinterpret_cast<const uint4*>(p)[i];
+    const uint4 a = __ldg(reinterpret_cast<const uint4*>(p) + i);
     const uint32_t u[4] = {a.x, a.y, a.z, a.w};
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
@@ -36,12 +35,10 @@ __device__ __forceinline__ void load16(const uint16_t* p, float (&v)[16]) {
 
 // Warp = kRows consecutive output columns n; lane = 16 consecutive k per step of 512 (inside one 128-wide scale
 // block for FP8). Per-lane partial sums meet by warp shuffles; every output is one warp's fixed-order sum.
-// NORM: x is not read; each block builds x = rmsnorm(a [+ b]) · gamma (f32 math, rounded to X) in shared memory, one
-// warp per row, after the wait.
-template <class W, class X, bool NORM>
+template <class W, class X>
 __global__ void __launch_bounds__(kWarps * 32) k_gemv(const X* __restrict__ x, int64_t ldx, int M, const W* __restrict__ w,
                                                       const float* __restrict__ sc, int split, int N, int K,
-                                                      float* __restrict__ y, int64_t ldy, GemvNormIn nin) {
+                                                      float* __restrict__ y, int64_t ldy) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int n0 = (blockIdx.x * kWarps + warp) * kRows;
   int rn[kRows];
@@ -57,30 +54,6 @@ __global__ void __launch_bounds__(kWarps * 32) k_gemv(const X* __restrict__ x, i
   }
   grid_dependency_wait();
   grid_dependents_launch();
-  if constexpr (NORM) {
-    extern __shared__ __align__(16) unsigned char xs_raw[];
-    X* xs = reinterpret_cast<X*>(xs_raw);
-    for (int t = warp; t < M; t += kWarps) {
-      const float* ar = nin.a + int64_t(t) * nin.lda;
-      const float* br = nin.b ? nin.b + int64_t(t) * nin.ldb : nullptr;
-      float ss = 0.0f;
-      for (int k = lane; k < K; k += 32) {
-        float v = ar[k];
-        if (br) v += br[k];
-        ss += v * v;
-      }
-      ss = warp_sum(ss);
-      const float r = 1.0f / sqrtf(ss / float(K) + nin.eps);
-      for (int k = lane; k < K; k += 32) {
-        float v = ar[k];
-        if (br) v += br[k];
-        store(xs + int64_t(t) * K + k, nin.gamma[k] * (v * r));
-      }
-    }
-    __syncthreads();
-    x = xs;
-    ldx = K;
-  }
   if (n0 >= N) return;
   const int kb = (K + 127) / 128;
   int srow[kRows];  // scale row of each weight row (two stacked FP8 weights: the second's grid follows the first's)
@@ -133,31 +106,11 @@ __global__ void __launch_bounds__(kWarps * 32) k_gemv(const X* __restrict__ x, i
   }
 }
 
-template <class W, class X, bool NORM>
+template <class W, class X>
 void launch(const void* x, int64_t ldx, int64_t M, const void* w, const float* sc, int64_t split, float* y, int64_t ldy, int64_t N,
-            int64_t K, cudaStream_t s, const GemvNormIn& nin) {
-  const size_t smem = NORM ? size_t(M * K) * sizeof(X) : 0;
-  if (smem > 48 * 1024)
-    DSV3_CUDA_CHECK(cudaFuncSetAttribute(k_gemv<W, X, NORM>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-  launch_dependent(k_gemv<W, X, NORM>, dim3(unsigned(ceil_div(N, kWarps * kRows))), dim3(kWarps * 32), smem, s,
-                   static_cast<const X*>(x), ldx, int(M), static_cast<const W*>(w), sc, int(split), int(N), int(K), y, ldy, nin);
-}
-template <bool NORM>
-void dispatch(DType wt, DType xt, const void* x, int64_t ldx, int64_t M, const void* w, const float* w_scale_inv, float* y,
-              int64_t ldy, int64_t N, int64_t K, cudaStream_t s, int64_t scale_split, const GemvNormIn& nin) {
-  DSV3_CHECK((wt == DType::BF16 && (reinterpret_cast<uintptr_t>(w) & 15) == 0) ||
-                 (wt == DType::F8_E4M3 && w_scale_inv && (reinterpret_cast<uintptr_t>(w) & 7) == 0),
-             "gemv: weights must be BF16 (16-byte aligned) or F8_E4M3 with scales (8-byte aligned), not {}", dtype_name(wt));
-  if (N <= 0) return;
-  const int64_t split = scale_split > 0 && scale_split < N ? scale_split : N;
-  if (wt == DType::BF16) {
-    if (xt == DType::BF16) launch<uint16_t, uint16_t, NORM>(x, ldx, M, w, nullptr, split, y, ldy, N, K, s, nin);
-    else launch<uint16_t, float, NORM>(x, ldx, M, w, nullptr, split, y, ldy, N, K, s, nin);
-  } else {
-    if (xt == DType::BF16) launch<uint8_t, uint16_t, NORM>(x, ldx, M, w, w_scale_inv, split, y, ldy, N, K, s, nin);
-    else launch<uint8_t, float, NORM>(x, ldx, M, w, w_scale_inv, split, y, ldy, N, K, s, nin);
-  }
-  DSV3_CUDA_CHECK_LAUNCH("gemv kernel");
+            int64_t K, cudaStream_t s) {
+  launch_dependent(k_gemv<W, X>, dim3(unsigned(ceil_div(N, kWarps * kRows))), dim3(kWarps * 32), 0, s, static_cast<const X*>(x), ldx,
+                   int(M), static_cast<const W*>(w), sc, int(split), int(N), int(K), y, ldy);
 }
 }  // namespace
 
@@ -171,20 +124,19 @@ void gemv(DType wt, DType xt, const void* x, int64_t ldx, int64_t M, const void*
   DSV3_CHECK(gemv_supported(xt, x, ldx, M, K),
              "gemv: x {} with {} rows (at most {}), K {} (multiple of 16), ldx {} (multiple of 8, 16-byte aligned rows)",
              dtype_name(xt), M, kGemvMaxM, K, ldx);
-  dispatch<false>(wt, xt, x, ldx, M, w, w_scale_inv, y, ldy, N, K, s, scale_split, GemvNormIn{});
-}
-
-bool gemv_norm_supported(DType xt, int64_t M, int64_t K) {
-  return (xt == DType::BF16 || xt == DType::F32) && M >= 1 && M <= kGemvMaxM && K % 16 == 0 &&
-         size_t(M * K) * dtype_size(xt) <= 96 * 1024;
-}
-
-void gemv_norm(DType wt, DType xt, const GemvNormIn& in, int64_t M, const void* w, const float* w_scale_inv, float* y, int64_t ldy,
-               int64_t N, int64_t K, cudaStream_t s, int64_t scale_split) {
-  DSV3_CHECK(gemv_norm_supported(xt, M, K), "gemv_norm: {} rows (at most {}) of K {} (multiple of 16) in {}", M, kGemvMaxM, K,
-             dtype_name(xt));
-  DSV3_CHECK(in.a && in.gamma, "gemv_norm: the rows and gamma are required");
-  dispatch<true>(wt, xt, nullptr, 0, M, w, w_scale_inv, y, ldy, N, K, s, scale_split, in);
+  DSV3_CHECK((wt == DType::BF16 && (reinterpret_cast<uintptr_t>(w) & 15) == 0) ||
+                 (wt == DType::F8_E4M3 && w_scale_inv && (reinterpret_cast<uintptr_t>(w) & 7) == 0),
+             "gemv: weights must be BF16 (16-byte aligned) or F8_E4M3 with scales (8-byte aligned), not {}", dtype_name(wt));
+  if (N <= 0) return;
+  const int64_t split = scale_split > 0 && scale_split < N ? scale_split : N;
+  if (wt == DType::BF16) {
+    if (xt == DType::BF16) launch<uint16_t, uint16_t>(x, ldx, M, w, nullptr, split, y, ldy, N, K, s);
+    else launch<uint16_t, float>(x, ldx, M, w, nullptr, split, y, ldy, N, K, s);
+  } else {
+    if (xt == DType::BF16) launch<uint8_t, uint16_t>(x, ldx, M, w, w_scale_inv, split, y, ldy, N, K, s);
+    else launch<uint8_t, float>(x, ldx, M, w, w_scale_inv, split, y, ldy, N, K, s);
+  }
+  DSV3_CUDA_CHECK_LAUNCH("gemv kernel");
 }
 
 }  // namespace dsv3::cuda

@@ -100,17 +100,18 @@ void add_rows(float* h, int64_t ldh, const float* d, int64_t ldd, int64_t M, int
 
 template <class A>
 __global__ void k_residual_rmsnorm(float* __restrict__ h, int64_t ldh, const float* __restrict__ d, int64_t ldd,
-                                   const float* __restrict__ d2, int64_t ldd2, const float* __restrict__ gamma, float eps, int64_t D,
-                                   float* __restrict__ yf, int64_t ldyf, A* __restrict__ ya, int64_t ldya) {
+                                   const float* __restrict__ gamma, float eps, int64_t D, float* __restrict__ yf, int64_t ldyf,
+                                   A* __restrict__ ya, int64_t ldya) {
   dependent_kernel_begin();
   __shared__ float red[32];
   float* hr = h + blockIdx.x * ldh;
   float ss = 0.0f;
   for (int64_t j = threadIdx.x; j < D; j += blockDim.x) {
     float v = hr[j];
-    if (d) v += d[blockIdx.x * ldd + j];
-    if (d2) v += d2[blockIdx.x * ldd2 + j];
-    if (d || d2) hr[j] = v;
+    if (d) {
+      v += d[blockIdx.x * ldd + j];
+      hr[j] = v;
+    }
     ss += v * v;
   }
   ss = block_sum(ss, red);
@@ -121,24 +122,20 @@ __global__ void k_residual_rmsnorm(float* __restrict__ h, int64_t ldh, const flo
     if (ya) store(ya + blockIdx.x * ldya + j, v);
   }
 }
-void residual_rmsnorm2(float* h, int64_t ldh, const float* d, int64_t ldd, const float* d2, int64_t ldd2, const float* gamma, float eps,
-                       int64_t M, int64_t D, float* yf, int64_t ldyf, DType yt, void* ya, int64_t ldya, cudaStream_t s) {
+void residual_rmsnorm(float* h, int64_t ldh, const float* d, int64_t ldd, const float* gamma, float eps, int64_t M, int64_t D,
+                      float* yf, int64_t ldyf, DType yt, void* ya, int64_t ldya, cudaStream_t s) {
   if (ya) check_act(yt, "residual_rmsnorm output");
   if (M <= 0) return;
   // The thread count of rmsnorm_to (elementwise.cu), so that the sums meet in the same order.
   const int threads = D >= 1024 ? 512 : D >= 256 ? 256 : 128;
   const dim3 grid(static_cast<unsigned>(M)), block(threads);
   if (ya && yt == DType::F32)
-    launch_dependent(k_residual_rmsnorm<float>, grid, block, 0, s, h, ldh, d, ldd, d2, ldd2, gamma, eps, D, yf, ldyf,
-                     static_cast<float*>(ya), ldya);
+    launch_dependent(k_residual_rmsnorm<float>, grid, block, 0, s, h, ldh, d, ldd, gamma, eps, D, yf, ldyf, static_cast<float*>(ya),
+                     ldya);
   else
-    launch_dependent(k_residual_rmsnorm<uint16_t>, grid, block, 0, s, h, ldh, d, ldd, d2, ldd2, gamma, eps, D, yf, ldyf,
+    launch_dependent(k_residual_rmsnorm<uint16_t>, grid, block, 0, s, h, ldh, d, ldd, gamma, eps, D, yf, ldyf,
                      static_cast<uint16_t*>(ya), ldya);
   DSV3_CUDA_CHECK_LAUNCH("residual_rmsnorm kernel");
-}
-void residual_rmsnorm(float* h, int64_t ldh, const float* d, int64_t ldd, const float* gamma, float eps, int64_t M, int64_t D,
-                      float* yf, int64_t ldyf, DType yt, void* ya, int64_t ldya, cudaStream_t s) {
-  residual_rmsnorm2(h, ldh, d, ldd, nullptr, 0, gamma, eps, M, D, yf, ldyf, yt, ya, ldya, s);
 }
 
 // ---- MLA ----

@@ -60,10 +60,6 @@ void add_rows(float* h, int64_t ldh, const float* d, int64_t ldd, int64_t M, int
 // to yf (F32, when not null) and to ya (in ya_type, when not null). Bit-identical to add_rows then rmsnorm_to.
 void residual_rmsnorm(float* h, int64_t ldh, const float* d, int64_t ldd, const float* gamma, float eps, int64_t M, int64_t D,
                       float* yf, int64_t ldyf, DType ya_type, void* ya, int64_t ldya, cudaStream_t stream = nullptr);
-// The same with two addends: h = (h + d) + d2 (either may be null), as two residual_rmsnorm-style adds in that order.
-void residual_rmsnorm2(float* h, int64_t ldh, const float* d, int64_t ldd, const float* d2, int64_t ldd2, const float* gamma, float eps,
-                       int64_t M, int64_t D, float* yf, int64_t ldyf, DType ya_type, void* ya, int64_t ldya,
-                       cudaStream_t stream = nullptr);
 
 // Expanded MLA keys: k[m, h] = [kv[m, h·(dn+dv) : +dn] | k_rope[m]] ([M, H, dn+dr] contiguous), k_rope at
 // kr + m·ldkr (dr values, shared by all heads).
