@@ -185,7 +185,7 @@ int main(int argc, char** argv) {
           DeviceBuffer<float> x(hx.size()), y(hx.size());
           copy_to_device(x.get(), hx.data(), hx.size() * 4);
           memset_device(y.get(), 0, y.bytes());
-          const size_t wsb = moe_decode_workspace_bytes(M, sh.k, sh.E, sh.I);
+          const size_t wsb = moe_decode_workspace_bytes(M, sh.k, sh.E, sh.I, 0, sh.D);
           DeviceBuffer<uint8_t> ws(wsb);
           synchronize();
           Graph g;

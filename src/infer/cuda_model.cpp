@@ -540,7 +540,7 @@ struct CudaModel::Impl {
       r.routing->insert(r.routing->end(), h.begin(), h.end());
     }
     if (decode) {
-      const size_t wsb = cuda::moe_decode_workspace_bytes(M, K, E, e.table.I, fold ? fold->I : 0);
+      const size_t wsb = cuda::moe_decode_workspace_bytes(M, K, E, e.table.I, fold ? fold->I : 0, D);
       void* ws = ex.arena.get(S_MOEWS, wsb);
       cuda::moe_decode(e.table, x2, D, idx, wts, M, K, y, D, acc, ws, wsb, s(), fold ? &*fold : nullptr);
       return;

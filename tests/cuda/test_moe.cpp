@@ -258,7 +258,7 @@ TEST_P(CudaMoeDecode, MatchesCpuTwin) {
   auto dx = upload(x);
   auto didx = upload(idx);
   auto dw = upload(w);
-  const size_t wsb = moe_decode_workspace_bytes(c.M, c.k, c.E, c.I);
+  const size_t wsb = moe_decode_workspace_bytes(c.M, c.k, c.E, c.I, 0, c.D);
   DeviceBuffer<uint8_t> ws(wsb);
   auto run = [&](cudaStream_t s) {
     DeviceBuffer<float> dy = c.accumulate ? upload(y0s) : poisoned<float>(y0s.size());
@@ -278,6 +278,12 @@ TEST_P(CudaMoeDecode, MatchesCpuTwin) {
               (long long)c.D, (long long)c.I, c.fp8 ? "fp8" : "bf16", c.skew ? " skewed" : "", err);
   EXPECT_LT(err, 1e-5);
   EXPECT_EQ(run(nullptr), got) << "not reproducible";
+  if (c.M > kGemvMaxM) {  // the grouped down kernel's per-slot rows need the model width in the workspace size
+    const size_t small = moe_decode_workspace_bytes(c.M, c.k, c.E, c.I);
+    DeviceBuffer<uint8_t> ws_small(small);
+    DeviceBuffer<float> dy(y0s.size());
+    EXPECT_THROW(moe_decode(dev->view, dx.get(), ldx, didx.get(), dw.get(), c.M, c.k, dy.get(), ldy, false, ws_small.get(), small), Error);
+  }
   // The same call captured in a CUDA graph replays to the same bits.
   Stream stream;
   cudaStream_t s = stream.get();
@@ -341,7 +347,7 @@ TEST(CudaMoeDecodeShared, MatchesCpuTwin) {
     MoeSharedExpert sh;
     sh.gate_up = devs->view.gate_up[0], sh.down = devs->view.down[0], sh.I = c.Is;
     if (c.fp8) sh.gate_up_scale = devs->view.gate_up_scale[0], sh.down_scale = devs->view.down_scale[0];
-    const size_t wsb = moe_decode_workspace_bytes(c.M, c.k, c.E, c.I, c.Is);
+    const size_t wsb = moe_decode_workspace_bytes(c.M, c.k, c.E, c.I, c.Is, c.D);
     DeviceBuffer<uint8_t> ws(wsb);
     DeviceBuffer<float> dy = c.accumulate ? upload(y0) : poisoned<float>(y0.size());
     moe_decode(dev->view, dx.get(), c.D, didx.get(), dw.get(), c.M, c.k, dy.get(), c.D, c.accumulate, ws.get(), wsb, nullptr, &sh);
@@ -395,7 +401,7 @@ TEST(CudaMoe, PrefillMatchesCpuTwinAndDecode) {
     // Against the decode kernels on the first 64 tokens.
     const int64_t Md = 64;
     auto dy2 = poisoned<float>(size_t(Md * D));
-    const size_t wsd = moe_decode_workspace_bytes(Md, k, E, I);
+    const size_t wsd = moe_decode_workspace_bytes(Md, k, E, I, 0, D);
     DeviceBuffer<uint8_t> ws2(wsd);
     moe_decode(dev->view, dx.get(), D, didx.get(), dw.get(), Md, k, dy2.get(), D, false, ws2.get(), wsd);
     const auto dec = download(dy2);

@@ -4,6 +4,7 @@
 #include <vector>
 
 #include "kernels/cuda/common.cuh"
+#include "kernels/cuda/infer_ops.h"
 #include "kernels/cuda/moe_ops.h"
 
 namespace dsv3::cuda {
@@ -32,7 +33,9 @@ struct DecodeLayout {
   size_t ints() const { return size_t(1 + 2 * gmax + gmax * slots); }
   size_t h_offset() const { return (ints() * 4 + 255) / 256 * 256; }
   size_t hs_offset(int64_t I) const { return h_offset() + (size_t(slots) * size_t(I) * 4 + 255) / 256 * 256; }
-  size_t bytes(int64_t I, int64_t M = 0, int64_t Is = 0) const { return hs_offset(I) + size_t(M) * size_t(Is) * 4; }
+  size_t out_offset(int64_t I, int64_t M, int64_t Is) const { return hs_offset(I) + (size_t(M) * size_t(Is) * 4 + 255) / 256 * 256; }
+  // With the grouped down kernel, the per-slot outputs f32 [slots, D] follow.
+  size_t bytes(int64_t I, int64_t M = 0, int64_t Is = 0, int64_t D = 0) const { return out_offset(I, M, Is) + size_t(slots) * size_t(D) * 4; }
 };
 
 constexpr int kThreadsA = 256, kWarpsA = kThreadsA / 32, kRowsPerWarpA = 2, kRowsA = kWarpsA * kRowsPerWarpA;
@@ -232,11 +235,11 @@ __global__ void __launch_bounds__(kThreadsA) k_moe_decode_gate_up(const float* _
 constexpr int kThreadsB = 256, kWarpsB = kThreadsB / 32;
 constexpr int kMaxChunksB = 8;  // 8-value chunks of an I row held per lane at once (I <= 2048 in one pass)
 
-// One warp, one down row of one expert (I wide, scale row `sc` or null): for each of the n tokens, add
-// weight(r) · (row · h[slot(r)]) into acc[slot(r) / k][warp], the rows' chunks held in registers.
-template <class W, class Slot, class Weight>
+// One warp, one down row of one expert (I wide, scale row `sc` or null): for each of the n tokens, emit(slot(r),
+// weight(r) · (row · h[slot(r)]), first pass over I) on lane 0, the rows' chunks held in registers.
+template <class W, class Slot, class Weight, class Emit>
 __device__ __forceinline__ void down_row(const W* __restrict__ row, const float* __restrict__ sc, int I, int n, Slot slot,
-                                         Weight weight, int k, const float* __restrict__ h, float* acc, int lane, int warp) {
+                                         Weight weight, const float* __restrict__ h, Emit emit, int lane) {
   for (int p0 = 0; p0 < I; p0 += kMaxChunksB * 256) {
     Raw<W> f[kMaxChunksB];
 #pragma unroll
@@ -273,7 +276,7 @@ __device__ __forceinline__ void down_row(const W* __restrict__ row, const float*
       part = warp_sum(part);
       // Partial sums over I chunks of one slot are combined before weighting when I fits one pass (the
       // usual case); with I > 2048 each pass's part is weighted separately (still a fixed order).
-      if (lane == 0) acc[(s / k) * kWarpsB + warp] += weight(r) * part;
+      if (lane == 0) emit(s, weight(r) * part, p0 == 0);
     }
   }
 }
@@ -319,9 +322,12 @@ __global__ void __launch_bounds__(kThreadsB) k_moe_decode_down(const int32_t* __
         row = static_cast<const W*>(dn_tab[e]) + int64_t(d) * I;
         sc = dn_scale_tab ? dn_scale_tab[e] + int64_t(d / 128) * ib : nullptr;
       }
+      float* to = shared ? acc_s : acc;
+      const int kk = shared ? 1 : k;
       down_row(
           row, sc, shared ? sh.Is : I, shared ? M : gcount[g], [&](int r) { return shared ? r : gl[r]; },
-          [&](int r) { return shared ? 1.0f : wts[gl[r]]; }, shared ? 1 : k, shared ? sh.h : h, shared ? acc_s : acc, lane, warp);
+          [&](int r) { return shared ? 1.0f : wts[gl[r]]; }, shared ? sh.h : h,
+          [&](int sl, float v, bool) { to[(sl / kk) * kWarpsB + warp] += v; }, lane);
     }
   }
   __syncwarp();
@@ -333,6 +339,34 @@ __global__ void __launch_bounds__(kThreadsB) k_moe_decode_down(const int32_t* __
       *yp = accumulate ? v + *yp : v;
     }
   }
+}
+
+// Kernel B for batches beyond GEMV size: block (row tile, g) = kWarpsB rows of D for the g-th group alone, so the
+// groups run in parallel instead of one after another in every block; out[s][d] = row · h[s] (unweighted), and
+// moe_combine then weights and sums each token's slots in ascending expert order.
+template <class W>
+__global__ void __launch_bounds__(kThreadsB) k_moe_decode_down_grouped(const int32_t* __restrict__ ws, int gmax, int slots, int D,
+                                                                        int I, const float* __restrict__ h,
+                                                                        const void* const* __restrict__ dn_tab,
+                                                                        const float* const* __restrict__ dn_scale_tab,
+                                                                        float* __restrict__ out) {
+  dependent_kernel_begin();
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = blockIdx.y;
+  const int d = blockIdx.x * kWarpsB + warp;
+  if (g >= ws[0] || d >= D) return;
+  const int32_t* gexp = ws + 1;
+  const int32_t* gcount = gexp + gmax;
+  const int32_t* gl = gcount + gmax + int64_t(g) * slots;
+  const int e = gexp[g], ib = (I + 127) / 128;
+  const W* row = static_cast<const W*>(dn_tab[e]) + int64_t(d) * I;
+  const float* sc = dn_scale_tab ? dn_scale_tab[e] + int64_t(d / 128) * ib : nullptr;
+  down_row(
+      row, sc, I, gcount[g], [&](int r) { return gl[r]; }, [](int) { return 1.0f; }, h,
+      [&](int sl, float v, bool first) {
+        float* o = out + int64_t(sl) * D + d;
+        *o = first ? v : *o + v;
+      },
+      lane);
 }
 
 // ---- prefill: permutation ----
@@ -493,9 +527,14 @@ int64_t MoeExperts::bytes_per_expert() const {
 
 // ---- decode ----
 
-size_t moe_decode_workspace_bytes(int64_t M, int64_t top_k, int64_t E, int64_t I, int64_t shared_I) {
+namespace {
+// From this many tokens the down products of the groups run in parallel (k_moe_decode_down_grouped + moe_combine).
+bool grouped_down(int64_t M, const MoeSharedExpert* shared) { return M > kGemvMaxM && !shared; }
+}  // namespace
+
+size_t moe_decode_workspace_bytes(int64_t M, int64_t top_k, int64_t E, int64_t I, int64_t shared_I, int64_t D) {
   const int64_t slots = M * top_k;
-  return DecodeLayout{std::min(E, slots), slots}.bytes(I, M, shared_I);
+  return DecodeLayout{std::min(E, slots), slots}.bytes(I, M, shared_I, M > kGemvMaxM ? D : 0);
 }
 
 void moe_decode(const MoeExperts& w, const float* x, int64_t ldx, const int32_t* idx, const float* wts, int64_t M,
@@ -515,7 +554,9 @@ void moe_decode(const MoeExperts& w, const float* x, int64_t ldx, const int32_t*
                "moe_decode: shared expert of width {} (a positive multiple of 8, weights{} as the routed experts')", Is,
                w.type == DType::F8_E4M3 ? " and scales" : "");
   const DecodeLayout L{std::min(w.E, slots), slots};
-  DSV3_CHECK(workspace_bytes >= L.bytes(w.I, M, Is), "moe_decode: workspace of {} bytes, needs {}", workspace_bytes, L.bytes(w.I, M, Is));
+  const bool grouped = grouped_down(M, shared);
+  const size_t need = L.bytes(w.I, M, Is, grouped ? w.D : 0);
+  DSV3_CHECK(workspace_bytes >= need, "moe_decode: workspace of {} bytes, needs {}", workspace_bytes, need);
   int32_t* ws = static_cast<int32_t*>(workspace);
   float* h = reinterpret_cast<float*>(static_cast<char*>(workspace) + L.h_offset());
   SharedArgs sa;
@@ -533,8 +574,20 @@ void moe_decode(const MoeExperts& w, const float* x, int64_t ldx, const int32_t*
     launch_dependent(k_moe_decode_gate_up<uint8_t>, ga, dim3(kThreadsA), 0, stream, x, ldx, idx, sl, k, E, D, I, w.d_gate_up(),
                      w.d_gate_up_scale(), ws, gm, h, sa, int(M));
   DSV3_CUDA_CHECK_LAUNCH("moe_decode gate_up kernel");
-  const size_t smem = size_t(2 * M) * kWarpsB * sizeof(float);
   const unsigned gb = unsigned(ceil_div(w.D, kWarpsB));
+  if (grouped) {
+    float* out = reinterpret_cast<float*>(static_cast<char*>(workspace) + L.out_offset(w.I, M, Is));
+    if (w.type == DType::BF16)
+      launch_dependent(k_moe_decode_down_grouped<uint16_t>, dim3(gb, unsigned(gm)), dim3(kThreadsB), 0, stream, ws, gm, sl, D, I, h,
+                       w.d_down(), nullptr, out);
+    else
+      launch_dependent(k_moe_decode_down_grouped<uint8_t>, dim3(gb, unsigned(gm)), dim3(kThreadsB), 0, stream, ws, gm, sl, D, I, h,
+                       w.d_down(), w.d_down_scale(), out);
+    DSV3_CUDA_CHECK_LAUNCH("moe_decode grouped down kernel");
+    moe_combine(out, idx, wts, M, top_k, w.D, y, ldy, accumulate, stream);
+    return;
+  }
+  const size_t smem = size_t(2 * M) * kWarpsB * sizeof(float);
   if (w.type == DType::BF16) {
     if (smem > 48 * 1024)
       DSV3_CUDA_CHECK(cudaFuncSetAttribute(k_moe_decode_down<uint16_t>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));

@@ -77,13 +77,16 @@ struct MoeSharedExpert {
   const float* down_scale = nullptr;
   int64_t I = 0;
 };
-size_t moe_decode_workspace_bytes(int64_t M, int64_t top_k, int64_t E, int64_t I, int64_t shared_I = 0);
+// D: the model width (room for per-slot outputs when M > kGemvMaxM; 0 only for M <= kGemvMaxM).
+size_t moe_decode_workspace_bytes(int64_t M, int64_t top_k, int64_t E, int64_t I, int64_t shared_I = 0, int64_t D = 0);
 // x f32 [M, D] (row stride ldx); idx int32 [M, top_k] and wts f32 [M, top_k] in device memory (e.g. from
 // moe_route); y f32 [M, D] (row stride ldy): y = Σ (+ y when accumulate). Each distinct chosen expert's
 // weights are read once whatever the number of tokens that chose it. Two kernels: gate|up + SiLU·mul into
 // `workspace` per (token, slot), then down + the weighted sum per token. Requires M·top_k <= kMoeDecodeMaxSlots,
 // E <= 1024, x and y 16-byte aligned rows (ldx, ldy multiples of 4). Meant for M <= 64; any M within the limit
 // is correct. Precision: weights as stored (bf16, or e4m3 × block scale), x and all sums in f32.
+// Beyond kGemvMaxM tokens (without `shared`) the groups' down products run in parallel into per-slot rows, then
+// moe_combine sums them (a third launch; the serial walk over groups costs more at batch 64).
 // With `shared`, the same two kernels also compute the shared expert of every token (extra blocks of the first, a
 // last term in the second): y = Σ routed + shared(x) (+ y when accumulate); the workspace then needs shared->I.
 void moe_decode(const MoeExperts& w, const float* x, int64_t ldx, const int32_t* idx, const float* wts, int64_t M,
