@@ -290,14 +290,25 @@ __global__ void __launch_bounds__(kThreadsB) k_moe_decode_down(const int32_t* __
                                                                 const float* __restrict__ wts,
                                                                 const void* const* __restrict__ dn_tab,
                                                                 const float* const* __restrict__ dn_scale_tab,
-                                                                float* __restrict__ y, int64_t ldy, bool accumulate, SharedArgs sh) {
+                                                                float* __restrict__ y, int64_t ldy, bool accumulate, SharedArgs sh,
+                                                                const int32_t* __restrict__ idx, int E) {
   extern __shared__ float acc[];  // [M][kWarpsB], then the shared expert's [M][kWarpsB]
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int d = blockIdx.x * kWarpsB + warp;
   const int ibs = (sh.Is + 127) / 128;
-  if (sh.Is > 0 && d < D)  // the shared expert's down row does not depend on the kernel before
+  // Before the wait, this warp's down rows into L2: the shared expert's, and those of the chosen experts. The choices
+  // (idx) come from the router, the kernel before the gate|up kernel: that kernel launched this one only after its own
+  // wait, so the router's writes are visible here.
+  if (sh.Is > 0 && d < D)
     for (int b = lane * 128; b < sh.Is * int(sizeof(W)); b += 32 * 128)
       prefetch_l2(reinterpret_cast<const char*>(static_cast<const W*>(sh.dn) + int64_t(d) * sh.Is) + b);
+  if (d < D)
+    for (int sl = lane; sl < slots; sl += 32) {
+      const int e = idx[sl];
+      if (e < 0 || e >= E) continue;
+      const char* row = reinterpret_cast<const char*>(static_cast<const W*>(dn_tab[e]) + int64_t(d) * I);
+      for (int b = 0; b < I * int(sizeof(W)); b += 128) prefetch_l2(row + b);
+    }
   dependent_kernel_begin();
   float* acc_s = acc + M * kWarpsB;
   for (int i = tid; i < 2 * M * kWarpsB; i += blockDim.x) acc[i] = 0.0f;
@@ -592,12 +603,12 @@ void moe_decode(const MoeExperts& w, const float* x, int64_t ldx, const int32_t*
     if (smem > 48 * 1024)
       DSV3_CUDA_CHECK(cudaFuncSetAttribute(k_moe_decode_down<uint16_t>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
     launch_dependent(k_moe_decode_down<uint16_t>, dim3(gb), dim3(kThreadsB), smem, stream, ws, gm, sl, k, int(M), D, I, h, wts,
-                     w.d_down(), nullptr, y, ldy, accumulate, sa);
+                     w.d_down(), nullptr, y, ldy, accumulate, sa, idx, E);
   } else {
     if (smem > 48 * 1024)
       DSV3_CUDA_CHECK(cudaFuncSetAttribute(k_moe_decode_down<uint8_t>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
     launch_dependent(k_moe_decode_down<uint8_t>, dim3(gb), dim3(kThreadsB), smem, stream, ws, gm, sl, k, int(M), D, I, h, wts,
-                     w.d_down(), w.d_down_scale(), y, ldy, accumulate, sa);
+                     w.d_down(), w.d_down_scale(), y, ldy, accumulate, sa, idx, E);
   }
   DSV3_CUDA_CHECK_LAUNCH("moe_decode down kernel");
 }
