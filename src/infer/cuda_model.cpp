@@ -175,6 +175,9 @@ struct CudaModel::Impl {
   bool bf16_gemv = true;
   // DSV3_UNFUSED_MLA=1: decode attention as five kernels (prologue, W_UK, split attention, merge, W_UV), for A/B runs.
   bool fused_mla = true;
+  // DSV3_FUSED_MLA_SPLIT=1: contexts beyond kFusedMlaMaxLen also take the fused kernel, the context split over blocks
+  // (flash-decoding) and merged by a second kernel. Off until measured against the five-launch path.
+  bool fused_mla_split = false;
   // DSV3_UNFUSED_SHARED=1: decode steps run the shared experts as their own MLP (three launches), for A/B runs.
   bool fused_shared = true;
   std::vector<LayerW> layers;
@@ -401,6 +404,7 @@ struct CudaModel::Impl {
     fused_router = !env_flag("DSV3_UNFUSED_ROUTER");
     bf16_gemv = !env_flag("DSV3_NO_BF16_GEMV");
     fused_mla = !env_flag("DSV3_UNFUSED_MLA");
+    fused_mla_split = env_flag("DSV3_FUSED_MLA_SPLIT");
     fused_shared = !env_flag("DSV3_UNFUSED_SHARED");
     route_counter = DBuf<uint32_t>(1);
     cuda::memset_device(route_counter.get(), 0, 4);
@@ -600,7 +604,11 @@ struct CudaModel::Impl {
     }
     sh.H = H, sh.dn = dn, sh.dr = dr, sh.dv = dv, sh.kvr = kvr, sh.block_size = kBlock, sh.max_blocks = r.cache->max_blocks;
     sh.scale = scale;
-    if (sh.max_len > kFusedMlaMaxLen || !cuda::mla_decode_fused_supported(sh, act)) return std::nullopt;
+    if (sh.max_len > kFusedMlaMaxLen) {
+      if (!fused_mla_split) return std::nullopt;
+      sh.splits = cuda::ceil_div(sh.max_len, kFusedMlaMaxLen);  // every block streams at most kFusedMlaMaxLen rows
+    }
+    if (!cuda::mla_decode_fused_supported(sh, act)) return std::nullopt;
     return sh;
   }
 
@@ -624,8 +632,10 @@ struct CudaModel::Impl {
     int64_t ldo = H * dv;
     if (r.cached && !r.fresh && fused_mla_shape(r)) {  // one new token per sequence, short contexts: one kernel
       void* o = ex.arena.get(S_OACT, size_t(M * H * dv) * dtype_size(act));
-      cuda::mla_decode_fused(*fused_mla_shape(r), q, ldq, kva, nin, a.kv_a_ln.get(), eps, r.pos64, rope_table.get(), r.dst_rows, r.table,
-                             act, a.wkv, a.wuv_t.get(), pool, o, H * dv, M, s());
+      const cuda::MlaDecodeShape sh = *fused_mla_shape(r);
+      const size_t wsb = cuda::mla_decode_fused_workspace_bytes(sh, M);
+      cuda::mla_decode_fused(sh, q, ldq, kva, nin, a.kv_a_ln.get(), eps, r.pos64, rope_table.get(), r.dst_rows, r.table, act, a.wkv,
+                             a.wuv_t.get(), pool, o, H * dv, M, s(), wsb ? ex.arena.get(S_AWS, wsb) : nullptr, wsb);
       oa = o;
     } else if (r.cached && !r.fresh) {  // absorbed: queries folded into the latent space, paged decode kernel over the cache
       const CudaCache& c = *r.cache;

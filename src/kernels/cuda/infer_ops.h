@@ -83,15 +83,18 @@ void mla_decode_prep(const float* q, int64_t ldq, int64_t H, int64_t dn, int64_t
 // out[m·ldo + h·dv ..] in `act` (the dtype of the pool, wuk and wuv_t too). wuk: kv_b's rows, W_UK_h at
 // h·(dn+dv)·kvr with row stride kvr; wuv_t: [H, kvr, dv]. max_len: more than every pos[m]. Supported when a head's
 // W_UK and W_UV fit in shared memory beside two cache tiles (small.json's shapes; not DeepSeek-V3's 128 x 512).
+// splits > 1: the context is cut into `splits` pieces of rows, each its own block (flash-decoding), and a second
+// kernel merges the pieces and applies W_UV; the pieces' partial sums need mla_decode_fused_workspace_bytes.
 struct MlaDecodeShape {
-  int64_t H = 0, dn = 0, dr = 0, dv = 0, kvr = 0, block_size = 0, max_blocks = 0, max_len = 0;
+  int64_t H = 0, dn = 0, dr = 0, dv = 0, kvr = 0, block_size = 0, max_blocks = 0, max_len = 0, splits = 1;
   float scale = 1.0f;
 };
 bool mla_decode_fused_supported(const MlaDecodeShape& s, DType act);
+size_t mla_decode_fused_workspace_bytes(const MlaDecodeShape& s, int64_t M);
 void mla_decode_fused(const MlaDecodeShape& s, const float* q, int64_t ldq, const float* kv, int64_t ldkv, const float* gamma,
                       float eps, const int64_t* pos, const float* table, const int32_t* rows, const int32_t* block_table, DType act,
                       const void* wuk, const void* wuv_t, void* pool, void* out, int64_t ldo, int64_t M,
-                      cudaStream_t stream = nullptr);
+                      cudaStream_t stream = nullptr, void* workspace = nullptr, size_t workspace_bytes = 0);
 
 // Per-head products: y[m·ys0 + h·ys1 + n] = Σ_k x[m·xs0 + h·xs1 + k] · w[h·wsh + k·wsk + n] for n < N, k < K;
 // w F32 or BF16, f32 accumulation, y written as F32 or BF16 (the absorbed q_nope·W_UK and o_latent·W_UVᵀ).

@@ -40,7 +40,34 @@ struct FusedArgs {
   int64_t ldo;
   int H, dn, dr, dv, kvr, bs, max_blocks, max_len;
   float eps, scale;
+  int splits, chunk;  // splits > 1: blocks (h, m, split) take rows [split·chunk, +chunk) and write partials
+  float* part;        // [M, H, splits, kvr] unnormalised latent outputs
+  float* ml;          // [M, H, splits, 2] running max and sum
 };
+
+// out[m, h·dv + v] = Σ_j ol[j] · W_UVᵀ[j][v] (ol, wuv_s in shared memory; part: kThreads floats of scratch). dv threads per
+// part, `parts` of them split j; ends with the write.
+template <class T>
+__device__ __forceinline__ void uv_product(const float* ol, const T* wuv_s, int kvr, int dv, float* part, T* out) {
+  const int t = threadIdx.x, parts = kThreads / dv, v = t % dv, pp = t / dv;
+  if (pp < parts) {
+    const int chunk = (kvr + parts - 1) / parts, j0 = pp * chunk, j1 = min(kvr, j0 + chunk);
+    float a4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    int j = j0;
+    for (; j + 4 <= j1; j += 4) {
+#pragma unroll
+      for (int u = 0; u < 4; ++u) a4[u] = fmaf(ol[j + u], load_f32(wuv_s, int64_t(j + u) * dv + v), a4[u]);
+    }
+    for (; j < j1; ++j) a4[0] = fmaf(ol[j], load_f32(wuv_s, int64_t(j) * dv + v), a4[0]);
+    part[pp * dv + v] = (a4[0] + a4[1]) + (a4[2] + a4[3]);
+  }
+  __syncthreads();
+  if (t < dv) {
+    float o = 0.0f;
+    for (int q = 0; q < parts; ++q) o += part[q * dv + t];
+    store(out + t, o);
+  }
+}
 
 // Shared memory: the head's W_UK [dn][kvr] and W_UVᵀ [kvr][dv], two cache tiles [kTile][W + kPad] (all in T), then f32
 // vectors.
@@ -81,38 +108,47 @@ __global__ void __launch_bounds__(kThreads, 1) k_mla_decode_fused(FusedArgs a) {
   float* part = ol + a.kvr;                       // [kThreads] W_UV partial sums
   float* red = part + kThreads;                   // [32]
   float* run = red + 32;                          // running max, sum, last rescale factor
-  const int h = blockIdx.x, m = blockIdx.y, t = threadIdx.x, lane = t & 31, warp = t >> 5;
+  const int h = blockIdx.x, m = blockIdx.y, split = blockIdx.z, t = threadIdx.x, lane = t & 31, warp = t >> 5;
   T* pool = static_cast<T*>(a.pool);
 
   // Before the wait, what does not depend on the kernel before: the head's weights, the step's metadata (written by
   // host copies ahead of the step) and the first tile of cache rows < p (written by earlier steps).
   stage(wuk_s, static_cast<const T*>(a.wuk) + int64_t(h) * hd * a.kvr, int64_t(a.dn) * a.kvr);
-  stage(wuv_s, static_cast<const T*>(a.wuv_t) + int64_t(h) * a.kvr * a.dv, int64_t(a.kvr) * a.dv);
+  if (a.splits == 1) stage(wuv_s, static_cast<const T*>(a.wuv_t) + int64_t(h) * a.kvr * a.dv, int64_t(a.kvr) * a.dv);
   cp_async_commit();
   // The caller sizes max_len past every position; the clamp only keeps a bad position inside the block table.
   const int64_t p = min(a.pos[m], int64_t(a.max_len - 1));
   const int32_t* bt = a.btab + int64_t(m) * a.max_blocks;
-  const int ntiles = int(p / kTile) + 1;  // rows 0..p
+  // This block's rows [r0, r1) of 0..p (all of them without splits); chunk is a multiple of kTile.
+  const int64_t r0 = int64_t(split) * a.chunk, r1 = min(p + 1, r0 + a.chunk);
+  const int ntiles = r1 > r0 ? int((r1 - r0 + kTile - 1) / kTile) : 0;
   constexpr int per = 16 / sizeof(T);
   const int cpr = W / per;  // 16-byte chunks per row
   auto load_tile = [&](int i) {
     T* dst = kt + (i & 1) * kTile * KS;
-    const int64_t j0 = int64_t(i) * kTile;
+    const int64_t j0 = r0 + int64_t(i) * kTile;
     for (int c = t; c < kTile * cpr; c += kThreads) {
       const int j = c / cpr, ch = c % cpr;
       const int64_t row = j0 + j;
       // Row p is this step's, stored from `cur` (a zero-fill in flight there would race with that store); rows past p are
       // zero-filled (their probability is 0, and 0 · stale NaN would not be).
       if (row == p) continue;
-      const bool valid = row < p;
+      const bool valid = row < p && row < r1;
       const T* src = valid ? pool + (int64_t(bt[row / a.bs]) * a.bs + row % a.bs) * W + ch * per : pool;
       cp_async16(dst + j * KS + ch * per, src, valid);
     }
     cp_async_commit();
   };
-  load_tile(0);
+  load_tile(0);  // (an empty block zero-fills its buffer: harmless)
   grid_dependency_wait();
   grid_dependents_launch();
+  if (ntiles == 0) {  // a split past the sequence's end: an empty partial
+    cp_async_wait<0>();
+    const int64_t o = (int64_t(m) * a.H + h) * a.splits + split;
+    for (int j = t; j < a.kvr; j += kThreads) a.part[o * a.kvr + j] = 0.0f;
+    if (t == 0) a.ml[2 * o] = -INFINITY, a.ml[2 * o + 1] = 0.0f;
+    return;
+  }
 
   const float2* cs = reinterpret_cast<const float2*>(a.table) + a.pos[m] * half;
   const float* qm = a.q + m * a.ldq + int64_t(h) * (a.dn + a.dr);
@@ -146,7 +182,7 @@ __global__ void __launch_bounds__(kThreads, 1) k_mla_decode_fused(FusedArgs a) {
     for (; d < a.dn; ++d) acc[0] = fmaf(qn[d], load_f32(wuk_s, int64_t(d) * a.kvr + j), acc[0]);
     qv[j] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
   }
-  if (h == 0)
+  if (h == 0 && split == 0)
     for (int j = t; j < W; j += kThreads) store(pool + int64_t(a.rows[m]) * W + j, cur[j]);
 
   // Online softmax over the tiles; thread t owns latent columns t and t + 256 of the output.
@@ -154,7 +190,7 @@ __global__ void __launch_bounds__(kThreads, 1) k_mla_decode_fused(FusedArgs a) {
   const int rr = t >> 3, pr = t & 7;  // scores: row rr of the tile, pair slice pr
   for (int i = 0; i < ntiles; ++i) {
     T* tile = kt + (i & 1) * kTile * KS;
-    const int64_t j0 = int64_t(i) * kTile;
+    const int64_t j0 = r0 + int64_t(i) * kTile;
     cp_async_wait<0>();
     if (p >= j0 && p < j0 + kTile)
       for (int d = t; d < W; d += kThreads) store(tile + (p - j0) * KS + d, cur[d]);
@@ -170,12 +206,12 @@ __global__ void __launch_bounds__(kThreads, 1) k_mla_decode_fused(FusedArgs a) {
       s += __shfl_xor_sync(0xffffffffu, s, 4);
       s += __shfl_xor_sync(0xffffffffu, s, 2);
       s += __shfl_xor_sync(0xffffffffu, s, 1);
-      if (pr == 0) sct[rr] = j0 + rr <= p ? s * a.scale : -INFINITY;
+      if (pr == 0) sct[rr] = j0 + rr < r1 ? s * a.scale : -INFINITY;
     }
     __syncthreads();
     if (warp == 0) {
       const float sv = sct[lane], m_old = run[0];
-      const float m_new = fmaxf(m_old, warp_max(sv));  // finite: row j0 <= p is in every tile
+      const float m_new = fmaxf(m_old, warp_max(sv));  // finite: row j0 < r1 is in every tile
       const float pj = sv == -INFINITY ? 0.0f : expf(sv - m_new);
       ps[lane] = pj;
       const float sum = warp_sum(pj);
@@ -198,66 +234,118 @@ __global__ void __launch_bounds__(kThreads, 1) k_mla_decode_fused(FusedArgs a) {
       }
     }
   }
+  if (a.splits > 1) {  // the partial of this split; k_mla_merge_uv merges and applies W_UV
+    const int64_t o = (int64_t(m) * a.H + h) * a.splits + split;
+#pragma unroll
+    for (int u = 0; u < 2; ++u)
+      if (t + kThreads * u < a.kvr) a.part[o * a.kvr + t + kThreads * u] = acc[u];
+    if (t == 0) a.ml[2 * o] = run[0], a.ml[2 * o + 1] = run[1];
+    return;
+  }
   const float inv = 1.0f / run[1];
 #pragma unroll
   for (int u = 0; u < 2; ++u)
     if (t + kThreads * u < a.kvr) ol[t + kThreads * u] = acc[u] * inv;
   __syncthreads();
-  // out[v] = Σ_j o[j] · W_UVᵀ[j][v]: dv threads per part, `parts` of them split j.
-  const int parts = kThreads / a.dv, v = t % a.dv, pp = t / a.dv;
-  if (pp < parts) {
-    const int chunk = (a.kvr + parts - 1) / parts, j0 = pp * chunk, j1 = min(a.kvr, j0 + chunk);
-    float a4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    int j = j0;
-    for (; j + 4 <= j1; j += 4) {
-#pragma unroll
-      for (int u = 0; u < 4; ++u) a4[u] = fmaf(ol[j + u], load_f32(wuv_s, int64_t(j + u) * a.dv + v), a4[u]);
-    }
-    for (; j < j1; ++j) a4[0] = fmaf(ol[j], load_f32(wuv_s, int64_t(j) * a.dv + v), a4[0]);
-    part[pp * a.dv + v] = (a4[0] + a4[1]) + (a4[2] + a4[3]);
+  uv_product(ol, wuv_s, a.kvr, a.dv, part, static_cast<T*>(a.out) + m * a.ldo + int64_t(h) * a.dv);
+}
+
+// The splits of one (token, head) merged (weights exp(m_s - max) / Σ exp(m_s - max) l_s), then ·W_UVᵀ.
+template <class T>
+__global__ void __launch_bounds__(kThreads) k_mla_merge_uv(FusedArgs a) {
+  extern __shared__ __align__(16) unsigned char smraw[];
+  T* wuv_s = reinterpret_cast<T*>(smraw);                          // [kvr][dv]
+  float* ol = reinterpret_cast<float*>(wuv_s + a.kvr * a.dv);      // [kvr]
+  float* part = ol + a.kvr;                                        // [kThreads]
+  float* wsp = part + kThreads;                                    // [splits]
+  const int h = blockIdx.x, m = blockIdx.y, t = threadIdx.x;
+  stage(wuv_s, static_cast<const T*>(a.wuv_t) + int64_t(h) * a.kvr * a.dv, int64_t(a.kvr) * a.dv);
+  cp_async_commit();
+  grid_dependency_wait();
+  grid_dependents_launch();
+  const int64_t o = (int64_t(m) * a.H + h) * a.splits;
+  const float* ml = a.ml + 2 * o;
+  float mx = -INFINITY;
+  for (int sp = 0; sp < a.splits; ++sp) mx = fmaxf(mx, ml[2 * sp]);  // split 0 always holds row 0: finite
+  float L = 0.0f;
+  for (int sp = 0; sp < a.splits; ++sp) {
+    const float f = ml[2 * sp] > -INFINITY ? expf(ml[2 * sp] - mx) : 0.0f;
+    L += f * ml[2 * sp + 1];
+    if (t == 0) wsp[sp] = f;
   }
   __syncthreads();
-  if (t < a.dv) {
-    float o = 0.0f;
-    for (int q = 0; q < parts; ++q) o += part[q * a.dv + t];
-    store(static_cast<T*>(a.out) + m * a.ldo + int64_t(h) * a.dv + t, o);
+  const float inv = 1.0f / L;
+  for (int j = t; j < a.kvr; j += kThreads) {
+    float v = 0.0f;
+    for (int sp = 0; sp < a.splits; ++sp) v = fmaf(wsp[sp], a.part[(o + sp) * a.kvr + j], v);
+    ol[j] = v * inv;
   }
+  cp_async_wait<0>();
+  __syncthreads();
+  uv_product(ol, wuv_s, a.kvr, a.dv, part, static_cast<T*>(a.out) + m * a.ldo + int64_t(h) * a.dv);
 }
 
 constexpr size_t kMaxSmem = 227 * 1024;  // Hopper's opt-in shared memory per block
+constexpr int64_t kMaxSplits = 1024;
 size_t fused_smem(const MlaDecodeShape& s, DType act) {
   return act == DType::F32 ? smem_bytes<float>(s.dn, s.dr, s.dv, s.kvr) : smem_bytes<uint16_t>(s.dn, s.dr, s.dv, s.kvr);
 }
+size_t merge_smem(const MlaDecodeShape& s, DType act) {
+  return dtype_size(act) * size_t(s.kvr * s.dv) + sizeof(float) * size_t(s.kvr + kThreads + s.splits);
+}
+int64_t chunk_rows(const MlaDecodeShape& s) { return round_up(ceil_div(s.max_len, s.splits), int64_t(kTile)); }
 }  // namespace
 
 bool mla_decode_fused_supported(const MlaDecodeShape& s, DType act) {
   return (act == DType::F32 || act == DType::BF16) && s.kvr % 8 == 0 && s.kvr <= 2 * kThreads && (s.kvr + s.dr) % 16 == 0 &&
          s.dr % 2 == 0 && s.dr > 0 && s.dv > 0 && s.dv <= kThreads && s.dn > 0 && s.H > 0 && s.H <= 65535 && s.max_len > 0 &&
-         s.block_size > 0 && fused_smem(s, act) <= kMaxSmem;
+         s.block_size > 0 && s.splits >= 1 && s.splits <= kMaxSplits && fused_smem(s, act) <= kMaxSmem &&
+         merge_smem(s, act) <= kMaxSmem;
+}
+
+size_t mla_decode_fused_workspace_bytes(const MlaDecodeShape& s, int64_t M) {
+  return s.splits > 1 ? sizeof(float) * size_t(M * s.H * s.splits * (s.kvr + 2)) : 0;
 }
 
 void mla_decode_fused(const MlaDecodeShape& s, const float* q, int64_t ldq, const float* kv, int64_t ldkv, const float* gamma,
                       float eps, const int64_t* pos, const float* table, const int32_t* rows, const int32_t* block_table,
-                      DType act, const void* wuk, const void* wuv_t, void* pool, void* out, int64_t ldo, int64_t M, cudaStream_t st) {
-  DSV3_CHECK(mla_decode_fused_supported(s, act), "mla_decode_fused: H {} dn {} dr {} dv {} kvr {} max_len {} in {} unsupported", s.H,
-             s.dn, s.dr, s.dv, s.kvr, s.max_len, dtype_name(act));
+                      DType act, const void* wuk, const void* wuv_t, void* pool, void* out, int64_t ldo, int64_t M, cudaStream_t st,
+                      void* workspace, size_t workspace_bytes) {
+  DSV3_CHECK(mla_decode_fused_supported(s, act),
+             "mla_decode_fused: H {} dn {} dr {} dv {} kvr {} max_len {} splits {} in {} unsupported", s.H, s.dn, s.dr, s.dv, s.kvr,
+             s.max_len, s.splits, dtype_name(act));
   DSV3_CHECK(M <= 65535, "mla_decode_fused: {} tokens are too many", M);
+  const size_t need = mla_decode_fused_workspace_bytes(s, M);
+  DSV3_CHECK(workspace_bytes >= need && (need == 0 || workspace), "mla_decode_fused: workspace of {} bytes, {} needed", workspace_bytes,
+             need);
   if (M <= 0) return;
+  float* part = static_cast<float*>(workspace);
   FusedArgs a{q, ldq, kv, ldkv, gamma, pos, table, rows, block_table, wuk, wuv_t, pool, out, ldo, int(s.H), int(s.dn), int(s.dr),
-              int(s.dv), int(s.kvr), int(s.block_size), int(s.max_blocks), int(s.max_len), eps, s.scale};
-  const size_t smem = fused_smem(s, act);
-  const dim3 grid(unsigned(s.H), unsigned(M));
-  auto set = [&](const void* f) {
-    if (smem > 48 * 1024) DSV3_CUDA_CHECK(cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+              int(s.dv), int(s.kvr), int(s.block_size), int(s.max_blocks), int(s.max_len), eps, s.scale, int(s.splits),
+              int(chunk_rows(s)), part, part ? part + M * s.H * s.splits * s.kvr : nullptr};
+  const size_t smem = fused_smem(s, act), msmem = merge_smem(s, act);
+  const dim3 grid(unsigned(s.H), unsigned(M), unsigned(s.splits));
+  auto set = [](const void* f, size_t bytes) {
+    if (bytes > 48 * 1024) DSV3_CUDA_CHECK(cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
   };
   if (act == DType::F32) {
-    set(reinterpret_cast<const void*>(&k_mla_decode_fused<float>));
+    set(reinterpret_cast<const void*>(&k_mla_decode_fused<float>), smem);
     launch_dependent(k_mla_decode_fused<float>, grid, dim3(kThreads), smem, st, a);
   } else {
-    set(reinterpret_cast<const void*>(&k_mla_decode_fused<uint16_t>));
+    set(reinterpret_cast<const void*>(&k_mla_decode_fused<uint16_t>), smem);
     launch_dependent(k_mla_decode_fused<uint16_t>, grid, dim3(kThreads), smem, st, a);
   }
   DSV3_CUDA_CHECK_LAUNCH("mla_decode_fused kernel");
+  if (s.splits == 1) return;
+  const dim3 mgrid(unsigned(s.H), unsigned(M));
+  if (act == DType::F32) {
+    set(reinterpret_cast<const void*>(&k_mla_merge_uv<float>), msmem);
+    launch_dependent(k_mla_merge_uv<float>, mgrid, dim3(kThreads), msmem, st, a);
+  } else {
+    set(reinterpret_cast<const void*>(&k_mla_merge_uv<uint16_t>), msmem);
+    launch_dependent(k_mla_merge_uv<uint16_t>, mgrid, dim3(kThreads), msmem, st, a);
+  }
+  DSV3_CUDA_CHECK_LAUNCH("mla_decode_fused merge kernel");
 }
 
 }  // namespace dsv3::cuda
