@@ -20,12 +20,14 @@ TEST(CudaMlaDecode, FusedMatchesHostTwin) {
   };
   const std::vector<Case> cases = {
       {16, 64, 32, 64, 256, 256, {0, 70, 255}, true},   // small.json
+      {16, 64, 32, 64, 256, 256, {95, 96, 191, 192}, true},  // split edges: last row of a piece, first row of the next
       {16, 64, 32, 64, 256, 1024, {31, 32, 900}, false},
       {8, 32, 64, 32, 512, 512, {5, 300}, true},        // DeepSeek-V3's latent width: two columns per thread
       {3, 8, 8, 24, 40, 130, {1, 129}, false},          // odd sizes
   };
   for (const Case& c : cases) {
-    for (const int64_t splits : {int64_t(1), (c.max_len + 95) / 96}) {  // one block per head, or ~96-row pieces (some empty)
+    // One block per head; ~96-row pieces (some empty); one-tile (32-row) pieces.
+    for (const int64_t splits : {int64_t(1), (c.max_len + 95) / 96, (c.max_len + 31) / 32}) {
       const int64_t M = int64_t(c.pos.size()), W = c.kvr + c.dr, half = c.dr / 2, hd = c.dn + c.dv, bs = 64;
       const int64_t max_blocks = (c.max_len + bs - 1) / bs, nblocks = M * max_blocks, dqk = c.dn + c.dr;
       const int64_t ldq = c.H * dqk + 5, ldkv = W + 100, ldo = c.H * c.dv + 8;
@@ -71,7 +73,7 @@ TEST(CudaMlaDecode, FusedMatchesHostTwin) {
       sh.max_len = c.max_len, sh.scale = 1.0f / std::sqrt(float(dqk)), sh.splits = splits;
       ASSERT_TRUE(mla_decode_fused_supported(sh, act));
       const size_t wsb = mla_decode_fused_workspace_bytes(sh, M);
-      DeviceBuffer<uint8_t> ws(std::max<size_t>(wsb, 1));
+      auto ws = poisoned<uint8_t>(std::max<size_t>(wsb, 1));  // NaN bytes: every partial must be written
       if (splits > 1) {  // without its workspace a split call is refused
         EXPECT_THROW(mla_decode_fused(sh, dq.get(), ldq, dkv.get(), ldkv, dg.get(), 1e-6f, dpos.get(), table.get(), drows.get(), dbt.get(),
                                       act, duk, duv, dpool, dout, ldo, M),

@@ -297,8 +297,9 @@ __global__ void __launch_bounds__(kThreadsB) k_moe_decode_down(const int32_t* __
   const int d = blockIdx.x * kWarpsB + warp;
   const int ibs = (sh.Is + 127) / 128;
   // Before the wait, this warp's down rows into L2: the shared expert's, and those of the chosen experts. The choices
-  // (idx) come from the router, the kernel before the gate|up kernel: that kernel launched this one only after its own
-  // wait, so the router's writes are visible here.
+  // (idx) come from the router, an earlier kernel than the gate|up kernel before this one: that kernel launched this
+  // one only after its own wait (and every kernel before it waited before launching its dependents), so the router's
+  // writes are visible here. A stale idx could only misdirect a prefetch.
   if (sh.Is > 0 && d < D)
     for (int b = lane * 128; b < sh.Is * int(sizeof(W)); b += 32 * 128)
       prefetch_l2(reinterpret_cast<const char*>(static_cast<const W*>(sh.dn) + int64_t(d) * sh.Is) + b);
