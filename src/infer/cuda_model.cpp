@@ -630,9 +630,10 @@ struct CudaModel::Impl {
     void* pool = r.cached ? r.cache->layer(cache_layer) : nullptr;
     const void* oa = nullptr;
     int64_t ldo = H * dv;
-    if (r.cached && !r.fresh && fused_mla_shape(r)) {  // one new token per sequence, short contexts: one kernel
+    const std::optional<cuda::MlaDecodeShape> fused = r.cached && !r.fresh ? fused_mla_shape(r) : std::nullopt;
+    if (fused) {  // one new token per sequence: one kernel (two with splits)
       void* o = ex.arena.get(S_OACT, size_t(M * H * dv) * dtype_size(act));
-      const cuda::MlaDecodeShape sh = *fused_mla_shape(r);
+      const cuda::MlaDecodeShape& sh = *fused;
       const size_t wsb = cuda::mla_decode_fused_workspace_bytes(sh, M);
       cuda::mla_decode_fused(sh, q, ldq, kva, nin, a.kv_a_ln.get(), eps, r.pos64, rope_table.get(), r.dst_rows, r.table, act, a.wkv,
                              a.wuv_t.get(), pool, o, H * dv, M, s(), wsb ? ex.arena.get(S_AWS, wsb) : nullptr, wsb);

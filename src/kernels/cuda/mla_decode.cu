@@ -324,28 +324,22 @@ void mla_decode_fused(const MlaDecodeShape& s, const float* q, int64_t ldq, cons
               int(s.dv), int(s.kvr), int(s.block_size), int(s.max_blocks), int(s.max_len), eps, s.scale, int(s.splits),
               int(chunk_rows(s)), part, part ? part + M * s.H * s.splits * s.kvr : nullptr};
   const size_t smem = fused_smem(s, act), msmem = merge_smem(s, act);
-  const dim3 grid(unsigned(s.H), unsigned(M), unsigned(s.splits));
-  auto set = [](const void* f, size_t bytes) {
-    if (bytes > 48 * 1024) DSV3_CUDA_CHECK(cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+  // The f32 or bf16 instance of a kernel, with its shared memory opted in beyond 48 KiB.
+  auto launch = [&](auto* f32_kernel, auto* bf16_kernel, dim3 grid, size_t smem, const char* what) {
+    auto run = [&](auto* k) {
+      if (smem > 48 * 1024)
+        DSV3_CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(k), cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+      launch_dependent(k, grid, dim3(kThreads), smem, st, a);
+    };
+    if (act == DType::F32) run(f32_kernel);
+    else run(bf16_kernel);
+    DSV3_CUDA_CHECK_LAUNCH(what);
   };
-  if (act == DType::F32) {
-    set(reinterpret_cast<const void*>(&k_mla_decode_fused<float>), smem);
-    launch_dependent(k_mla_decode_fused<float>, grid, dim3(kThreads), smem, st, a);
-  } else {
-    set(reinterpret_cast<const void*>(&k_mla_decode_fused<uint16_t>), smem);
-    launch_dependent(k_mla_decode_fused<uint16_t>, grid, dim3(kThreads), smem, st, a);
-  }
-  DSV3_CUDA_CHECK_LAUNCH("mla_decode_fused kernel");
-  if (s.splits == 1) return;
-  const dim3 mgrid(unsigned(s.H), unsigned(M));
-  if (act == DType::F32) {
-    set(reinterpret_cast<const void*>(&k_mla_merge_uv<float>), msmem);
-    launch_dependent(k_mla_merge_uv<float>, mgrid, dim3(kThreads), msmem, st, a);
-  } else {
-    set(reinterpret_cast<const void*>(&k_mla_merge_uv<uint16_t>), msmem);
-    launch_dependent(k_mla_merge_uv<uint16_t>, mgrid, dim3(kThreads), msmem, st, a);
-  }
-  DSV3_CUDA_CHECK_LAUNCH("mla_decode_fused merge kernel");
+  launch(&k_mla_decode_fused<float>, &k_mla_decode_fused<uint16_t>, dim3(unsigned(s.H), unsigned(M), unsigned(s.splits)),
+         fused_smem(s, act), "mla_decode_fused kernel");
+  if (s.splits > 1)
+    launch(&k_mla_merge_uv<float>, &k_mla_merge_uv<uint16_t>, dim3(unsigned(s.H), unsigned(M)), merge_smem(s, act),
+           "mla_decode_fused merge kernel");
 }
 
 }  // namespace dsv3::cuda
