@@ -102,16 +102,29 @@ TEST(CudaAttention, LatentDecodeMatchesCpu) {
   }
 }
 
-// Paged bf16 cache (block size 64, blocks shuffled across sequences), a batch of sequences with 2 query tokens
-// each (MTP verification shape); 20 heads (16-head tiles, one padded) and 128 (64-head tiles). This runs on the
-// tensor cores: q and the probabilities are rounded to bf16 for the two products (f32 accumulation), so the
-// tolerance against the f32 CPU twin (which sees the same bf16 cache values) is relative L2 < 1e-2.
-class PagedDecode : public ::testing::TestWithParam<int64_t> {};
+// Paged bf16 cache (block size 64, blocks shuffled across sequences) on the tensor-core kernels: q and the
+// probabilities are rounded to bf16 for the two products (f32 accumulation), so the tolerance against the f32 CPU
+// twin (which sees the same bf16 cache values) is relative L2 < 1e-2. Cases: DeepSeek-V3's width with 20 heads
+// (streaming kernel, one padded 16-head group) and 128 (64-head kernel) on 2 query tokens a sequence (MTP
+// verification), small.json's width; 70 short sequences (one split each, several laps of the 4-stage ring, rows
+// past the end inside the last tile); one long sequence with 3 heads (many two-tile splits).
+struct PagedCase {
+  int64_t H, W, R, s_q;
+  std::vector<int64_t> lens;
+};
+std::vector<int64_t> many_lens() {
+  std::mt19937_64 r(5);
+  std::vector<int64_t> v(70);
+  for (auto& l : v) l = 1 + int64_t(r() % 700);
+  return v;
+}
+class PagedDecode : public ::testing::TestWithParam<PagedCase> {};
 TEST_P(PagedDecode, MatchesCpu) {
   DSV3_REQUIRE_GPU();
   std::mt19937_64 rng(33);
-  const int64_t W = 576, R = 512, H = GetParam(), bs = 64, s_q = 2;
-  const std::vector<int64_t> lens = {1500, 64, 3001, 2};
+  const PagedCase& pc = GetParam();
+  const int64_t W = pc.W, R = pc.R, H = pc.H, bs = 64, s_q = pc.s_q;
+  const std::vector<int64_t>& lens = pc.lens;
   const int64_t batch = int64_t(lens.size());
   int64_t max_len = 0, total_blocks = 0;
   for (int64_t l : lens) {
@@ -167,10 +180,14 @@ TEST_P(PagedDecode, MatchesCpu) {
   const auto out = download(dout);
   ASSERT_TRUE(all_finite(out));
   const double e = rel_l2(out, ref);
-  std::printf("paged bf16 decode, H %lld: rel L2 %.2e\n", (long long)H, e);
+  std::printf("paged bf16 decode, H %lld W %lld, %lld sequences x %lld tokens: rel L2 %.2e\n", (long long)H, (long long)W,
+              (long long)batch, (long long)s_q, e);
   EXPECT_LT(e, 1e-2);
 }
-INSTANTIATE_TEST_SUITE_P(CudaAttention, PagedDecode, ::testing::Values(20, 128));
+INSTANTIATE_TEST_SUITE_P(CudaAttention, PagedDecode,
+                         ::testing::Values(PagedCase{20, 576, 512, 2, {1500, 64, 3001, 2}}, PagedCase{128, 576, 512, 2, {1500, 64, 3001, 2}},
+                                           PagedCase{16, 288, 256, 2, {1500, 64, 3001, 2}}, PagedCase{16, 576, 512, 1, many_lens()},
+                                           PagedCase{3, 288, 256, 1, {5000}}));
 
 }  // namespace
 }  // namespace dsv3::cuda

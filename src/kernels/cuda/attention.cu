@@ -4,12 +4,15 @@
 //  - attention_latent: absorbed-MLA decode over a paged latent cache (flash-decoding): blocks split the rows of
 //    each sequence, each block handles one query token and a group of heads, keeps an online softmax per head
 //    and writes an unnormalised partial; a second kernel merges the partials. A bf16 cache of DeepSeek-V3's
-//    width (576 = 512 + 64) runs on the tensor cores (mma.sync, k_latent_mma); anything else on the SIMT
-//    kernel (k_latent_split, exact f32).
+//    width (576 = 512 + 64) or small.json's (288 = 256 + 32) runs on the tensor cores (mma.sync): up to 47
+//    heads on the streaming kernel (latent_stream.cuh), 48+ heads of the 576 width on k_latent_mma; anything
+//    else on the SIMT kernel (k_latent_split, exact f32).
 #include <algorithm>
+#include <cstdlib>
 
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/cuda_ops.h"
+#include "kernels/cuda/latent_stream.cuh"
 
 namespace dsv3::cuda {
 
@@ -101,17 +104,6 @@ __global__ void __launch_bounds__(PW * 32) k_attention_causal(const float* __res
 // Decode (absorbed MLA, paged latent cache)
 // ---------------------------------------------------------------------------------------------------------
 constexpr int DH = 16, DT = 32, DTHREADS = 256, DMAXU = 2;  // heads per block, rows per tile, R <= 256 * DMAXU
-
-struct DecodeArgs {
-  const float* q;
-  const void* pool;
-  const int32_t* block_table;
-  const int32_t* positions;
-  float* part;  // [nq, H, splits, R]
-  float* ml;    // [nq, H, splits, 2]
-  int H, W, R, s_q, bs, max_blocks, splits, chunk;
-  float scale;
-};
 
 template <class C>
 __global__ void __launch_bounds__(DTHREADS) k_latent_split(DecodeArgs a) {
@@ -264,23 +256,6 @@ __global__ void k_latent_combine(const float* __restrict__ part, const float* __
 // rounded to bf16 for the second product and l sums the rounded values.
 // ---------------------------------------------------------------------------------------------------------
 constexpr int TW = 576, TR = 512, TKR = 32, TSTR = TW + 8, TPS = TKR + 8, TSS = TKR + 4;
-
-__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_u32(p)));
-}
-__device__ __forceinline__ void ldsm_x2(uint32_t& r0, uint32_t& r1, const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(r0), "=r"(r1) : "r"(smem_u32(p)));
-}
-__device__ __forceinline__ void ldsm_x4_t(uint32_t (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_u32(p)));
-}
-__device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
 
 template <int MT>
 constexpr size_t mma_smem_bytes() {
@@ -463,9 +438,6 @@ __global__ void __launch_bounds__(256, MT == 1 ? 2 : 1) k_latent_mma(DecodeArgs 
   }
 }
 
-bool use_mma(const LatentAttention& p, DType ct) { return ct == DType::BF16 && p.W == TW && p.R == TR; }
-int mma_tiles(const LatentAttention& p) { return p.heads >= 48 ? 4 : 1; }
-
 int sm_count() {
   static int n = [] {
     int dev = 0, v = 0;
@@ -476,16 +448,38 @@ int sm_count() {
   return n;
 }
 
+// Which kernel reads a cache: the streaming kernel (latent_stream.cuh) for bf16 caches of DeepSeek-V3's or
+// small.json's width with < 48 heads; k_latent_mma (64 heads a block) for DeepSeek-V3's width with more heads;
+// the exact-f32 SIMT kernel otherwise. DSV3_LATENT_OLD=1 sends the streaming kernel's cases back to the kernels
+// they ran on before it (k_latent_mma<1> for the 576 width, the SIMT kernel for 288), for A/B runs.
+enum class LatentKernel { Simt, Mma16, Mma64, Stream576, Stream288 };
+LatentKernel latent_kernel(const LatentAttention& p, DType ct) {
+  static const bool old = std::getenv("DSV3_LATENT_OLD") != nullptr;
+  if (ct != DType::BF16) return LatentKernel::Simt;
+  const bool w576 = p.W == 576 && p.R == 512, w288 = p.W == 288 && p.R == 256;
+  if (w576 && p.heads >= 48) return LatentKernel::Mma64;
+  if (w576) return old ? LatentKernel::Mma16 : LatentKernel::Stream576;
+  if (w288 && p.heads < 48 && !old) return LatentKernel::Stream288;
+  return LatentKernel::Simt;
+}
+
 int latent_splits(const LatentAttention& p, DType ct) {
-  const bool mma = use_mma(p, ct);
-  const int64_t hm = mma ? 16 * mma_tiles(p) : DH;
-  const int64_t per_sm = mma && mma_tiles(p) == 4 ? 1 : 2;  // resident blocks per SM
+  const LatentKernel k = latent_kernel(p, ct);
+  const int64_t hm = k == LatentKernel::Mma64 ? 64 : 16;
   const int64_t blocks = p.batch * p.s_q * ceil_div(p.heads, hm);
-  const int64_t want = ceil_div(per_sm * int64_t(sm_count()), std::max<int64_t>(1, blocks));
-  // Enough splits to fill the GPU even at batch 1 (a split is one tile of DT rows at least): the decode step of a
-  // small batch is otherwise one block streaming the whole context.
+  int64_t want;
+  if (k == LatentKernel::Stream576 || k == LatentKernel::Stream288) {
+    // One block per SM: as many splits as fill one wave (a partial second wave would double the time).
+    want = std::max<int64_t>(1, int64_t(sm_count()) / std::max<int64_t>(1, blocks));
+  } else {
+    const int64_t per_sm = k == LatentKernel::Mma64 ? 1 : 2;  // resident blocks per SM
+    want = ceil_div(per_sm * int64_t(sm_count()), std::max<int64_t>(1, blocks));
+  }
+  // A split is one tile of DT rows at least: the decode step of a small batch is otherwise one block streaming
+  // the whole context.
   const int64_t most = std::max<int64_t>(1, ceil_div(p.max_len, int64_t(DT)));
-  return int(std::clamp<int64_t>(want, 1, most));
+  const int64_t splits = std::clamp<int64_t>(want, 1, most);
+  return int(ceil_div(p.max_len, round_up(ceil_div(p.max_len, splits), int64_t(DT))));  // no empty trailing split
 }
 
 void set_smem(const void* f, size_t bytes) {
@@ -537,16 +531,22 @@ void attention_latent(const LatentAttention& p, const float* q, DType ct, const 
   a.splits = splits;
   a.chunk = int(round_up(ceil_div(p.max_len, splits), DT));
   a.scale = p.scale;
-  if (use_mma(p, ct)) {
-    if (mma_tiles(p) == 4) {
-      set_smem(reinterpret_cast<const void*>(&k_latent_mma<4>), mma_smem_bytes<4>());
-      launch_dependent(k_latent_mma<4>, dim3(unsigned(splits), unsigned(nq), unsigned(ceil_div(p.heads, 64))), dim3(256),
-                       mma_smem_bytes<4>(), s, a);
-    } else {
-      set_smem(reinterpret_cast<const void*>(&k_latent_mma<1>), mma_smem_bytes<1>());
-      launch_dependent(k_latent_mma<1>, dim3(unsigned(splits), unsigned(nq), unsigned(ceil_div(p.heads, 16))), dim3(256),
-                       mma_smem_bytes<1>(), s, a);
-    }
+  const LatentKernel kind = latent_kernel(p, ct);
+  const unsigned groups16 = unsigned(ceil_div(p.heads, 16));
+  if (kind == LatentKernel::Stream576 || kind == LatentKernel::Stream288) {
+    auto* k = kind == LatentKernel::Stream576 ? &k_latent_stream<576, 512> : &k_latent_stream<288, 256>;
+    const size_t smem = kind == LatentKernel::Stream576 ? LatentStream<576, 512>::smem_bytes : LatentStream<288, 256>::smem_bytes;
+    set_smem(reinterpret_cast<const void*>(k), smem);
+    launch_dependent(k, dim3(unsigned(splits), unsigned(nq), groups16), dim3(256), smem, s, a);
+    DSV3_CUDA_CHECK_LAUNCH("attention_latent streaming kernel");
+  } else if (kind == LatentKernel::Mma64) {
+    set_smem(reinterpret_cast<const void*>(&k_latent_mma<4>), mma_smem_bytes<4>());
+    launch_dependent(k_latent_mma<4>, dim3(unsigned(splits), unsigned(nq), unsigned(ceil_div(p.heads, 64))), dim3(256),
+                     mma_smem_bytes<4>(), s, a);
+    DSV3_CUDA_CHECK_LAUNCH("attention_latent tensor-core split kernel");
+  } else if (kind == LatentKernel::Mma16) {
+    set_smem(reinterpret_cast<const void*>(&k_latent_mma<1>), mma_smem_bytes<1>());
+    launch_dependent(k_latent_mma<1>, dim3(unsigned(splits), unsigned(nq), groups16), dim3(256), mma_smem_bytes<1>(), s, a);
     DSV3_CUDA_CHECK_LAUNCH("attention_latent tensor-core split kernel");
   } else {  // f32 cache or other widths: the SIMT kernel
     const size_t smem = sizeof(float) * size_t(DH * p.W + DT * (p.W + 4) + DH * DT + DH);
