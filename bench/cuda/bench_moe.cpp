@@ -225,7 +225,7 @@ int main(int argc, char** argv) {
             s, 5, 1);
         char shape[96];
         std::snprintf(shape, sizeof shape, "%s T %lld (%lld rows)", sh.name, (long long)T, (long long)S);
-        add("moe_prefill (cuBLASLt loop)", shape, ms, flops / (ms * 1e-3) / 1e12, "TFLOP/s");
+        add("moe_prefill (grouped kernels)", shape, ms, flops / (ms * 1e-3) / 1e12, "TFLOP/s");
         // The dense reference: one GEMM over all S rows for gate|up and one for down (bf16 in, f32 out).
         DeviceBuffer<uint16_t> xa(size_t(S * std::max(sh.D, sh.I)));
         DeviceBuffer<float> ya(size_t(S * std::max(2 * sh.I, sh.D)));

@@ -1,5 +1,6 @@
 // Routed experts on the GPU: the expert pointer tables, the fused decode kernels (no host synchronisation),
-// and the prefill path (device permutation + a loop of cuBLASLt GEMMs over experts + un-permutation).
+// and the prefill path (device permutation + grouped expert GEMMs (moe_grouped.cu; a loop of cuBLASLt GEMMs over
+// experts where D or I is not a multiple of 32) + un-permutation).
 #include <algorithm>
 #include <vector>
 
@@ -697,6 +698,12 @@ void moe_prefill(Gemm& gemm, const MoeExperts& w, const float* x, int64_t ldx, c
   const int64_t S = M * top_k, D = w.D, I = w.I;
   moe_permute(idx, M, top_k, w.E, counts, offsets, perm, slot_row, stream);
   moe_gather(x, ldx, perm, S, top_k, D, DType::BF16, xg, D, stream);
+  if (moe_grouped_supported(w)) {  // two grouped launches, no host round trip (moe_grouped.cu)
+    moe_grouped_swiglu(w, xg, offsets, S, hb, stream);
+    moe_grouped_down(w, hb, offsets, S, out, stream);
+    moe_unpermute(out, D, slot_row, idx, wts, M, top_k, D, y, ldy, accumulate, stream);
+    return;
+  }
   std::vector<int32_t> off(size_t(w.E + 1));
   copy_to_host(off.data(), offsets, off.size() * 4, stream);
   synchronize(stream);

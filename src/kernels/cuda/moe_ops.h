@@ -113,13 +113,24 @@ void moe_unpermute(const float* expert_out, int64_t ld, const int32_t* slot_row,
                    int64_t M, int64_t top_k, int64_t D, float* y, int64_t ldy, bool accumulate,
                    cudaStream_t stream = nullptr);
 
+// Grouped expert GEMMs over rows grouped by expert (offsets from moe_permute, `slots` = offsets[E] known to the
+// host), one launch each, bf16 activations, f32 accumulation on the tensor cores; FP8 weights are dequantized
+// to bf16 (e4m3 x block scale, rounded) on the way. Requires moe_grouped_supported (D % 32 == 0, I % 32 == 0).
+//   moe_grouped_swiglu: h[p, :] = bf16(silu(gate_e · x[p]) * (up_e · x[p])), x = xg [slots, D], h [slots, I].
+//   moe_grouped_down:   out[p, :] = down_e · h[p] (f32 [slots, D]).
+bool moe_grouped_supported(const MoeExperts& w);
+void moe_grouped_swiglu(const MoeExperts& w, const uint16_t* xg, const int32_t* offsets, int64_t slots, uint16_t* h,
+                        cudaStream_t stream = nullptr);
+void moe_grouped_down(const MoeExperts& w, const uint16_t* h, const int32_t* offsets, int64_t slots, float* out,
+                      cudaStream_t stream = nullptr);
+
 size_t moe_prefill_workspace_bytes(int64_t M, int64_t top_k, int64_t E, int64_t D, int64_t I);
-// The whole routed-expert FFN for many tokens: permute, gather x as bf16 rows, per expert one cuBLASLt GEMM
-// for gate|up [n_e, 2I] (f32 out), one SiLU·mul over all rows (bf16 out), per expert one GEMM for down (f32),
-// un-permute. A loop of cuBLASLt calls (not a single grouped kernel): the per-expert row counts are copied to
-// the host, so this SYNCHRONIZES `stream` once and cannot be captured in a CUDA graph (use moe_decode there).
-// FP8 experts run gemm.linear_fp8 per expert (activations quantized 1x128 on the fly). Same x/idx/wts/y
-// contract as moe_decode; any M.
+// The whole routed-expert FFN for many tokens: permute, gather x as bf16 rows, then, when D and I are multiples
+// of 32 (moe_grouped_supported), the two grouped kernels below (no host synchronisation); otherwise per expert
+// one cuBLASLt GEMM for gate|up [n_e, 2I] (f32 out), one SiLU·mul over all rows (bf16 out), per expert one GEMM
+// for down (f32) — that fallback copies the per-expert row counts to the host, so it SYNCHRONIZES `stream` and
+// runs FP8 experts through gemm.linear_fp8 (activations quantized 1x128 on the fly). Then un-permute. Same
+// x/idx/wts/y contract as moe_decode; any M.
 void moe_prefill(Gemm& gemm, const MoeExperts& w, const float* x, int64_t ldx, const int32_t* idx, const float* wts,
                  int64_t M, int64_t top_k, float* y, int64_t ldy, bool accumulate, void* workspace,
                  size_t workspace_bytes, cudaStream_t stream = nullptr);

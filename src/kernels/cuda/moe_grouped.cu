@@ -1,0 +1,273 @@
+// Grouped expert GEMMs for the MoE prefill: every expert's rows of the permuted activations in one launch per
+// projection, no host synchronisation (the expert of a block is found from the device offsets).
+//
+// A block computes a 128 x 128 output tile of one expert: rows [128 m, 128 m + 128) of that expert's slots (rows
+// past its count are zero-filled and not stored) times 128 weight rows. Operands arrive by cp.async into a
+// 4-stage ring of 32-wide k slices; 8 warps (2 along M x 4 along N, 64 x 32 each) run mma.sync m16n8k16 (bf16 in,
+// f32 accumulate). FP8 experts are dequantized per slice in shared memory (e4m3 x its 128x128 block scale,
+// rounded to bf16), so both checkpoint types share the tensor-core loop.
+//
+// gate|up (SwiGLU fused): the 128 weight rows of a tile are 64 gate rows and the 64 up rows of the same output
+// columns, and each warp holds 16 gate and the matching 16 up columns, so the epilogue writes
+// h = silu(gate)·up (bf16) directly: the f32 [slots, 2I] intermediate is never stored.
+#include <algorithm>
+
+#include "kernels/cuda/common.cuh"
+#include "kernels/cuda/moe_ops.h"
+
+namespace dsv3::cuda {
+namespace {
+using namespace dev;
+
+constexpr int GM = 128, GN = 128, GK = 32, GST = 4, GTHREADS = 256, GSTR = GK + 8;
+
+struct GroupedArgs {
+  const uint16_t* a;            // [slots, K] bf16, grouped by expert
+  const int32_t* offsets;       // [E + 1]
+  const void* const* w;         // [E] -> weights [rows, K] (bf16 or e4m3)
+  const float* const* scale;    // [E] -> 128x128 block scales (FP8)
+  int E, K, N;                  // N: output columns (I for gate|up, D for down)
+  int up_row0;                  // gate|up: first up row (I); unused for down
+  int scale_up0;                // gate|up FP8: offset of up's scale rows (ceil(I/128) * ceil(K/128))
+  void* out;                    // gate|up: h [slots, N] bf16; down: [slots, N] f32
+};
+
+template <bool FP8>
+constexpr size_t grouped_smem_bytes() {
+  return size_t(GST * GM * GSTR) * 2 + (FP8 ? size_t(GST * GN * GK) + size_t(GN * GSTR) * 2 : size_t(GST * GN * GSTR) * 2);
+}
+
+// The (expert, row tile) of blockIdx.y: tiles are numbered expert by expert; -1 past the last.
+__device__ void find_tile(const int32_t* __restrict__ off, int E, int* e_out, int* mt_out) {
+  const int lane = threadIdx.x & 31, my = int(blockIdx.y);
+  const int per = (E + 31) / 32, e0 = min(E, lane * per), e1 = min(E, e0 + per);
+  int cnt = 0;
+  for (int e = e0; e < e1; ++e) cnt += (off[e + 1] - off[e] + GM - 1) / GM;
+  int inc = cnt;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int v = __shfl_up_sync(0xffffffffu, inc, o);
+    if (lane >= o) inc += v;
+  }
+  if (lane == 0) *e_out = -1;
+  __syncwarp();
+  int start = inc - cnt;
+  if (my >= start && my < inc) {
+    for (int e = e0; e < e1; ++e) {
+      const int t = (off[e + 1] - off[e] + GM - 1) / GM;
+      if (my < start + t) {
+        *e_out = e;
+        *mt_out = my - start;
+        break;
+      }
+      start += t;
+    }
+  }
+}
+
+template <bool FP8, bool SWIGLU>
+__global__ void __launch_bounds__(GTHREADS, 2) k_moe_grouped(GroupedArgs g) {
+  dependent_kernel_begin();
+  extern __shared__ __align__(16) unsigned char smraw[];
+  __shared__ int e_s, mt_s;
+  const int t = threadIdx.x, lane = t & 31, w = t >> 5, wm = w >> 2, wn = w & 3, gq = lane >> 2, tq = lane & 3;
+  if (w == 0) find_tile(g.offsets, g.E, &e_s, &mt_s);
+  __syncthreads();
+  const int e = e_s;
+  if (e < 0) return;
+  const int row0 = g.offsets[e] + mt_s * GM, row_end = g.offsets[e + 1];
+  const int nj = blockIdx.x, K = g.K, nk = K / GK;
+  uint16_t* as = reinterpret_cast<uint16_t*>(smraw);  // [GST][GM][GSTR]
+  uint16_t* bs = as + GST * GM * GSTR;                 // bf16: [GST][GN][GSTR]; FP8: converted [GN][GSTR]
+  uint8_t* braw = reinterpret_cast<uint8_t*>(bs + (FP8 ? GN * GSTR : GST * GN * GSTR));  // FP8: [GST][GN][GK]
+
+  // Weight row of tile row r (-1: beyond the projection; zero-filled).
+  auto weight_row = [&](int r) {
+    if constexpr (SWIGLU) {
+      const int n = nj * (GN / 2) + (r & (GN / 2 - 1));
+      return n < g.N ? (r < GN / 2 ? n : g.up_row0 + n) : -1;
+    } else {
+      const int n = nj * GN + r;
+      return n < g.N ? n : -1;
+    }
+  };
+  const uint16_t* a = g.a;
+  const void* wbase = g.w[e];
+  auto load = [&](int kt, int st) {
+    const int k0 = kt * GK;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {  // A: 128 rows x 4 chunks of 8
+      const int c = t + i * GTHREADS, r = c >> 2, ch = c & 3;
+      const int row = row0 + r;
+      const bool ok = row < row_end;
+      cp_async16(as + (st * GM + r) * GSTR + ch * 8, a + int64_t(ok ? row : row0) * K + k0 + ch * 8, ok);
+    }
+    if constexpr (FP8) {  // 128 rows x 2 chunks of 16 e4m3
+      const int r = t >> 1, ch = t & 1, wr = weight_row(r);
+      const uint8_t* src = static_cast<const uint8_t*>(wbase) + int64_t(wr < 0 ? 0 : wr) * K + k0 + ch * 16;
+      cp_async16(braw + (st * GN + r) * GK + ch * 16, src, wr >= 0);
+    } else {
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const int c = t + i * GTHREADS, r = c >> 2, ch = c & 3, wr = weight_row(r);
+        const uint16_t* src = static_cast<const uint16_t*>(wbase) + int64_t(wr < 0 ? 0 : wr) * K + k0 + ch * 8;
+        cp_async16(bs + (st * GN + r) * GSTR + ch * 8, src, wr >= 0);
+      }
+    }
+    cp_async_commit();
+  };
+
+  float acc[4][4][4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) acc[i][j][0] = acc[i][j][1] = acc[i][j][2] = acc[i][j][3] = 0.0f;
+
+#pragma unroll
+  for (int s = 0; s < GST - 1; ++s) {
+    if (s < nk) load(s, s);
+    else cp_async_commit();
+  }
+  // Tile rows of the warp's two 16-row groups of weights: SwiGLU pairs gate columns with the matching up columns.
+  const int nb0 = SWIGLU ? 16 * wn : 32 * wn, nb1 = SWIGLU ? GN / 2 + 16 * wn : 32 * wn + 16;
+  const int kblocks = (K + 127) / 128;
+  for (int kt = 0; kt < nk; ++kt) {
+    cp_async_wait<GST - 2>();
+    __syncthreads();  // slice kt has landed for every thread; slice kt - 1's buffers are free
+    if (kt + GST - 1 < nk) load(kt + GST - 1, (kt + GST - 1) % GST);
+    else cp_async_commit();
+    const int st = kt % GST;
+    const uint16_t* bt = bs + (FP8 ? 0 : st * GN * GSTR);
+    if constexpr (FP8) {  // dequantize slice kt: thread t converts 16 values of row t / 2
+      const int r = t >> 1, ch = t & 1, wr = weight_row(r);
+      float s = 0.0f;
+      if (wr >= 0) {
+        const float* sc = g.scale[e];
+        const int kb = kt * GK / 128;
+        if constexpr (SWIGLU) s = r < GN / 2 ? sc[(wr / 128) * kblocks + kb] : sc[g.scale_up0 + ((wr - g.up_row0) / 128) * kblocks + kb];
+        else s = sc[(wr / 128) * kblocks + kb];
+      }
+      const uint4 v = *reinterpret_cast<const uint4*>(braw + (st * GN + r) * GK + ch * 16);
+      const uint32_t u[4] = {v.x, v.y, v.z, v.w};
+      uint32_t o[8];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const __half2_raw lo = __nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t(u[i] & 0xffffu), __NV_E4M3);
+        const __half2_raw hi = __nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t(u[i] >> 16), __NV_E4M3);
+        const float2 fl = __half22float2(__half2(lo)), fh = __half22float2(__half2(hi));
+        o[2 * i] = uint32_t(f32_to_bf16(fl.x * s)) | (uint32_t(f32_to_bf16(fl.y * s)) << 16);
+        o[2 * i + 1] = uint32_t(f32_to_bf16(fh.x * s)) | (uint32_t(f32_to_bf16(fh.y * s)) << 16);
+      }
+      uint4* dst = reinterpret_cast<uint4*>(bs + r * GSTR + ch * 16);
+      dst[0] = make_uint4(o[0], o[1], o[2], o[3]);
+      dst[1] = make_uint4(o[4], o[5], o[6], o[7]);
+      __syncthreads();
+    }
+    const uint16_t* at = as + st * GM * GSTR;
+#pragma unroll
+    for (int k16 = 0; k16 < GK / 16; ++k16) {
+      uint32_t af[4][4], b0[4], b1[4];
+#pragma unroll
+      for (int mt = 0; mt < 4; ++mt) ldsm_x4(af[mt], at + (wm * 64 + mt * 16 + (lane & 15)) * GSTR + k16 * 16 + 8 * (lane >> 4));
+      ldsm_x4(b0, bt + (nb0 + (lane & 7) + 8 * (lane >> 4)) * GSTR + k16 * 16 + 8 * ((lane >> 3) & 1));
+      ldsm_x4(b1, bt + (nb1 + (lane & 7) + 8 * (lane >> 4)) * GSTR + k16 * 16 + 8 * ((lane >> 3) & 1));
+#pragma unroll
+      for (int mt = 0; mt < 4; ++mt) {
+        mma_bf16(acc[mt][0], af[mt], b0[0], b0[1]);
+        mma_bf16(acc[mt][1], af[mt], b0[2], b0[3]);
+        mma_bf16(acc[mt][2], af[mt], b1[0], b1[1]);
+        mma_bf16(acc[mt][3], af[mt], b1[2], b1[3]);
+      }
+    }
+  }
+  cp_async_wait<0>();
+
+#pragma unroll
+  for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int row = row0 + wm * 64 + mt * 16 + gq + 8 * half;
+      if (row >= row_end) continue;
+      if constexpr (SWIGLU) {
+        uint16_t* h = static_cast<uint16_t*>(g.out) + int64_t(row) * g.N;
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) {
+          const int j = nj * (GN / 2) + 16 * wn + 8 * nt + 2 * tq;
+          if (j >= g.N) continue;
+          float r[2];
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            const float gv = acc[mt][nt][2 * half + c], uv = acc[mt][nt + 2][2 * half + c];
+            r[c] = gv / (1.0f + expf(-gv)) * uv;  // k_silu_mul's expression
+          }
+          *reinterpret_cast<uint32_t*>(h + j) = uint32_t(f32_to_bf16(r[0])) | (uint32_t(f32_to_bf16(r[1])) << 16);
+        }
+      } else {
+        float* o = static_cast<float*>(g.out) + int64_t(row) * g.N;
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt) {
+          const int j = nj * GN + 32 * wn + 8 * nt + 2 * tq;
+          if (j < g.N) *reinterpret_cast<float2*>(o + j) = make_float2(acc[mt][nt][2 * half], acc[mt][nt][2 * half + 1]);
+        }
+      }
+    }
+}
+
+template <bool FP8, bool SWIGLU>
+void launch_grouped(const GroupedArgs& g, int64_t slots, int64_t n_tiles, cudaStream_t s) {
+  const size_t smem = grouped_smem_bytes<FP8>();
+  static const bool attr = [&] {
+    DSV3_CUDA_CHECK(cudaFuncSetAttribute(k_moe_grouped<FP8, SWIGLU>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    return true;
+  }();
+  (void)attr;
+  // Row tiles: at most ceil(slots / GM) + E (each expert's last tile may be partial).
+  const int64_t m_tiles = ceil_div(slots, int64_t(GM)) + g.E;
+  DSV3_CHECK(m_tiles <= 65535, "moe_grouped: {} row tiles exceed the grid", m_tiles);
+  launch_dependent(k_moe_grouped<FP8, SWIGLU>, dim3(unsigned(n_tiles), unsigned(m_tiles)), dim3(GTHREADS), smem, s, g);
+  DSV3_CUDA_CHECK_LAUNCH("moe_grouped kernel");
+}
+}  // namespace
+
+bool moe_grouped_supported(const MoeExperts& w) {
+  return (w.type == DType::BF16 || w.type == DType::F8_E4M3) && w.D % GK == 0 && w.I % GK == 0 && w.D > 0 && w.I > 0;
+}
+
+void moe_grouped_swiglu(const MoeExperts& w, const uint16_t* xg, const int32_t* offsets, int64_t slots, uint16_t* h,
+                        cudaStream_t s) {
+  DSV3_CHECK(moe_grouped_supported(w), "moe_grouped_swiglu: D {} / I {} must be multiples of {}", w.D, w.I, GK);
+  if (slots <= 0) return;
+  GroupedArgs g{};
+  g.a = xg;
+  g.offsets = offsets;
+  g.w = w.d_gate_up();
+  g.scale = w.d_gate_up_scale();
+  g.E = int(w.E);
+  g.K = int(w.D);
+  g.N = int(w.I);
+  g.up_row0 = int(w.I);
+  g.scale_up0 = int(ceil_div(w.I, int64_t(128)) * ceil_div(w.D, int64_t(128)));
+  g.out = h;
+  const int64_t n_tiles = ceil_div(w.I, int64_t(GN / 2));
+  if (w.type == DType::F8_E4M3) launch_grouped<true, true>(g, slots, n_tiles, s);
+  else launch_grouped<false, true>(g, slots, n_tiles, s);
+}
+
+void moe_grouped_down(const MoeExperts& w, const uint16_t* h, const int32_t* offsets, int64_t slots, float* out, cudaStream_t s) {
+  DSV3_CHECK(moe_grouped_supported(w), "moe_grouped_down: D {} / I {} must be multiples of {}", w.D, w.I, GK);
+  if (slots <= 0) return;
+  GroupedArgs g{};
+  g.a = h;
+  g.offsets = offsets;
+  g.w = w.d_down();
+  g.scale = w.d_down_scale();
+  g.E = int(w.E);
+  g.K = int(w.I);
+  g.N = int(w.D);
+  g.out = out;
+  const int64_t n_tiles = ceil_div(w.D, int64_t(GN));
+  if (w.type == DType::F8_E4M3) launch_grouped<true, false>(g, slots, n_tiles, s);
+  else launch_grouped<false, false>(g, slots, n_tiles, s);
+}
+
+}  // namespace dsv3::cuda
