@@ -173,11 +173,19 @@ struct CudaModel::Impl {
   bool fused_router = true;
   // DSV3_NO_BF16_GEMV=1: decode-sized bf16 products through cuBLASLt instead of our GEMV (A/B benchmarks).
   bool bf16_gemv = true;
-  // DSV3_UNFUSED_MLA=1: decode attention as five kernels (prologue, W_UK, split attention, merge, W_UV), for A/B runs.
+  // Decode attention as one fused kernel (mla_decode_fused) or as five (prologue, W_UK, the streaming split
+  // attention, merge, W_UV). With the streaming latent kernel the five-launch path is faster for bf16 checkpoints
+  // (H200, small.json, context 64: batch 1 0.826 vs 0.855 ms/token, batch 64 11,589 vs 10,459 tokens/s) but not
+  // for FP8 ones (batch 64 8,084 vs 9,149), so the fused kernel is the FP8 default. DSV3_UNFUSED_MLA=1 /
+  // DSV3_FUSED_MLA=1 force either, for A/B runs.
   bool fused_mla = true;
   // DSV3_FUSED_MLA_SPLIT=1: contexts beyond kFusedMlaMaxLen also take the fused kernel, the context split over blocks
-  // (flash-decoding) and merged by a second kernel. Off until measured against the five-launch path.
+  // (flash-decoding) and merged by a second kernel. Off: slower than the five-launch path with the streaming latent
+  // kernel (H200, context 448 / 960: 0.950 / 0.991 vs 0.863 / 0.853 ms per batch-1 token).
   bool fused_mla_split = false;
+  // DSV3_MOE_DECODE_KERNEL=1: decode steps of 9+ rows keep moe_decode's grouped-down kernels instead of the grouped
+  // expert GEMMs of the prefill path (permute + tensor-core GEMMs, also graph-capturable), for A/B runs.
+  bool moe_decode_kernel = false;
   // DSV3_UNFUSED_SHARED=1: decode steps run the shared experts as their own MLP (three launches), for A/B runs.
   bool fused_shared = true;
   std::vector<LayerW> layers;
@@ -403,9 +411,12 @@ struct CudaModel::Impl {
     };
     fused_router = !env_flag("DSV3_UNFUSED_ROUTER");
     bf16_gemv = !env_flag("DSV3_NO_BF16_GEMV");
-    fused_mla = !env_flag("DSV3_UNFUSED_MLA");
+    bool fp8_experts = false;
+    for (const LayerW& L : layers) fp8_experts = fp8_experts || (L.moe && L.moe->use_table && L.moe->table.type == DType::F8_E4M3);
+    fused_mla = env_flag("DSV3_FUSED_MLA") || (fp8_experts && !env_flag("DSV3_UNFUSED_MLA"));
     fused_mla_split = env_flag("DSV3_FUSED_MLA_SPLIT");
     fused_shared = !env_flag("DSV3_UNFUSED_SHARED");
+    moe_decode_kernel = env_flag("DSV3_MOE_DECODE_KERNEL");
     route_counter = DBuf<uint32_t>(1);
     cuda::memset_device(route_counter.get(), 0, 4);
     const ops::RopeTable rt = make_rope_table(c);
@@ -527,7 +538,9 @@ struct CudaModel::Impl {
       lin(ex, e.gate, x2, D, logits, E, M);
       cuda::moe_route(logits, E, M, E, bias, router, idx, wts, s());
     }
-    const bool decode = e.use_table && M * K <= cuda::kMoeDecodeMaxSlots && M <= 64;
+    // From 9 rows the grouped GEMMs (reading each chosen expert once on the tensor cores) beat moe_decode's kernels.
+    const bool grouped = e.use_table && M > cuda::kGemvMaxM && cuda::moe_grouped_supported(e.table) && !moe_decode_kernel;
+    const bool decode = e.use_table && M * K <= cuda::kMoeDecodeMaxSlots && M <= 64 && !grouped;
     // Decode: the shared experts ride in moe_decode's two kernels (three launches fewer per layer).
     std::optional<cuda::MoeSharedExpert> fold;
     // Only for GEMV-sized batches: from 9 rows the shared MLP runs on cuBLASLt's GEMMs, faster than the fold.
@@ -549,8 +562,8 @@ struct CudaModel::Impl {
       cuda::moe_decode(e.table, x2, D, idx, wts, M, K, y, D, acc, ws, wsb, s(), fold ? &*fold : nullptr);
       return;
     }
-    DSV3_CHECK(!no_sync, "internal error: a captured step needs the host-synchronising MoE path");
-    if (e.use_table) {
+    DSV3_CHECK(!no_sync || grouped, "internal error: a captured step needs the host-synchronising MoE path");
+    if (e.use_table) {  // grouped (no host synchronisation) when supported, else a per-expert cuBLASLt loop
       const size_t wsb = cuda::moe_prefill_workspace_bytes(M, K, E, D, e.table.I);
       void* ws = ex.arena.get(S_MOEWS, wsb);
       cuda::moe_prefill(ex.gemm, e.table, x2, D, idx, wts, M, K, y, D, acc, ws, wsb, s());

@@ -3,14 +3,15 @@
 // (~30 flop/B), so the kernel's job is to keep enough of the cache in flight to run at HBM speed.
 //
 // Per block: one query token, 16 heads, one contiguous range of rows (a split; the partials are merged by
-// k_latent_combine). One warp streams 32-row tiles into a 4-stage ring with bulk asynchronous copies — one
-// `cp.async.bulk` of a row's W bf16 values per lane, into rows padded to W + 8 so the ldmatrix reads are
-// conflict-free — each stage completing on its mbarrier; the other work of a tile runs while the next three are
-// in flight. S = Q·Kᵀ with the 8 warps as (8 keys × half of W) units, the online softmax on S in shared memory,
-// O += P·V with each warp owning R/8 output columns. q and P are rounded to bf16 for the products (f32
-// accumulation; l sums the rounded P), as k_latent_mma.
+// k_latent_combine). One warp streams 32-row tiles into a ring of stages (6 for W = 576, 8 for 288) with bulk
+// asynchronous copies — one `cp.async.bulk` of a row's W bf16 values per lane, into rows padded to W + 8 so the
+// ldmatrix reads are conflict-free — each stage completing on its mbarrier; a tile's products run while the
+// next stages are in flight (what sets the rate: a 4-stage ring gave 2,255 GB/s at batch 64 on an H200).
+// S = Q·Kᵀ with the 8 warps as (8 keys × half of W) units, each warp's q fragments held in registers for the
+// whole range; the online softmax on S in shared memory; O += P·V with each warp owning R/8 output columns.
+// q and P are rounded to bf16 for the products (f32 accumulation; l sums the rounded P), as k_latent_mma.
 //
-// Splits are chosen so the grid is one wave of one block per SM (175 KB of shared memory each for W = 576).
+// Splits are chosen so the grid is one wave of one block per SM (225 KB of shared memory each for W = 576).
 #pragma once
 #include "kernels/cuda/common.cuh"
 
@@ -29,11 +30,12 @@ struct DecodeArgs {
 
 template <int W, int R>
 struct LatentStream {
-  static constexpr int rows = 32, stages = 4, heads = 16, threads = 256;
+  static constexpr int rows = 32, stages = W > 320 ? 6 : 8, heads = 16, threads = 256;
   static constexpr int stride = W + 8, p_stride = rows + 8, s_stride = rows + 4;
-  static constexpr size_t bar_bytes = 64;
-  static constexpr size_t smem_bytes = bar_bytes + size_t(stages * rows * stride + heads * stride + heads * p_stride) * 2 +
+  static constexpr size_t bar_bytes = 64;  // one mbarrier per stage
+  static constexpr size_t smem_bytes = bar_bytes + size_t(stages * rows * stride + heads * p_stride) * 2 +
                                        size_t(2 * heads * s_stride + 3 * heads) * 4;
+  static_assert(stages * 8 <= bar_bytes && smem_bytes <= 232448, "barriers and ring fit one block's shared memory");
   static_assert(W % 32 == 0 && R % 128 == 0 && R <= W, "W splits into two halves of 16-wide k steps; R into 8 warps of 16 columns");
   static_assert((W * 2) % 16 == 0 && (stride * 2) % 16 == 0, "bulk copies move 16-byte multiples to 16-byte aligned rows");
 };
@@ -52,8 +54,7 @@ __global__ void __launch_bounds__(256, 1) k_latent_stream(DecodeArgs a) {
   extern __shared__ __align__(128) unsigned char smraw[];
   uint64_t* full = reinterpret_cast<uint64_t*>(smraw);
   uint16_t* kbuf = reinterpret_cast<uint16_t*>(smraw + L::bar_bytes);  // [NST][BR][STR]
-  uint16_t* qs = kbuf + NST * BR * STR;                                   // [HM][STR]
-  uint16_t* pbuf = qs + HM * STR;                                         // [HM][PS]
+  uint16_t* pbuf = kbuf + NST * BR * STR;                                 // [HM][PS]
   float* sbuf = reinterpret_cast<float*>(pbuf + HM * PS);                 // [2 halves of W][HM][SS]
   float* m_s = sbuf + 2 * HM * SS;
   float* l_s = m_s + HM;
@@ -84,15 +85,23 @@ __global__ void __launch_bounds__(256, 1) k_latent_stream(DecodeArgs a) {
   if (w == 0)
     for (int it = 0; it < min(NST, ntiles); ++it) issue(it);
 
-  for (int e = t * 4; e < HM * W; e += L::threads * 4) {
-    const int hh = e / W, d = e % W;
-    float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    if (h0 + hh < a.H) v = *reinterpret_cast<const float4*>(a.q + (int64_t(qt) * a.H + h0 + hh) * W + d);
-    uint16_t* dst = qs + hh * STR + d;
-    dst[0] = dev::f32_to_bf16(v.x);
-    dst[1] = dev::f32_to_bf16(v.y);
-    dst[2] = dev::f32_to_bf16(v.z);
-    dst[3] = dev::f32_to_bf16(v.w);
+  // This warp's q fragments (heads g and g + 8, half w >> 2 of W) as mma A operands, straight from global memory.
+  uint32_t qf[KH][4];
+  {
+    const int kh = w >> 2;
+    auto pair = [&](int hh, int d) -> uint32_t {
+      if (h0 + hh >= a.H) return 0u;
+      const float2 v = *reinterpret_cast<const float2*>(a.q + (int64_t(qt) * a.H + h0 + hh) * W + d);
+      return uint32_t(dev::f32_to_bf16(v.x)) | (uint32_t(dev::f32_to_bf16(v.y)) << 16);
+    };
+#pragma unroll
+    for (int k = 0; k < KH; ++k) {
+      const int d = (kh * KH + k) * 16 + 2 * tq;
+      qf[k][0] = pair(g, d);
+      qf[k][1] = pair(g + 8, d);
+      qf[k][2] = pair(g, d + 8);
+      qf[k][3] = pair(g + 8, d + 8);
+    }
   }
   if (t < HM) {
     m_s[t] = -INFINITY;
@@ -110,17 +119,15 @@ __global__ void __launch_bounds__(256, 1) k_latent_stream(DecodeArgs a) {
     {  // S partial: warp w scores keys 8 (w & 3).. over half (w >> 2) of W; two accumulators halve the mma chain
       const int nt = w & 3, kh = w >> 2;
       float c0[4] = {0.0f, 0.0f, 0.0f, 0.0f}, c1[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-      const uint16_t* qa = qs + ((lane & 7) + 8 * ((lane >> 3) & 1)) * STR + 8 * (lane >> 4) + kh * KH * 16;
       const uint16_t* kb = ks + (nt * 8 + (lane & 7)) * STR + 8 * ((lane >> 3) & 1) + kh * KH * 16;
 #pragma unroll
       for (int k = 0; k < KH; ++k) {
-        uint32_t af[4], b0, b1;
-        ldsm_x4(af, qa + k * 16);
+        uint32_t b0, b1;
         ldsm_x2(b0, b1, kb + k * 16);
         if (k & 1)
-          mma_bf16(c1, af, b0, b1);
+          mma_bf16(c1, qf[k], b0, b1);
         else
-          mma_bf16(c0, af, b0, b1);
+          mma_bf16(c0, qf[k], b0, b1);
       }
       float* s0 = sbuf + (kh * HM + g) * SS + nt * 8 + 2 * tq;
       s0[0] = c0[0] + c1[0];

@@ -1,14 +1,15 @@
 // Grouped expert GEMMs for the MoE prefill: every expert's rows of the permuted activations in one launch per
 // projection, no host synchronisation (the expert of a block is found from the device offsets).
 //
-// A block computes a 128 x 128 output tile of one expert: rows [128 m, 128 m + 128) of that expert's slots (rows
+// A block computes a BM x 128 output tile of one expert: rows [BM m, BM m + BM) of that expert's slots (rows
 // past its count are zero-filled and not stored) times 128 weight rows. Operands arrive by cp.async into a
-// 4-stage ring of 32-wide k slices; 8 warps (2 along M x 4 along N, 64 x 32 each) run mma.sync m16n8k16 (bf16 in,
-// f32 accumulate). FP8 experts are dequantized per slice in shared memory (e4m3 x its 128x128 block scale,
+// 4-stage ring of 32-wide k slices; 8 warps run mma.sync m16n8k16 (bf16 in, f32 accumulate). Two shapes: BM 128
+// (2 warps along M x 4 along N, 64 x 32 each) for prefill-sized groups, BM 32 (1 x 8, 32 x 16 each) when the
+// groups are a few rows (decode batches): there the weights are read once and the padding rows cost little. FP8 experts are dequantized per slice in shared memory (e4m3 x its 128x128 block scale,
 // rounded to bf16), so both checkpoint types share the tensor-core loop.
 //
 // gate|up (SwiGLU fused): the 128 weight rows of a tile are 64 gate rows and the 64 up rows of the same output
-// columns, and each warp holds 16 gate and the matching 16 up columns, so the epilogue writes
+// columns, and each warp holds gate columns and the matching up columns, so the epilogue writes
 // h = silu(gate)·up (bf16) directly: the f32 [slots, 2I] intermediate is never stored.
 #include <algorithm>
 
@@ -19,7 +20,7 @@ namespace dsv3::cuda {
 namespace {
 using namespace dev;
 
-constexpr int GM = 128, GN = 128, GK = 32, GST = 4, GTHREADS = 256, GSTR = GK + 8;
+constexpr int GN = 128, GK = 32, GST = 4, GTHREADS = 256, GSTR = GK + 8;
 
 struct GroupedArgs {
   const uint16_t* a;            // [slots, K] bf16, grouped by expert
@@ -32,12 +33,13 @@ struct GroupedArgs {
   void* out;                    // gate|up: h [slots, N] bf16; down: [slots, N] f32
 };
 
-template <bool FP8>
+template <bool FP8, int GM>
 constexpr size_t grouped_smem_bytes() {
   return size_t(GST * GM * GSTR) * 2 + (FP8 ? size_t(GST * GN * GK) + size_t(GN * GSTR) * 2 : size_t(GST * GN * GSTR) * 2);
 }
 
 // The (expert, row tile) of blockIdx.y: tiles are numbered expert by expert; -1 past the last.
+template <int GM>
 __device__ void find_tile(const int32_t* __restrict__ off, int E, int* e_out, int* mt_out) {
   const int lane = threadIdx.x & 31, my = int(blockIdx.y);
   const int per = (E + 31) / 32, e0 = min(E, lane * per), e1 = min(E, e0 + per);
@@ -65,13 +67,16 @@ __device__ void find_tile(const int32_t* __restrict__ off, int E, int* e_out, in
   }
 }
 
-template <bool FP8, bool SWIGLU>
+// WARPS_M warps along M with MT m16 tiles each (BM = 16 MT WARPS_M); 8 / WARPS_M warps along N with NT n8 tiles.
+template <bool FP8, bool SWIGLU, int WARPS_M, int MT>
 __global__ void __launch_bounds__(GTHREADS, 2) k_moe_grouped(GroupedArgs g) {
+  constexpr int GM = 16 * MT * WARPS_M, WARPS_N = 8 / WARPS_M, NT = GN / 8 / WARPS_N;
+  static_assert(NT % 2 == 0, "n8 tiles go in pairs (one ldmatrix.x4); SwiGLU splits them gate / up");
   dependent_kernel_begin();
   extern __shared__ __align__(16) unsigned char smraw[];
   __shared__ int e_s, mt_s;
-  const int t = threadIdx.x, lane = t & 31, w = t >> 5, wm = w >> 2, wn = w & 3, gq = lane >> 2, tq = lane & 3;
-  if (w == 0) find_tile(g.offsets, g.E, &e_s, &mt_s);
+  const int t = threadIdx.x, lane = t & 31, w = t >> 5, wm = w / WARPS_N, wn = w % WARPS_N, gq = lane >> 2, tq = lane & 3;
+  if (w == 0) find_tile<GM>(g.offsets, g.E, &e_s, &mt_s);
   __syncthreads();
   const int e = e_s;
   if (e < 0) return;
@@ -96,8 +101,8 @@ __global__ void __launch_bounds__(GTHREADS, 2) k_moe_grouped(GroupedArgs g) {
   auto load = [&](int kt, int st) {
     const int k0 = kt * GK;
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {  // A: 128 rows x 4 chunks of 8
-      const int c = t + i * GTHREADS, r = c >> 2, ch = c & 3;
+    for (int c = t; c < GM * 4; c += GTHREADS) {  // A: GM rows x 4 chunks of 8
+      const int r = c >> 2, ch = c & 3;
       const int row = row0 + r;
       const bool ok = row < row_end;
       cp_async16(as + (st * GM + r) * GSTR + ch * 8, a + int64_t(ok ? row : row0) * K + k0 + ch * 8, ok);
@@ -117,19 +122,23 @@ __global__ void __launch_bounds__(GTHREADS, 2) k_moe_grouped(GroupedArgs g) {
     cp_async_commit();
   };
 
-  float acc[4][4][4];
+  float acc[MT][NT][4];
 #pragma unroll
-  for (int i = 0; i < 4; ++i)
+  for (int i = 0; i < MT; ++i)
 #pragma unroll
-    for (int j = 0; j < 4; ++j) acc[i][j][0] = acc[i][j][1] = acc[i][j][2] = acc[i][j][3] = 0.0f;
+    for (int j = 0; j < NT; ++j) acc[i][j][0] = acc[i][j][1] = acc[i][j][2] = acc[i][j][3] = 0.0f;
 
 #pragma unroll
   for (int s = 0; s < GST - 1; ++s) {
     if (s < nk) load(s, s);
     else cp_async_commit();
   }
-  // Tile rows of the warp's two 16-row groups of weights: SwiGLU pairs gate columns with the matching up columns.
-  const int nb0 = SWIGLU ? 16 * wn : 32 * wn, nb1 = SWIGLU ? GN / 2 + 16 * wn : 32 * wn + 16;
+  // Tile row (output column) of the warp's n8 tile i: SwiGLU puts gate tiles first and the matching up tiles
+  // (64 rows later) second.
+  auto col0 = [&](int i) {
+    if constexpr (SWIGLU) return i < NT / 2 ? wn * (GN / 2 / WARPS_N) + 8 * i : GN / 2 + wn * (GN / 2 / WARPS_N) + 8 * (i - NT / 2);
+    else return wn * (GN / WARPS_N) + 8 * i;
+  };
   const int kblocks = (K + 127) / 128;
   for (int kt = 0; kt < nk; ++kt) {
     cp_async_wait<GST - 2>();
@@ -166,38 +175,40 @@ __global__ void __launch_bounds__(GTHREADS, 2) k_moe_grouped(GroupedArgs g) {
     const uint16_t* at = as + st * GM * GSTR;
 #pragma unroll
     for (int k16 = 0; k16 < GK / 16; ++k16) {
-      uint32_t af[4][4], b0[4], b1[4];
+      uint32_t af[MT][4], bf[NT / 2][4];
 #pragma unroll
-      for (int mt = 0; mt < 4; ++mt) ldsm_x4(af[mt], at + (wm * 64 + mt * 16 + (lane & 15)) * GSTR + k16 * 16 + 8 * (lane >> 4));
-      ldsm_x4(b0, bt + (nb0 + (lane & 7) + 8 * (lane >> 4)) * GSTR + k16 * 16 + 8 * ((lane >> 3) & 1));
-      ldsm_x4(b1, bt + (nb1 + (lane & 7) + 8 * (lane >> 4)) * GSTR + k16 * 16 + 8 * ((lane >> 3) & 1));
+      for (int mt = 0; mt < MT; ++mt)
+        ldsm_x4(af[mt], at + (wm * 16 * MT + mt * 16 + (lane & 15)) * GSTR + k16 * 16 + 8 * (lane >> 4));
 #pragma unroll
-      for (int mt = 0; mt < 4; ++mt) {
-        mma_bf16(acc[mt][0], af[mt], b0[0], b0[1]);
-        mma_bf16(acc[mt][1], af[mt], b0[2], b0[3]);
-        mma_bf16(acc[mt][2], af[mt], b1[0], b1[1]);
-        mma_bf16(acc[mt][3], af[mt], b1[2], b1[3]);
-      }
+      for (int p = 0; p < NT / 2; ++p)  // lanes 0-15 address tile 2p, lanes 16-31 tile 2p + 1
+        ldsm_x4(bf[p], bt + (col0(2 * p + (lane >> 4)) + (lane & 7)) * GSTR + k16 * 16 + 8 * ((lane >> 3) & 1));
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int p = 0; p < NT / 2; ++p) {
+          mma_bf16(acc[mt][2 * p], af[mt], bf[p][0], bf[p][1]);
+          mma_bf16(acc[mt][2 * p + 1], af[mt], bf[p][2], bf[p][3]);
+        }
     }
   }
   cp_async_wait<0>();
 
 #pragma unroll
-  for (int mt = 0; mt < 4; ++mt)
+  for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      const int row = row0 + wm * 64 + mt * 16 + gq + 8 * half;
+      const int row = row0 + wm * 16 * MT + mt * 16 + gq + 8 * half;
       if (row >= row_end) continue;
       if constexpr (SWIGLU) {
         uint16_t* h = static_cast<uint16_t*>(g.out) + int64_t(row) * g.N;
 #pragma unroll
-        for (int nt = 0; nt < 2; ++nt) {
-          const int j = nj * (GN / 2) + 16 * wn + 8 * nt + 2 * tq;
+        for (int nt = 0; nt < NT / 2; ++nt) {
+          const int j = nj * (GN / 2) + col0(nt) + 2 * tq;
           if (j >= g.N) continue;
           float r[2];
 #pragma unroll
           for (int c = 0; c < 2; ++c) {
-            const float gv = acc[mt][nt][2 * half + c], uv = acc[mt][nt + 2][2 * half + c];
+            const float gv = acc[mt][nt][2 * half + c], uv = acc[mt][nt + NT / 2][2 * half + c];
             r[c] = gv / (1.0f + expf(-gv)) * uv;  // k_silu_mul's expression
           }
           *reinterpret_cast<uint32_t*>(h + j) = uint32_t(f32_to_bf16(r[0])) | (uint32_t(f32_to_bf16(r[1])) << 16);
@@ -205,27 +216,35 @@ __global__ void __launch_bounds__(GTHREADS, 2) k_moe_grouped(GroupedArgs g) {
       } else {
         float* o = static_cast<float*>(g.out) + int64_t(row) * g.N;
 #pragma unroll
-        for (int nt = 0; nt < 4; ++nt) {
-          const int j = nj * GN + 32 * wn + 8 * nt + 2 * tq;
+        for (int nt = 0; nt < NT; ++nt) {
+          const int j = nj * GN + col0(nt) + 2 * tq;
           if (j < g.N) *reinterpret_cast<float2*>(o + j) = make_float2(acc[mt][nt][2 * half], acc[mt][nt][2 * half + 1]);
         }
       }
     }
 }
 
-template <bool FP8, bool SWIGLU>
-void launch_grouped(const GroupedArgs& g, int64_t slots, int64_t n_tiles, cudaStream_t s) {
-  const size_t smem = grouped_smem_bytes<FP8>();
+template <bool FP8, bool SWIGLU, int WARPS_M, int MT>
+void launch_shape(const GroupedArgs& g, int64_t slots, int64_t n_tiles, cudaStream_t s) {
+  constexpr int GM = 16 * MT * WARPS_M;
+  constexpr size_t smem = grouped_smem_bytes<FP8, GM>();
+  auto* k = &k_moe_grouped<FP8, SWIGLU, WARPS_M, MT>;
   static const bool attr = [&] {
-    DSV3_CUDA_CHECK(cudaFuncSetAttribute(k_moe_grouped<FP8, SWIGLU>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    if (smem > 48 * 1024) DSV3_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
     return true;
   }();
   (void)attr;
   // Row tiles: at most ceil(slots / GM) + E (each expert's last tile may be partial).
   const int64_t m_tiles = ceil_div(slots, int64_t(GM)) + g.E;
   DSV3_CHECK(m_tiles <= 65535, "moe_grouped: {} row tiles exceed the grid", m_tiles);
-  launch_dependent(k_moe_grouped<FP8, SWIGLU>, dim3(unsigned(n_tiles), unsigned(m_tiles)), dim3(GTHREADS), smem, s, g);
+  launch_dependent(k, dim3(unsigned(n_tiles), unsigned(m_tiles)), dim3(GTHREADS), smem, s, g);
   DSV3_CUDA_CHECK_LAUNCH("moe_grouped kernel");
+}
+// 128-row tiles once the groups average 64 rows; 32-row tiles below (decode batches).
+template <bool FP8, bool SWIGLU>
+void launch_grouped(const GroupedArgs& g, int64_t slots, int64_t n_tiles, cudaStream_t s) {
+  if (slots >= 64 * int64_t(g.E)) launch_shape<FP8, SWIGLU, 2, 4>(g, slots, n_tiles, s);
+  else launch_shape<FP8, SWIGLU, 1, 2>(g, slots, n_tiles, s);
 }
 }  // namespace
 
