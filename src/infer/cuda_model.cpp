@@ -186,6 +186,9 @@ struct CudaModel::Impl {
   // DSV3_MOE_DECODE_KERNEL=1: decode steps of 9+ rows keep moe_decode's grouped-down kernels instead of the grouped
   // expert GEMMs of the prefill path (permute + tensor-core GEMMs, also graph-capturable), for A/B runs.
   bool moe_decode_kernel = false;
+  // bf16 prefill attention: the flash kernel (flash_prefill.cu) when DSV3_FLASH_ATTENTION=1 (opt-in until it has run
+  // on a GPU), else per-head cuBLASLt GEMMs around a row softmax from 256 tokens.
+  bool gemm_attention = true;
   // DSV3_UNFUSED_SHARED=1: decode steps run the shared experts as their own MLP (three launches), for A/B runs.
   bool fused_shared = true;
   std::vector<LayerW> layers;
@@ -417,6 +420,7 @@ struct CudaModel::Impl {
     fused_mla_split = env_flag("DSV3_FUSED_MLA_SPLIT");
     fused_shared = !env_flag("DSV3_UNFUSED_SHARED");
     moe_decode_kernel = env_flag("DSV3_MOE_DECODE_KERNEL");
+    gemm_attention = !env_flag("DSV3_FLASH_ATTENTION");
     route_counter = DBuf<uint32_t>(1);
     cuda::memset_device(route_counter.get(), 0, 4);
     const ops::RopeTable rt = make_rope_table(c);
@@ -691,7 +695,11 @@ struct CudaModel::Impl {
       const int64_t T = r.T;
       const cuda::Strides3 sq{T * ldq, ldq, dqk}, sk{T * H * dqk, H * dqk, dqk}, sv{T * H * hd, H * hd, hd}, so{T * H * dv, H * dv, dv};
       float* o = ex.arena.as<float>(S_O, M * H * dv);
-      if (act == DType::BF16 && T >= kGemmAttentionFrom) {  // long prefill: tensor-core GEMMs around a row softmax
+      if (act == DType::BF16 && !gemm_attention && cuda::attention_causal_flash_supported(dqk, dv)) {  // flash, tensor cores
+        const size_t wsb = cuda::attention_causal_flash_workspace(r.B, T, H, dqk, dv);
+        cuda::attention_causal_flash(q, sq, k, sk, kv + dn, sv, o, so, r.B, T, H, dqk, dv, scale, ex.arena.get(S_AWS, wsb), wsb,
+                                     s());
+      } else if (act == DType::BF16 && T >= kGemmAttentionFrom) {  // long prefill: tensor-core GEMMs around a row softmax
         const size_t wsb = cuda::attention_causal_gemm_workspace(r.B, T, H, dqk, dv);
         cuda::attention_causal_gemm(ex.gemm, q, sq, k, sk, kv + dn, sv, o, so, r.B, T, H, dqk, dv, scale, ex.arena.get(S_AWS, wsb),
                                     wsb, s());

@@ -119,5 +119,14 @@ size_t attention_causal_gemm_workspace(int64_t B, int64_t T, int64_t H, int64_t 
 void attention_causal_gemm(Gemm& g, const float* q, Strides3 sq, const float* k, Strides3 sk, const float* v, Strides3 sv,
                            float* out, Strides3 so, int64_t B, int64_t T, int64_t H, int64_t D, int64_t Dv, float scale, void* ws,
                            size_t ws_bytes, cudaStream_t stream = nullptr);
+// The same attention as one flash kernel (mma.sync, online softmax in registers; no [T, T] matrix): one block per
+// 64 queries of a (sequence, head) walks the key tiles up to its diagonal. Same precision (bf16 q, k, v and P, f32
+// accumulation) and layouts. Head dims (D, Dv) with a kernel, as attention_causal_flash_supported says: (64, 64),
+// (96, 64), (192, 128). Workspace: attention_causal_flash_workspace bytes (bf16 copies of q, k, v).
+bool attention_causal_flash_supported(int64_t D, int64_t Dv);
+size_t attention_causal_flash_workspace(int64_t B, int64_t T, int64_t H, int64_t D, int64_t Dv);
+void attention_causal_flash(const float* q, Strides3 sq, const float* k, Strides3 sk, const float* v, Strides3 sv, float* out,
+                            Strides3 so, int64_t B, int64_t T, int64_t H, int64_t D, int64_t Dv, float scale, void* ws,
+                            size_t ws_bytes, cudaStream_t stream = nullptr);
 
 }  // namespace dsv3::cuda

@@ -1,0 +1,304 @@
+// Causal flash attention for long prefills on the tensor cores (attention_causal_flash; see infer_ops.h).
+// q, k, v are first packed to bf16 [B, H, T, D] in the workspace (a head's rows contiguous, whole 16-byte chunks for
+// cp.async). One block per (64 query rows, head, sequence), 4 warps of 16 rows each: a warp keeps its Q fragments in
+// registers and walks the 64-key tiles 0..diagonal (K and V double-buffered in shared memory by cp.async):
+// S = Q·Kᵀ (mma.sync m16n8k16) into f32 registers, an online softmax per row (a row lives in the 4 threads of a
+// quad), P rounded to bf16 straight into A fragments (the C fragments of two adjacent n8 tiles are the A fragment of
+// one k16 step), O += P·V with V read by ldmatrix.trans. l sums the rounded P, so the normalisation matches what
+// P·V summed. Precision as attention_causal_gemm: q, k, v and P in bf16, f32 accumulation.
+#include <algorithm>
+#include <climits>
+
+#include "kernels/cuda/common.cuh"
+#include "kernels/cuda/infer_ops.h"
+
+namespace dsv3::cuda {
+
+namespace {
+using namespace dev;
+
+constexpr int FQ = 64, FK = 64, FW = FQ / 16, FT = FW * 32;  // query rows per block, keys per tile, warps, threads
+static_assert(FQ == FK, "key tile qt is the diagonal tile of query tile qt");
+
+template <int D, int DV>
+struct Flash {
+  // Padded rows: an odd number of 16-byte chunks puts the 8 rows of an ldmatrix in 8 distinct bank groups.
+  static constexpr int ks = D + 8, vs = DV + 8;
+  static constexpr size_t smem = size_t(2 * FK * (ks + vs)) * 2;  // [2 stages][FK][ks] K, then [2][FK][vs] V
+  static_assert(D % 16 == 0 && DV % 16 == 0, "D in k16 steps, DV in pairs of n8 tiles");
+  static_assert(((ks / 8) & 1) && ((vs / 8) & 1), "odd 16-byte chunks per padded row");
+  static_assert(FK % (FT / 4) == 0, "whole passes of FT / 4 rows");
+};
+
+// dst[b, h, t, :D] = bf16(src[b·s.b + t·s.t + h·s.h + :D]), 4 values per thread; blockIdx: (b·T + t, chunk of the
+// token's H·D/4 quads, tensor q/k/v). vec: the source is 16-byte aligned for every quad (float4 loads).
+struct PackArgs {
+  const float* src[3];
+  Strides3 s[3];
+  uint16_t* dst[3];
+  int dim[3];
+  bool vec[3];
+};
+__global__ void __launch_bounds__(256) k_flash_pack(PackArgs a, int T, int H) {
+  const int z = blockIdx.z;  // selects rather than indexes the parameter arrays (no local-memory copy)
+  const float* src = z == 0 ? a.src[0] : z == 1 ? a.src[1] : a.src[2];
+  const Strides3 s = z == 0 ? a.s[0] : z == 1 ? a.s[1] : a.s[2];
+  uint16_t* dst = z == 0 ? a.dst[0] : z == 1 ? a.dst[1] : a.dst[2];
+  const int D = z == 0 ? a.dim[0] : z == 1 ? a.dim[1] : a.dim[2];
+  const bool vec = z == 0 ? a.vec[0] : z == 1 ? a.vec[1] : a.vec[2];
+  const int idx = blockIdx.y * blockDim.x + threadIdx.x, D4 = D / 4;
+  if (idx >= H * D4) return;
+  const int64_t bt = blockIdx.x, b = bt / T, t = bt % T;
+  const int h = idx / D4, d = (idx % D4) * 4;
+  const float* p = src + b * s.b + t * s.t + h * s.h + d;
+  const float4 x = vec ? *reinterpret_cast<const float4*>(p) : make_float4(p[0], p[1], p[2], p[3]);
+  const uint2 o = make_uint2(uint32_t(f32_to_bf16(x.x)) | uint32_t(f32_to_bf16(x.y)) << 16,
+                             uint32_t(f32_to_bf16(x.z)) | uint32_t(f32_to_bf16(x.w)) << 16);
+  *reinterpret_cast<uint2*>(dst + ((b * H + h) * T + t) * D + d) = o;
+}
+
+// Two f32 to a packed bf16 pair (round to nearest even), lo in the low half: one A-fragment register.
+__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
+  uint32_t r;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+
+// Rows r0 .. r0 + FK - 1 of a packed [T, W] bf16 head into dst (row stride S); rows >= T zero-filled (their
+// scores are masked and their V rows must be finite: 0 · NaN would poison O). 4 threads per row, 16-byte chunks
+// 4 apart, so a thread's addresses are one base plus constants (no per-chunk registers). Thread pairs of a row
+// pair are 4 rows apart (bits 0 and 2 of t/4 swapped): 4 padded rows are 64 bytes of banks apart (S·2 ≡ 16 or 80
+// mod 128), so the 8 threads of a 128-byte store phase hit distinct banks.
+template <int W, int S>
+__device__ __forceinline__ void load_rows(uint16_t* dst, const uint16_t* __restrict__ src, int r0, int T) {
+  static_assert(W % 32 == 0, "rows in whole groups of 4 chunks");
+  const int j = int(threadIdx.x) >> 2, rr = (j & ~5) | ((j & 1) << 2) | ((j >> 2) & 1), c0 = 8 * (threadIdx.x & 3);
+#pragma unroll
+  for (int p = 0; p < FK / (FT / 4); ++p) {
+    const int row = rr + (FT / 4) * p;
+    const bool valid = r0 + row < T;
+    const uint16_t* g = src + int64_t(valid ? r0 + row : 0) * W + c0;
+    uint16_t* d = dst + row * S + c0;
+#pragma unroll
+    for (int q = 0; q < W / 32; ++q) cp_async16(d + 32 * q, g + 32 * q, valid);
+  }
+}
+
+template <int D, int DV>
+__global__ void __launch_bounds__(FT) k_flash_causal(const uint16_t* __restrict__ qp, const uint16_t* __restrict__ kp,
+                                                     const uint16_t* __restrict__ vp, float* __restrict__ out, Strides3 so, int T,
+                                                     int H, float sl2) {
+  using F = Flash<D, DV>;
+  constexpr int KS = F::ks, VS = F::vs, KT = D / 16, NO = DV / 8, NS = FK / 8;
+  extern __shared__ __align__(16) unsigned char smraw[];
+  uint16_t* kbuf = reinterpret_cast<uint16_t*>(smraw);  // [2][FK][KS]
+  uint16_t* vbuf = kbuf + 2 * FK * KS;                   // [2][FK][VS]
+  const int qt = int(gridDim.x) - 1 - int(blockIdx.x);   // the longest rows (most key tiles) start first
+  const int h = blockIdx.y, b = blockIdx.z;
+  const int q0 = qt * FQ, ntiles = qt + 1;  // key tiles 0..qt; keys past the block's rows lie only in tile qt
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, g = lane >> 2, tq = lane & 3;
+  const int64_t head = (int64_t(b) * H + h) * T;
+  const uint16_t* qh = qp + head * D;
+  const uint16_t* kh = kp + head * D;
+  const uint16_t* vh = vp + head * DV;
+
+  // Q borrows K's stage 1 until its fragments are in registers (tile 1 is issued after the loop's first barrier).
+  load_rows<D, KS>(kbuf + FK * KS, qh, q0, T);
+  load_rows<D, KS>(kbuf, kh, 0, T);
+  load_rows<DV, VS>(vbuf, vh, 0, T);
+  cp_async_commit();
+  cp_async_wait<0>();
+  __syncthreads();
+  uint32_t qf[KT][4];
+  {
+    const uint16_t* qa = kbuf + FK * KS + (16 * w + (lane & 15)) * KS + 8 * (lane >> 4);
+#pragma unroll
+    for (int kk = 0; kk < KT; ++kk) ldsm_x4(qf[kk], qa + 16 * kk);
+  }
+  float o[NO][4];
+#pragma unroll
+  for (int n = 0; n < NO; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+  // This thread's rows i0 (C elements 0, 1) and i1 = i0 + 8 (elements 2, 3). m: running max of the scores in
+  // log2 units (quad-uniform); l: this thread's part of the row sum (reduced over the quad at the end; the
+  // rescaling by alpha is quad-uniform, so the parts stay consistent).
+  const int i0 = q0 + 16 * w + g, i1 = i0 + 8;
+  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;
+
+  const uint16_t* kb_off = kbuf + ((lane & 7) + 8 * (lane >> 4)) * KS + 8 * ((lane >> 3) & 1);
+  const uint16_t* vb_off = vbuf + ((lane & 7) + 8 * ((lane >> 3) & 1)) * VS + 8 * (lane >> 4);
+  for (int it = 0; it < ntiles; ++it) {
+    const int st = it & 1, j0 = it * FK;
+    cp_async_wait<0>();
+    __syncthreads();  // tile it has landed for every thread, and nobody still reads stage st ^ 1 (tile it - 1, or Q)
+    if (it + 1 < ntiles) {
+      load_rows<D, KS>(kbuf + (st ^ 1) * FK * KS, kh, j0 + FK, T);
+      load_rows<DV, VS>(vbuf + (st ^ 1) * FK * VS, vh, j0 + FK, T);
+      cp_async_commit();
+    }
+    // S = Q·Kᵀ: n8 tile nt holds keys j0 + 8 nt ..; K rows are B's n, so ldmatrix without .trans.
+    float s[NS][4];
+#pragma unroll
+    for (int n = 0; n < NS; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+    const uint16_t* kb = kb_off + st * FK * KS;
+#pragma unroll
+    for (int kk = 0; kk < KT; ++kk)
+#pragma unroll
+      for (int np = 0; np < NS / 2; ++np) {
+        uint32_t bf[4];
+        ldsm_x4(bf, kb + np * 16 * KS + kk * 16);
+        mma_bf16(s[2 * np], qf[kk], bf[0], bf[1]);
+        mma_bf16(s[2 * np + 1], qf[kk], bf[2], bf[3]);
+      }
+    // Scale into log2 units; mask j > i (and j >= T, for the rows past T) on the diagonal tile, the only one with
+    // such keys. Every row sees key 0 in tile 0, so m is finite after it; the -inf guards are for robustness only.
+    const bool diag = it == ntiles - 1;
+    float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+    for (int n = 0; n < NS; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float x = s[n][e] * sl2;
+        if (diag) {
+          const int j = j0 + 8 * n + 2 * tq + (e & 1);
+          if (j > (e < 2 ? i0 : i1) || j >= T) x = -INFINITY;
+        }
+        s[n][e] = x;
+        if (e < 2)
+          mx0 = fmaxf(mx0, x);
+        else
+          mx1 = fmaxf(mx1, x);
+      }
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+    const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+    const float mu0 = mn0 == -INFINITY ? 0.0f : mn0, mu1 = mn1 == -INFINITY ? 0.0f : mn1;  // no -inf - -inf
+    const float al0 = exp2f(m0 - mu0), al1 = exp2f(m1 - mu1);  // 0 while m was -inf (O and l still 0)
+    m0 = mn0;
+    m1 = mn1;
+    l0 *= al0;
+    l1 *= al1;
+#pragma unroll
+    for (int n = 0; n < NO; ++n) {
+      o[n][0] *= al0;
+      o[n][1] *= al0;
+      o[n][2] *= al1;
+      o[n][3] *= al1;
+    }
+    // P in bf16 as A fragments of the k16 steps: step kk takes n8 tiles 2 kk (k 0..7) and 2 kk + 1 (k 8..15);
+    // {c0, c1} is (row g, k 2 tq ..), {c2, c3} is row g + 8.
+    uint32_t pf[NS / 2][4];
+#pragma unroll
+    for (int n = 0; n < NS; ++n) {
+      const uint32_t u01 = pack_bf16x2(exp2f(s[n][0] - mu0), exp2f(s[n][1] - mu0));
+      const uint32_t u23 = pack_bf16x2(exp2f(s[n][2] - mu1), exp2f(s[n][3] - mu1));
+      l0 += __uint_as_float(u01 << 16) + __uint_as_float(u01 & 0xffff0000u);
+      l1 += __uint_as_float(u23 << 16) + __uint_as_float(u23 & 0xffff0000u);
+      pf[n >> 1][2 * (n & 1)] = u01;
+      pf[n >> 1][2 * (n & 1) + 1] = u23;
+    }
+    // O += P·V: V rows are B's k, so ldmatrix.trans; (bf[0], bf[1]) columns 16 np .., (bf[2], bf[3]) 16 np + 8 ..
+    const uint16_t* vb = vb_off + st * FK * VS;
+#pragma unroll
+    for (int kk = 0; kk < NS / 2; ++kk)
+#pragma unroll
+      for (int np = 0; np < NO / 2; ++np) {
+        uint32_t bf[4];
+        ldsm_x4_t(bf, vb + kk * 16 * VS + np * 16);
+        mma_bf16(o[2 * np], pf[kk], bf[0], bf[1]);
+        mma_bf16(o[2 * np + 1], pf[kk], bf[2], bf[3]);
+      }
+  }
+  l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+  l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+  l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+  l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+  // l >= 1 for every row < T: its max key contributes exp2(0) = 1 exactly. Rows >= T are not written.
+  const float inv0 = 1.0f / l0, inv1 = 1.0f / l1;
+  float* ob = out + int64_t(b) * so.b + int64_t(h) * so.h + 2 * tq;
+  if (i0 < T) {
+    float* r = ob + int64_t(i0) * so.t;
+#pragma unroll
+    for (int n = 0; n < NO; ++n) {
+      r[8 * n] = o[n][0] * inv0;
+      r[8 * n + 1] = o[n][1] * inv0;
+    }
+  }
+  if (i1 < T) {
+    float* r = ob + int64_t(i1) * so.t;
+#pragma unroll
+    for (int n = 0; n < NO; ++n) {
+      r[8 * n] = o[n][2] * inv1;
+      r[8 * n + 1] = o[n][3] * inv1;
+    }
+  }
+}
+
+template <int D, int DV>
+void launch_flash(const uint16_t* qp, const uint16_t* kp, const uint16_t* vp, float* out, Strides3 so, int64_t B, int64_t T,
+                  int64_t H, float scale, cudaStream_t s) {
+  using F = Flash<D, DV>;
+  if (F::smem > 48 * 1024)
+    DSV3_CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(&k_flash_causal<D, DV>),
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, int(F::smem)));
+  const dim3 grid(unsigned(ceil_div(T, FQ)), unsigned(H), unsigned(B));
+  k_flash_causal<D, DV><<<grid, FT, F::smem, s>>>(qp, kp, vp, out, so, int(T), int(H), scale * 1.4426950408889634f);
+  DSV3_CUDA_CHECK_LAUNCH("attention_causal_flash kernel");
+}
+
+bool aligned16(const float* p, Strides3 s) {
+  return (reinterpret_cast<uintptr_t>(p) & 15) == 0 && s.b % 4 == 0 && s.t % 4 == 0 && s.h % 4 == 0;
+}
+uint8_t* align256(void* p) { return reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(p) + 255) & ~uintptr_t(255)); }
+}  // namespace
+
+bool attention_causal_flash_supported(int64_t D, int64_t Dv) {
+  return (D == 64 && Dv == 64) || (D == 96 && Dv == 64) || (D == 192 && Dv == 128);
+}
+
+size_t attention_causal_flash_workspace(int64_t B, int64_t T, int64_t H, int64_t D, int64_t Dv) {
+  return size_t(B * T * H * (2 * D + Dv)) * 2 + 256 * 3;
+}
+
+void attention_causal_flash(const float* q, Strides3 sq, const float* k, Strides3 sk, const float* v, Strides3 sv, float* out,
+                            Strides3 so, int64_t B, int64_t T, int64_t H, int64_t D, int64_t Dv, float scale, void* ws,
+                            size_t ws_bytes, cudaStream_t s) {
+  DSV3_CHECK(attention_causal_flash_supported(D, Dv), "attention_causal_flash: head dims {} / {} have no kernel", D, Dv);
+  DSV3_CHECK(H <= 65535 && B <= 65535 && B * T <= INT_MAX,
+             "attention_causal_flash: {} sequences x {} tokens x {} heads is too many", B, T, H);
+  if (B * T * H == 0) return;
+  const size_t need = attention_causal_flash_workspace(B, T, H, D, Dv);
+  DSV3_CHECK(ws_bytes >= need, "attention_causal_flash: workspace of {} bytes, {} needed", ws_bytes, need);
+  auto* qp = reinterpret_cast<uint16_t*>(align256(ws));                       // [B, H, T, D]
+  auto* kp = reinterpret_cast<uint16_t*>(align256(qp + B * H * T * D));     // [B, H, T, D]
+  auto* vp = reinterpret_cast<uint16_t*>(align256(kp + B * H * T * D));     // [B, H, T, Dv]
+  PackArgs a{};
+  a.src[0] = q;
+  a.src[1] = k;
+  a.src[2] = v;
+  a.s[0] = sq;
+  a.s[1] = sk;
+  a.s[2] = sv;
+  a.dst[0] = qp;
+  a.dst[1] = kp;
+  a.dst[2] = vp;
+  a.dim[0] = a.dim[1] = int(D);
+  a.dim[2] = int(Dv);
+  a.vec[0] = aligned16(q, sq);
+  a.vec[1] = aligned16(k, sk);
+  a.vec[2] = aligned16(v, sv);
+  const int64_t quads = H * std::max(D, Dv) / 4;  // per token and tensor
+  const int threads = int(std::min<int64_t>(256, round_up(quads, 32)));
+  const dim3 pgrid(unsigned(B * T), unsigned(ceil_div(quads, threads)), 3);
+  k_flash_pack<<<pgrid, threads, 0, s>>>(a, int(T), int(H));
+  DSV3_CUDA_CHECK_LAUNCH("attention_causal_flash pack kernel");
+  if (D == 64)
+    launch_flash<64, 64>(qp, kp, vp, out, so, B, T, H, scale, s);
+  else if (D == 96)
+    launch_flash<96, 64>(qp, kp, vp, out, so, B, T, H, scale, s);
+  else
+    launch_flash<192, 128>(qp, kp, vp, out, so, B, T, H, scale, s);
+}
+
+}  // namespace dsv3::cuda
