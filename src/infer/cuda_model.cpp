@@ -15,6 +15,7 @@
 #include "kernels/cuda/cuda_ops.h"
 #include "kernels/cuda/infer_ops.h"
 #include "kernels/cuda/moe_ops.h"
+#include "kernels/cuda/persistent_ops.h"
 #include "model/loader.h"
 #include "model/rope.h"
 
@@ -114,7 +115,7 @@ struct Arena {
 enum Slot : size_t {
   S_META, S_H, S_XACT, S_QA, S_QAN, S_Q, S_CN, S_KV, S_K, S_O, S_OACT, S_ATT, S_QC, S_OL, S_AWS, S_X2, S_FFN, S_GU,
   S_A, S_LOGIT, S_IDX, S_W, S_SLOTS, S_PERM, S_XG, S_YE, S_MOEWS, S_FINAL, S_ROWS, S_ROWSACT, S_MTPCAT, S_EMB, S_HPREV, S_ERR, S_CNA,
-  S_TAKE, S_COUNT
+  S_TAKE, S_PERSIST, S_COUNT
 };
 
 // One execution context: a cuBLASLt handle and the scratch it and the kernels use. Decode steps that are
@@ -192,6 +193,12 @@ struct CudaModel::Impl {
   bool gemm_attention = false;
   // DSV3_UNFUSED_SHARED=1: decode steps run the shared experts as their own MLP (three launches), for A/B runs.
   bool fused_shared = true;
+  // The persistent batch-1 decode kernel: its per-layer weight table (device), shape and barrier counters; empty
+  // `persist_why` when every layer qualifies.
+  DBuf<cuda::PersistentLayer> persist_layers;
+  cuda::PersistentShape persist_shape;
+  DBuf<uint32_t> persist_bar;
+  std::string persist_why = "not built";
   std::vector<LayerW> layers;
   std::vector<MtpW> mtp;
   int64_t weight_bytes = 0, decode_bytes = 0;
@@ -465,6 +472,8 @@ struct CudaModel::Impl {
     }
     cuda::synchronize();
 
+    build_persistent();
+
     // What one batch-1 decode step reads at least.
     decode_bytes = head.bytes() + int64_t(norm.bytes()) + D * int64_t(dtype_size(act));
     for (const LayerW& L : layers) {
@@ -475,6 +484,65 @@ struct CudaModel::Impl {
         if (L.moe->shared) decode_bytes += L.moe->shared->bytes();
       }
     }
+  }
+
+  // The persistent decode kernel's tables, when the model qualifies: bf16 throughout (the router f32), a q LoRA.
+  void build_persistent() {
+    const char* off = std::getenv("DSV3_NO_PERSISTENT");
+    if (!opt.persistent_decode || (off && *off && std::string(off) != "0")) {
+      persist_why = "switched off";
+      return;
+    }
+    if (act != DType::BF16) {
+      persist_why = "fp32 compute";
+      return;
+    }
+    const ModelConfig& c = cfg;
+    std::vector<cuda::PersistentLayer> t;
+    int64_t units = 0;
+    auto bf = [](const Lin& l) { return l.type == DType::BF16 && l.split == 0; };
+    for (const LayerW& L : layers) {
+      const AttnW& a = L.attn;
+      if (!a.lora || !bf(a.in) || !bf(a.q_b) || !bf(a.o)) {
+        persist_why = "attention weights not bf16 with a q LoRA";
+        return;
+      }
+      cuda::PersistentLayer p;
+      p.ln1 = L.ln1.get(), p.ln2 = L.ln2.get();
+      p.w_in = a.in.w.get(), p.q_a_ln = a.q_a_ln.get(), p.w_qb = a.q_b.w.get(), p.kv_a_ln = a.kv_a_ln.get();
+      p.wuk = a.wkv, p.wuv_t = a.wuv_t.get(), p.w_o = a.o.w.get(), p.cache_layer = L.cache_layer;
+      const MlpW* fixed = L.mlp ? &*L.mlp : (L.moe && L.moe->shared ? &*L.moe->shared : nullptr);
+      if (fixed) {
+        if (!bf(fixed->gu) || !bf(fixed->down)) {
+          persist_why = "MLP weights not bf16";
+          return;
+        }
+        p.fix_gu = fixed->gu.w.get(), p.fix_dn = fixed->down.w.get(), p.fix_I = fixed->I;
+      }
+      if (L.moe) {
+        const MoeW& e = *L.moe;
+        if (!e.use_table || e.table.type != DType::BF16 || e.gate.type != DType::F32) {
+          persist_why = "routed experts not bf16";
+          return;
+        }
+        p.gate = reinterpret_cast<const float*>(e.gate.w.get());
+        p.bias = e.has_bias ? e.bias.get() : nullptr;
+        p.exp_gu = e.table.d_gate_up(), p.exp_dn = e.table.d_down(), p.exp_I = e.table.I;
+      }
+      units = std::max(units, p.fix_I + (p.gate ? router.top_k * p.exp_I : 0));
+      t.push_back(p);
+    }
+    cuda::PersistentShape& sh = persist_shape;
+    sh.D = D, sh.H = H, sh.dn = dn, sh.dr = dr, sh.dv = dv, sh.kvr = kvr, sh.nq = c.q_lora_rank, sh.E = c.n_routed_experts;
+    sh.layers = int64_t(layers.size()), sh.block_size = kBlock, sh.max_units = units, sh.eps = eps, sh.scale = scale;
+    sh.router = router;
+    persist_why = cuda::decode_persistent_unsupported(sh, opt.persistent_blocks);
+    if (!persist_why.empty()) return;
+    persist_layers = DBuf<cuda::PersistentLayer>(t.size());
+    cuda::copy_to_device(persist_layers.get(), t.data(), t.size() * sizeof(cuda::PersistentLayer));
+    persist_bar = DBuf<uint32_t>(2);
+    cuda::memset_device(persist_bar.get(), 0, 8);
+    cuda::synchronize();
   }
 
   // ---------------------------------------------------------------------------------------------------
@@ -921,6 +989,23 @@ struct CudaModel::Impl {
     uint32_t* err = ex.arena.as<uint32_t>(S_ERR, 1);
     cuda::embedding_reset_error(err, s());
     cuda::embedding(DType::I64, r.ids, M, act, embed.get(), V, D, h, D, err, s());
+    if (no_sync && M == 1 && persist_why.empty() && r.calls.size() == 1 && r.calls[0].s_q == 1 && !r.fresh) {
+      // One new token of one sequence: the whole stack in one persistent kernel, then the head's GEMV.
+      float* fin = ex.arena.as<float>(S_FINAL, D);
+      void* xa = ex.arena.get(S_ROWSACT, size_t(D) * dtype_size(act));
+      const size_t wsb = cuda::decode_persistent_workspace_bytes(persist_shape, opt.persistent_blocks);
+      cuda::PersistentShape sh = persist_shape;
+      sh.max_blocks = r.cache->max_blocks;
+      cuda::PersistentIO io;
+      io.h = h, io.pos = r.pos64, io.table = r.table, io.dst_row = r.dst_rows, io.rope = rope_table.get();
+      io.pool = r.cache->pool.get(), io.pool_layer_bytes = int64_t(r.cache->layer_bytes());
+      io.final_norm = norm.get(), io.fin = fin, io.xa = xa;
+      cuda::decode_persistent(sh, persist_layers.get(), io, persist_bar.get(), ex.arena.get(S_PERSIST, wsb), wsb, s(),
+                              opt.persistent_blocks);
+      float* lg = ex.arena.as<float>(S_LOGIT, out_rows * V);
+      lin(ex, head, xa, D, lg, V, out_rows);
+      return;
+    }
     const float* pending = nullptr;
     for (const LayerW& L : layers) pending = layer_fwd(ex, L, h, pending, r, no_sync);
     float* fin = ex.arena.as<float>(S_FINAL, M * D);
@@ -1035,6 +1120,8 @@ std::unique_ptr<CudaModel> CudaModel::load(const Transformer& host, const CudaMo
     const cuda::DeviceInfo d = cuda::device_info();
     std::fprintf(stderr, "cuda: %s, %s of weights (%s) uploaded in %.1f s\n", d.name.c_str(), gib(double(impl->weight_bytes)).c_str(),
                  dtype_name(impl->act), sec);
+    std::fprintf(stderr, "cuda: batch-1 decode as one persistent kernel: %s\n",
+                 impl->persist_why.empty() ? "yes" : ("no (" + impl->persist_why + ")").c_str());
   }
   return std::unique_ptr<CudaModel>(new CudaModel(std::move(impl)));
 }
@@ -1046,6 +1133,7 @@ int64_t CudaModel::weight_bytes() const { return impl_->weight_bytes; }
 int64_t CudaModel::decode_bytes_per_token() const { return impl_->decode_bytes; }
 DType CudaModel::dtype() const { return impl_->act; }
 int64_t CudaModel::graph_replays() const { return impl_->replays; }
+std::string CudaModel::persistent_decode_unavailable() const { return impl_->persist_why; }
 
 double CudaModel::time_last_graph_ms(int reps) const {
   const Impl& m = *impl_;

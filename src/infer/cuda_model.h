@@ -12,6 +12,7 @@
 // Built only with CUDA (DSV3_HAVE_CUDA); the header itself needs no CUDA headers.
 #pragma once
 #include <memory>
+#include <string>
 
 #include "infer/step_model.h"
 
@@ -22,6 +23,10 @@ struct CudaModelOptions {
   bool fp8_native = true;     // FP8 checkpoints with BF16: cuBLASLt block-scaled FP8 GEMMs
   bool graphs = true;         // capture decode steps as CUDA graphs
   bool verbose = false;       // one line about the upload (bytes, seconds) on stderr
+  // Batch-1 decode steps of bf16 models as one persistent kernel (persistent_ops.h) where the shape allows;
+  // off (or DSV3_NO_PERSISTENT=1): the per-op launches. persistent_blocks > 0 sets its grid (tests), else one per SM.
+  bool persistent_decode = true;
+  int persistent_blocks = 0;
 };
 
 class CudaModel final : public StepModel {
@@ -50,6 +55,8 @@ class CudaModel final : public StepModel {
   int64_t decode_bytes_per_token() const;
   DType dtype() const;
   int64_t graph_replays() const;  // decode steps that ran as a replayed CUDA graph
+  // Empty when batch-1 decode steps run as the persistent kernel, else why they do not.
+  std::string persistent_decode_unavailable() const;
   // Benchmarking: GPU milliseconds per replay of the most recently captured decode graph (replayed `reps`
   // times back to back, event-timed; it rewrites the same cache rows, so that cache must still exist), or -1
   // when none was captured.

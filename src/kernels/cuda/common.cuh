@@ -144,6 +144,14 @@ __device__ __forceinline__ void mbar_wait_parity(uint64_t* bar, uint32_t parity)
       "r"(parity)
       : "memory");
 }
+// Adds `bytes` to the transactions the barrier's current phase waits for (no arrival), and one plain arrival: a
+// phase filled by several copies is armed per copy, then closed by the arrive.
+__device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(bar)) : "memory");
+}
 // Orders this thread's earlier generic-proxy shared-memory accesses before later async-proxy ones (a refill of a
 // buffer that was just read).
 __device__ __forceinline__ void fence_proxy_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }

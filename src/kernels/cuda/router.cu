@@ -2,87 +2,12 @@
 // decode-step router that computes the gate logits and routes in one launch.
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/cuda_ops.h"
+#include "kernels/cuda/route_warp.cuh"
 
 namespace dsv3::cuda {
 
 namespace {
 using namespace dev;
-
-constexpr int kMaxE = 1024, kMaxG = 64, kMaxK = 32;
-
-// (value, index) order of the CPU's partial_sort: larger value first, ties to the lower index.
-__device__ __forceinline__ bool better(float a, int ia, float b, int ib) { return a > b || (a == b && ia < ib); }
-
-// The best (value, index) over the warp's candidates (bi == INT32_MAX: none); every lane gets the result.
-__device__ __forceinline__ void warp_best(float& bv, int& bi) {
-  for (int o = 16; o > 0; o >>= 1) {
-    const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-    const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-    if (oi != INT32_MAX && (bi == INT32_MAX || better(ov, oi, bv, bi))) { bv = ov; bi = oi; }
-  }
-}
-
-// One token routed by one warp, exactly as ops::moe_route: sigmoid scores s, choice scores c = s + bias; with
-// groups, a group scores the sum of its two best choices, the topk_group best groups stay and the experts of the
-// others compete with choice 0.0 (transformers' masked_fill); the top_k best choices win (ties to the lower
-// index), weighted s / Σ s (norm_topk_prob) · routed_scaling_factor, summed in the chosen order like the CPU.
-// s, c: E floats of this warp's shared memory, gs: n_group floats. Logits are read past L1 (__ldcg): in the fused
-// router they were written by other blocks of the same launch. E <= 1024, n_group <= 64, top_k <= 32.
-__device__ void route_warp(const float* __restrict__ logits, int E, const float* __restrict__ bias, const RouterConfig& p,
-                           float* s, float* c, float* gs, int32_t* __restrict__ idx, float* __restrict__ w) {
-  const int lane = threadIdx.x & 31;
-  for (int e = lane; e < E; e += 32) {
-    const float v = 1.0f / (1.0f + expf(-__ldcg(logits + e)));
-    s[e] = v;
-    c[e] = v + (bias ? bias[e] : 0.0f);
-  }
-  __syncwarp();
-  const int G = p.n_group, per = E / G;
-  if (G > 1) {
-    for (int g = lane; g < G; g += 32) {
-      float t1 = -INFINITY, t2 = -INFINITY;
-      for (int e = g * per; e < (g + 1) * per; ++e) {
-        const float v = c[e];
-        if (v > t1) { t2 = t1; t1 = v; } else if (v > t2) { t2 = v; }
-      }
-      gs[g] = t1 + t2;
-    }
-    __syncwarp();
-    uint64_t keep = 0;
-    for (int i = 0; i < p.topk_group; ++i) {
-      float bv = -INFINITY;
-      int bi = INT32_MAX;
-      for (int g = lane; g < G; g += 32)
-        if (!((keep >> g) & 1u) && (bi == INT32_MAX || better(gs[g], g, bv, bi))) { bv = gs[g]; bi = g; }
-      warp_best(bv, bi);
-      keep |= uint64_t(1) << bi;
-    }
-    for (int e = lane; e < E; e += 32)
-      if (!((keep >> (e / per)) & 1u)) c[e] = 0.0f;
-    __syncwarp();
-  }
-  uint32_t taken = 0;  // bit i: expert lane + 32·i
-  int chosen[kMaxK];
-  for (int k = 0; k < p.top_k; ++k) {
-    float bv = -INFINITY;
-    int bi = INT32_MAX;
-    for (int e = lane, i = 0; e < E; e += 32, ++i)
-      if (!((taken >> i) & 1u) && (bi == INT32_MAX || better(c[e], e, bv, bi))) { bv = c[e]; bi = e; }
-    warp_best(bv, bi);
-    if ((bi & 31) == lane) taken |= 1u << (bi >> 5);
-    chosen[k] = bi;
-  }
-  if (lane == 0) {
-    float sum = 0.0f;
-    for (int i = 0; i < p.top_k; ++i) sum += s[chosen[i]];
-    const float denom = p.norm_topk_prob ? sum + 1e-20f : 1.0f;
-    for (int i = 0; i < p.top_k; ++i) {
-      idx[i] = chosen[i];
-      w[i] = s[chosen[i]] / denom * p.routed_scaling_factor;
-    }
-  }
-  __syncwarp();
-}
 
 constexpr int kRouteWarps = 8;
 size_t route_smem(int E, int G) { return sizeof(float) * size_t(kRouteWarps) * size_t(2 * E + G); }
@@ -173,7 +98,7 @@ void check_router(int64_t E, const RouterConfig& p, const char* what) {
   DSV3_CHECK(p.n_group >= 1 && E % p.n_group == 0 && p.topk_group >= 1 && p.topk_group <= p.n_group && p.top_k >= 1 &&
                  p.top_k <= p.topk_group * (E / p.n_group),
              "{}: invalid router parameters", what);
-  DSV3_CHECK(E <= kMaxE && p.n_group <= kMaxG && p.top_k <= kMaxK, "{}: E {} / n_group {} / top_k {} beyond the kernel's limits", what,
+  DSV3_CHECK(E <= kRouteMaxE && p.n_group <= kRouteMaxG && p.top_k <= kRouteMaxK, "{}: E {} / n_group {} / top_k {} beyond the kernel's limits", what,
              E, p.n_group, p.top_k);
 }
 void set_route_smem(const void* f, size_t bytes) {

@@ -1,0 +1,924 @@
+// The batch-1 decode step as one persistent kernel (see persistent_ops.h for what and why).
+//
+// Pipeline: every stage's weights go to shared memory by cp.async into one of two buffers while the stage before
+// computes and while the block waits at the grid barrier (a stage issues the next stage's copies right after it
+// arrives), so a stage starts with its operands on chip; one cp.async group per stage keeps the waits uniform
+// (wait_group 1: everything but the newest group). The routed experts are known only once the router's logits are
+// in: every block routes the token itself (route_warp, the router kernels' code), then copies its gate|up rows and
+// the next stage's down rows at once.
+//
+// Data written by one block and read by another inside the launch is read with ld.global.cg (L2, never a stale
+// L1 line) after a grid barrier: __syncthreads, then thread 0 fences and adds to a global counter, and waits with
+// acquire loads until every block has added.
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+
+#include "kernels/cuda/common.cuh"
+#include "kernels/cuda/persistent_ops.h"
+#include "kernels/cuda/route_warp.cuh"
+
+namespace dsv3::cuda {
+
+using namespace dev;
+
+namespace {
+constexpr int kT = 256, kW = kT / 32;
+constexpr int kMaxH = 16;       // heads a block's attention accumulators hold
+constexpr int kTile = 64;       // cache rows staged at a time
+constexpr int kPad = 8;         // bf16 padding per staged cache row (odd 16-byte stride: conflict-free row reads)
+constexpr int kSplitRows = 16;  // context rows per block before the context is split over fewer, longer pieces
+constexpr int kMaxSplitsPerLane = 8;  // the merge's warp holds the split statistics: at most 256 blocks
+
+struct Work {
+  float *r1, *r2, *ffn, *att, *qkv, *q, *qc, *o, *logits, *act, *ml, *part;
+};
+struct Args {
+  PersistentShape s;
+  const PersistentLayer* layers;
+  PersistentIO io;
+  Work w;
+  uint32_t* bar;
+  unsigned long long* trace;  // null, or [gridDim.x][kTraceEvents] globaltimer stamps (DSV3_PERSISTENT_TRACE=1)
+  int flags;  // DSV3_PERSISTENT_FLAGS (experiments): 1 barrier arrive by red.release, 2 down rows copied after gate|up
+  int wb;    // bytes of one weight buffer
+  int xmax;  // floats of the input-vector buffer
+};
+
+int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Shared-memory plan, the same on host and device.
+struct Plan {
+  int64_t wb = 0, xmax = 0, misc = 0, smem = 0;
+};
+Plan plan_of(const PersistentShape& s, int nb) {
+  const int64_t nin = s.nq + s.kvr + s.dr, dqk = s.dn + s.dr, W = s.kvr + s.dr;
+  int64_t wb = 0;
+  auto at_least = [&](int64_t b) { wb = std::max(wb, b); };
+  at_least(cdiv(nin, nb) * s.D * 2);
+  at_least(cdiv(s.H * dqk, nb) * s.nq * 2);
+  at_least(s.dn * s.kvr * 2);
+  at_least(kTile * (W + kPad) * 2 + s.H * W * 4 + s.H * kTile * 4);
+  at_least(s.kvr * s.dv * 2);
+  at_least(cdiv(s.D, nb) * s.H * s.dv * 2);
+  at_least(cdiv(s.E, nb) * s.D * 4);
+  at_least(2 * cdiv(s.max_units, nb) * s.D * 2);
+  at_least(cdiv(s.D, nb) * s.max_units * 2);
+  Plan p;
+  p.wb = (wb + 15) / 16 * 16;
+  p.xmax = std::max({s.D, s.nq, s.H * s.dv, s.max_units, s.kvr + kT, s.dn + s.dr + s.kvr + s.dr});
+  p.xmax = (p.xmax + 3) / 4 * 4;
+  p.misc = 32 + 3 * kMaxH + 32 + 32 + 8 + 4 * s.E + 132 + 4 * s.E + s.router.n_group + nb;
+  p.smem = 2 * p.wb + 4 * (p.xmax + p.misc);
+  return p;
+}
+
+constexpr int kTraceEvents = 512;
+__device__ __forceinline__ unsigned long long global_ns() {
+  unsigned long long v;
+  asm volatile("mov.u64 %0, %globaltimer;" : "=l"(v));
+  return v;
+}
+struct GridBarrier {
+  uint32_t* ctr;
+  unsigned long long* trace;
+  int flags;
+  uint32_t target = 0;
+  int ev = 0;
+  // Intra-stage probes (trace events 400 + i) of one layer, for finding where a stage's time goes.
+  __device__ __forceinline__ void probe(int i) {
+    if (trace && threadIdx.x == 0) trace[blockIdx.x * kTraceEvents + 400 + i] = global_ns();
+  }
+  __device__ __forceinline__ void stamp() {
+    if (trace && threadIdx.x == 0 && ev < kTraceEvents) trace[blockIdx.x * kTraceEvents + ev] = global_ns();
+    ++ev;
+  }
+  // This block's writes so far are visible to every block that has waited past the matching wait().
+  __device__ __forceinline__ void arrive() {
+    __syncthreads();
+    stamp();
+    target += gridDim.x;
+    if (threadIdx.x == 0) {
+      if (flags & 4) {  // measurement only: no release ordering (not a correct barrier)
+        atomicAdd(ctr, 1u);
+      } else if (flags & 1) {
+        asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(ctr) : "memory");
+      } else {
+        __threadfence();
+        atomicAdd(ctr, 1u);
+      }
+    }
+  }
+  __device__ __forceinline__ void wait() {
+    if (threadIdx.x == 0) {
+      uint32_t v;
+      do {
+        asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(ctr) : "memory");
+      } while (v < target);
+    }
+    stamp();
+    __syncthreads();
+  }
+};
+
+// This block's share [r0, r1) of n items.
+__device__ __forceinline__ void share(int64_t n, int b, int nb, int64_t& r0, int64_t& r1) {
+  r0 = n * b / nb;
+  r1 = n * (b + 1) / nb;
+}
+__device__ __forceinline__ float round_bf16(float v) { return bf16_to_f32(f32_to_bf16(v)); }
+__device__ __forceinline__ float dot8(const uint4 w, const float* x) {
+  const float4 a = *reinterpret_cast<const float4*>(x), b = *reinterpret_cast<const float4*>(x + 4);
+  float s = __uint_as_float(w.x << 16) * a.x;
+  s = fmaf(__uint_as_float(w.x & 0xffff0000u), a.y, s);
+  s = fmaf(__uint_as_float(w.y << 16), a.z, s);
+  s = fmaf(__uint_as_float(w.y & 0xffff0000u), a.w, s);
+  s = fmaf(__uint_as_float(w.z << 16), b.x, s);
+  s = fmaf(__uint_as_float(w.z & 0xffff0000u), b.y, s);
+  s = fmaf(__uint_as_float(w.w << 16), b.z, s);
+  s = fmaf(__uint_as_float(w.w & 0xffff0000u), b.w, s);
+  return s;
+}
+// Σ row[k]·x[k] over a warp (row bf16, x f32, both in shared memory, K % 8 == 0); every lane gets the sum.
+__device__ __forceinline__ float warp_dot(const uint16_t* row, const float* x, int K) {
+  float acc = 0.0f;
+  for (int c = threadIdx.x & 31; c < K / 8; c += 32) acc += dot8(*reinterpret_cast<const uint4*>(row + c * 8), x + c * 8);
+  return warp_sum(acc);
+}
+// Two rows against the same x (gate and up): x read once.
+__device__ __forceinline__ float2 warp_dot2(const uint16_t* r0, const uint16_t* r1, const float* x, int K) {
+  float a0 = 0.0f, a1 = 0.0f;
+  for (int c = threadIdx.x & 31; c < K / 8; c += 32) {
+    a0 += dot8(*reinterpret_cast<const uint4*>(r0 + c * 8), x + c * 8);
+    a1 += dot8(*reinterpret_cast<const uint4*>(r1 + c * 8), x + c * 8);
+  }
+  return make_float2(warp_sum(a0), warp_sum(a1));
+}
+__device__ __forceinline__ float warp_dot_f32(const float* row, const float* x, int K) {
+  float acc = 0.0f;
+  for (int c = threadIdx.x & 31; c < K / 4; c += 32) {
+    const float4 w = *reinterpret_cast<const float4*>(row + c * 4), v = *reinterpret_cast<const float4*>(x + c * 4);
+    acc = fmaf(w.x, v.x, fmaf(w.y, v.y, fmaf(w.z, v.z, fmaf(w.w, v.w, acc))));
+  }
+  return warp_sum(acc);
+}
+// xs[0, n) = gamma · (xs · r), r = 1 / sqrt(mean(xs²) + eps) (rmsnorm_to's order), optionally rounded to bf16. Each
+// thread touches the indices t, t + kT, ... it wrote itself.
+__device__ __forceinline__ void norm_in_place(float* xs, int n, const float* gamma, float eps, bool round, float* red) {
+  float ss = 0.0f;
+  for (int j = threadIdx.x; j < n; j += kT) ss += xs[j] * xs[j];
+  ss = block_sum(ss, red);
+  const float r = 1.0f / sqrtf(ss / float(n) + eps);
+  constexpr int U = 8;  // gamma's loads of a thread issued together (one round trip, not one per element)
+  for (int base = 0; base < n; base += U * kT) {
+    float g[U];
+#pragma unroll
+    for (int i = 0; i < U; ++i) {
+      const int j = base + threadIdx.x + i * kT;
+      g[i] = j < n ? __ldg(gamma + j) : 0.0f;
+    }
+#pragma unroll
+    for (int i = 0; i < U; ++i) {
+      const int j = base + threadIdx.x + i * kT;
+      if (j < n) {
+        const float y = g[i] * (xs[j] * r);
+        xs[j] = round ? round_bf16(y) : y;
+      }
+    }
+  }
+  __syncthreads();
+}
+
+// A piece of the FFN's concatenated units: the fixed expert first, then the routed ones in the router's order.
+struct Seg {
+  const uint16_t* gu;
+  const uint16_t* dn;
+  int64_t I, start;
+};
+__device__ __forceinline__ int seg_count(const PersistentLayer& L, int top_k) { return (L.fix_I > 0 ? 1 : 0) + (L.gate ? top_k : 0); }
+// seg_gu / seg_dn: the chosen experts' weights in the router's order (shared memory, filled after routing).
+__device__ __forceinline__ Seg seg_at(const PersistentLayer& L, int i, const uint16_t* const* seg_gu, const uint16_t* const* seg_dn) {
+  if (L.fix_I > 0) {
+    if (i == 0) return {static_cast<const uint16_t*>(L.fix_gu), static_cast<const uint16_t*>(L.fix_dn), L.fix_I, 0};
+    --i;
+  }
+  return {seg_gu[i], seg_dn[i], L.exp_I, L.fix_I + i * L.exp_I};
+}
+
+// dst[i] = a[i] (+ b[i]) for i < n (n % 4 == 0, all 16-byte aligned), read from L2 (written by other blocks of the
+// launch); `also` (global, or null) gets the same values. Every load of a thread is issued before its first store
+// (one L2 round trip, not one per element); ends with __syncthreads.
+__device__ __forceinline__ void load_vec(float* dst, const float* a, const float* b, int n, float* also = nullptr) {
+  constexpr int U = 8;
+  const int n4 = n / 4;
+  for (int base = 0; base < n4; base += U * kT) {
+    float4 va[U], vb[U];
+#pragma unroll
+    for (int i = 0; i < U; ++i) {
+      const int c = base + threadIdx.x + i * kT;
+      if (c < n4) {
+        va[i] = __ldcg(reinterpret_cast<const float4*>(a) + c);
+        if (b) vb[i] = __ldcg(reinterpret_cast<const float4*>(b) + c);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < U; ++i) {
+      const int c = base + threadIdx.x + i * kT;
+      if (c < n4) {
+        float4 v = va[i];
+        if (b) v.x += vb[i].x, v.y += vb[i].y, v.z += vb[i].z, v.w += vb[i].w;
+        reinterpret_cast<float4*>(dst)[c] = v;
+        if (also) reinterpret_cast<float4*>(also)[c] = v;
+      }
+    }
+  }
+  __syncthreads();
+}
+
+__global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
+  extern __shared__ __align__(16) unsigned char sm[];
+  const PersistentShape& s = a.s;
+  const Work& w = a.w;
+  const int b = blockIdx.x, nb = gridDim.x, t = threadIdx.x, lane = t & 31, warp = t >> 5;
+  const int D = int(s.D), H = int(s.H), dn = int(s.dn), dr = int(s.dr), dv = int(s.dv), kvr = int(s.kvr), nq = int(s.nq);
+  const int E = int(s.E), K = s.router.top_k, nin = nq + kvr + dr, dqk = dn + dr, W = kvr + dr, hd = dn + dv, KS = W + kPad;
+  unsigned char* buf[2] = {sm, sm + a.wb};
+  float* xs = reinterpret_cast<float*>(sm + 2 * a.wb);
+  float* red = xs + a.xmax;
+  float* runm = red + 32;
+  float* runl = runm + kMaxH;
+  float* alph = runl + kMaxH;
+  int* ridx = reinterpret_cast<int*>(alph + kMaxH);
+  float* rw = reinterpret_cast<float*>(ridx + 32);
+  uint64_t* mb = reinterpret_cast<uint64_t*>(rw + 32);   // mbarriers: buffer 0, buffer 1, the routed gate|up rows
+  const uint16_t** ptab_gu = reinterpret_cast<const uint16_t**>(mb + 4);  // [E] every expert's weights (copied in)
+  const uint16_t** ptab_dn = ptab_gu + E;                                  // [E]
+  const uint16_t** seg_gu = ptab_dn + E;                                   // [33] the chosen experts' weights
+  const uint16_t** seg_dn = seg_gu + 33;                                  // [33]
+  float* lgs = reinterpret_cast<float*>(seg_dn + 33);   // [E] the router's logits
+  float* bias_s = lgs + E;                               // [E] its choice bias
+  float* rsc = bias_s + E;                               // router scratch: 2E + n_group
+  float* wsp = rsc + 2 * E + s.router.n_group;           // split weights of the merge
+  GridBarrier bar{a.bar, a.trace, a.flags};
+  if (t == 0) {
+    for (int i = 0; i < 3; ++i) mbar_init(&mb[i], 1);
+    mbar_init_fence();
+  }
+  __syncthreads();
+  uint32_t phase = 0;  // bit i: the parity of barrier i's phase being filled (the same in every thread)
+
+  const int64_t pos = a.io.pos[0];
+  const int64_t L = pos + 1;
+  const int32_t* btab = a.io.table;
+  const int64_t nsplit = min(int64_t(nb), (L + kSplitRows - 1) / kSplitRows), rps = (L + nsplit - 1) / nsplit;
+  const int64_t a0 = min(L, b * rps), a1 = min(L, a0 + rps);  // this block's context rows (empty for b >= nsplit)
+  const float2* cs = reinterpret_cast<const float2*>(a.io.rope) + pos * (dr / 2);
+
+  // ---- operand copies: one phase of mbarrier `which` filled by bulk copies that the last warp issues (any number of
+  // pieces; an empty fill completes at once), waited for by every thread ----
+  constexpr int64_t kPiece = 1 << 19;  // bytes per bulk copy (few, large copies: the copy queue is short)
+  auto fill = [&](int which, auto&& pieces) {
+    if (warp == kW - 1) {  // not warp 0: its thread 0 waits at the grid barrier meanwhile
+      fence_proxy_async_smem();  // the buffer's earlier (generic) reads before the copies' writes
+      int k = 0;
+      pieces([&](void* dst, const void* src, int64_t bytes) {
+        for (int64_t off = 0; off < bytes; off += kPiece, ++k) {
+          if ((k & 31) != lane) continue;
+          const uint32_t n = uint32_t(min(kPiece, bytes - off));
+          mbar_expect_tx(&mb[which], n);
+          bulk_copy_g2s(static_cast<char*>(dst) + off, static_cast<const char*>(src) + off, n, &mb[which]);
+        }
+      });
+      __syncwarp();
+      if (lane == 0) mbar_arrive(&mb[which]);
+    }
+  };
+  auto wait_fill = [&](int which) {
+    mbar_wait_parity(&mb[which], (phase >> which) & 1u);
+    phase ^= 1u << which;
+  };
+  auto rows_of = [&](int which, const void* base, int64_t n, int64_t k, int64_t es) {
+    int64_t r0, r1;
+    share(n, b, nb, r0, r1);
+    fill(which, [&](auto&& emit) {
+      if (r1 > r0) emit(buf[which], static_cast<const char*>(base) + r0 * k * es, (r1 - r0) * k * es);
+    });
+  };
+  auto pool_of = [&](const PersistentLayer& Lp) {
+    return reinterpret_cast<uint16_t*>(static_cast<char*>(a.io.pool) + Lp.cache_layer * a.io.pool_layer_bytes);
+  };
+  // Cache rows [c0, c1) into buffer `which` (row pos excepted: this step writes it, and it is read directly).
+  auto tile_rows = [&](int which, const uint16_t* pool, int64_t c0, int64_t c1) {
+    if (warp == kW - 1) {  // one row per lane
+      fence_proxy_async_smem();
+      const int bs = int(s.block_size), n = int(c1 - c0);
+      for (int j = lane; j < n; j += 32) {
+        const int row = int(c0) + j, blk = row / bs;
+        if (row == int(pos)) continue;
+        mbar_expect_tx(&mb[which], uint32_t(W * 2));
+        bulk_copy_g2s(buf[which] + j * KS * 2, pool + (int64_t(btab[blk]) * bs + (row - blk * bs)) * W, uint32_t(W * 2), &mb[which]);
+      }
+      __syncwarp();
+      if (lane == 0) mbar_arrive(&mb[which]);
+    }
+  };
+  auto head_block = [&](int which, const void* base, int64_t offset_elems, int64_t n) {
+    fill(which, [&](auto&& emit) {
+      if (b < H) emit(buf[which], static_cast<const uint16_t*>(base) + offset_elems, n * 2);
+    });
+  };
+  // FFN units [u0, u1) of the fixed segment or of the routed ones: gate rows at dst, up rows at dst + cap·D.
+  auto gu_rows = [&](int which, const PersistentLayer& Lp, bool fixed, unsigned char* dst) {
+    const int64_t U = Lp.fix_I + (Lp.gate ? int64_t(K) * Lp.exp_I : 0), cap = (U + nb - 1) / nb;
+    int64_t u0, u1;
+    share(U, b, nb, u0, u1);
+    uint16_t* g = reinterpret_cast<uint16_t*>(dst);
+    uint16_t* u = g + cap * D;
+    const int has_fix = Lp.fix_I > 0 ? 1 : 0, n = seg_count(Lp, K);
+    fill(which, [&](auto&& emit) {
+      for (int i = fixed ? 0 : has_fix; i < (fixed ? has_fix : n); ++i) {
+        const Seg sg = seg_at(Lp, i, seg_gu, seg_dn);
+        const int64_t lo = max(u0, sg.start), hi = min(u1, sg.start + sg.I);
+        if (lo >= hi) continue;
+        emit(g + (lo - u0) * D, sg.gu + (lo - sg.start) * D, (hi - lo) * D * 2);
+        emit(u + (lo - u0) * D, sg.gu + (sg.I + lo - sg.start) * D, (hi - lo) * D * 2);
+      }
+    });
+  };
+  // Down rows [d0, d1) of every segment, one copy per segment (its rows are contiguous): segment e's [d1 - d0, I_e]
+  // block at element (d1 - d0)·start_e.
+  auto down_rows = [&](int which, const PersistentLayer& Lp) {
+    int64_t d0, d1;
+    share(D, b, nb, d0, d1);
+    uint16_t* o = reinterpret_cast<uint16_t*>(buf[which]);
+    const int n = seg_count(Lp, K);
+    fill(which, [&](auto&& emit) {
+      for (int i = 0; i < n; ++i) {
+        const Seg sg = seg_at(Lp, i, seg_gu, seg_dn);
+        if (d1 > d0) emit(o + (d1 - d0) * sg.start, sg.dn + d0 * sg.I, (d1 - d0) * sg.I * 2);
+      }
+    });
+  };
+  // y[r0 + i] = row i of the staged [r1 - r0, Kd] block · xs, one warp per row.
+  auto gemv_out = [&](const unsigned char* wsm, int64_t n, int Kd, float* y) {
+    int64_t r0, r1;
+    share(n, b, nb, r0, r1);
+    const uint16_t* m = reinterpret_cast<const uint16_t*>(wsm);
+    for (int64_t r = warp; r < r1 - r0; r += kW) {
+      const float v = warp_dot(m + r * Kd, xs, Kd);
+      if (lane == 0) y[r0 + r] = v;
+    }
+  };
+
+  int cur = 0;
+  rows_of(0, a.layers[0].w_in, nin, D, 2);
+  for (int64_t l = 0; l < s.layers; ++l) {
+    const PersistentLayer Lp = a.layers[l];
+    const bool moe = Lp.gate != nullptr;
+    uint16_t* pool = pool_of(Lp);
+
+    // ---- 1: residual + input norm, [q_a | kv_a] ----
+    rows_of(cur ^ 1, Lp.w_qb, int64_t(H) * dqk, nq, 2);
+    if (l > 0) bar.wait();
+    if (l == 0) load_vec(xs, a.io.h, nullptr, D, b == 0 ? w.r1 : nullptr);
+    else load_vec(xs, w.r2, w.ffn, D, b == 0 ? w.r1 : nullptr);
+    norm_in_place(xs, D, Lp.ln1, s.eps, true, red);
+    wait_fill(cur);
+    gemv_out(buf[cur], nin, D, w.qkv);
+    bar.arrive();
+    cur ^= 1;
+
+    // ---- 2: q_a norm, q_b ----
+    head_block(cur ^ 1, Lp.wuk, int64_t(b) * hd * kvr, int64_t(dn) * kvr);
+    bar.wait();
+    load_vec(xs, w.qkv, nullptr, nq);
+    norm_in_place(xs, nq, Lp.q_a_ln, s.eps, true, red);
+    wait_fill(cur);
+    gemv_out(buf[cur], int64_t(H) * dqk, nq, w.q);
+    bar.arrive();
+    cur ^= 1;
+
+    // ---- 3: q_nope·W_UK and RoPE(q_pe) per head (block h); the last block appends the new latent row ----
+    tile_rows(cur ^ 1, pool, a0, min(a1, a0 + kTile));
+    bar.wait();
+    if (b < H) load_vec(xs, w.q + int64_t(b) * dqk, nullptr, dqk);
+    if (b == nb - 1) {  // [kv_a_layernorm(c_kv) | RoPE(k_pe)] in bf16 at the token's pool row
+      float* kv = xs + dqk;  // [c_kv | k_pe] (past the head's q)
+      load_vec(kv, w.qkv + nq, nullptr, W);
+      float ss = 0.0f;
+      for (int j = t; j < kvr; j += kT) ss += kv[j] * kv[j];
+      ss = block_sum(ss, red);
+      const float r = 1.0f / sqrtf(ss / float(kvr) + s.eps);
+      uint16_t* row = pool + int64_t(a.io.dst_row[0]) * W;
+      for (int j = t; j < kvr; j += kT) row[j] = f32_to_bf16(Lp.kv_a_ln[j] * (kv[j] * r));
+      for (int i = t; i < dr / 2; i += kT) {
+        const float2 c = cs[i];
+        const float u = kv[kvr + 2 * i], v = kv[kvr + 2 * i + 1];
+        row[kvr + 2 * i] = f32_to_bf16(u * c.x - v * c.y);
+        row[kvr + 2 * i + 1] = f32_to_bf16(v * c.x + u * c.y);
+      }
+    }
+    wait_fill(cur);
+    if (b < H) {
+      const uint16_t* wk = reinterpret_cast<const uint16_t*>(buf[cur]);
+      float* qc = w.qc + int64_t(b) * W;
+      for (int j = t; j < kvr; j += kT) {
+        float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        int d = 0;
+        for (; d + 4 <= dn; d += 4) {
+#pragma unroll
+          for (int u = 0; u < 4; ++u) acc[u] = fmaf(xs[d + u], bf16_to_f32(wk[(d + u) * kvr + j]), acc[u]);
+        }
+        for (; d < dn; ++d) acc[0] = fmaf(xs[d], bf16_to_f32(wk[d * kvr + j]), acc[0]);
+        qc[j] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+      }
+      for (int i = t; i < dr / 2; i += kT) {
+        const float2 c = cs[i];
+        const float x = xs[dn + 2 * i], y = xs[dn + 2 * i + 1];
+        qc[kvr + 2 * i] = x * c.x - y * c.y;
+        qc[kvr + 2 * i + 1] = y * c.x + x * c.y;
+      }
+    }
+    bar.arrive();
+    cur ^= 1;
+
+    // ---- 4: attention of every head over this block's context rows (online softmax), f32 partials ----
+    head_block(cur ^ 1, Lp.wuv_t, int64_t(b) * kvr * dv, int64_t(kvr) * dv);
+    bar.wait();
+    if (b < nsplit && t < H) runm[t] = -INFINITY, runl[t] = 0.0f;
+    uint16_t* tile = reinterpret_cast<uint16_t*>(buf[cur]);
+    float* qs = reinterpret_cast<float*>(buf[cur] + kTile * KS * 2);  // [H][W]
+    float* sc = qs + H * W;                                           // [H][kTile]
+    const bool pa = l == 1;
+    if (pa) bar.probe(11);
+    if (a0 < a1) load_vec(qs, w.qc, nullptr, H * W);
+    if (pa) bar.probe(12);
+    wait_fill(cur);
+    if (pa) bar.probe(13);
+    if (a0 < a1) {
+      float acc[2][kMaxH];
+#pragma unroll
+      for (int u = 0; u < 2; ++u)
+#pragma unroll
+        for (int h = 0; h < kMaxH; ++h) acc[u][h] = 0.0f;
+      for (int64_t c0 = a0; c0 < a1; c0 += kTile) {
+        const int n = int(min(int64_t(kTile), a1 - c0));
+        if (c0 > a0) {  // later tiles: once every thread is done with the previous one
+          __syncthreads();
+          tile_rows(cur, pool, c0, c0 + n);
+          wait_fill(cur);
+        }
+        if (pos >= c0 && pos < c0 + n)  // the row stage 2 wrote
+          for (int c = t; c < W / 8; c += kT)
+            reinterpret_cast<uint4*>(tile + (pos - c0) * KS)[c] =
+                __ldcg(reinterpret_cast<const uint4*>(pool + int64_t(a.io.dst_row[0]) * W) + c);
+        __syncthreads();
+        for (int p = t; p < H * n; p += kT) {
+          const int h = p / n, j = p % n;
+          const uint16_t* kr = tile + j * KS;
+          const float* qv = qs + h * W;
+          float s0 = 0.0f, s1 = 0.0f;  // two chains: the loop is latency-bound at 8 warps per SM
+          int c = 0;
+          for (; c + 2 <= W / 8; c += 2) {
+            s0 += dot8(*reinterpret_cast<const uint4*>(kr + c * 8), qv + c * 8);
+            s1 += dot8(*reinterpret_cast<const uint4*>(kr + c * 8 + 8), qv + c * 8 + 8);
+          }
+          if (c < W / 8) s0 += dot8(*reinterpret_cast<const uint4*>(kr + c * 8), qv + c * 8);
+          sc[h * kTile + j] = (s0 + s1) * s.scale;
+        }
+        __syncthreads();
+        if (pa) bar.probe(14);
+        for (int h = warp; h < H; h += kW) {
+          const float v0 = lane < n ? sc[h * kTile + lane] : -INFINITY;
+          const float v1 = lane + 32 < n ? sc[h * kTile + lane + 32] : -INFINITY;
+          const float m_old = runm[h], m_new = fmaxf(m_old, warp_max(fmaxf(v0, v1)));
+          const float p0 = lane < n ? expf(v0 - m_new) : 0.0f, p1 = lane + 32 < n ? expf(v1 - m_new) : 0.0f;
+          sc[h * kTile + lane] = p0;
+          sc[h * kTile + lane + 32] = p1;
+          const float sum = warp_sum(p0 + p1);
+          if (lane == 0) {
+            const float al = expf(m_old - m_new);  // 0 on the first tile
+            runm[h] = m_new;
+            runl[h] = runl[h] * al + sum;
+            alph[h] = al;
+          }
+        }
+        __syncthreads();
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+          const int j = t + u * kT;
+          if (j < kvr) {
+#pragma unroll
+            for (int h = 0; h < kMaxH; ++h)
+              if (h < H) acc[u][h] *= alph[h];
+            for (int r = 0; r < n; r += 4) {
+              float v[4];
+#pragma unroll
+              for (int q = 0; q < 4; ++q) v[q] = r + q < n ? bf16_to_f32(tile[(r + q) * KS + j]) : 0.0f;
+#pragma unroll
+              for (int h = 0; h < kMaxH; ++h) {
+                if (h < H) {
+                  const float4 p4 = *reinterpret_cast<const float4*>(sc + h * kTile + r);
+                  acc[u][h] = fmaf(p4.x, v[0], fmaf(p4.y, v[1], fmaf(p4.z, v[2], fmaf(p4.w, v[3], acc[u][h]))));
+                }
+              }
+            }
+          }
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < 2; ++u) {
+        const int j = t + u * kT;
+        if (j < kvr)
+#pragma unroll
+          for (int h = 0; h < kMaxH; ++h)
+            if (h < H) w.part[(int64_t(b) * H + h) * kvr + j] = acc[u][h];
+      }
+    } else if (b < nsplit) {  // no rows (cannot happen with these splits, but the merge reads every split)
+      for (int i = t; i < H * kvr; i += kT) w.part[int64_t(b) * H * kvr + i] = 0.0f;
+    }
+    if (b < nsplit && t < H) w.ml[(int64_t(b) * H + t) * 2] = runm[t], w.ml[(int64_t(b) * H + t) * 2 + 1] = runl[t];
+    if (pa) bar.probe(15);
+    bar.arrive();
+    if (pa) bar.probe(16);
+    cur ^= 1;
+
+    // ---- 5: the splits merged, ·W_UVᵀ per head (block h); o rounded to bf16 ----
+    rows_of(cur ^ 1, Lp.w_o, D, int64_t(H) * dv, 2);
+    bar.wait();
+    if (b < H) {
+      const int h = b;
+      if (warp == 0) {  // split weights exp(m_s - max) / Σ exp(m_s - max)·l_s, every lane's loads issued at once
+        float m[kMaxSplitsPerLane], lsum[kMaxSplitsPerLane];
+#pragma unroll
+        for (int i = 0; i < kMaxSplitsPerLane; ++i) {
+          const int64_t sp = lane + 32 * i;
+          m[i] = sp < nsplit ? __ldcg(w.ml + (sp * H + h) * 2) : -INFINITY;
+          lsum[i] = sp < nsplit ? __ldcg(w.ml + (sp * H + h) * 2 + 1) : 0.0f;
+        }
+        float mx = -INFINITY;
+#pragma unroll
+        for (int i = 0; i < kMaxSplitsPerLane; ++i) mx = fmaxf(mx, m[i]);
+        mx = warp_max(mx);
+        float tot = 0.0f;
+#pragma unroll
+        for (int i = 0; i < kMaxSplitsPerLane; ++i) {
+          const int64_t sp = lane + 32 * i;
+          const float f = m[i] > -INFINITY ? expf(m[i] - mx) : 0.0f;
+          if (sp < nsplit) wsp[sp] = f;
+          tot += f * lsum[i];
+        }
+        tot = warp_sum(tot);
+        if (lane == 0) red[0] = 1.0f / tot;
+      }
+      __syncthreads();
+      const float inv = red[0];
+      for (int j = t; j < kvr; j += kT) {
+        float v = 0.0f;
+        for (int64_t sp0 = 0; sp0 < nsplit; sp0 += 8) {
+          float pv[8];
+#pragma unroll
+          for (int i = 0; i < 8; ++i) pv[i] = sp0 + i < nsplit ? __ldcg(w.part + ((sp0 + i) * H + h) * kvr + j) : 0.0f;
+#pragma unroll
+          for (int i = 0; i < 8; ++i)
+            if (sp0 + i < nsplit) v = fmaf(wsp[sp0 + i], pv[i], v);
+        }
+        xs[j] = v * inv;
+      }
+    }
+    wait_fill(cur);
+    __syncthreads();
+    if (b < H) {
+      const int h = b;
+      const uint16_t* wuv = reinterpret_cast<const uint16_t*>(buf[cur]);
+      float* part = xs + kvr;
+      const int parts = kT / dv, v = t % dv, pp = t / dv;
+      if (pp < parts) {
+        const int chunk = (kvr + parts - 1) / parts, j0 = pp * chunk, j1 = min(kvr, j0 + chunk);
+        float a4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        int j = j0;
+        for (; j + 4 <= j1; j += 4) {
+#pragma unroll
+          for (int u = 0; u < 4; ++u) a4[u] = fmaf(xs[j + u], bf16_to_f32(wuv[(j + u) * dv + v]), a4[u]);
+        }
+        for (; j < j1; ++j) a4[0] = fmaf(xs[j], bf16_to_f32(wuv[j * dv + v]), a4[0]);
+        part[pp * dv + v] = (a4[0] + a4[1]) + (a4[2] + a4[3]);
+      }
+      __syncthreads();
+      if (t < dv) {
+        float o = 0.0f;
+        for (int q = 0; q < parts; ++q) o += part[q * dv + t];
+        w.o[h * dv + t] = round_bf16(o);
+      }
+    }
+    bar.arrive();
+    cur ^= 1;
+
+    // ---- 6: o_proj ----
+    if (moe) {  // the gate rows, and the choice bias for stage 8's routing
+      int64_t e0, e1;
+      share(E, b, nb, e0, e1);
+      fill(cur ^ 1, [&](auto&& emit) {
+        if (e1 > e0) emit(buf[cur ^ 1], Lp.gate + e0 * D, (e1 - e0) * D * 4);
+        if (Lp.bias) emit(bias_s, Lp.bias, int64_t(E) * 4);
+        emit(ptab_gu, Lp.exp_gu, int64_t(E) * 8);
+        emit(ptab_dn, Lp.exp_dn, int64_t(E) * 8);
+      });
+    }
+    else gu_rows(cur ^ 1, Lp, true, buf[cur ^ 1]);
+    bar.wait();
+    load_vec(xs, w.o, nullptr, H * dv);
+    wait_fill(cur);
+    gemv_out(buf[cur], D, H * dv, w.att);
+    bar.arrive();
+    cur ^= 1;
+
+    // ---- 7 (MoE layers): post-attention norm (f32), router logits ----
+    if (moe) {
+      gu_rows(cur ^ 1, Lp, true, buf[cur ^ 1]);
+      bar.wait();
+      load_vec(xs, w.r1, w.att, D);
+      norm_in_place(xs, D, Lp.ln2, s.eps, false, red);
+      wait_fill(cur);
+      int64_t e0, e1;
+      share(E, b, nb, e0, e1);
+      const float* g = reinterpret_cast<const float*>(buf[cur]);
+      for (int64_t e = warp; e < e1 - e0; e += kW) {
+        const float v = warp_dot_f32(g + e * D, xs, D);
+        if (lane == 0) w.logits[e0 + e] = v;
+      }
+      bar.arrive();
+      cur ^= 1;
+    }
+
+    // ---- 8: routing (every block), gate|up + SwiGLU of the chosen experts and the fixed one ----
+    bar.wait();
+    const bool pr = l == 1;
+    if (pr) bar.probe(0);
+    if (moe) load_vec(lgs, w.logits, nullptr, E);
+    load_vec(xs, w.r1, w.att, D, b == 0 ? w.r2 : nullptr);
+    norm_in_place(xs, D, Lp.ln2, s.eps, !moe, red);  // dense: the MLP's input in bf16, as mlp_fwd
+    if (pr) bar.probe(1);
+    if (moe) {
+      if (a.flags & 8) {
+        if (warp == 0) route_warp<false>(lgs, E, Lp.bias ? bias_s : nullptr, s.router, rsc, rsc + E, rsc + 2 * E, ridx, rw);
+        __syncthreads();
+      } else {
+        route_block(lgs, E, Lp.bias ? bias_s : nullptr, s.router, rsc, rsc + E, rsc + 2 * E, ridx, rw);
+      }
+      if (t < K) {  // the chosen experts' weight pointers
+        seg_gu[t] = ptab_gu[ridx[t]];
+        seg_dn[t] = ptab_dn[ridx[t]];
+      }
+      __syncthreads();
+    }
+    if (pr) bar.probe(2);
+    gu_rows(2, Lp, false, buf[cur]);
+    if (!(a.flags & 2)) down_rows(cur ^ 1, Lp);
+    if (pr) bar.probe(3);
+    wait_fill(cur);
+    if (pr) bar.probe(4);
+    wait_fill(2);
+    if (pr) bar.probe(5);
+    {
+      const int64_t U = Lp.fix_I + (moe ? int64_t(K) * Lp.exp_I : 0), cap = (U + nb - 1) / nb;
+      int64_t u0, u1;
+      share(U, b, nb, u0, u1);
+      const uint16_t* g = reinterpret_cast<const uint16_t*>(buf[cur]);
+      const uint16_t* u = g + cap * D;
+      for (int64_t k = warp; k < u1 - u0; k += kW) {
+        const float2 gu = warp_dot2(g + k * D, u + k * D, xs, D);
+        const float gs = gu.x, us = gu.y;
+        if (lane == 0) {
+          const float act = gs / (1.0f + expf(-gs)) * us;
+          w.act[u0 + k] = moe ? act : round_bf16(act);
+        }
+      }
+    }
+    if (pr) bar.probe(6);
+    if (a.flags & 2) {
+      __syncthreads();
+      down_rows(cur ^ 1, Lp);
+    }
+    bar.arrive();
+    if (pr) bar.probe(7);
+    cur ^= 1;
+
+    // ---- 9: down products, weighted by the router (the fixed expert by 1) ----
+    if (l + 1 < s.layers) rows_of(cur ^ 1, a.layers[l + 1].w_in, nin, D, 2);
+    bar.wait();
+    if (pr) bar.probe(8);
+    {
+      const int64_t U = Lp.fix_I + (moe ? int64_t(K) * Lp.exp_I : 0);
+      load_vec(xs, w.act, nullptr, int(U));
+      if (moe)
+        for (int i = 0; i < K; ++i) {
+          const int s0 = int(Lp.fix_I + i * Lp.exp_I), s1 = s0 + int(Lp.exp_I);
+          for (int j = s0 + t; j < s1; j += kT) xs[j] *= rw[i];
+        }
+      wait_fill(cur);
+      __syncthreads();
+      if (pr) bar.probe(9);
+      int64_t d0, d1;
+      share(D, b, nb, d0, d1);
+      const uint16_t* o = reinterpret_cast<const uint16_t*>(buf[cur]);
+      const int nseg = seg_count(Lp, K);
+      for (int64_t r = warp; r < d1 - d0; r += kW) {
+        float acc = 0.0f;
+        for (int i = 0; i < nseg; ++i) {
+          const Seg sg = seg_at(Lp, i, seg_gu, seg_dn);
+          const uint16_t* row = o + (d1 - d0) * sg.start + r * sg.I;
+          const float* x = xs + sg.start;
+          for (int c = lane; c < int(sg.I / 8); c += 32) acc += dot8(*reinterpret_cast<const uint4*>(row + c * 8), x + c * 8);
+        }
+        acc = warp_sum(acc);
+        if (lane == 0) w.ffn[d0 + r] = acc;
+      }
+      if (pr) bar.probe(10);
+    }
+    bar.arrive();
+    cur ^= 1;
+  }
+
+  // ---- the final norm: f32 hidden state and its bf16 copy for the head ----
+  bar.wait();
+  if (b == 0) {
+    load_vec(xs, w.r2, w.ffn, D);
+    norm_in_place(xs, D, a.io.final_norm, s.eps, false, red);
+    for (int j = t; j < D; j += kT) {
+      a.io.fin[j] = xs[j];
+      static_cast<uint16_t*>(a.io.xa)[j] = f32_to_bf16(xs[j]);
+    }
+  }
+  // Every block is past its last wait: the last one out resets the counters for the next launch.
+  __syncthreads();
+  if (t == 0 && atomicAdd(a.bar + 1, 1u) == uint32_t(nb) - 1) {
+    atomicExch(a.bar, 0u);
+    atomicExch(a.bar + 1, 0u);
+  }
+}
+
+// DSV3_PERSISTENT_TRACE=1: every launch stamps the time each block arrives at and passes each grid barrier;
+// decode_persistent_trace_report prints the last launch's stage times.
+unsigned long long* g_trace = nullptr;
+int g_trace_blocks = 0;
+unsigned long long* trace_buffer(int nb) {
+  static const bool on = [] {
+    const char* v = std::getenv("DSV3_PERSISTENT_TRACE");
+    return v && *v && std::string(v) != "0";
+  }();
+  if (!on) return nullptr;
+  if (!g_trace || g_trace_blocks < nb) {  // first (eager) launch of a shape, before any graph capture
+    DSV3_CUDA_CHECK(cudaMalloc(&g_trace, sizeof(unsigned long long) * size_t(nb) * kTraceEvents));
+    g_trace_blocks = nb;
+  }
+  return g_trace;
+}
+
+int env_flags() {
+  const char* v = std::getenv("DSV3_PERSISTENT_FLAGS");
+  return v && *v ? std::atoi(v) : 0;
+}
+
+int device_blocks(int blocks) {
+  if (blocks > 0) return blocks;
+  int dev = 0, sms = 0;
+  DSV3_CUDA_CHECK(cudaGetDevice(&dev));
+  DSV3_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  return sms;
+}
+int max_smem() {
+  int dev = 0, v = 0;
+  DSV3_CUDA_CHECK(cudaGetDevice(&dev));
+  DSV3_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  return v;
+}
+
+// Workspace floats, each piece 16-byte aligned.
+struct WsLayout {
+  int64_t off[12] = {};
+  int64_t total = 0;
+};
+WsLayout ws_layout(const PersistentShape& s, int nb) {
+  const int64_t n[12] = {s.D, s.D, s.D, s.D, s.nq + s.kvr + s.dr, s.H * (s.dn + s.dr), s.H * (s.kvr + s.dr), s.H * s.dv, s.E,
+                         s.max_units, int64_t(nb) * s.H * 2, int64_t(nb) * s.H * s.kvr};
+  WsLayout w;
+  for (int i = 0; i < 12; ++i) {
+    w.off[i] = w.total;
+    w.total += (n[i] + 3) / 4 * 4;
+  }
+  return w;
+}
+}  // namespace
+
+void decode_persistent_trace_report(int layers) {
+  if (!g_trace) return;
+  const int nb = g_trace_blocks;
+  std::vector<unsigned long long> h(size_t(nb) * kTraceEvents);
+  DSV3_CUDA_CHECK(cudaDeviceSynchronize());
+  DSV3_CUDA_CHECK(cudaMemcpy(h.data(), g_trace, h.size() * 8, cudaMemcpyDeviceToHost));
+  // Events per block: arrive(0), then (wait, arrive) pairs, then the final wait. Stage k spans from the last block
+  // passing barrier k-1 (or the launch) to the last block arriving at barrier k.
+  auto at = [&](int b, int e) { return double(h[size_t(b) * kTraceEvents + e]); };
+  int n = 1;
+  while (n + 1 < 400 && at(0, n) >= at(0, n - 1) && at(0, n) > 0) ++n;
+  const int stages = (n + 1) / 2;
+  std::vector<double> work(size_t(stages), 0), sync(size_t(stages), 0);
+  double start = 1e300;
+  for (int b = 0; b < nb; ++b) start = std::min(start, at(b, 0));
+  double prev_pass = start;
+  for (int k = 0; k < stages; ++k) {
+    const int ea = k == 0 ? 0 : 2 * k, ep = 2 * k + 1;  // arrive, pass
+    if (ep >= n) break;
+    double last_arrive = 0, first_pass = 1e300, last_pass = 0;
+    for (int b = 0; b < nb; ++b) {
+      last_arrive = std::max(last_arrive, at(b, ea));
+      first_pass = std::min(first_pass, at(b, ep));
+      last_pass = std::max(last_pass, at(b, ep));
+    }
+    work[size_t(k)] = last_arrive - prev_pass;
+    sync[size_t(k)] = last_pass - last_arrive;
+    prev_pass = last_pass;
+  }
+  {
+    const char* names[17] = {"pass", "loads+norm", "routing", "copies issued", "fixed gate|up in", "routed gate|up in",
+                             "gate|up computed", "arrived", "down: barrier passed", "down: inputs + rows in", "down computed",
+                             "attn: pass", "attn: q loaded", "attn: tile in", "attn: scores", "attn: done", "attn: arrived"};
+    std::fprintf(stderr, "persistent decode probes (layer 1, FFN), latest block / earliest block, us after the first pass:\n");
+    double base = 1e300;
+    for (int b = 0; b < nb; ++b) base = std::min(base, at(b, 400));
+    for (int i = 0; i < 17; ++i) {
+      if (i == 11) {
+        base = 1e300;
+        for (int b = 0; b < nb; ++b) base = std::min(base, at(b, 411));
+      }
+      double lo = 1e300, hi = 0;
+      for (int b = 0; b < nb; ++b) lo = std::min(lo, at(b, 400 + i)), hi = std::max(hi, at(b, 400 + i));
+      std::fprintf(stderr, "  %-24s %7.2f / %7.2f\n", names[i], (hi - base) / 1e3, (lo - base) / 1e3);
+    }
+  }
+  const int per = layers > 0 ? (stages - 1) / layers : stages;
+  std::fprintf(stderr, "persistent decode trace: %d blocks, %d barriers, %.1f us in all\n", nb, stages, (prev_pass - start) / 1e3);
+  for (int k = 0; k < stages; ++k)
+    std::fprintf(stderr, "  stage %3d (layer %2d, #%d): work %6.2f us, barrier %5.2f us\n", k, per ? k / per : 0, per ? k % per : k,
+                 work[size_t(k)] / 1e3, sync[size_t(k)] / 1e3);
+}
+
+std::string decode_persistent_unsupported(const PersistentShape& s, int blocks) {
+  const int nb = device_blocks(blocks);
+  const int64_t W = s.kvr + s.dr;
+  if (nb > 32 * kMaxSplitsPerLane) return fmt::format("{} blocks (at most {})", nb, 32 * kMaxSplitsPerLane);
+  if (s.dn % 4 != 0 || s.dr % 4 != 0 || s.E % 4 != 0) return fmt::format("qk_nope {} / qk_rope {} / experts {} not multiples of 4", s.dn, s.dr, s.E);
+  if (s.H < 1 || s.H > kMaxH || s.H > nb) return fmt::format("{} heads (at most {} and the grid's {} blocks)", s.H, kMaxH, nb);
+  if (s.kvr < 8 || s.kvr > 2 * kT || s.kvr % 8 != 0) return fmt::format("kv_lora_rank {} (a multiple of 8 up to {})", s.kvr, 2 * kT);
+  if (s.dv < 1 || s.dv > kT) return fmt::format("v_head_dim {}", s.dv);
+  if (s.dr < 2 || s.dr % 2 != 0 || W % 8 != 0) return fmt::format("qk_rope_head_dim {} (latent width {} not a multiple of 8)", s.dr, W);
+  if (s.nq < 8 || s.nq % 8 != 0) return fmt::format("q_lora_rank {} (needs a q LoRA, a multiple of 8)", s.nq);
+  if (s.D % 8 != 0 || (s.H * s.dv) % 8 != 0 || s.max_units % 8 != 0 || s.max_units < 8)
+    return fmt::format("hidden {} / heads·v {} / FFN width {} not multiples of 8", s.D, s.H * s.dv, s.max_units);
+  if (s.E > kRouteMaxE || s.router.n_group > kRouteMaxG || s.router.top_k > 32) return "router beyond the routing warp's limits";
+  if (s.block_size < 1 || s.layers < 1) return "empty model or cache layout";
+  const Plan p = plan_of(s, nb);
+  if (p.smem > max_smem()) return fmt::format("{} bytes of shared memory per block needed, {} available", p.smem, max_smem());
+  return {};
+}
+
+size_t decode_persistent_workspace_bytes(const PersistentShape& s, int blocks) {
+  return size_t(ws_layout(s, device_blocks(blocks)).total) * sizeof(float);
+}
+
+void decode_persistent(const PersistentShape& s, const PersistentLayer* layers, const PersistentIO& io, uint32_t* barrier,
+                       void* workspace, size_t workspace_bytes, cudaStream_t stream, int blocks) {
+  const std::string why = decode_persistent_unsupported(s, blocks);
+  DSV3_CHECK(why.empty(), "decode_persistent: unsupported shape: {}", why);
+  const int nb = device_blocks(blocks);
+  const WsLayout wl = ws_layout(s, nb);
+  DSV3_CHECK(workspace && workspace_bytes >= size_t(wl.total) * sizeof(float), "decode_persistent: workspace of {} bytes, {} needed",
+             workspace_bytes, size_t(wl.total) * sizeof(float));
+  const Plan p = plan_of(s, nb);
+  float* f = static_cast<float*>(workspace);
+  Args a{s, layers, io,
+         Work{f + wl.off[0], f + wl.off[1], f + wl.off[2], f + wl.off[3], f + wl.off[4], f + wl.off[5], f + wl.off[6], f + wl.off[7],
+              f + wl.off[8], f + wl.off[9], f + wl.off[10], f + wl.off[11]},
+         barrier, trace_buffer(nb), env_flags(), int(p.wb), int(p.xmax)};
+  DSV3_CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(&k_decode_persistent), cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       int(p.smem)));
+  int per_sm = 0;
+  DSV3_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k_decode_persistent, kT, size_t(p.smem)));
+  DSV3_CHECK(per_sm >= 1, "decode_persistent: the kernel does not fit on an SM ({} bytes of shared memory)", p.smem);
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(unsigned(nb));
+  cfg.blockDim = dim3(kT);
+  cfg.dynamicSmemBytes = size_t(p.smem);
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeCooperative;  // every block resident at once: the grid barriers need it
+  attr[0].val.cooperative = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  DSV3_CUDA_CHECK(cudaLaunchKernelEx(&cfg, k_decode_persistent, a));
+  DSV3_CUDA_CHECK_LAUNCH("decode_persistent kernel");
+}
+
+}  // namespace dsv3::cuda

@@ -1,0 +1,140 @@
+// The DeepSeek-V3 routing of one token by one warp (exactly ops::moe_route's semantics), shared by the router
+// kernels (router.cu) and the persistent decode kernel (decode_persistent.cu).
+#pragma once
+#include "kernels/cuda/common.cuh"
+#include "kernels/cuda/cuda_ops.h"
+
+namespace dsv3::cuda::dev {
+
+constexpr int kRouteMaxE = 1024, kRouteMaxG = 64, kRouteMaxK = 32;
+
+// (value, index) order of the CPU's partial_sort: larger value first, ties to the lower index.
+__device__ __forceinline__ bool route_better(float a, int ia, float b, int ib) { return a > b || (a == b && ia < ib); }
+
+// The best (value, index) over the warp's candidates (bi == INT32_MAX: none); every lane gets the result.
+__device__ __forceinline__ void warp_best(float& bv, int& bi) {
+  for (int o = 16; o > 0; o >>= 1) {
+    const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+    const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+    if (oi != INT32_MAX && (bi == INT32_MAX || route_better(ov, oi, bv, bi))) { bv = ov; bi = oi; }
+  }
+}
+
+// One token routed by one warp, exactly as ops::moe_route: sigmoid scores s, choice scores c = s + bias; with
+// groups, a group scores the sum of its two best choices, the topk_group best groups stay and the experts of the
+// others compete with choice 0.0 (transformers' masked_fill); the top_k best choices win (ties to the lower
+// index), weighted s / Σ s (norm_topk_prob) · routed_scaling_factor, summed in the chosen order like the CPU.
+// s, c: E floats of this warp's shared memory, gs: n_group floats. kL2: the logits are in global memory and read
+// past L1 (__ldcg: in the fused router they were written by other blocks of the same launch); else in shared
+// memory. E <= 1024, n_group <= 64, top_k <= 32.
+template <bool kL2 = true>
+__device__ inline void route_warp(const float* __restrict__ logits, int E, const float* __restrict__ bias, const RouterConfig& p,
+                           float* s, float* c, float* gs, int32_t* __restrict__ idx, float* __restrict__ w) {
+  const int lane = threadIdx.x & 31;
+  for (int e = lane; e < E; e += 32) {
+    const float v = 1.0f / (1.0f + expf(-(kL2 ? __ldcg(logits + e) : logits[e])));
+    s[e] = v;
+    c[e] = v + (bias ? bias[e] : 0.0f);
+  }
+  __syncwarp();
+  const int G = p.n_group, per = E / G;
+  if (G > 1) {
+    for (int g = lane; g < G; g += 32) {
+      float t1 = -INFINITY, t2 = -INFINITY;
+      for (int e = g * per; e < (g + 1) * per; ++e) {
+        const float v = c[e];
+        if (v > t1) { t2 = t1; t1 = v; } else if (v > t2) { t2 = v; }
+      }
+      gs[g] = t1 + t2;
+    }
+    __syncwarp();
+    uint64_t keep = 0;
+    for (int i = 0; i < p.topk_group; ++i) {
+      float bv = -INFINITY;
+      int bi = INT32_MAX;
+      for (int g = lane; g < G; g += 32)
+        if (!((keep >> g) & 1u) && (bi == INT32_MAX || route_better(gs[g], g, bv, bi))) { bv = gs[g]; bi = g; }
+      warp_best(bv, bi);
+      keep |= uint64_t(1) << bi;
+    }
+    for (int e = lane; e < E; e += 32)
+      if (!((keep >> (e / per)) & 1u)) c[e] = 0.0f;
+    __syncwarp();
+  }
+  uint32_t taken = 0;  // bit i: expert lane + 32·i
+  int chosen[kRouteMaxK];
+  for (int k = 0; k < p.top_k; ++k) {
+    float bv = -INFINITY;
+    int bi = INT32_MAX;
+    for (int e = lane, i = 0; e < E; e += 32, ++i)
+      if (!((taken >> i) & 1u) && (bi == INT32_MAX || route_better(c[e], e, bv, bi))) { bv = c[e]; bi = e; }
+    warp_best(bv, bi);
+    if ((bi & 31) == lane) taken |= 1u << (bi >> 5);
+    chosen[k] = bi;
+  }
+  if (lane == 0) {
+    float sum = 0.0f;
+    for (int i = 0; i < p.top_k; ++i) sum += s[chosen[i]];
+    const float denom = p.norm_topk_prob ? sum + 1e-20f : 1.0f;
+    for (int i = 0; i < p.top_k; ++i) {
+      idx[i] = chosen[i];
+      w[i] = s[chosen[i]] / denom * p.routed_scaling_factor;
+    }
+  }
+  __syncwarp();
+}
+
+// The same routing by a whole block (every thread calls it; logits, bias, s, c, gs in shared memory): each choice's
+// rank among the others replaces the warp's serial top-k passes, so it costs a few shared-memory sweeps. Under
+// route_better's strict order the topk_group best groups and the top_k best choices are exactly the ones of rank
+// below topk_group / top_k, picked in rank order: the same result as route_warp.
+__device__ inline void route_block(const float* logits, int E, const float* bias, const RouterConfig& p, float* s, float* c,
+                                   float* gs, int32_t* idx, float* w) {
+  const int t = threadIdx.x, nt = blockDim.x;
+  for (int e = t; e < E; e += nt) {
+    const float v = 1.0f / (1.0f + expf(-logits[e]));
+    s[e] = v;
+    c[e] = v + (bias ? bias[e] : 0.0f);
+  }
+  __syncthreads();
+  const int G = p.n_group, per = E / G;
+  if (G > 1) {
+    for (int g = t; g < G; g += nt) {
+      float t1 = -INFINITY, t2 = -INFINITY;
+      for (int e = g * per; e < (g + 1) * per; ++e) {
+        const float v = c[e];
+        if (v > t1) { t2 = t1; t1 = v; } else if (v > t2) { t2 = v; }
+      }
+      gs[g] = t1 + t2;
+    }
+    __syncthreads();
+    bool drop[(kRouteMaxE + 31) / 32];  // per thread: its experts e = t + i·nt (nt >= 32)
+    for (int e = t, i = 0; e < E; e += nt, ++i) {
+      const int g = e / per;
+      int above = 0;
+      for (int h = 0; h < G; ++h) above += route_better(gs[h], h, gs[g], g) ? 1 : 0;
+      drop[i] = above >= p.topk_group;
+    }
+    __syncthreads();
+    for (int e = t, i = 0; e < E; e += nt, ++i)
+      if (drop[i]) c[e] = 0.0f;
+    __syncthreads();
+  }
+  for (int e = t; e < E; e += nt) {
+    const float v = c[e];
+    int rank = 0;
+#pragma unroll 8
+    for (int f = 0; f < E; ++f) rank += route_better(c[f], f, v, e) ? 1 : 0;
+    if (rank < p.top_k) idx[rank] = e;
+  }
+  __syncthreads();
+  if (t == 0) {
+    float sum = 0.0f;
+    for (int i = 0; i < p.top_k; ++i) sum += s[idx[i]];
+    const float denom = p.norm_topk_prob ? sum + 1e-20f : 1.0f;
+    for (int i = 0; i < p.top_k; ++i) w[i] = s[idx[i]] / denom * p.routed_scaling_factor;
+  }
+  __syncthreads();
+}
+
+}  // namespace dsv3::cuda::dev
