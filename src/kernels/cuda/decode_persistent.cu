@@ -86,16 +86,13 @@ struct GridBarrier {
   int flags;
   uint32_t target = 0;
   int ev = 0;
-  // Intra-stage probes (trace events 400 + i) of one layer, for finding where a stage's time goes.
-  __device__ __forceinline__ void probe(int i) {
-    if (trace && threadIdx.x == 0) trace[blockIdx.x * kTraceEvents + 400 + i] = global_ns();
-  }
-  __device__ __forceinline__ void stamp() {
+
+  __device__ __noinline__ void stamp() {
     if (trace && threadIdx.x == 0 && ev < kTraceEvents) trace[blockIdx.x * kTraceEvents + ev] = global_ns();
     ++ev;
   }
   // This block's writes so far are visible to every block that has waited past the matching wait().
-  __device__ __forceinline__ void arrive() {
+  __device__ __noinline__ void arrive() {
     __syncthreads();
     stamp();
     target += gridDim.x;
@@ -110,7 +107,7 @@ struct GridBarrier {
       }
     }
   }
-  __device__ __forceinline__ void wait() {
+  __device__ __noinline__ void wait() {
     if (threadIdx.x == 0) {
       uint32_t v;
       do {
@@ -140,18 +137,28 @@ __device__ __forceinline__ float dot8(const uint4 w, const float* x) {
   s = fmaf(__uint_as_float(w.w & 0xffff0000u), b.w, s);
   return s;
 }
-// Σ row[k]·x[k] over a warp (row bf16, x f32, both in shared memory, K % 8 == 0); every lane gets the sum.
-__device__ __forceinline__ float warp_dot(const uint16_t* row, const float* x, int K) {
-  float acc = 0.0f;
-  for (int c = threadIdx.x & 31; c < K / 8; c += 32) acc += dot8(*reinterpret_cast<const uint4*>(row + c * 8), x + c * 8);
-  return warp_sum(acc);
+// 4 bf16 weights (8 bytes) times 4 f32 values.
+__device__ __forceinline__ float dot4(const uint2 w, const float4 a, float s) {
+  s = fmaf(__uint_as_float(w.x << 16), a.x, s);
+  s = fmaf(__uint_as_float(w.x & 0xffff0000u), a.y, s);
+  s = fmaf(__uint_as_float(w.y << 16), a.z, s);
+  return fmaf(__uint_as_float(w.y & 0xffff0000u), a.w, s);
 }
+// Σ row[k]·x[k] over a warp (row bf16, x f32, both in shared memory, K % 4 == 0); every lane gets the sum. A lane
+// takes 4 consecutive values per step, so the warp's x and row reads are contiguous (no bank conflicts).
+__device__ __forceinline__ float warp_dot_part(const uint16_t* row, const float* x, int K, float acc) {
+  for (int c = threadIdx.x & 31; c < K / 4; c += 32)
+    acc = dot4(*reinterpret_cast<const uint2*>(row + c * 4), *reinterpret_cast<const float4*>(x + c * 4), acc);
+  return acc;
+}
+__device__ __forceinline__ float warp_dot(const uint16_t* row, const float* x, int K) { return warp_sum(warp_dot_part(row, x, K, 0.0f)); }
 // Two rows against the same x (gate and up): x read once.
 __device__ __forceinline__ float2 warp_dot2(const uint16_t* r0, const uint16_t* r1, const float* x, int K) {
   float a0 = 0.0f, a1 = 0.0f;
-  for (int c = threadIdx.x & 31; c < K / 8; c += 32) {
-    a0 += dot8(*reinterpret_cast<const uint4*>(r0 + c * 8), x + c * 8);
-    a1 += dot8(*reinterpret_cast<const uint4*>(r1 + c * 8), x + c * 8);
+  for (int c = threadIdx.x & 31; c < K / 4; c += 32) {
+    const float4 v = *reinterpret_cast<const float4*>(x + c * 4);
+    a0 = dot4(*reinterpret_cast<const uint2*>(r0 + c * 4), v, a0);
+    a1 = dot4(*reinterpret_cast<const uint2*>(r1 + c * 4), v, a1);
   }
   return make_float2(warp_sum(a0), warp_sum(a1));
 }
@@ -165,7 +172,7 @@ __device__ __forceinline__ float warp_dot_f32(const float* row, const float* x, 
 }
 // xs[0, n) = gamma · (xs · r), r = 1 / sqrt(mean(xs²) + eps) (rmsnorm_to's order), optionally rounded to bf16. Each
 // thread touches the indices t, t + kT, ... it wrote itself.
-__device__ __forceinline__ void norm_in_place(float* xs, int n, const float* gamma, float eps, bool round, float* red) {
+__device__ __noinline__ void norm_in_place(float* xs, int n, const float* gamma, float eps, bool round, float* red) {
   float ss = 0.0f;
   for (int j = threadIdx.x; j < n; j += kT) ss += xs[j] * xs[j];
   ss = block_sum(ss, red);
@@ -209,8 +216,8 @@ __device__ __forceinline__ Seg seg_at(const PersistentLayer& L, int i, const uin
 // dst[i] = a[i] (+ b[i]) for i < n (n % 4 == 0, all 16-byte aligned), read from L2 (written by other blocks of the
 // launch); `also` (global, or null) gets the same values. Every load of a thread is issued before its first store
 // (one L2 round trip, not one per element); ends with __syncthreads.
-__device__ __forceinline__ void load_vec(float* dst, const float* a, const float* b, int n, float* also = nullptr) {
-  constexpr int U = 8;
+__device__ __noinline__ void load_vec(float* dst, const float* a, const float* b, int n, float* also = nullptr) {
+  constexpr int U = 4;
   const int n4 = n / 4;
   for (int base = 0; base < n4; base += U * kT) {
     float4 va[U], vb[U];
@@ -234,6 +241,54 @@ __device__ __forceinline__ void load_vec(float* dst, const float* a, const float
     }
   }
   __syncthreads();
+}
+
+// Why so many helpers are __noinline__: the kernel runs each stage's code once per layer, and inlined it was 329 KB
+// of machine code, far past the instruction caches; shared copies of the helpers stay cached across stages.
+
+// One contiguous copy into shared memory completing one phase of `bar` (the last warp issues it, split over its
+// lanes; bytes == 0: the phase completes at once). Called by every thread.
+constexpr int64_t kPiece = 1 << 19;  // bytes per bulk copy (few, large copies: the copy queue is short)
+__device__ __noinline__ void fill_one(uint64_t* bar, void* dst, const void* src, int64_t bytes) {
+  if ((threadIdx.x >> 5) != kW - 1) return;  // not warp 0: its thread 0 waits at the grid barrier meanwhile
+  const int lane = threadIdx.x & 31;
+  fence_proxy_async_smem();  // the buffer's earlier (generic) reads before the copies' writes
+  int k = 0;
+  for (int64_t off = 0; off < bytes; off += kPiece, ++k) {
+    if ((k & 31) != lane) continue;
+    const uint32_t n = uint32_t(min(kPiece, bytes - off));
+    mbar_expect_tx(bar, n);
+    bulk_copy_g2s(static_cast<char*>(dst) + off, static_cast<const char*>(src) + off, n, bar);
+  }
+  __syncwarp();
+  if (lane == 0) mbar_arrive(bar);
+}
+// A fill of several pieces: fill_piece per piece (the last warp's lanes take turns), then fill_close. k: the
+// running piece count of this fill.
+__device__ __noinline__ void fill_piece(uint64_t* bar, void* dst, const void* src, int64_t bytes, int& k) {
+  if ((threadIdx.x >> 5) != kW - 1) return;
+  const int lane = threadIdx.x & 31;
+  if (k == 0) fence_proxy_async_smem();
+  for (int64_t off = 0; off < bytes; off += kPiece, ++k) {
+    if ((k & 31) != lane) continue;
+    const uint32_t n = uint32_t(min(kPiece, bytes - off));
+    mbar_expect_tx(bar, n);
+    bulk_copy_g2s(static_cast<char*>(dst) + off, static_cast<const char*>(src) + off, n, bar);
+  }
+}
+__device__ __noinline__ void fill_close(uint64_t* bar, int k) {
+  if ((threadIdx.x >> 5) != kW - 1) return;
+  if (k == 0) fence_proxy_async_smem();
+  __syncwarp();
+  if ((threadIdx.x & 31) == 0) mbar_arrive(bar);
+}
+// y[r0 + i] = row i of the staged [r1 - r0, Kd] block m · x, one warp per row.
+__device__ __noinline__ void gemv_block(const uint16_t* m, int64_t r0, int64_t r1, int Kd, const float* x, float* y) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int64_t r = warp; r < r1 - r0; r += kW) {
+    const float v = warp_dot(m + r * Kd, x, Kd);
+    if (lane == 0) y[r0 + r] = v;
+  }
 }
 
 __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
@@ -277,22 +332,10 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
 
   // ---- operand copies: one phase of mbarrier `which` filled by bulk copies that the last warp issues (any number of
   // pieces; an empty fill completes at once), waited for by every thread ----
-  constexpr int64_t kPiece = 1 << 19;  // bytes per bulk copy (few, large copies: the copy queue is short)
   auto fill = [&](int which, auto&& pieces) {
-    if (warp == kW - 1) {  // not warp 0: its thread 0 waits at the grid barrier meanwhile
-      fence_proxy_async_smem();  // the buffer's earlier (generic) reads before the copies' writes
-      int k = 0;
-      pieces([&](void* dst, const void* src, int64_t bytes) {
-        for (int64_t off = 0; off < bytes; off += kPiece, ++k) {
-          if ((k & 31) != lane) continue;
-          const uint32_t n = uint32_t(min(kPiece, bytes - off));
-          mbar_expect_tx(&mb[which], n);
-          bulk_copy_g2s(static_cast<char*>(dst) + off, static_cast<const char*>(src) + off, n, &mb[which]);
-        }
-      });
-      __syncwarp();
-      if (lane == 0) mbar_arrive(&mb[which]);
-    }
+    int k = 0;
+    pieces([&](void* dst, const void* src, int64_t bytes) { fill_piece(&mb[which], dst, src, bytes, k); });
+    fill_close(&mb[which], k);
   };
   auto wait_fill = [&](int which) {
     mbar_wait_parity(&mb[which], (phase >> which) & 1u);
@@ -301,9 +344,7 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
   auto rows_of = [&](int which, const void* base, int64_t n, int64_t k, int64_t es) {
     int64_t r0, r1;
     share(n, b, nb, r0, r1);
-    fill(which, [&](auto&& emit) {
-      if (r1 > r0) emit(buf[which], static_cast<const char*>(base) + r0 * k * es, (r1 - r0) * k * es);
-    });
+    fill_one(&mb[which], buf[which], static_cast<const char*>(base) + r0 * k * es, (r1 - r0) * k * es);
   };
   auto pool_of = [&](const PersistentLayer& Lp) {
     return reinterpret_cast<uint16_t*>(static_cast<char*>(a.io.pool) + Lp.cache_layer * a.io.pool_layer_bytes);
@@ -324,9 +365,7 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
     }
   };
   auto head_block = [&](int which, const void* base, int64_t offset_elems, int64_t n) {
-    fill(which, [&](auto&& emit) {
-      if (b < H) emit(buf[which], static_cast<const uint16_t*>(base) + offset_elems, n * 2);
-    });
+    fill_one(&mb[which], buf[which], static_cast<const uint16_t*>(base) + offset_elems, b < H ? n * 2 : 0);
   };
   // FFN units [u0, u1) of the fixed segment or of the routed ones: gate rows at dst, up rows at dst + cap·D.
   auto gu_rows = [&](int which, const PersistentLayer& Lp, bool fixed, unsigned char* dst) {
@@ -364,11 +403,7 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
   auto gemv_out = [&](const unsigned char* wsm, int64_t n, int Kd, float* y) {
     int64_t r0, r1;
     share(n, b, nb, r0, r1);
-    const uint16_t* m = reinterpret_cast<const uint16_t*>(wsm);
-    for (int64_t r = warp; r < r1 - r0; r += kW) {
-      const float v = warp_dot(m + r * Kd, xs, Kd);
-      if (lane == 0) y[r0 + r] = v;
-    }
+    gemv_block(reinterpret_cast<const uint16_t*>(wsm), r0, r1, Kd, xs, y);
   };
 
   int cur = 0;
@@ -450,12 +485,8 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
     uint16_t* tile = reinterpret_cast<uint16_t*>(buf[cur]);
     float* qs = reinterpret_cast<float*>(buf[cur] + kTile * KS * 2);  // [H][W]
     float* sc = qs + H * W;                                           // [H][kTile]
-    const bool pa = l == 1;
-    if (pa) bar.probe(11);
     if (a0 < a1) load_vec(qs, w.qc, nullptr, H * W);
-    if (pa) bar.probe(12);
     wait_fill(cur);
-    if (pa) bar.probe(13);
     if (a0 < a1) {
       float acc[2][kMaxH];
 #pragma unroll
@@ -488,7 +519,6 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
           sc[h * kTile + j] = (s0 + s1) * s.scale;
         }
         __syncthreads();
-        if (pa) bar.probe(14);
         for (int h = warp; h < H; h += kW) {
           const float v0 = lane < n ? sc[h * kTile + lane] : -INFINITY;
           const float v1 = lane + 32 < n ? sc[h * kTile + lane + 32] : -INFINITY;
@@ -539,9 +569,7 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
       for (int i = t; i < H * kvr; i += kT) w.part[int64_t(b) * H * kvr + i] = 0.0f;
     }
     if (b < nsplit && t < H) w.ml[(int64_t(b) * H + t) * 2] = runm[t], w.ml[(int64_t(b) * H + t) * 2 + 1] = runl[t];
-    if (pa) bar.probe(15);
     bar.arrive();
-    if (pa) bar.probe(16);
     cur ^= 1;
 
     // ---- 5: the splits merged, ·W_UVᵀ per head (block h); o rounded to bf16 ----
@@ -654,33 +682,21 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
 
     // ---- 8: routing (every block), gate|up + SwiGLU of the chosen experts and the fixed one ----
     bar.wait();
-    const bool pr = l == 1;
-    if (pr) bar.probe(0);
     if (moe) load_vec(lgs, w.logits, nullptr, E);
     load_vec(xs, w.r1, w.att, D, b == 0 ? w.r2 : nullptr);
     norm_in_place(xs, D, Lp.ln2, s.eps, !moe, red);  // dense: the MLP's input in bf16, as mlp_fwd
-    if (pr) bar.probe(1);
     if (moe) {
-      if (a.flags & 8) {
-        if (warp == 0) route_warp<false>(lgs, E, Lp.bias ? bias_s : nullptr, s.router, rsc, rsc + E, rsc + 2 * E, ridx, rw);
-        __syncthreads();
-      } else {
-        route_block(lgs, E, Lp.bias ? bias_s : nullptr, s.router, rsc, rsc + E, rsc + 2 * E, ridx, rw);
-      }
+      route_block(lgs, E, Lp.bias ? bias_s : nullptr, s.router, rsc, rsc + E, rsc + 2 * E, ridx, rw);
       if (t < K) {  // the chosen experts' weight pointers
         seg_gu[t] = ptab_gu[ridx[t]];
         seg_dn[t] = ptab_dn[ridx[t]];
       }
       __syncthreads();
     }
-    if (pr) bar.probe(2);
     gu_rows(2, Lp, false, buf[cur]);
     if (!(a.flags & 2)) down_rows(cur ^ 1, Lp);
-    if (pr) bar.probe(3);
     wait_fill(cur);
-    if (pr) bar.probe(4);
     wait_fill(2);
-    if (pr) bar.probe(5);
     {
       const int64_t U = Lp.fix_I + (moe ? int64_t(K) * Lp.exp_I : 0), cap = (U + nb - 1) / nb;
       int64_t u0, u1;
@@ -696,19 +712,16 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
         }
       }
     }
-    if (pr) bar.probe(6);
     if (a.flags & 2) {
       __syncthreads();
       down_rows(cur ^ 1, Lp);
     }
     bar.arrive();
-    if (pr) bar.probe(7);
     cur ^= 1;
 
     // ---- 9: down products, weighted by the router (the fixed expert by 1) ----
     if (l + 1 < s.layers) rows_of(cur ^ 1, a.layers[l + 1].w_in, nin, D, 2);
     bar.wait();
-    if (pr) bar.probe(8);
     {
       const int64_t U = Lp.fix_I + (moe ? int64_t(K) * Lp.exp_I : 0);
       load_vec(xs, w.act, nullptr, int(U));
@@ -719,7 +732,6 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
         }
       wait_fill(cur);
       __syncthreads();
-      if (pr) bar.probe(9);
       int64_t d0, d1;
       share(D, b, nb, d0, d1);
       const uint16_t* o = reinterpret_cast<const uint16_t*>(buf[cur]);
@@ -728,14 +740,11 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
         float acc = 0.0f;
         for (int i = 0; i < nseg; ++i) {
           const Seg sg = seg_at(Lp, i, seg_gu, seg_dn);
-          const uint16_t* row = o + (d1 - d0) * sg.start + r * sg.I;
-          const float* x = xs + sg.start;
-          for (int c = lane; c < int(sg.I / 8); c += 32) acc += dot8(*reinterpret_cast<const uint4*>(row + c * 8), x + c * 8);
+          acc = warp_dot_part(o + (d1 - d0) * sg.start + r * sg.I, xs + sg.start, int(sg.I), acc);
         }
         acc = warp_sum(acc);
         if (lane == 0) w.ffn[d0 + r] = acc;
       }
-      if (pr) bar.probe(10);
     }
     bar.arrive();
     cur ^= 1;
@@ -840,23 +849,6 @@ void decode_persistent_trace_report(int layers) {
     work[size_t(k)] = last_arrive - prev_pass;
     sync[size_t(k)] = last_pass - last_arrive;
     prev_pass = last_pass;
-  }
-  {
-    const char* names[17] = {"pass", "loads+norm", "routing", "copies issued", "fixed gate|up in", "routed gate|up in",
-                             "gate|up computed", "arrived", "down: barrier passed", "down: inputs + rows in", "down computed",
-                             "attn: pass", "attn: q loaded", "attn: tile in", "attn: scores", "attn: done", "attn: arrived"};
-    std::fprintf(stderr, "persistent decode probes (layer 1, FFN), latest block / earliest block, us after the first pass:\n");
-    double base = 1e300;
-    for (int b = 0; b < nb; ++b) base = std::min(base, at(b, 400));
-    for (int i = 0; i < 17; ++i) {
-      if (i == 11) {
-        base = 1e300;
-        for (int b = 0; b < nb; ++b) base = std::min(base, at(b, 411));
-      }
-      double lo = 1e300, hi = 0;
-      for (int b = 0; b < nb; ++b) lo = std::min(lo, at(b, 400 + i)), hi = std::max(hi, at(b, 400 + i));
-      std::fprintf(stderr, "  %-24s %7.2f / %7.2f\n", names[i], (hi - base) / 1e3, (lo - base) / 1e3);
-    }
   }
   const int per = layers > 0 ? (stages - 1) / layers : stages;
   std::fprintf(stderr, "persistent decode trace: %d blocks, %d barriers, %.1f us in all\n", nb, stages, (prev_pass - start) / 1e3);

@@ -88,7 +88,7 @@ __device__ inline void route_warp(const float* __restrict__ logits, int E, const
 // rank among the others replaces the warp's serial top-k passes, so it costs a few shared-memory sweeps. Under
 // route_better's strict order the topk_group best groups and the top_k best choices are exactly the ones of rank
 // below topk_group / top_k, picked in rank order: the same result as route_warp.
-__device__ inline void route_block(const float* logits, int E, const float* bias, const RouterConfig& p, float* s, float* c,
+static __device__ __noinline__ void route_block(const float* logits, int E, const float* bias, const RouterConfig p, float* s, float* c,
                                    float* gs, int32_t* idx, float* w) {
   const int t = threadIdx.x, nt = blockDim.x;
   for (int e = t; e < E; e += nt) {
@@ -123,7 +123,7 @@ __device__ inline void route_block(const float* logits, int E, const float* bias
   for (int e = t; e < E; e += nt) {
     const float v = c[e];
     int rank = 0;
-#pragma unroll 8
+#pragma unroll 4
     for (int f = 0; f < E; ++f) rank += route_better(c[f], f, v, e) ? 1 : 0;
     if (rank < p.top_k) idx[rank] = e;
   }
