@@ -97,9 +97,7 @@ struct GridBarrier {
     stamp();
     target += gridDim.x;
     if (threadIdx.x == 0) {
-      if (flags & 4) {  // measurement only: no release ordering (not a correct barrier)
-        atomicAdd(ctr, 1u);
-      } else if (flags & 1) {
+      if (flags & 1) {
         asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(ctr) : "memory");
       } else {
         __threadfence();
