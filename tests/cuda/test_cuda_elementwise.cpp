@@ -146,7 +146,8 @@ TEST(CudaOps, EmbeddingMatchesCpuAndFlagsBadIds) {
   }
 }
 
-// Router: identical expert indices, weights within relative L2 1e-6 (only expf differs from the CPU).
+// Router (moe_route, and moe_route_block: the persistent decode kernel's block router): identical expert indices
+// in order, weights within relative L2 1e-6 (only expf differs from the CPU).
 TEST(CudaOps, RouterMatchesCpu) {
   DSV3_REQUIRE_GPU();
   std::mt19937_64 rng(16);
@@ -174,6 +175,18 @@ TEST(CudaOps, RouterMatchesCpu) {
     EXPECT_EQ(mismatches, 0) << "E " << c.E << " groups " << c.G;
     ASSERT_TRUE(all_finite(gw));
     EXPECT_LT(rel_l2(gw, vec(w)), 1e-6);
+    // The block router (the persistent decode kernel's) on the same logits: the same choices in the same order.
+    DeviceBuffer<int32_t> bi(static_cast<size_t>(c.M * c.K));
+    auto bw = poisoned<float>(size_t(c.M * c.K));
+    moe_route_block(dl.get(), c.E, c.M, c.E, c.bias ? db.get() : nullptr, RouterConfig{c.G, c.TG, c.K, c.norm, c.scale}, bi.get(),
+                    bw.get());
+    const auto hi = download(bi);
+    const auto hw = download(bw);
+    int block_mismatches = 0;
+    for (int64_t i = 0; i < c.M * c.K; ++i) block_mismatches += hi[size_t(i)] != idx.data<int32_t>()[i];
+    EXPECT_EQ(block_mismatches, 0) << "route_block: E " << c.E << " groups " << c.G;
+    ASSERT_TRUE(all_finite(hw));
+    EXPECT_LT(rel_l2(hw, vec(w)), 1e-6);
   }
 }
 

@@ -202,6 +202,10 @@ struct RouterConfig {
 // ties to the lower index), w f32 [M, top_k]. Requires E % n_group == 0, E <= 1024, top_k <= 32.
 void moe_route(const float* logits, int64_t ld, int64_t M, int64_t E, const float* bias, const RouterConfig& cfg,
                int32_t* idx, float* w, cudaStream_t stream = nullptr);
+// The same routing by one block per token (route_block: ranks instead of serial top-k passes; what the persistent
+// decode kernel runs), exposed for its twin test against moe_route's CPU semantics.
+void moe_route_block(const float* logits, int64_t ld, int64_t M, int64_t E, const float* bias, const RouterConfig& cfg,
+                     int32_t* idx, float* w, cudaStream_t stream = nullptr);
 // The whole router of a decode step in one launch: logits = x · gateᵀ (x f32 [M, D] row stride ldx, gate f32
 // [E, D]; one warp per expert), written to `logits` ([M, E] scratch), then routed as moe_route by the last block to
 // finish. `counter`: one device uint32 that is 0 before the launch and is 0 again after it. M <= kGateRouteMaxM

@@ -94,6 +94,29 @@ __global__ void __launch_bounds__(kRouteWarps * 32) k_gate_route(const float* __
     route_warp(logits + int64_t(m) * E, E, bias, p, s, s + E, s + 2 * E, idx + int64_t(m) * p.top_k, w + int64_t(m) * p.top_k);
 }
 
+// moe_route_block: one block per token; logits and bias staged in shared memory, then route_block.
+__global__ void __launch_bounds__(256) k_route_block(const float* __restrict__ logits, int64_t ld, int E, const float* __restrict__ bias,
+                                                     RouterConfig p, int32_t* __restrict__ idx, float* __restrict__ w) {
+  dependent_kernel_begin();
+  extern __shared__ float sm[];
+  float* lg = sm;          // [E]
+  float* bs = lg + E;      // [E]
+  float* sc = bs + E;      // s, c: 2E, gs: n_group
+  __shared__ int32_t ci[kRouteMaxK];
+  __shared__ float cw[kRouteMaxK];
+  const int64_t m = blockIdx.x;
+  for (int e = threadIdx.x; e < E; e += blockDim.x) {
+    lg[e] = logits[m * ld + e];
+    if (bias) bs[e] = bias[e];
+  }
+  __syncthreads();
+  route_block(lg, E, bias ? bs : nullptr, p, sc, sc + E, sc + 2 * E, ci, cw);
+  for (int i = threadIdx.x; i < p.top_k; i += blockDim.x) {
+    idx[m * p.top_k + i] = ci[i];
+    w[m * p.top_k + i] = cw[i];
+  }
+}
+
 void check_router(int64_t E, const RouterConfig& p, const char* what) {
   DSV3_CHECK(p.n_group >= 1 && E % p.n_group == 0 && p.topk_group >= 1 && p.topk_group <= p.n_group && p.top_k >= 1 &&
                  p.top_k <= p.topk_group * (E / p.n_group),
@@ -115,6 +138,16 @@ void moe_route(const float* logits, int64_t ld, int64_t M, int64_t E, const floa
   launch_dependent(k_route, dim3(unsigned(ceil_div(M, kRouteWarps))), dim3(kRouteWarps * 32), smem, stream, logits, ld, M, int(E),
                    bias, p, idx, w);
   DSV3_CUDA_CHECK_LAUNCH("moe_route kernel");
+}
+
+void moe_route_block(const float* logits, int64_t ld, int64_t M, int64_t E, const float* bias, const RouterConfig& p, int32_t* idx,
+                     float* w, cudaStream_t stream) {
+  check_router(E, p, "moe_route_block");
+  if (M <= 0) return;
+  const size_t smem = sizeof(float) * size_t(4 * E + p.n_group);
+  set_route_smem(reinterpret_cast<const void*>(&k_route_block), smem);
+  launch_dependent(k_route_block, dim3(unsigned(M)), dim3(256), smem, stream, logits, ld, int(E), bias, p, idx, w);
+  DSV3_CUDA_CHECK_LAUNCH("moe_route_block kernel");
 }
 
 void moe_gate_route(const float* x, int64_t ldx, int64_t M, const float* gate, int64_t D, int64_t E, const float* bias,
