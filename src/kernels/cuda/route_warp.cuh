@@ -11,6 +11,16 @@ constexpr int kRouteMaxE = 1024, kRouteMaxG = 64, kRouteMaxK = 32;
 // (value, index) order of the CPU's partial_sort: larger value first, ties to the lower index.
 __device__ __forceinline__ bool route_better(float a, int ia, float b, int ib) { return a > b || (a == b && ia < ib); }
 
+// A group's score: the sum of its two best choice scores (DeepSeek-V3's noaux_tc group ranking).
+__device__ __forceinline__ float group_score(const float* c, int g, int per) {
+  float t1 = -INFINITY, t2 = -INFINITY;
+  for (int e = g * per; e < (g + 1) * per; ++e) {
+    const float v = c[e];
+    if (v > t1) { t2 = t1; t1 = v; } else if (v > t2) { t2 = v; }
+  }
+  return t1 + t2;
+}
+
 // The best (value, index) over the warp's candidates (bi == INT32_MAX: none); every lane gets the result.
 __device__ __forceinline__ void warp_best(float& bv, int& bi) {
   for (int o = 16; o > 0; o >>= 1) {
@@ -40,12 +50,7 @@ __device__ inline void route_warp(const float* __restrict__ logits, int E, const
   const int G = p.n_group, per = E / G;
   if (G > 1) {
     for (int g = lane; g < G; g += 32) {
-      float t1 = -INFINITY, t2 = -INFINITY;
-      for (int e = g * per; e < (g + 1) * per; ++e) {
-        const float v = c[e];
-        if (v > t1) { t2 = t1; t1 = v; } else if (v > t2) { t2 = v; }
-      }
-      gs[g] = t1 + t2;
+      gs[g] = group_score(c, g, per);
     }
     __syncwarp();
     uint64_t keep = 0;
@@ -100,12 +105,7 @@ static __device__ __noinline__ void route_block(const float* logits, int E, cons
   const int G = p.n_group, per = E / G;
   if (G > 1) {
     for (int g = t; g < G; g += nt) {
-      float t1 = -INFINITY, t2 = -INFINITY;
-      for (int e = g * per; e < (g + 1) * per; ++e) {
-        const float v = c[e];
-        if (v > t1) { t2 = t1; t1 = v; } else if (v > t2) { t2 = v; }
-      }
-      gs[g] = t1 + t2;
+      gs[g] = group_score(c, g, per);
     }
     __syncthreads();
     bool drop[(kRouteMaxE + 31) / 32];  // per thread: its experts e = t + i·nt (nt >= 32)
