@@ -49,6 +49,32 @@ void copy_on_device(void* dst, const void* src, size_t bytes, cudaStream_t strea
 void memset_device(void* dst, int value, size_t bytes, cudaStream_t stream = nullptr);
 void synchronize(cudaStream_t stream = nullptr);  // waits and reports any asynchronous error
 
+// Page-locked host memory (cudaMallocHost): copies from and to it are plain DMA, with no staging through the
+// driver's bounce buffer. Grow-only: get(n) returns at least n bytes (what it held before is lost on a grow).
+void* host_pinned_alloc(size_t bytes);
+void host_pinned_free(void* p) noexcept;
+class PinnedBuffer {
+ public:
+  PinnedBuffer() = default;
+  ~PinnedBuffer() { host_pinned_free(p_); }
+  PinnedBuffer(const PinnedBuffer&) = delete;
+  PinnedBuffer& operator=(const PinnedBuffer&) = delete;
+  void* get(size_t bytes) {
+    if (bytes > n_) {
+      host_pinned_free(p_);
+      p_ = nullptr;
+      n_ = 0;
+      p_ = host_pinned_alloc(bytes);
+      n_ = bytes;
+    }
+    return p_;
+  }
+
+ private:
+  void* p_ = nullptr;
+  size_t n_ = 0;
+};
+
 // Stream-ordered timing with CUDA events (benchmarks): start(s) ... stop_ms(s) waits and returns milliseconds.
 class EventTimer {
  public:

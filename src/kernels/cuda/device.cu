@@ -69,6 +69,19 @@ void* device_malloc(size_t bytes) {
 void device_free(void* p) noexcept {
   if (p) (void)cudaFree(p);
 }
+void* host_pinned_alloc(size_t bytes) {
+  require_device();
+  void* p = nullptr;
+  const cudaError_t e = cudaMallocHost(&p, bytes);
+  if (e != cudaSuccess) {
+    (void)cudaGetLastError();
+    fail("CUDA error: cudaMallocHost of {} bytes failed: {}", bytes, cudaGetErrorString(e));
+  }
+  return p;
+}
+void host_pinned_free(void* p) noexcept {
+  if (p) (void)cudaFreeHost(p);
+}
 void copy_to_device(void* dst, const void* src, size_t bytes, cudaStream_t s) {
   DSV3_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, s));
   if (!s) DSV3_CUDA_CHECK(cudaStreamSynchronize(s));
