@@ -3,6 +3,7 @@
 #include <numeric>
 
 #include "core/tensor.h"
+#include "causal_inputs.h"
 #include "cuda_test_util.h"
 #include "kernels/ops.h"
 
@@ -10,62 +11,18 @@ namespace dsv3::cuda {
 namespace {
 using namespace test;
 
-std::vector<float> vec(const Tensor& t) {
-  Tensor c = t.contiguous();
-  return std::vector<float>(c.f32(), c.f32() + c.numel());
-}
-
 // f32 throughout; only the summation order and expf differ: relative L2 < 1e-5.
 TEST(CudaAttention, CausalPrefillMatchesCpu) {
   DSV3_REQUIRE_GPU();
   std::mt19937_64 rng(31);
   for (auto [B, T, H, D, Dv, packed] : {std::tuple{2, 77, 3, 192, 128, true}, std::tuple{1, 300, 2, 64, 64, false},
                                         std::tuple{3, 5, 4, 24, 40, true}, std::tuple{1, 1, 1, 192, 128, false}}) {
-    // packed: q, k, v are slices of one [B, T, H, D + D + Dv] buffer (strided views, as a fused projection gives).
-    const int64_t row = packed ? D + D + Dv : 0;
-    std::vector<float> qkv, qh, kh, vh;
-    Tensor q, k, v;
-    Strides3 sq, sk, sv;
-    if (packed) {
-      qkv = randn(size_t(B * T * H * row), rng);
-      Tensor all = Tensor::from_vector(qkv, {B, T, H, row});
-      q = all.slice(3, 0, D);
-      k = all.slice(3, D, 2 * D);
-      v = all.slice(3, 2 * D, 2 * D + Dv);
-      sq = sk = sv = Strides3{T * H * row, H * row, row};
-    } else {
-      qh = randn(size_t(B * T * H * D), rng);
-      kh = randn(size_t(B * T * H * D), rng);
-      vh = randn(size_t(B * T * H * Dv), rng);
-      q = Tensor::from_vector(qh, {B, T, H, D});
-      k = Tensor::from_vector(kh, {B, T, H, D});
-      v = Tensor::from_vector(vh, {B, T, H, Dv});
-      sq = sk = Strides3{T * H * D, H * D, D};
-      sv = Strides3{T * H * Dv, H * Dv, Dv};
-    }
-    const float scale = 1.0f / std::sqrt(float(D)) * 1.7f;
-    Tensor o = Tensor::empty(DType::F32, {B, T, H, Dv});
-    ops::attention_causal(q, k, v, scale, o);
-    DeviceBuffer<float> dall, dq, dk, dv;
-    const float *pq, *pk, *pv;
-    if (packed) {
-      dall = upload(qkv);
-      pq = dall.get();
-      pk = dall.get() + D;
-      pv = dall.get() + 2 * D;
-    } else {
-      dq = upload(qh);
-      dk = upload(kh);
-      dv = upload(vh);
-      pq = dq.get();
-      pk = dk.get();
-      pv = dv.get();
-    }
+    const CausalInputs in = causal_inputs(B, T, H, D, Dv, packed, 0, rng);
     auto dout = poisoned<float>(size_t(B * T * H * Dv));
-    attention_causal(pq, sq, pk, sk, pv, sv, dout.get(), Strides3{T * H * Dv, H * Dv, Dv}, B, T, H, D, Dv, scale);
+    attention_causal(in.pq, in.sq, in.pk, in.sk, in.pv, in.sv, dout.get(), Strides3{T * H * Dv, H * Dv, Dv}, B, T, H, D, Dv, in.scale);
     const auto out = download(dout);
     ASSERT_TRUE(all_finite(out));
-    EXPECT_LT(rel_l2(out, vec(o)), 1e-5) << B << "x" << T << "x" << H << " D " << D << " Dv " << Dv;
+    EXPECT_LT(rel_l2(out, vec(in.o)), 1e-5) << B << "x" << T << "x" << H << " D " << D << " Dv " << Dv;
   }
 }
 

@@ -10,6 +10,7 @@
 
 #include "core/error.h"
 #include "core/tensor.h"
+#include "causal_inputs.h"
 #include "cuda_test_util.h"
 #include "kernels/cuda/infer_ops.h"
 #include "kernels/ops.h"
@@ -23,11 +24,6 @@ struct FlashCase {
   int64_t pad;  // packed: extra floats per row (odd: rows off 16 bytes, the pack kernel's scalar path)
 };
 
-std::vector<float> vec(const Tensor& t) {
-  Tensor c = t.contiguous();
-  return std::vector<float>(c.f32(), c.f32() + c.numel());
-}
-
 TEST(CudaFlashPrefill, CausalFlashAttentionMatchesCpu) {
   DSV3_REQUIRE_GPU();
   std::mt19937_64 rng(43);
@@ -38,58 +34,19 @@ TEST(CudaFlashPrefill, CausalFlashAttentionMatchesCpu) {
                             FlashCase{2, 130, 3, 64, 64, true, 0}, FlashCase{1, 64, 1, 64, 64, false, 0}}) {
     const auto [B, T, H, D, Dv, packed, pad] = c;
     ASSERT_TRUE(attention_causal_flash_supported(D, Dv));
-    std::vector<float> qkv, qh, kh, vh;
-    Tensor q, k, v;
-    Strides3 sq, sk, sv;
-    if (packed) {
-      const int64_t row = D + D + Dv + pad;
-      qkv = randn(size_t(B * T * H * row), rng);
-      Tensor all = Tensor::from_vector(qkv, {B, T, H, row});
-      q = all.slice(3, 0, D);
-      k = all.slice(3, D, 2 * D);
-      v = all.slice(3, 2 * D, 2 * D + Dv);
-      sq = sk = sv = Strides3{T * H * row, H * row, row};
-    } else {
-      qh = randn(size_t(B * T * H * D), rng);
-      kh = randn(size_t(B * T * H * D), rng);
-      vh = randn(size_t(B * T * H * Dv), rng);
-      q = Tensor::from_vector(qh, {B, T, H, D});
-      k = Tensor::from_vector(kh, {B, T, H, D});
-      v = Tensor::from_vector(vh, {B, T, H, Dv});
-      sq = sk = Strides3{T * H * D, H * D, D};
-      sv = Strides3{T * H * Dv, H * Dv, Dv};
-    }
-    const float scale = 1.0f / std::sqrt(float(D)) * 1.7f;
-    Tensor o = Tensor::empty(DType::F32, {B, T, H, Dv});
-    ops::attention_causal(q, k, v, scale, o);
-
-    DeviceBuffer<float> dall, dq, dk, dv;
-    const float *pq, *pk, *pv;
-    if (packed) {
-      dall = upload(qkv);
-      pq = dall.get();
-      pk = dall.get() + D;
-      pv = dall.get() + 2 * D;
-    } else {
-      dq = upload(qh);
-      dk = upload(kh);
-      dv = upload(vh);
-      pq = dq.get();
-      pk = dk.get();
-      pv = dv.get();
-    }
+    const CausalInputs in = causal_inputs(B, T, H, D, Dv, packed, pad, rng);
     const int64_t orow = Dv + pad;  // a padded output row when pad > 0 (the pad stays poisoned)
     const Strides3 so{T * H * orow, H * orow, orow};
     auto out = poisoned<float>(size_t(B * T * H * orow));
     const size_t wsb = attention_causal_flash_workspace(B, T, H, D, Dv);
     DeviceBuffer<uint8_t> ws(wsb);
-    attention_causal_flash(pq, sq, pk, sk, pv, sv, out.get(), so, B, T, H, D, Dv, scale, ws.get(), wsb);
+    attention_causal_flash(in.pq, in.sq, in.pk, in.sk, in.pv, in.sv, out.get(), so, B, T, H, D, Dv, in.scale, ws.get(), wsb);
     const auto all_out = download(out);
     std::vector<float> got;
     got.reserve(size_t(B * T * H * Dv));
     for (int64_t r = 0; r < B * T * H; ++r) got.insert(got.end(), all_out.begin() + r * orow, all_out.begin() + r * orow + Dv);
     ASSERT_TRUE(all_finite(got)) << B << "x" << T << "x" << H << " D " << D << " Dv " << Dv;
-    const double e = rel_l2(got, vec(o));
+    const double e = rel_l2(got, vec(in.o));
     std::printf("  flash attention B %lld T %lld H %lld D %lld Dv %lld %s: rel L2 %.3g\n", (long long)B, (long long)T,
                 (long long)H, (long long)D, (long long)Dv, packed ? "packed" : "separate", e);
     EXPECT_LT(e, 1e-2) << B << "x" << T << "x" << H << " D " << D << " Dv " << Dv;
