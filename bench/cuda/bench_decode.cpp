@@ -113,7 +113,7 @@ double decode_rate(const CudaModel& m, int64_t B, int64_t P, int64_t steps, int6
   *graph_replays = m.graph_replays() - r0;
   const double rate = double(B * (steps - warm)) / since(t0);
   if (graph_ms) *graph_ms = m.time_last_graph_ms(50);
-  if (B == 1) cuda::decode_persistent_trace_report(int(m.config().num_hidden_layers));  // DSV3_PERSISTENT_TRACE=1 only
+  if (B == 1) cuda::decode_persistent_trace_report();  // DSV3_PERSISTENT_TRACE=1 only
   return rate;
 }
 }  // namespace

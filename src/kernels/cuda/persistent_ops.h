@@ -77,6 +77,6 @@ void decode_persistent(const PersistentShape& s, const PersistentLayer* layers, 
                        void* workspace, size_t workspace_bytes, cudaStream_t stream, int blocks = 0);
 
 // DSV3_PERSISTENT_TRACE=1: stage and barrier times of the last launch on stderr (benchmarks).
-void decode_persistent_trace_report(int layers);
+void decode_persistent_trace_report();
 
 }  // namespace dsv3::cuda
