@@ -64,7 +64,8 @@ TEST(CudaAttention, LatentDecodeMatchesCpu) {
 // twin (which sees the same bf16 cache values) is relative L2 < 1e-2. Cases: DeepSeek-V3's width with 20 heads
 // (streaming kernel, one padded 16-head group) and 128 (64-head kernel) on 2 query tokens a sequence (MTP
 // verification), small.json's width; 70 short sequences (one split each, several laps of the 4-stage ring, rows
-// past the end inside the last tile); one long sequence with 3 heads (many two-tile splits).
+// past the end inside the last tile); one long sequence with 3 heads (many two-tile splits); 16 sequences up to 4096
+// rows at both widths (two blocks per SM, q in shared memory).
 struct PagedCase {
   int64_t H, W, R, s_q;
   std::vector<int64_t> lens;
@@ -75,6 +76,8 @@ std::vector<int64_t> many_lens() {
   for (auto& l : v) l = 1 + int64_t(r() % 700);
   return v;
 }
+// 16 sequences up to 4096 rows: long enough splits that the streaming kernel runs two blocks per SM.
+std::vector<int64_t> long_lens() { return {4096, 1, 2500, 4095, 64, 3333, 4096, 129, 4000, 17, 2048, 4096, 700, 3900, 1000, 4096}; }
 class PagedDecode : public ::testing::TestWithParam<PagedCase> {};
 TEST_P(PagedDecode, MatchesCpu) {
   DSV3_REQUIRE_GPU();
@@ -144,7 +147,8 @@ TEST_P(PagedDecode, MatchesCpu) {
 INSTANTIATE_TEST_SUITE_P(CudaAttention, PagedDecode,
                          ::testing::Values(PagedCase{20, 576, 512, 2, {1500, 64, 3001, 2}}, PagedCase{128, 576, 512, 2, {1500, 64, 3001, 2}},
                                            PagedCase{16, 288, 256, 2, {1500, 64, 3001, 2}}, PagedCase{16, 576, 512, 1, many_lens()},
-                                           PagedCase{3, 288, 256, 1, {5000}}));
+                                           PagedCase{3, 288, 256, 1, {5000}}, PagedCase{16, 576, 512, 1, long_lens()},
+                                           PagedCase{16, 288, 256, 1, long_lens()}));
 
 }  // namespace
 }  // namespace dsv3::cuda

@@ -11,7 +11,9 @@
 // whole range; the online softmax on S in shared memory; O += P·V with each warp owning R/8 output columns.
 // q and P are rounded to bf16 for the products (f32 accumulation; l sums the rounded P), as k_latent_mma.
 //
-// Splits are chosen so the grid is one wave of one block per SM (225 KB of shared memory each for W = 576).
+// Splits are chosen so the grid is one wave of one block per SM (225 KB of shared memory each for W = 576), or of
+// two (BPS = 2: 97 KB each, q read from shared memory, a 2-stage ring) when every split still has >= 256 rows:
+// one block's barrier waits were half of its stalls (ncu), and a second block fills them.
 #pragma once
 #include "kernels/cuda/common.cuh"
 
@@ -28,25 +30,30 @@ struct DecodeArgs {
   float scale;
 };
 
-template <int W, int R>
+// BPS: blocks resident per SM. 1: q fragments in registers (184 of them for W = 576) and a deep ring. 2: two
+// blocks share the SM, so one block's barrier waits (half of its stalls in ncu at BPS 1) overlap the other's
+// products; q goes to shared memory (ldmatrix per tile) to fit 128 registers, and the ring is shorter.
+template <int W, int R, int BPS = 1>
 struct LatentStream {
-  static constexpr int rows = 32, stages = W > 320 ? 6 : 8, heads = 16, threads = 256;
+  static constexpr bool q_smem = BPS > 1;
+  static constexpr int rows = 32, heads = 16, threads = 256;
+  static constexpr int stages = BPS > 1 ? (W > 320 ? 2 : 4) : (W > 320 ? 6 : 8);
   static constexpr int stride = W + 8, p_stride = rows + 8, s_stride = rows + 4;
   static constexpr size_t bar_bytes = 64;  // one mbarrier per stage
-  static constexpr size_t smem_bytes = bar_bytes + size_t(stages * rows * stride + heads * p_stride) * 2 +
+  static constexpr size_t smem_bytes = bar_bytes + size_t(stages * rows * stride + heads * p_stride + (q_smem ? heads * stride : 0)) * 2 +
                                        size_t(2 * heads * s_stride + 3 * heads) * 4;
-  static_assert(stages * 8 <= bar_bytes && smem_bytes <= 232448, "barriers and ring fit one block's shared memory");
+  static_assert(stages * 8 <= bar_bytes && BPS * (smem_bytes + 1024) <= 233472, "barriers and ring fit the SM's shared memory");
   static_assert(W % 32 == 0 && R % 128 == 0 && R <= W, "W splits into two halves of 16-wide k steps; R into 8 warps of 16 columns");
   static_assert((W * 2) % 16 == 0 && (stride * 2) % 16 == 0, "bulk copies move 16-byte multiples to 16-byte aligned rows");
 };
 
-template <int W, int R>
-__global__ void __launch_bounds__(256, 1) k_latent_stream(DecodeArgs a) {
+template <int W, int R, int BPS = 1>
+__global__ void __launch_bounds__(256, BPS) k_latent_stream(DecodeArgs a) {
   using dev::ldsm_x2;
   using dev::ldsm_x4;
   using dev::ldsm_x4_t;
   using dev::mma_bf16;
-  using L = LatentStream<W, R>;
+  using L = LatentStream<W, R, BPS>;
   constexpr int BR = L::rows, NST = L::stages, HM = L::heads, STR = L::stride, PS = L::p_stride, SS = L::s_stride;
   constexpr int KH = W / 32;      // 16-wide k steps in each half of W
   constexpr int NP = R / 128;     // pairs of 8-column tiles per warp in P·V
@@ -55,7 +62,8 @@ __global__ void __launch_bounds__(256, 1) k_latent_stream(DecodeArgs a) {
   uint64_t* full = reinterpret_cast<uint64_t*>(smraw);
   uint16_t* kbuf = reinterpret_cast<uint16_t*>(smraw + L::bar_bytes);  // [NST][BR][STR]
   uint16_t* pbuf = kbuf + NST * BR * STR;                                 // [HM][PS]
-  float* sbuf = reinterpret_cast<float*>(pbuf + HM * PS);                 // [2 halves of W][HM][SS]
+  uint16_t* qbuf = pbuf + HM * PS;                                        // [HM][STR] (q_smem)
+  float* sbuf = reinterpret_cast<float*>(qbuf + (L::q_smem ? HM * STR : 0));  // [2 halves of W][HM][SS]
   float* m_s = sbuf + 2 * HM * SS;
   float* l_s = m_s + HM;
   float* al_s = l_s + HM;
@@ -85,9 +93,20 @@ __global__ void __launch_bounds__(256, 1) k_latent_stream(DecodeArgs a) {
   if (w == 0)
     for (int it = 0; it < min(NST, ntiles); ++it) issue(it);
 
-  // This warp's q fragments (heads g and g + 8, half w >> 2 of W) as mma A operands, straight from global memory.
-  uint32_t qf[KH][4];
-  {
+  // This warp's q fragments (heads g and g + 8, half w >> 2 of W) as mma A operands: in registers, straight from
+  // global memory, or (q_smem) the block's q in shared memory as bf16, read by ldmatrix per tile.
+  uint32_t qf[L::q_smem ? 1 : KH][4];
+  if constexpr (L::q_smem) {
+    for (int i = t; i < HM * (W / 2); i += L::threads) {
+      const int hh = i / (W / 2), d = 2 * (i % (W / 2));
+      uint32_t v = 0u;
+      if (h0 + hh < a.H) {
+        const float2 f = *reinterpret_cast<const float2*>(a.q + (int64_t(qt) * a.H + h0 + hh) * W + d);
+        v = uint32_t(dev::f32_to_bf16(f.x)) | (uint32_t(dev::f32_to_bf16(f.y)) << 16);
+      }
+      *reinterpret_cast<uint32_t*>(qbuf + hh * STR + d) = v;
+    }
+  } else {
     const int kh = w >> 2;
     auto pair = [&](int hh, int d) -> uint32_t {
       if (h0 + hh >= a.H) return 0u;
@@ -120,14 +139,17 @@ __global__ void __launch_bounds__(256, 1) k_latent_stream(DecodeArgs a) {
       const int nt = w & 3, kh = w >> 2;
       float c0[4] = {0.0f, 0.0f, 0.0f, 0.0f}, c1[4] = {0.0f, 0.0f, 0.0f, 0.0f};
       const uint16_t* kb = ks + (nt * 8 + (lane & 7)) * STR + 8 * ((lane >> 3) & 1) + kh * KH * 16;
+      [[maybe_unused]] const uint16_t* qa = qbuf + (lane & 15) * STR + 8 * (lane >> 4) + kh * KH * 16;
 #pragma unroll
       for (int k = 0; k < KH; ++k) {
         uint32_t b0, b1;
         ldsm_x2(b0, b1, kb + k * 16);
+        uint32_t(&af)[4] = qf[L::q_smem ? 0 : k];
+        if constexpr (L::q_smem) ldsm_x4(af, qa + k * 16);
         if (k & 1)
-          mma_bf16(c1, qf[k], b0, b1);
+          mma_bf16(c1, af, b0, b1);
         else
-          mma_bf16(c0, qf[k], b0, b1);
+          mma_bf16(c0, af, b0, b1);
       }
       float* s0 = sbuf + (kh * HM + g) * SS + nt * 8 + 2 * tq;
       s0[0] = c0[0] + c1[0];
