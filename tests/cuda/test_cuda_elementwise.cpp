@@ -153,7 +153,8 @@ TEST(CudaOps, RouterMatchesCpu) {
   std::mt19937_64 rng(16);
   struct Case { int64_t M, E; int G, TG, K; bool norm; float scale; bool bias; };
   for (const Case c : {Case{64, 256, 8, 4, 8, true, 2.5f, true}, Case{17, 64, 1, 1, 6, false, 1.0f, true},
-                       Case{9, 96, 4, 2, 5, true, 1.0f, false}, Case{300, 256, 8, 3, 8, true, 2.5f, true}, Case{5, 16, 4, 4, 16, true, 1.5f, true}}) {
+                       Case{9, 96, 4, 2, 5, true, 1.0f, false}, Case{300, 256, 8, 3, 8, true, 2.5f, true}, Case{5, 16, 4, 4, 16, true, 1.5f, true},
+                       Case{7, 30, 3, 2, 4, true, 1.0f, true}}) {
     const std::vector<float> logits = randn(size_t(c.M * c.E), rng, 2.0f), bias = randn(size_t(c.E), rng, 0.3f);
     ops::RouterParams p;
     p.n_group = c.G;

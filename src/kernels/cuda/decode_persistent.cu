@@ -41,7 +41,8 @@ struct Args {
   Work w;
   uint32_t* bar;
   unsigned long long* trace;  // null, or [gridDim.x][kTraceEvents] globaltimer stamps (DSV3_PERSISTENT_TRACE=1)
-  int flags;  // DSV3_PERSISTENT_FLAGS (experiments): 1 barrier arrive by red.release, 2 down rows copied after gate|up
+  int flags;  // DSV3_PERSISTENT_FLAGS (experiments): 1 barrier arrive by red.release, 2 down rows copied after gate|up,
+             // 4 (with the trace) layer 1's routing run twice
   int wb;    // bytes of one weight buffer
   int xmax;  // floats of the input-vector buffer
 };
@@ -74,7 +75,7 @@ Plan plan_of(const PersistentShape& s, int nb) {
   return p;
 }
 
-constexpr int kTraceEvents = 512;
+constexpr int kTraceEvents = 512, kTraceSub = 496;  // barrier events, then 16 sub-stage marks
 __device__ __forceinline__ unsigned long long global_ns() {
   unsigned long long v;
   asm volatile("mov.u64 %0, %globaltimer;" : "=l"(v));
@@ -88,8 +89,12 @@ struct GridBarrier {
   int ev = 0;
 
   __device__ __noinline__ void stamp() {
-    if (trace && threadIdx.x == 0 && ev < kTraceEvents) trace[blockIdx.x * kTraceEvents + ev] = global_ns();
+    if (trace && threadIdx.x == 0 && ev < kTraceSub) trace[blockIdx.x * kTraceEvents + ev] = global_ns();
     ++ev;
+  }
+  // Points inside one stage of one layer (trace only): kTraceSub + k, read by the report as sub-stage times.
+  __device__ __forceinline__ void mark(int k) {
+    if (trace && threadIdx.x == 0) trace[blockIdx.x * kTraceEvents + kTraceSub + k] = global_ns();
   }
   // This block's writes so far are visible to every block that has waited past the matching wait().
   __device__ __noinline__ void arrive() {
@@ -118,9 +123,10 @@ struct GridBarrier {
 };
 
 // This block's share [r0, r1) of n items.
+// 32-bit division (the host checks n·nb < 2^31): a 64-bit one is a ~1 KB subroutine call at each of its sites.
 __device__ __forceinline__ void share(int64_t n, int b, int nb, int64_t& r0, int64_t& r1) {
-  r0 = n * b / nb;
-  r1 = n * (b + 1) / nb;
+  r0 = int64_t(uint32_t(n) * uint32_t(b) / uint32_t(nb));
+  r1 = int64_t(uint32_t(n) * uint32_t(b + 1) / uint32_t(nb));
 }
 __device__ __forceinline__ float round_bf16(float v) { return bf16_to_f32(f32_to_bf16(v)); }
 __device__ __forceinline__ float dot8(const uint4 w, const float* x) {
@@ -280,6 +286,24 @@ __device__ __noinline__ void fill_close(uint64_t* bar, int k) {
   __syncwarp();
   if ((threadIdx.x & 31) == 0) mbar_arrive(bar);
 }
+// Cache rows [c0, c0 + n) of a paged pool (W bf16 each) into rows of KS at dst, one bulk copy per row issued by the
+// last warp's lanes, completing one phase of `bar`; row `skip` is left out (this step writes it). Called by every
+// thread.
+__device__ __noinline__ void fill_cache_rows(uint64_t* bar, void* dst, const uint16_t* pool, const int32_t* btab, int bs, int c0, int n,
+                                             int skip, int W, int KS) {
+  if ((threadIdx.x >> 5) != kW - 1) return;
+  const int lane = threadIdx.x & 31;
+  fence_proxy_async_smem();
+  #pragma unroll 1
+  for (int j = lane; j < n; j += 32) {
+    const int row = c0 + j, blk = row / bs;
+    if (row == skip) continue;
+    mbar_expect_tx(bar, uint32_t(W * 2));
+    bulk_copy_g2s(static_cast<uint16_t*>(dst) + j * KS, pool + (int64_t(btab[blk]) * bs + (row - blk * bs)) * W, uint32_t(W * 2), bar);
+  }
+  __syncwarp();
+  if (lane == 0) mbar_arrive(bar);
+}
 // y[r0 + i] = row i of the staged [r1 - r0, Kd] block m · x, one warp per row.
 __device__ __noinline__ void gemv_block(const uint16_t* m, int64_t r0, int64_t r1, int Kd, const float* x, float* y) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -349,18 +373,7 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
   };
   // Cache rows [c0, c1) into buffer `which` (row pos excepted: this step writes it, and it is read directly).
   auto tile_rows = [&](int which, const uint16_t* pool, int64_t c0, int64_t c1) {
-    if (warp == kW - 1) {  // one row per lane
-      fence_proxy_async_smem();
-      const int bs = int(s.block_size), n = int(c1 - c0);
-      for (int j = lane; j < n; j += 32) {
-        const int row = int(c0) + j, blk = row / bs;
-        if (row == int(pos)) continue;
-        mbar_expect_tx(&mb[which], uint32_t(W * 2));
-        bulk_copy_g2s(buf[which] + j * KS * 2, pool + (int64_t(btab[blk]) * bs + (row - blk * bs)) * W, uint32_t(W * 2), &mb[which]);
-      }
-      __syncwarp();
-      if (lane == 0) mbar_arrive(&mb[which]);
-    }
+    fill_cache_rows(&mb[which], buf[which], pool, btab, int(s.block_size), int(c0), int(c1 - c0), int(pos), W, KS);
   };
   auto head_block = [&](int which, const void* base, int64_t offset_elems, int64_t n) {
     fill_one(&mb[which], buf[which], static_cast<const uint16_t*>(base) + offset_elems, b < H ? n * 2 : 0);
@@ -374,6 +387,7 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
     uint16_t* u = g + cap * D;
     const int has_fix = Lp.fix_I > 0 ? 1 : 0, n = seg_count(Lp, K);
     fill(which, [&](auto&& emit) {
+      #pragma unroll 1
       for (int i = fixed ? 0 : has_fix; i < (fixed ? has_fix : n); ++i) {
         const Seg sg = seg_at(Lp, i, seg_gu, seg_dn);
         const int64_t lo = max(u0, sg.start), hi = min(u1, sg.start + sg.I);
@@ -391,6 +405,7 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
     uint16_t* o = reinterpret_cast<uint16_t*>(buf[which]);
     const int n = seg_count(Lp, K);
     fill(which, [&](auto&& emit) {
+      #pragma unroll 1
       for (int i = 0; i < n; ++i) {
         const Seg sg = seg_at(Lp, i, seg_gu, seg_dn);
         if (d1 > d0) emit(o + (d1 - d0) * sg.start, sg.dn + d0 * sg.I, (d1 - d0) * sg.I * 2);
@@ -440,10 +455,12 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
       float* kv = xs + dqk;  // [c_kv | k_pe] (past the head's q)
       load_vec(kv, w.qkv + nq, nullptr, W);
       float ss = 0.0f;
+      #pragma unroll 1
       for (int j = t; j < kvr; j += kT) ss += kv[j] * kv[j];
       ss = block_sum(ss, red);
       const float r = 1.0f / sqrtf(ss / float(kvr) + s.eps);
       uint16_t* row = pool + int64_t(a.io.dst_row[0]) * W;
+      #pragma unroll 1
       for (int j = t; j < kvr; j += kT) row[j] = f32_to_bf16(Lp.kv_a_ln[j] * (kv[j] * r));
       for (int i = t; i < dr / 2; i += kT) {
         const float2 c = cs[i];
@@ -463,6 +480,7 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
 #pragma unroll
           for (int u = 0; u < 4; ++u) acc[u] = fmaf(xs[d + u], bf16_to_f32(wk[(d + u) * kvr + j]), acc[u]);
         }
+        #pragma unroll 1
         for (; d < dn; ++d) acc[0] = fmaf(xs[d], bf16_to_f32(wk[d * kvr + j]), acc[0]);
         qc[j] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
       }
@@ -558,12 +576,14 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
 #pragma unroll
       for (int u = 0; u < 2; ++u) {
         const int j = t + u * kT;
+        float* pp = w.part + int64_t(b) * H * kvr + j;
         if (j < kvr)
 #pragma unroll
           for (int h = 0; h < kMaxH; ++h)
-            if (h < H) w.part[(int64_t(b) * H + h) * kvr + j] = acc[u][h];
+            if (h < H) pp[h * kvr] = acc[u][h];
       }
     } else if (b < nsplit) {  // no rows (cannot happen with these splits, but the merge reads every split)
+      #pragma unroll 1
       for (int i = t; i < H * kvr; i += kT) w.part[int64_t(b) * H * kvr + i] = 0.0f;
     }
     if (b < nsplit && t < H) w.ml[(int64_t(b) * H + t) * 2] = runm[t], w.ml[(int64_t(b) * H + t) * 2 + 1] = runl[t];
@@ -628,12 +648,14 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
 #pragma unroll
           for (int u = 0; u < 4; ++u) a4[u] = fmaf(xs[j + u], bf16_to_f32(wuv[(j + u) * dv + v]), a4[u]);
         }
+        #pragma unroll 1
         for (; j < j1; ++j) a4[0] = fmaf(xs[j], bf16_to_f32(wuv[j * dv + v]), a4[0]);
         part[pp * dv + v] = (a4[0] + a4[1]) + (a4[2] + a4[3]);
       }
       __syncthreads();
       if (t < dv) {
         float o = 0.0f;
+        #pragma unroll 1
         for (int q = 0; q < parts; ++q) o += part[q * dv + t];
         w.o[h * dv + t] = round_bf16(o);
       }
@@ -680,9 +702,12 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
 
     // ---- 8: routing (every block), gate|up + SwiGLU of the chosen experts and the fixed one ----
     bar.wait();
+    const bool marks = l == 1;  // the trace's look inside the FFN stage
+    if (marks) bar.mark(0);
     if (moe) load_vec(lgs, w.logits, nullptr, E);
     load_vec(xs, w.r1, w.att, D, b == 0 ? w.r2 : nullptr);
     norm_in_place(xs, D, Lp.ln2, s.eps, !moe, red);  // dense: the MLP's input in bf16, as mlp_fwd
+    if (marks) bar.mark(1);
     if (moe) {
       route_block(lgs, E, Lp.bias ? bias_s : nullptr, s.router, rsc, rsc + E, rsc + 2 * E, ridx, rw);
       if (t < K) {  // the chosen experts' weight pointers
@@ -691,10 +716,18 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
       }
       __syncthreads();
     }
+    if (moe && marks && (a.flags & 4)) {  // experiment: the routing again, its code now in the instruction cache
+      bar.mark(6);
+      route_block(lgs, E, Lp.bias ? bias_s : nullptr, s.router, rsc, rsc + E, rsc + 2 * E, ridx, rw);
+      bar.mark(7);
+    }
+    if (marks) bar.mark(2);
     gu_rows(2, Lp, false, buf[cur]);
     if (!(a.flags & 2)) down_rows(cur ^ 1, Lp);
     wait_fill(cur);
+    if (marks) bar.mark(3);
     wait_fill(2);
+    if (marks) bar.mark(4);
     {
       const int64_t U = Lp.fix_I + (moe ? int64_t(K) * Lp.exp_I : 0), cap = (U + nb - 1) / nb;
       int64_t u0, u1;
@@ -714,6 +747,7 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
       __syncthreads();
       down_rows(cur ^ 1, Lp);
     }
+    if (marks) bar.mark(5);
     bar.arrive();
     cur ^= 1;
 
@@ -736,6 +770,7 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
       const int nseg = seg_count(Lp, K);
       for (int64_t r = warp; r < d1 - d0; r += kW) {
         float acc = 0.0f;
+        #pragma unroll 1
         for (int i = 0; i < nseg; ++i) {
           const Seg sg = seg_at(Lp, i, seg_gu, seg_dn);
           acc = warp_dot_part(o + (d1 - d0) * sg.start + r * sg.I, xs + sg.start, int(sg.I), acc);
@@ -778,6 +813,7 @@ unsigned long long* trace_buffer(int nb) {
   if (!on) return nullptr;
   if (!g_trace || g_trace_blocks < nb) {  // first (eager) launch of a shape, before any graph capture
     DSV3_CUDA_CHECK(cudaMalloc(&g_trace, sizeof(unsigned long long) * size_t(nb) * kTraceEvents));
+    DSV3_CUDA_CHECK(cudaMemset(g_trace, 0, sizeof(unsigned long long) * size_t(nb) * kTraceEvents));  // marks a model never sets
     g_trace_blocks = nb;
   }
   return g_trace;
@@ -829,7 +865,7 @@ void decode_persistent_trace_report() {
   // passing barrier k-1 (or the launch) to the last block arriving at barrier k.
   auto at = [&](int b, int e) { return double(h[size_t(b) * kTraceEvents + e]); };
   int n = 1;
-  while (n + 1 < 400 && at(0, n) >= at(0, n - 1) && at(0, n) > 0) ++n;
+  while (n + 1 < kTraceSub && at(0, n) >= at(0, n - 1) && at(0, n) > 0) ++n;
   const int stages = (n + 1) / 2;
   std::vector<double> work(size_t(stages), 0), sync(size_t(stages), 0);
   double start = 1e300;
@@ -852,6 +888,18 @@ void decode_persistent_trace_report() {
                nb, stages, (prev_pass - start) / 1e3);
   for (int k = 0; k < stages; ++k)
     std::fprintf(stderr, "  stage %3d: work %6.2f us, barrier %5.2f us\n", k, work[size_t(k)] / 1e3, sync[size_t(k)] / 1e3);
+  // Layer 1's FFN stage from the inside: per step, the median and the slowest block's time.
+  static const char* const what[5] = {"logits + input norm", "routing", "issue fills, wait for the fixed rows",
+                                      "wait for the routed rows", "gate|up products"};
+  for (int k = 1; k <= 5; ++k) {
+    std::vector<double> d;
+    for (int b = 0; b < nb; ++b) d.push_back((at(b, kTraceSub + k) - at(b, kTraceSub + k - 1)) / 1e3);
+    std::sort(d.begin(), d.end());
+    if (d.back() > 0) std::fprintf(stderr, "  layer 1 FFN, %-38s median %5.2f us, slowest %5.2f us\n", what[k - 1], d[d.size() / 2], d.back());
+  }
+  if (at(0, kTraceSub + 7) > 0)
+    std::fprintf(stderr, "  layer 1 FFN, routing again (flag 4; included above):  block 0 %5.2f us\n",
+                 (at(0, kTraceSub + 7) - at(0, kTraceSub + 6)) / 1e3);
 }
 
 std::string decode_persistent_unsupported(const PersistentShape& s, int blocks) {
@@ -868,6 +916,8 @@ std::string decode_persistent_unsupported(const PersistentShape& s, int blocks) 
     return fmt::format("hidden {} / heads·v {} / FFN width {} not multiples of 8", s.D, s.H * s.dv, s.max_units);
   if (s.E > kRouteMaxE || s.router.n_group > kRouteMaxG || s.router.top_k > 32) return "router beyond the routing warp's limits";
   if (s.block_size < 1 || s.layers < 1) return "empty model or cache layout";
+  const int64_t widest = std::max({s.nq + s.kvr + s.dr, s.H * (s.dn + s.dr), s.D, s.E, s.max_units});
+  if (widest * nb >= (int64_t(1) << 31)) return fmt::format("a width of {} over {} blocks overflows the kernel's 32-bit shares", widest, nb);
   const Plan p = plan_of(s, nb);
   if (p.smem > max_smem()) return fmt::format("{} bytes of shared memory per block needed, {} available", p.smem, max_smem());
   return {};

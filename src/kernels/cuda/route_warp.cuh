@@ -14,6 +14,7 @@ __device__ __forceinline__ bool route_better(float a, int ia, float b, int ib) {
 // A group's score: the sum of its two best choice scores (DeepSeek-V3's noaux_tc group ranking).
 __device__ __forceinline__ float group_score(const float* c, int g, int per) {
   float t1 = -INFINITY, t2 = -INFINITY;
+#pragma unroll 1
   for (int e = g * per; e < (g + 1) * per; ++e) {
     const float v = c[e];
     if (v > t1) { t2 = t1; t1 = v; } else if (v > t2) { t2 = v; }
@@ -89,13 +90,16 @@ __device__ inline void route_warp(const float* __restrict__ logits, int E, const
   __syncwarp();
 }
 
-// The same routing by a whole block (every thread calls it; logits, bias, s, c, gs in shared memory): each choice's
-// rank among the others replaces the warp's serial top-k passes, so it costs a few shared-memory sweeps. Under
-// route_better's strict order the topk_group best groups and the top_k best choices are exactly the ones of rank
-// below topk_group / top_k, picked in rank order: the same result as route_warp.
+// The same routing by a whole block (every thread calls it; logits, bias, s, c, gs in shared memory, c 16-byte
+// aligned; blockDim.x >= n_group): each choice's rank among the others replaces the warp's serial top-k passes, so it costs a few
+// shared-memory sweeps. Under route_better's strict order the topk_group best groups and the top_k best choices are
+// exactly the ones of rank below topk_group / top_k, picked in rank order: the same result as route_warp. Its loops
+// stay rolled (#pragma unroll 1 / a fixed small unroll): the persistent decode kernel runs it once per layer, so its
+// machine code is fetched cold each time (an unrolled version was 21 KB and cost ~3 µs of instruction fetch).
 static __device__ __noinline__ void route_block(const float* logits, int E, const float* bias, const RouterConfig p, float* s, float* c,
                                    float* gs, int32_t* idx, float* w) {
   const int t = threadIdx.x, nt = blockDim.x;
+#pragma unroll 1
   for (int e = t; e < E; e += nt) {
     const float v = 1.0f / (1.0f + expf(-logits[e]));
     s[e] = v;
@@ -104,34 +108,44 @@ static __device__ __noinline__ void route_block(const float* logits, int E, cons
   __syncthreads();
   const int G = p.n_group, per = E / G;
   if (G > 1) {
-    for (int g = t; g < G; g += nt) {
-      gs[g] = group_score(c, g, per);
-    }
+    bool keep = false;
+    if (t < G) gs[t] = group_score(c, t, per);
     __syncthreads();
-    bool drop[(kRouteMaxE + 31) / 32];  // per thread: its experts e = t + i·nt (nt >= 32)
-    for (int e = t, i = 0; e < E; e += nt, ++i) {
-      const int g = e / per;
+    if (t < G) {
       int above = 0;
-      for (int h = 0; h < G; ++h) above += route_better(gs[h], h, gs[g], g) ? 1 : 0;
-      drop[i] = above >= p.topk_group;
+#pragma unroll 1
+      for (int h = 0; h < G; ++h) above += route_better(gs[h], h, gs[t], t) ? 1 : 0;
+      keep = above < p.topk_group;
     }
     __syncthreads();
-    for (int e = t, i = 0; e < E; e += nt, ++i)
-      if (drop[i]) c[e] = 0.0f;
+    if (t < G) gs[t] = keep ? 1.0f : 0.0f;
+    __syncthreads();
+#pragma unroll 1
+    for (int e = t; e < E; e += nt)
+      if (gs[e / per] == 0.0f) c[e] = 0.0f;
     __syncthreads();
   }
+#pragma unroll 1
   for (int e = t; e < E; e += nt) {
     const float v = c[e];
-    int rank = 0;
-#pragma unroll 4
-    for (int f = 0; f < E; ++f) rank += route_better(c[f], f, v, e) ? 1 : 0;
+    int rank = 0, f = 0;
+#pragma unroll 1
+    for (; f + 4 <= E; f += 4) {  // 16-byte loads: a quarter of the loop's shared-memory round trips
+      const float4 q = *reinterpret_cast<const float4*>(c + f);
+      rank += (route_better(q.x, f, v, e) ? 1 : 0) + (route_better(q.y, f + 1, v, e) ? 1 : 0) +
+              (route_better(q.z, f + 2, v, e) ? 1 : 0) + (route_better(q.w, f + 3, v, e) ? 1 : 0);
+    }
+#pragma unroll 1
+    for (; f < E; ++f) rank += route_better(c[f], f, v, e) ? 1 : 0;
     if (rank < p.top_k) idx[rank] = e;
   }
   __syncthreads();
   if (t == 0) {
     float sum = 0.0f;
+#pragma unroll 1
     for (int i = 0; i < p.top_k; ++i) sum += s[idx[i]];
     const float denom = p.norm_topk_prob ? sum + 1e-20f : 1.0f;
+#pragma unroll 1
     for (int i = 0; i < p.top_k; ++i) w[i] = s[idx[i]] / denom * p.routed_scaling_factor;
   }
   __syncthreads();

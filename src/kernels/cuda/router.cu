@@ -99,9 +99,10 @@ __global__ void __launch_bounds__(256) k_route_block(const float* __restrict__ l
                                                      RouterConfig p, int32_t* __restrict__ idx, float* __restrict__ w) {
   dependent_kernel_begin();
   extern __shared__ float sm[];
-  float* lg = sm;          // [E]
-  float* bs = lg + E;      // [E]
-  float* sc = bs + E;      // s, c: 2E, gs: n_group
+  const int E4 = (E + 3) / 4 * 4;  // route_block reads c in 16-byte pieces
+  float* lg = sm;                  // [E]
+  float* bs = lg + E4;             // [E]
+  float* sc = bs + E4;             // s, c: 2·E4, gs: n_group
   __shared__ int32_t ci[kRouteMaxK];
   __shared__ float cw[kRouteMaxK];
   const int64_t m = blockIdx.x;
@@ -110,7 +111,7 @@ __global__ void __launch_bounds__(256) k_route_block(const float* __restrict__ l
     if (bias) bs[e] = bias[e];
   }
   __syncthreads();
-  route_block(lg, E, bias ? bs : nullptr, p, sc, sc + E, sc + 2 * E, ci, cw);
+  route_block(lg, E, bias ? bs : nullptr, p, sc, sc + E4, sc + 2 * E4, ci, cw);
   for (int i = threadIdx.x; i < p.top_k; i += blockDim.x) {
     idx[m * p.top_k + i] = ci[i];
     w[m * p.top_k + i] = cw[i];
@@ -144,7 +145,7 @@ void moe_route_block(const float* logits, int64_t ld, int64_t M, int64_t E, cons
                      float* w, cudaStream_t stream) {
   check_router(E, p, "moe_route_block");
   if (M <= 0) return;
-  const size_t smem = sizeof(float) * size_t(4 * E + p.n_group);
+  const size_t smem = sizeof(float) * size_t(4 * ((E + 3) / 4 * 4) + p.n_group);
   set_route_smem(reinterpret_cast<const void*>(&k_route_block), smem);
   launch_dependent(k_route_block, dim3(unsigned(M)), dim3(256), smem, stream, logits, ld, int(E), bias, p, idx, w);
   DSV3_CUDA_CHECK_LAUNCH("moe_route_block kernel");
