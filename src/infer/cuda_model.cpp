@@ -193,10 +193,10 @@ struct CudaModel::Impl {
   bool gemm_attention = false;
   // DSV3_UNFUSED_SHARED=1: decode steps run the shared experts as their own MLP (three launches), for A/B runs.
   bool fused_shared = true;
-  // DSV3_PINNED_STEP=1: a cached step's metadata and outputs go through page-locked host buffers (plain DMA, no
-  // staging copy by the driver) instead of pageable memory. Off until measured on a GPU (the batch-1 step spends
-  // ~0.1 ms on the host side: 0.77 ms per token against 0.66 ms of graph).
-  bool pinned_step = false;
+  // A cached step's metadata and outputs go through page-locked host buffers (plain DMA, no staging copy by the
+  // driver) instead of pageable memory: H200 batch 1, two A/B pairs in one call: 0.749-0.753 -> 0.734-0.739 ms per
+  // token. DSV3_PINNED_STEP=0 goes back to pageable copies.
+  bool pinned_step = true;
   mutable cuda::PinnedBuffer pin_meta, pin_out;
   // The persistent batch-1 decode kernel: its per-layer weight table (device), shape and barrier counters; empty
   // `persist_why` when every layer qualifies.
@@ -433,7 +433,7 @@ struct CudaModel::Impl {
     fused_mla_split = env_flag("DSV3_FUSED_MLA_SPLIT");
     fused_shared = !env_flag("DSV3_UNFUSED_SHARED");
     moe_decode_kernel = env_flag("DSV3_MOE_DECODE_KERNEL");
-    pinned_step = env_flag("DSV3_PINNED_STEP");
+    if (const char* v = std::getenv("DSV3_PINNED_STEP"); v && std::string(v) == "0") pinned_step = false;
     gemm_attention = env_flag("DSV3_GEMM_ATTENTION");
     route_counter = DBuf<uint32_t>(1);
     cuda::memset_device(route_counter.get(), 0, 4);

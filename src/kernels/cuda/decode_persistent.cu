@@ -1,11 +1,10 @@
 // The batch-1 decode step as one persistent kernel (see persistent_ops.h for what and why).
 //
-// Pipeline: every stage's weights go to shared memory by cp.async into one of two buffers while the stage before
-// computes and while the block waits at the grid barrier (a stage issues the next stage's copies right after it
-// arrives), so a stage starts with its operands on chip; one cp.async group per stage keeps the waits uniform
-// (wait_group 1: everything but the newest group). The routed experts are known only once the router's logits are
-// in: every block routes the token itself (route_warp, the router kernels' code), then copies its gate|up rows and
-// the next stage's down rows at once.
+// Pipeline: every stage's weights go to shared memory by bulk copies (TMA, one mbarrier phase per fill) into one
+// of two buffers while the stage before computes and while the block waits at the grid barrier (a stage issues
+// the next stage's copies before its wait), so a stage starts with its operands on chip. The routed experts are
+// known only once the router's logits are in: every block routes the token itself (route_block, the same choices
+// as the router kernels), then copies its gate|up rows and the next stage's down rows at once.
 //
 // Data written by one block and read by another inside the launch is read with ld.global.cg (L2, never a stale
 // L1 line) after a grid barrier: __syncthreads, then thread 0 fences and adds to a global counter, and waits with

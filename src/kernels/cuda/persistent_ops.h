@@ -4,7 +4,7 @@
 // Why: at batch 1 a decode layer is ~14 dependent launches of a few µs each for kilobytes of work; the GPU waits
 // on launch and drain latency, not on memory (small.json: 0.73 ms per step against an 81 µs bandwidth bound).
 // Inside one kernel a stage boundary is a barrier (~1 µs), and every stage's weights are copied into shared
-// memory (cp.async) while the stage before runs, so a stage starts with its operands on chip.
+// memory (bulk copies) while the stage before runs, so a stage starts with its operands on chip.
 //
 // Stages of a layer (one grid barrier after each): [q_a | kv_a] product of the normed input; q_a norm + q_b
 // product (one block also appends the new latent row to the paged cache); q_nope·W_UK + RoPE per head; latent
