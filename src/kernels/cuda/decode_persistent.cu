@@ -28,6 +28,7 @@ constexpr int kMaxH = 16;       // heads a block's attention accumulators hold
 constexpr int kTile = 64;       // cache rows staged at a time
 constexpr int kPad = 8;         // bf16 padding per staged cache row (odd 16-byte stride: conflict-free row reads)
 constexpr int kSplitRows = 16;  // context rows per block before the context is split over fewer, longer pieces
+                                // (DSV3_PERSISTENT_SPLIT_ROWS overrides it, for benchmarks)
 constexpr int kMaxSplitsPerLane = 8;  // the merge's warp holds the split statistics: at most 256 blocks
 
 struct Work {
@@ -44,6 +45,7 @@ struct Args {
              // 4 (with the trace) layer 1's routing run twice
   int wb;    // bytes of one weight buffer
   int xmax;  // floats of the input-vector buffer
+  int split_rows;
 };
 
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -220,7 +222,7 @@ __device__ __forceinline__ Seg seg_at(const PersistentLayer& L, int i, const uin
 // launch); `also` (global, or null) gets the same values. Every load of a thread is issued before its first store
 // (one L2 round trip, not one per element); ends with __syncthreads.
 __device__ __noinline__ void load_vec(float* dst, const float* a, const float* b, int n, float* also = nullptr) {
-  constexpr int U = 4;
+  constexpr int U = 8;  // 8 float4 a thread: the attention stage's q (H·W floats, 4608 for small.json) in one trip
   const int n4 = n / 4;
   for (int base = 0; base < n4; base += U * kT) {
     float4 va[U], vb[U];
@@ -347,7 +349,7 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
   const int64_t pos = a.io.pos[0];
   const int64_t L = pos + 1;
   const int32_t* btab = a.io.table;
-  const int64_t nsplit = min(int64_t(nb), (L + kSplitRows - 1) / kSplitRows), rps = (L + nsplit - 1) / nsplit;
+  const int64_t nsplit = min(int64_t(nb), (L + a.split_rows - 1) / a.split_rows), rps = (L + nsplit - 1) / nsplit;
   const int64_t a0 = min(L, b * rps), a1 = min(L, a0 + rps);  // this block's context rows (empty for b >= nsplit)
   const float2* cs = reinterpret_cast<const float2*>(a.io.rope) + pos * (dr / 2);
 
@@ -722,7 +724,9 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
     }
     if (marks) bar.mark(2);
     gu_rows(2, Lp, false, buf[cur]);
+    if (marks) bar.mark(8);
     if (!(a.flags & 2)) down_rows(cur ^ 1, Lp);
+    if (marks) bar.mark(9);
     wait_fill(cur);
     if (marks) bar.mark(3);
     wait_fill(2);
@@ -818,6 +822,12 @@ unsigned long long* trace_buffer(int nb) {
   return g_trace;
 }
 
+int env_split_rows() {
+  const char* v = std::getenv("DSV3_PERSISTENT_SPLIT_ROWS");
+  const int n = v && *v ? std::atoi(v) : 0;
+  return n >= 1 && n <= kTile ? n : kSplitRows;
+}
+
 int env_flags() {
   const char* v = std::getenv("DSV3_PERSISTENT_FLAGS");
   return v && *v ? std::atoi(v) : 0;
@@ -896,6 +906,11 @@ void decode_persistent_trace_report() {
     std::sort(d.begin(), d.end());
     if (d.back() > 0) std::fprintf(stderr, "  layer 1 FFN, %-38s median %5.2f us, slowest %5.2f us\n", what[k - 1], d[d.size() / 2], d.back());
   }
+  if (at(0, kTraceSub + 9) > 0) {  // block 0's split of "issue fills, wait for the fixed rows"
+    const double m2 = at(0, kTraceSub + 2), m8 = at(0, kTraceSub + 8), m9 = at(0, kTraceSub + 9), m3 = at(0, kTraceSub + 3);
+    std::fprintf(stderr, "  layer 1 FFN, block 0: routed gate|up fill issue %.2f us, down fill issue %.2f us, fixed-row wait %.2f us\n",
+                 (m8 - m2) / 1e3, (m9 - m8) / 1e3, (m3 - m9) / 1e3);
+  }
   if (at(0, kTraceSub + 7) > 0)
     std::fprintf(stderr, "  layer 1 FFN, routing again (flag 4; included above):  block 0 %5.2f us\n",
                  (at(0, kTraceSub + 7) - at(0, kTraceSub + 6)) / 1e3);
@@ -939,7 +954,7 @@ void decode_persistent(const PersistentShape& s, const PersistentLayer* layers, 
   Args a{s, layers, io,
          Work{f + wl.off[0], f + wl.off[1], f + wl.off[2], f + wl.off[3], f + wl.off[4], f + wl.off[5], f + wl.off[6], f + wl.off[7],
               f + wl.off[8], f + wl.off[9], f + wl.off[10], f + wl.off[11]},
-         barrier, trace_buffer(nb), env_flags(), int(p.wb), int(p.xmax)};
+         barrier, trace_buffer(nb), env_flags(), int(p.wb), int(p.xmax), env_split_rows()};
   DSV3_CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(&k_decode_persistent), cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        int(p.smem)));
   int per_sm = 0;
