@@ -193,9 +193,9 @@ struct CudaModel::Impl {
   bool gemm_attention = false;
   // DSV3_UNFUSED_SHARED=1: decode steps run the shared experts as their own MLP (three launches), for A/B runs.
   bool fused_shared = true;
-  // A cached step's metadata and outputs go through page-locked host buffers (plain DMA, no staging copy by the
-  // driver) instead of pageable memory: H200 batch 1, two A/B pairs in one call: 0.749-0.753 -> 0.734-0.739 ms per
-  // token. DSV3_PINNED_STEP=0 goes back to pageable copies.
+  // A cached step's small metadata and outputs (decode steps of a few rows) go through page-locked host buffers
+  // (plain DMA, no staging copy by the driver) instead of pageable memory: H200 batch 1, A/B in two calls:
+  // 0.749-0.753 -> 0.734-0.739 and 0.742 -> 0.714-0.726 ms per token. DSV3_PINNED_STEP=0: pageable copies always.
   bool pinned_step = true;
   mutable cuda::PinnedBuffer pin_meta, pin_out;
   // The persistent batch-1 decode kernel: its per-layer weight table (device), shape and barrier counters; empty
@@ -978,7 +978,7 @@ struct CudaModel::Impl {
       }
     }
     uint8_t* d = static_cast<uint8_t*>(ex.arena.get(S_META, bytes));
-    if (pinned_step) {  // reused every step: the previous step's copy out of it must be done (it normally is)
+    if (pinned_step && bytes <= (size_t(1) << 16)) {  // reused every step: the previous step's copy out of it must be done
       cuda::synchronize(s());
       void* pm = pin_meta.get(bytes);
       std::memcpy(pm, h.data(), bytes);
@@ -1081,7 +1081,9 @@ struct CudaModel::Impl {
     Transformer::Step st;
     st.hidden = Tensor::empty(DType::F32, {M, D});
     st.logits = Tensor::empty(DType::F32, {out_rows, V});
-    if (pinned_step) {
+    // Small outputs only (a decode step of a few rows): a big one (prefill's hidden states, batch 64's logits) costs
+    // more in the extra host memcpy than the staging saves (H200: prefill T 4096 13.7 -> 15.0 ms, batch 64 -6%).
+    if (pinned_step && st.hidden.nbytes() + st.logits.nbytes() <= (size_t(1) << 20)) {
       uint8_t* po = static_cast<uint8_t*>(pin_out.get(st.hidden.nbytes() + st.logits.nbytes()));
       cuda::copy_to_host(po, ex.arena.get(S_FINAL, 0), st.hidden.nbytes(), s());
       cuda::copy_to_host(po + st.hidden.nbytes(), ex.arena.get(S_LOGIT, 0), st.logits.nbytes(), s());
