@@ -492,7 +492,9 @@ struct CudaModel::Impl {
     }
   }
 
-  // The persistent decode kernel's tables, when the model qualifies: bf16 throughout (the router f32), a q LoRA.
+  // The persistent decode kernel's tables, when the model qualifies: bf16 projections, or (native FP8 checkpoints)
+  // e4m3 ones with 128x128 block scales; the router f32, a q LoRA. DSV3_PERSISTENT_FP8=1 lets FP8 models use it
+  // (off until its GPU test has run: CudaModel.PersistentDecodeMatchesLaunchPath's native-FP8 case).
   void build_persistent() {
     const char* off = std::getenv("DSV3_NO_PERSISTENT");
     if (!opt.persistent_decode || (off && *off && std::string(off) != "0")) {
@@ -504,36 +506,60 @@ struct CudaModel::Impl {
       return;
     }
     const ModelConfig& c = cfg;
+    const bool fp8 = !layers.empty() && layers[0].attn.in.type == DType::F8_E4M3;
+    if (fp8) {
+      const char* on = std::getenv("DSV3_PERSISTENT_FP8");
+      if (!(on && std::string(on) == "1")) {
+        persist_why = "FP8 weights (DSV3_PERSISTENT_FP8=1 enables the kernel's FP8 variant)";
+        return;
+      }
+    }
     std::vector<cuda::PersistentLayer> t;
-    int64_t units = 0;
-    auto bf = [](const Lin& l) { return l.type == DType::BF16 && l.split == 0; };
+    int64_t units = 0, scf = 0;
+    auto cd = [](int64_t n) { return (n + 127) / 128; };
+    auto grid = [&](const Lin& l) { return (l.split > 0 ? cd(l.split) + cd(l.N - l.split) : cd(l.N)) * cd(l.K); };
+    // bf16 weights are never stacked with a split; FP8 ones keep each part's scale rows (split = the first's rows).
+    auto ok = [&](const Lin& l, int64_t split) {
+      return fp8 ? l.type == DType::F8_E4M3 && l.split == split && l.scale.get() : l.type == DType::BF16 && l.split == 0;
+    };
     for (const LayerW& L : layers) {
       const AttnW& a = L.attn;
-      if (!a.lora || !bf(a.in) || !bf(a.q_b) || !bf(a.o)) {
-        persist_why = "attention weights not bf16 with a q LoRA";
+      if (!a.lora || !ok(a.in, fp8 ? a.in.split : 0) || !ok(a.q_b, 0) || !ok(a.o, 0)) {
+        persist_why = fp8 ? "attention weights not all FP8 with a q LoRA" : "attention weights not bf16 with a q LoRA";
         return;
       }
       cuda::PersistentLayer p;
       p.ln1 = L.ln1.get(), p.ln2 = L.ln2.get();
       p.w_in = a.in.w.get(), p.q_a_ln = a.q_a_ln.get(), p.w_qb = a.q_b.w.get(), p.kv_a_ln = a.kv_a_ln.get();
       p.wuk = a.wkv, p.wuv_t = a.wuv_t.get(), p.w_o = a.o.w.get(), p.cache_layer = L.cache_layer;
+      if (fp8) {
+        p.s_in = a.in.scale.get(), p.split_in = a.in.split, p.s_qb = a.q_b.scale.get(), p.s_o = a.o.scale.get();
+        scf = std::max({scf, grid(a.in), grid(a.q_b), grid(a.o)});
+      }
       const MlpW* fixed = L.mlp ? &*L.mlp : (L.moe && L.moe->shared ? &*L.moe->shared : nullptr);
       if (fixed) {
-        if (!bf(fixed->gu) || !bf(fixed->down)) {
-          persist_why = "MLP weights not bf16";
+        if (!ok(fixed->gu, fp8 ? fixed->I : 0) || !ok(fixed->down, 0) || (fp8 && fixed->I % 16 != 0)) {
+          persist_why = fp8 ? "MLP weights not FP8 (or a width not a multiple of 16)" : "MLP weights not bf16";
           return;
         }
         p.fix_gu = fixed->gu.w.get(), p.fix_dn = fixed->down.w.get(), p.fix_I = fixed->I;
+        if (fp8) p.s_fix_gu = fixed->gu.scale.get(), p.s_fix_dn = fixed->down.scale.get();
       }
       if (L.moe) {
         const MoeW& e = *L.moe;
-        if (!e.use_table || e.table.type != DType::BF16 || e.gate.type != DType::F32) {
-          persist_why = "routed experts not bf16";
+        const DType et = fp8 ? DType::F8_E4M3 : DType::BF16;
+        if (!e.use_table || e.table.type != et || e.gate.type != DType::F32 || (fp8 && e.table.I % 16 != 0)) {
+          persist_why = fp8 ? "routed experts not FP8 (or a width not a multiple of 16)" : "routed experts not bf16";
           return;
         }
         p.gate = reinterpret_cast<const float*>(e.gate.w.get());
         p.bias = e.has_bias ? e.bias.get() : nullptr;
         p.exp_gu = e.table.d_gate_up(), p.exp_dn = e.table.d_down(), p.exp_I = e.table.I;
+        if (fp8) p.exp_gu_s = e.table.d_gate_up_scale(), p.exp_dn_s = e.table.d_down_scale();
+      }
+      if (fp8) {  // the FFN stages' grids: fixed gate|up; the routed gate|ups; every down (kernel's layouts)
+        const int64_t k = p.gate ? router.top_k : 0;
+        scf = std::max({scf, 2 * cd(p.fix_I) * cd(D), k * 2 * cd(p.exp_I) * cd(D), cd(D) * (cd(p.fix_I) + k * cd(p.exp_I))});
       }
       units = std::max(units, p.fix_I + (p.gate ? router.top_k * p.exp_I : 0));
       t.push_back(p);
@@ -542,6 +568,7 @@ struct CudaModel::Impl {
     sh.D = D, sh.H = H, sh.dn = dn, sh.dr = dr, sh.dv = dv, sh.kvr = kvr, sh.nq = c.q_lora_rank, sh.E = c.n_routed_experts;
     sh.layers = int64_t(layers.size()), sh.block_size = kBlock, sh.max_units = units, sh.eps = eps, sh.scale = scale;
     sh.router = router;
+    sh.fp8 = fp8, sh.scale_floats = (scf + 3) / 4 * 4;
     persist_why = cuda::decode_persistent_unsupported(sh, opt.persistent_blocks);
     if (!persist_why.empty()) return;
     persist_layers = DBuf<cuda::PersistentLayer>(t.size());

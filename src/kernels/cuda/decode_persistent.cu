@@ -46,6 +46,7 @@ struct Args {
   int wb;    // bytes of one weight buffer
   int xmax;  // floats of the input-vector buffer
   int split_rows;
+  int scf;  // floats of one FP8 scale-grid area (PersistentShape::scale_floats)
 };
 
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -56,22 +57,23 @@ struct Plan {
 };
 Plan plan_of(const PersistentShape& s, int nb) {
   const int64_t nin = s.nq + s.kvr + s.dr, dqk = s.dn + s.dr, W = s.kvr + s.dr;
+  const int64_t es = s.fp8 ? 1 : 2;  // bytes of a projection weight (W_UK, W_UV and the cache stay bf16)
   int64_t wb = 0;
   auto at_least = [&](int64_t b) { wb = std::max(wb, b); };
-  at_least(cdiv(nin, nb) * s.D * 2);
-  at_least(cdiv(s.H * dqk, nb) * s.nq * 2);
+  at_least(cdiv(nin, nb) * s.D * es);
+  at_least(cdiv(s.H * dqk, nb) * s.nq * es);
   at_least(s.dn * s.kvr * 2);
   at_least(kTile * (W + kPad) * 2 + s.H * W * 4 + s.H * kTile * 4);
   at_least(s.kvr * s.dv * 2);
-  at_least(cdiv(s.D, nb) * s.H * s.dv * 2);
+  at_least(cdiv(s.D, nb) * s.H * s.dv * es);
   at_least(cdiv(s.E, nb) * s.D * 4);
-  at_least(2 * cdiv(s.max_units, nb) * s.D * 2);
-  at_least(cdiv(s.D, nb) * s.max_units * 2);
+  at_least(2 * cdiv(s.max_units, nb) * s.D * es);
+  at_least(cdiv(s.D, nb) * s.max_units * es);
   Plan p;
   p.wb = (wb + 15) / 16 * 16;
   p.xmax = std::max({s.D, s.nq, s.H * s.dv, s.max_units, s.kvr + kT, s.dn + s.dr + s.kvr + s.dr});
   p.xmax = (p.xmax + 3) / 4 * 4;
-  p.misc = 32 + 3 * kMaxH + 32 + 32 + 8 + 4 * s.E + 132 + 4 * s.E + s.router.n_group + nb;
+  p.misc = 32 + 3 * kMaxH + 32 + 32 + 8 + 2 * (4 * s.E + 132) + 4 * s.E + s.router.n_group + nb + 3 * s.scale_floats;
   p.smem = 2 * p.wb + 4 * (p.xmax + p.misc);
   return p;
 }
@@ -151,14 +153,32 @@ __device__ __forceinline__ float dot4(const uint2 w, const float4 a, float s) {
 }
 // Σ row[k]·x[k] over a warp (row bf16, x f32, both in shared memory, K % 4 == 0); every lane gets the sum. A lane
 // takes 4 consecutive values per step, so the warp's x and row reads are contiguous (no bank conflicts).
-__device__ __forceinline__ float warp_dot_part(const uint16_t* row, const float* x, int K, float acc) {
+// `sr` (FP8 rows only): the row's block scales, one per 128 columns; ignored for bf16.
+__device__ __forceinline__ float warp_dot_part(const uint16_t* row, const float* x, int K, float acc, const float* sr = nullptr) {
+  (void)sr;
   for (int c = threadIdx.x & 31; c < K / 4; c += 32)
     acc = dot4(*reinterpret_cast<const uint2*>(row + c * 4), *reinterpret_cast<const float4*>(x + c * 4), acc);
   return acc;
 }
-__device__ __forceinline__ float warp_dot(const uint16_t* row, const float* x, int K) { return warp_sum(warp_dot_part(row, x, K, 0.0f)); }
+// 4 e4m3 weights (4 bytes) times 4 f32 values.
+__device__ __forceinline__ float dot4(const uint32_t w, const float4 a) {
+  const __half2_raw lo = __nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t(w & 0xffffu), __NV_E4M3);
+  const __half2_raw hi = __nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t(w >> 16), __NV_E4M3);
+  const float2 p = __half22float2(__half2(lo)), q = __half22float2(__half2(hi));
+  return fmaf(q.y, a.w, fmaf(q.x, a.z, fmaf(p.y, a.y, p.x * a.x)));
+}
+// The same for an e4m3 row: a warp step covers 128 columns, one scale block, so step i's scale is sr[i].
+__device__ __forceinline__ float warp_dot_part(const uint8_t* row, const float* x, int K, float acc, const float* sr) {
+  for (int c = threadIdx.x & 31, i = 0; c < K / 4; c += 32, ++i)
+    acc = fmaf(sr[i], dot4(*reinterpret_cast<const uint32_t*>(row + c * 4), *reinterpret_cast<const float4*>(x + c * 4)), acc);
+  return acc;
+}
+template <class WT>
+__device__ __forceinline__ float warp_dot(const WT* row, const float* x, int K, const float* sr = nullptr) {
+  return warp_sum(warp_dot_part(row, x, K, 0.0f, sr));
+}
 // Two rows against the same x (gate and up): x read once.
-__device__ __forceinline__ float2 warp_dot2(const uint16_t* r0, const uint16_t* r1, const float* x, int K) {
+__device__ __forceinline__ float2 warp_dot2(const uint16_t* r0, const uint16_t* r1, const float* x, int K, const float*, const float*) {
   float a0 = 0.0f, a1 = 0.0f;
   for (int c = threadIdx.x & 31; c < K / 4; c += 32) {
     const float4 v = *reinterpret_cast<const float4*>(x + c * 4);
@@ -167,6 +187,18 @@ __device__ __forceinline__ float2 warp_dot2(const uint16_t* r0, const uint16_t* 
   }
   return make_float2(warp_sum(a0), warp_sum(a1));
 }
+__device__ __forceinline__ float2 warp_dot2(const uint8_t* r0, const uint8_t* r1, const float* x, int K, const float* s0, const float* s1) {
+  float a0 = 0.0f, a1 = 0.0f;
+  for (int c = threadIdx.x & 31, i = 0; c < K / 4; c += 32, ++i) {
+    const float4 v = *reinterpret_cast<const float4*>(x + c * 4);
+    a0 = fmaf(s0[i], dot4(*reinterpret_cast<const uint32_t*>(r0 + c * 4), v), a0);
+    a1 = fmaf(s1[i], dot4(*reinterpret_cast<const uint32_t*>(r1 + c * 4), v), a1);
+  }
+  return make_float2(warp_sum(a0), warp_sum(a1));
+}
+// The block-scale row of row r of an FP8 weight whose first `split` rows (0: none) are one stacked weight with its
+// own scale rows (cuda_model.cpp's Lin::split; gate | up of an expert).
+__device__ __forceinline__ int scale_row(int r, int split) { return split > 0 && r >= split ? (split + 127) / 128 + (r - split) / 128 : r / 128; }
 __device__ __forceinline__ float warp_dot_f32(const float* row, const float* x, int K) {
   float acc = 0.0f;
   for (int c = threadIdx.x & 31; c < K / 4; c += 32) {
@@ -204,15 +236,15 @@ __device__ __noinline__ void norm_in_place(float* xs, int n, const float* gamma,
 
 // A piece of the FFN's concatenated units: the fixed expert first, then the routed ones in the router's order.
 struct Seg {
-  const uint16_t* gu;
-  const uint16_t* dn;
+  const void* gu;
+  const void* dn;
   int64_t I, start;
 };
 __device__ __forceinline__ int seg_count(const PersistentLayer& L, int top_k) { return (L.fix_I > 0 ? 1 : 0) + (L.gate ? top_k : 0); }
 // seg_gu / seg_dn: the chosen experts' weights in the router's order (shared memory, filled after routing).
-__device__ __forceinline__ Seg seg_at(const PersistentLayer& L, int i, const uint16_t* const* seg_gu, const uint16_t* const* seg_dn) {
+__device__ __forceinline__ Seg seg_at(const PersistentLayer& L, int i, const void* const* seg_gu, const void* const* seg_dn) {
   if (L.fix_I > 0) {
-    if (i == 0) return {static_cast<const uint16_t*>(L.fix_gu), static_cast<const uint16_t*>(L.fix_dn), L.fix_I, 0};
+    if (i == 0) return {L.fix_gu, L.fix_dn, L.fix_I, 0};
     --i;
   }
   return {seg_gu[i], seg_dn[i], L.exp_I, L.fix_I + i * L.exp_I};
@@ -305,16 +337,26 @@ __device__ __noinline__ void fill_cache_rows(uint64_t* bar, void* dst, const uin
   __syncwarp();
   if (lane == 0) mbar_arrive(bar);
 }
-// y[r0 + i] = row i of the staged [r1 - r0, Kd] block m · x, one warp per row.
-__device__ __noinline__ void gemv_block(const uint16_t* m, int64_t r0, int64_t r1, int Kd, const float* x, float* y) {
+// y[r0 + i] = row i of the staged [r1 - r0, Kd] block m · x, one warp per row. FP8: sc is the weight's staged
+// scale grid (split: scale_row's), kb its columns.
+template <class WT>
+__device__ __noinline__ void gemv_block(const WT* m, int64_t r0, int64_t r1, int Kd, const float* x, float* y, const float* sc, int split,
+                                        int kb) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   for (int64_t r = warp; r < r1 - r0; r += kW) {
-    const float v = warp_dot(m + r * Kd, x, Kd);
+    const float* sr = sizeof(WT) == 1 ? sc + scale_row(int(r0 + r), split) * kb : nullptr;
+    const float v = warp_dot(m + r * Kd, x, Kd, sr);
     if (lane == 0) y[r0 + r] = v;
   }
 }
+__device__ __forceinline__ int cdiv128(int64_t n) { return int((n + 127) / 128); }
 
+// WT: the projections' weight type, uint16_t (bf16) or uint8_t (e4m3 with 128x128 block scales). W_UK, W_UV and
+// the attention stay bf16, the router f32.
+template <class WT>
 __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
+  constexpr int ES = int(sizeof(WT));
+  constexpr bool kFp8 = ES == 1;
   extern __shared__ __align__(16) unsigned char sm[];
   const PersistentShape& s = a.s;
   const Work& w = a.w;
@@ -330,14 +372,21 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
   int* ridx = reinterpret_cast<int*>(alph + kMaxH);
   float* rw = reinterpret_cast<float*>(ridx + 32);
   uint64_t* mb = reinterpret_cast<uint64_t*>(rw + 32);   // mbarriers: buffer 0, buffer 1, the routed gate|up rows
-  const uint16_t** ptab_gu = reinterpret_cast<const uint16_t**>(mb + 4);  // [E] every expert's weights (copied in)
-  const uint16_t** ptab_dn = ptab_gu + E;                                  // [E]
-  const uint16_t** seg_gu = ptab_dn + E;                                   // [33] the chosen experts' weights
-  const uint16_t** seg_dn = seg_gu + 33;                                  // [33]
-  float* lgs = reinterpret_cast<float*>(seg_dn + 33);   // [E] the router's logits
+  const void** ptab_gu = reinterpret_cast<const void**>(mb + 4);  // [E] every expert's weights (copied in)
+  const void** ptab_dn = ptab_gu + E;                              // [E]
+  const void** seg_gu = ptab_dn + E;                               // [33] the chosen experts' weights
+  const void** seg_dn = seg_gu + 33;                               // [33]
+  const float** ptab_gus = reinterpret_cast<const float**>(seg_dn + 33);  // [E] FP8: every expert's scale grids
+  const float** ptab_dns = ptab_gus + E;                                  // [E]
+  const float** seg_gus = ptab_dns + E;                                   // [33] the chosen experts' scale grids
+  const float** seg_dns = seg_gus + 33;                                   // [33]
+  float* lgs = reinterpret_cast<float*>(seg_dns + 33);  // [E] the router's logits
   float* bias_s = lgs + E;                               // [E] its choice bias
   float* rsc = bias_s + E;                               // router scratch: 2E + n_group
   float* wsp = rsc + 2 * E + s.router.n_group;           // split weights of the merge
+  // FP8: the scale grids a fill's rows need, one area per mbarrier (buffer 0, buffer 1, the routed gate|up rows)
+  float* sca[3] = {wsp + nb, wsp + nb + a.scf, wsp + nb + 2 * a.scf};
+  const int kbD = cdiv128(D);
   GridBarrier bar{a.bar, a.trace, a.flags};
   if (t == 0) {
     for (int i = 0; i < 3; ++i) mbar_init(&mb[i], 1);
@@ -345,6 +394,7 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
   }
   __syncthreads();
   uint32_t phase = 0;  // bit i: the parity of barrier i's phase being filled (the same in every thread)
+  int cur = 0;         // the buffer (and scale area) the current stage reads
 
   const int64_t pos = a.io.pos[0];
   const int64_t L = pos + 1;
@@ -355,19 +405,39 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
 
   // ---- operand copies: one phase of mbarrier `which` filled by bulk copies that the last warp issues (any number of
   // pieces; an empty fill completes at once), waited for by every thread ----
+  // FP8 scale grids ride along: emit_sc(offset, src, n) has the last warp load n floats into sca[which] + offset
+  // (plain loads, all of a lane's issued before its stores) before the phase's arrive, which publishes them.
   auto fill = [&](int which, auto&& pieces) {
     int k = 0;
-    pieces([&](void* dst, const void* src, int64_t bytes) { fill_piece(&mb[which], dst, src, bytes, k); });
+    pieces([&](void* dst, const void* src, int64_t bytes) { fill_piece(&mb[which], dst, src, bytes, k); },
+           [&](int off, const float* src, int n) {
+             if (warp != kW - 1) return;
+             constexpr int U = 8;
+#pragma unroll 1
+             for (int base = 0; base < n; base += 32 * U) {
+               float v[U];
+#pragma unroll
+               for (int i = 0; i < U; ++i) v[i] = base + lane + 32 * i < n ? __ldg(src + base + lane + 32 * i) : 0.0f;
+#pragma unroll
+               for (int i = 0; i < U; ++i)
+                 if (base + lane + 32 * i < n) sca[which][off + base + lane + 32 * i] = v[i];
+             }
+           });
     fill_close(&mb[which], k);
   };
   auto wait_fill = [&](int which) {
     mbar_wait_parity(&mb[which], (phase >> which) & 1u);
     phase ^= 1u << which;
   };
-  auto rows_of = [&](int which, const void* base, int64_t n, int64_t k, int64_t es) {
+  // This block's share of the rows of a projection [n, k] (and, FP8, the weight's whole scale grid: a few hundred
+  // floats at these sizes).
+  auto rows_of = [&](int which, const void* base, int64_t n, int64_t k, const float* grid, int split) {
     int64_t r0, r1;
     share(n, b, nb, r0, r1);
-    fill_one(&mb[which], buf[which], static_cast<const char*>(base) + r0 * k * es, (r1 - r0) * k * es);
+    fill(which, [&](auto&& emit, auto&& emit_sc) {
+      emit(buf[which], static_cast<const char*>(base) + r0 * k * ES, (r1 - r0) * k * ES);
+      if (kFp8) emit_sc(0, grid, (split > 0 ? cdiv128(split) + cdiv128(n - split) : cdiv128(n)) * cdiv128(k));
+    });
   };
   auto pool_of = [&](const PersistentLayer& Lp) {
     return reinterpret_cast<uint16_t*>(static_cast<char*>(a.io.pool) + Lp.cache_layer * a.io.pool_layer_bytes);
@@ -384,17 +454,22 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
     const int64_t U = Lp.fix_I + (Lp.gate ? int64_t(K) * Lp.exp_I : 0), cap = (U + nb - 1) / nb;
     int64_t u0, u1;
     share(U, b, nb, u0, u1);
-    uint16_t* g = reinterpret_cast<uint16_t*>(dst);
-    uint16_t* u = g + cap * D;
+    unsigned char* g = dst;
+    unsigned char* u = g + cap * D * ES;
     const int has_fix = Lp.fix_I > 0 ? 1 : 0, n = seg_count(Lp, K);
-    fill(which, [&](auto&& emit) {
-      #pragma unroll 1
+    fill(which, [&](auto&& emit, auto&& emit_sc) {
+#pragma unroll 1
       for (int i = fixed ? 0 : has_fix; i < (fixed ? has_fix : n); ++i) {
         const Seg sg = seg_at(Lp, i, seg_gu, seg_dn);
+        if (kFp8) {  // the segment's [2·⌈I/128⌉, ⌈D/128⌉] grid: the fixed one at 0, routed ones after each other
+          const int cells = 2 * cdiv128(sg.I) * kbD;
+          emit_sc(fixed ? 0 : (i - has_fix) * cells, i < has_fix ? Lp.s_fix_gu : seg_gus[i - has_fix], cells);
+        }
         const int64_t lo = max(u0, sg.start), hi = min(u1, sg.start + sg.I);
         if (lo >= hi) continue;
-        emit(g + (lo - u0) * D, sg.gu + (lo - sg.start) * D, (hi - lo) * D * 2);
-        emit(u + (lo - u0) * D, sg.gu + (sg.I + lo - sg.start) * D, (hi - lo) * D * 2);
+        const unsigned char* src = static_cast<const unsigned char*>(sg.gu);
+        emit(g + (lo - u0) * D * ES, src + (lo - sg.start) * D * ES, (hi - lo) * D * ES);
+        emit(u + (lo - u0) * D * ES, src + (sg.I + lo - sg.start) * D * ES, (hi - lo) * D * ES);
       }
     });
   };
@@ -403,38 +478,41 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
   auto down_rows = [&](int which, const PersistentLayer& Lp) {
     int64_t d0, d1;
     share(D, b, nb, d0, d1);
-    uint16_t* o = reinterpret_cast<uint16_t*>(buf[which]);
-    const int n = seg_count(Lp, K);
-    fill(which, [&](auto&& emit) {
-      #pragma unroll 1
+    unsigned char* o = buf[which];
+    const int n = seg_count(Lp, K), has_fix = Lp.fix_I > 0 ? 1 : 0;
+    fill(which, [&](auto&& emit, auto&& emit_sc) {
+#pragma unroll 1
       for (int i = 0; i < n; ++i) {
         const Seg sg = seg_at(Lp, i, seg_gu, seg_dn);
-        if (d1 > d0) emit(o + (d1 - d0) * sg.start, sg.dn + d0 * sg.I, (d1 - d0) * sg.I * 2);
+        if (kFp8) {  // [⌈D/128⌉, ⌈I/128⌉] grids: the fixed one, then the routed ones
+          const int fcells = kbD * cdiv128(Lp.fix_I), cells = kbD * cdiv128(sg.I);
+          emit_sc(i < has_fix ? 0 : fcells + (i - has_fix) * cells, i < has_fix ? Lp.s_fix_dn : seg_dns[i - has_fix], cells);
+        }
+        if (d1 > d0) emit(o + (d1 - d0) * sg.start * ES, static_cast<const unsigned char*>(sg.dn) + d0 * sg.I * ES, (d1 - d0) * sg.I * ES);
       }
     });
   };
   // y[r0 + i] = row i of the staged [r1 - r0, Kd] block · xs, one warp per row.
-  auto gemv_out = [&](const unsigned char* wsm, int64_t n, int Kd, float* y) {
+  auto gemv_out = [&](const unsigned char* wsm, int64_t n, int Kd, float* y, int split) {
     int64_t r0, r1;
     share(n, b, nb, r0, r1);
-    gemv_block(reinterpret_cast<const uint16_t*>(wsm), r0, r1, Kd, xs, y);
+    gemv_block(reinterpret_cast<const WT*>(wsm), r0, r1, Kd, xs, y, sca[cur], split, cdiv128(Kd));
   };
 
-  int cur = 0;
-  rows_of(0, a.layers[0].w_in, nin, D, 2);
+  rows_of(0, a.layers[0].w_in, nin, D, a.layers[0].s_in, int(a.layers[0].split_in));
   for (int64_t l = 0; l < s.layers; ++l) {
     const PersistentLayer Lp = a.layers[l];
     const bool moe = Lp.gate != nullptr;
     uint16_t* pool = pool_of(Lp);
 
     // ---- 1: residual + input norm, [q_a | kv_a] ----
-    rows_of(cur ^ 1, Lp.w_qb, int64_t(H) * dqk, nq, 2);
+    rows_of(cur ^ 1, Lp.w_qb, int64_t(H) * dqk, nq, Lp.s_qb, 0);
     if (l > 0) bar.wait();
     if (l == 0) load_vec(xs, a.io.h, nullptr, D, b == 0 ? w.r1 : nullptr);
     else load_vec(xs, w.r2, w.ffn, D, b == 0 ? w.r1 : nullptr);
     norm_in_place(xs, D, Lp.ln1, s.eps, true, red);
     wait_fill(cur);
-    gemv_out(buf[cur], nin, D, w.qkv);
+    gemv_out(buf[cur], nin, D, w.qkv, int(Lp.split_in));
     bar.arrive();
     cur ^= 1;
 
@@ -444,7 +522,7 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
     load_vec(xs, w.qkv, nullptr, nq);
     norm_in_place(xs, nq, Lp.q_a_ln, s.eps, true, red);
     wait_fill(cur);
-    gemv_out(buf[cur], int64_t(H) * dqk, nq, w.q);
+    gemv_out(buf[cur], int64_t(H) * dqk, nq, w.q, 0);
     bar.arrive();
     cur ^= 1;
 
@@ -592,7 +670,7 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
     cur ^= 1;
 
     // ---- 5: the splits merged, ·W_UVᵀ per head (block h); o rounded to bf16 ----
-    rows_of(cur ^ 1, Lp.w_o, D, int64_t(H) * dv, 2);
+    rows_of(cur ^ 1, Lp.w_o, D, int64_t(H) * dv, Lp.s_o, 0);
     bar.wait();
     if (b < H) {
       const int h = b;
@@ -668,18 +746,22 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
     if (moe) {  // the gate rows, and the choice bias for stage 8's routing
       int64_t e0, e1;
       share(E, b, nb, e0, e1);
-      fill(cur ^ 1, [&](auto&& emit) {
+      fill(cur ^ 1, [&](auto&& emit, auto&&) {
         if (e1 > e0) emit(buf[cur ^ 1], Lp.gate + e0 * D, (e1 - e0) * D * 4);
         if (Lp.bias) emit(bias_s, Lp.bias, int64_t(E) * 4);
         emit(ptab_gu, Lp.exp_gu, int64_t(E) * 8);
         emit(ptab_dn, Lp.exp_dn, int64_t(E) * 8);
+        if (kFp8) {
+          emit(ptab_gus, Lp.exp_gu_s, int64_t(E) * 8);
+          emit(ptab_dns, Lp.exp_dn_s, int64_t(E) * 8);
+        }
       });
     }
     else gu_rows(cur ^ 1, Lp, true, buf[cur ^ 1]);
     bar.wait();
     load_vec(xs, w.o, nullptr, H * dv);
     wait_fill(cur);
-    gemv_out(buf[cur], D, H * dv, w.att);
+    gemv_out(buf[cur], D, H * dv, w.att, 0);
     bar.arrive();
     cur ^= 1;
 
@@ -714,6 +796,7 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
       if (t < K) {  // the chosen experts' weight pointers
         seg_gu[t] = ptab_gu[ridx[t]];
         seg_dn[t] = ptab_dn[ridx[t]];
+        if (kFp8) seg_gus[t] = ptab_gus[ridx[t]], seg_dns[t] = ptab_dns[ridx[t]];
       }
       __syncthreads();
     }
@@ -735,10 +818,23 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
       const int64_t U = Lp.fix_I + (moe ? int64_t(K) * Lp.exp_I : 0), cap = (U + nb - 1) / nb;
       int64_t u0, u1;
       share(U, b, nb, u0, u1);
-      const uint16_t* g = reinterpret_cast<const uint16_t*>(buf[cur]);
-      const uint16_t* u = g + cap * D;
+      const WT* g = reinterpret_cast<const WT*>(buf[cur]);
+      const WT* u = g + cap * D;
+      [[maybe_unused]] const int has_fix = Lp.fix_I > 0 ? 1 : 0, nseg = seg_count(Lp, K);
       for (int64_t k = warp; k < u1 - u0; k += kW) {
-        const float2 gu = warp_dot2(g + k * D, u + k * D, xs, D);
+        const float *gsr = nullptr, *usr = nullptr;
+        if constexpr (kFp8) {  // the unit's segment, and its gate and up rows' scales
+          const int64_t unit = u0 + k;
+          int i = 0;
+          Seg sg = seg_at(Lp, 0, seg_gu, seg_dn);
+#pragma unroll 1
+          while (unit >= sg.start + sg.I && i + 1 < nseg) sg = seg_at(Lp, ++i, seg_gu, seg_dn);
+          const int q = int(unit - sg.start), kb2 = cdiv128(sg.I);
+          const float* grid = i < has_fix ? sca[cur] : sca[2] + (i - has_fix) * 2 * kb2 * kbD;
+          gsr = grid + (q / 128) * kbD;
+          usr = grid + (kb2 + q / 128) * kbD;
+        }
+        const float2 gu = warp_dot2(g + k * D, u + k * D, xs, D, gsr, usr);
         const float gs = gu.x, us = gu.y;
         if (lane == 0) {
           const float act = gs / (1.0f + expf(-gs)) * us;
@@ -755,7 +851,7 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
     cur ^= 1;
 
     // ---- 9: down products, weighted by the router (the fixed expert by 1) ----
-    if (l + 1 < s.layers) rows_of(cur ^ 1, a.layers[l + 1].w_in, nin, D, 2);
+    if (l + 1 < s.layers) rows_of(cur ^ 1, a.layers[l + 1].w_in, nin, D, a.layers[l + 1].s_in, int(a.layers[l + 1].split_in));
     bar.wait();
     {
       const int64_t U = Lp.fix_I + (moe ? int64_t(K) * Lp.exp_I : 0);
@@ -769,14 +865,19 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
       __syncthreads();
       int64_t d0, d1;
       share(D, b, nb, d0, d1);
-      const uint16_t* o = reinterpret_cast<const uint16_t*>(buf[cur]);
-      const int nseg = seg_count(Lp, K);
+      const WT* o = reinterpret_cast<const WT*>(buf[cur]);
+      const int nseg = seg_count(Lp, K), has_fix = Lp.fix_I > 0 ? 1 : 0;
       for (int64_t r = warp; r < d1 - d0; r += kW) {
         float acc = 0.0f;
         #pragma unroll 1
         for (int i = 0; i < nseg; ++i) {
           const Seg sg = seg_at(Lp, i, seg_gu, seg_dn);
-          acc = warp_dot_part(o + (d1 - d0) * sg.start + r * sg.I, xs + sg.start, int(sg.I), acc);
+          const float* sr = nullptr;
+          if constexpr (kFp8) {  // down_rows' grid layout: the fixed expert's, then the routed ones'
+            const int kbI = cdiv128(sg.I), fcells = kbD * cdiv128(Lp.fix_I);
+            sr = sca[cur] + (i < has_fix ? 0 : fcells + (i - has_fix) * kbD * kbI) + int((d0 + r) / 128) * kbI;
+          }
+          acc = warp_dot_part(o + (d1 - d0) * sg.start + r * sg.I, xs + sg.start, int(sg.I), acc, sr);
         }
         acc = warp_sum(acc);
         if (lane == 0) w.ffn[d0 + r] = acc;
@@ -928,6 +1029,9 @@ std::string decode_persistent_unsupported(const PersistentShape& s, int blocks) 
   if (s.nq < 8 || s.nq % 8 != 0) return fmt::format("q_lora_rank {} (needs a q LoRA, a multiple of 8)", s.nq);
   if (s.D % 8 != 0 || (s.H * s.dv) % 8 != 0 || s.max_units % 8 != 0 || s.max_units < 8)
     return fmt::format("hidden {} / heads·v {} / FFN width {} not multiples of 8", s.D, s.H * s.dv, s.max_units);
+  if (s.fp8 && (s.D % 16 != 0 || s.nq % 16 != 0 || (s.H * s.dv) % 16 != 0 || s.max_units % 16 != 0 || s.scale_floats < 1))
+    return fmt::format("FP8: hidden {} / q_lora_rank {} / heads·v {} / FFN width {} not multiples of 16 (16-byte row copies)", s.D, s.nq,
+                       s.H * s.dv, s.max_units);
   if (s.E > kRouteMaxE || s.router.n_group > kRouteMaxG || s.router.top_k > 32) return "router beyond the routing warp's limits";
   if (s.block_size < 1 || s.layers < 1) return "empty model or cache layout";
   const int64_t widest = std::max({s.nq + s.kvr + s.dr, s.H * (s.dn + s.dr), s.D, s.E, s.max_units});
@@ -954,11 +1058,11 @@ void decode_persistent(const PersistentShape& s, const PersistentLayer* layers, 
   Args a{s, layers, io,
          Work{f + wl.off[0], f + wl.off[1], f + wl.off[2], f + wl.off[3], f + wl.off[4], f + wl.off[5], f + wl.off[6], f + wl.off[7],
               f + wl.off[8], f + wl.off[9], f + wl.off[10], f + wl.off[11]},
-         barrier, trace_buffer(nb), env_flags(), int(p.wb), int(p.xmax), env_split_rows()};
-  DSV3_CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(&k_decode_persistent), cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       int(p.smem)));
+         barrier, trace_buffer(nb), env_flags(), int(p.wb), int(p.xmax), env_split_rows(), int(s.scale_floats)};
+  auto* kernel = s.fp8 ? &k_decode_persistent<uint8_t> : &k_decode_persistent<uint16_t>;
+  DSV3_CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel), cudaFuncAttributeMaxDynamicSharedMemorySize, int(p.smem)));
   int per_sm = 0;
-  DSV3_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k_decode_persistent, kT, size_t(p.smem)));
+  DSV3_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kT, size_t(p.smem)));
   DSV3_CHECK(per_sm >= 1, "decode_persistent: the kernel does not fit on an SM ({} bytes of shared memory)", p.smem);
   cudaLaunchConfig_t cfg{};
   cfg.gridDim = dim3(unsigned(nb));
@@ -970,7 +1074,7 @@ void decode_persistent(const PersistentShape& s, const PersistentLayer* layers, 
   attr[0].val.cooperative = 1;
   cfg.attrs = attr;
   cfg.numAttrs = 1;
-  DSV3_CUDA_CHECK(cudaLaunchKernelEx(&cfg, k_decode_persistent, a));
+  DSV3_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, a));
   DSV3_CUDA_CHECK_LAUNCH("decode_persistent kernel");
 }
 

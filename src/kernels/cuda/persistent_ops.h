@@ -1,4 +1,4 @@
-// The whole batch-1 decode step of a bf16 model (every layer, then the final norm) as one persistent kernel:
+// The whole batch-1 decode step of a bf16 or FP8 model (every layer, then the final norm) as one persistent kernel:
 // one block per SM, the stages of a layer separated by grid-wide barriers instead of kernel boundaries.
 //
 // Why: at batch 1 a decode layer is ~14 dependent launches of a few µs each for kilobytes of work; the GPU waits
@@ -24,7 +24,9 @@
 
 namespace dsv3::cuda {
 
-// One decoder layer's bf16 weights (device pointers). W: row-major [out, in].
+// One decoder layer's weights (device pointers). W: row-major [out, in]; the projections (w_in, w_qb, w_o, the FFN's)
+// bf16, or with PersistentShape::fp8 e4m3 with the checkpoint's 128x128 block scales (s_*: [⌈out/128⌉, ⌈in/128⌉]
+// f32; a stacked weight keeps each part's scale rows, as cuda_model.cpp's Lin::split). wuk / wuv_t are bf16.
 struct PersistentLayer {
   const float* ln1 = nullptr;      // [D]
   const float* ln2 = nullptr;      // [D]
@@ -45,6 +47,15 @@ struct PersistentLayer {
   const void* const* exp_gu = nullptr;  // device table of E pointers, each [2·exp_I, D]
   const void* const* exp_dn = nullptr;  // device table of E pointers, each [D, exp_I]
   int64_t exp_I = 0;
+  // FP8 only: the scale grids (gate_up: gate's rows, then up's, split at I).
+  const float* s_in = nullptr;  // w_in's; its rows split at split_in (q_a | kv_a stacked)
+  int64_t split_in = 0;
+  const float* s_qb = nullptr;
+  const float* s_o = nullptr;
+  const float* s_fix_gu = nullptr;
+  const float* s_fix_dn = nullptr;
+  const float* const* exp_gu_s = nullptr;  // device tables of E pointers
+  const float* const* exp_dn_s = nullptr;
 };
 
 struct PersistentShape {
@@ -52,6 +63,8 @@ struct PersistentShape {
   int64_t max_units = 0;  // largest fix_I + top_k·exp_I over the layers
   float eps = 1e-6f, scale = 1.0f;
   RouterConfig router;
+  bool fp8 = false;          // the projections are e4m3 with block scales (PersistentLayer)
+  int64_t scale_floats = 0;  // FP8: the largest scale-grid set one stage stages (see cuda_model.cpp), floats
 };
 
 // One step's inputs and outputs (device pointers).
