@@ -866,7 +866,7 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
       int64_t d0, d1;
       share(D, b, nb, d0, d1);
       const WT* o = reinterpret_cast<const WT*>(buf[cur]);
-      const int nseg = seg_count(Lp, K), has_fix = Lp.fix_I > 0 ? 1 : 0;
+      [[maybe_unused]] const int nseg = seg_count(Lp, K), has_fix = Lp.fix_I > 0 ? 1 : 0;
       for (int64_t r = warp; r < d1 - d0; r += kW) {
         float acc = 0.0f;
         #pragma unroll 1
