@@ -3,6 +3,7 @@
 // batching does not change results, and speculative sampling keeps the target distribution.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <map>
 
@@ -96,6 +97,61 @@ TEST(Generate, BatchedPromptsOfDifferentLengthsMatchSingleRuns) {
   EXPECT_EQ(Generator(*model).generate(prompts, o)[0].tokens, batched[0].tokens);
   o.sampling.seed = 8;
   EXPECT_NE(Generator(*model).generate(prompts, o)[0].tokens, batched[0].tokens);
+}
+
+// A model that samples "on its device" (here: greedy from its own step's logits), recording the draw counters
+// the Generator passes: the Generator must give the host sampler's greedy text through it, pass each sequence
+// how many tokens it has drawn, and keep the host sampler when the model cannot (penalties) or when told not to.
+namespace {
+struct DeviceGreedy final : StepModel {
+  explicit DeviceGreedy(const Transformer& m) : inner(m) {}
+  CpuStepModel inner;
+  mutable std::vector<std::vector<uint64_t>> draws;
+  const ModelConfig& config() const override { return inner.config(); }
+  int64_t mtp_layers() const override { return inner.mtp_layers(); }
+  std::unique_ptr<StepCache> make_cache(int64_t slots, int64_t max_tokens) const override { return inner.make_cache(slots, max_tokens); }
+  Transformer::Step step(const std::vector<int64_t>& t, const Batch& b, StepCache& c, bool all) const override {
+    return inner.step(t, b, c, all);
+  }
+  Tensor mtp_step(int64_t k, const Tensor& h, const std::vector<int64_t>& a, const Batch& b, StepCache& c, Tensor* ho) const override {
+    return inner.mtp_step(k, h, a, b, c, ho);
+  }
+  bool can_sample_on_device(const SamplingParams& p) const override { return p.repetition_penalty == 1.0f; }
+  std::vector<int64_t> step_sampled(const std::vector<int64_t>& t, const Batch& b, StepCache& c, const SamplingParams&,
+                                    const std::vector<uint64_t>& d) const override {
+    draws.push_back(d);
+    const auto st = inner.step(t, b, c, false);
+    std::vector<int64_t> out;
+    const int64_t V = st.logits.dim(1);
+    for (int64_t r = 0; r < st.logits.dim(0); ++r)
+      out.push_back(std::max_element(st.logits.f32() + r * V, st.logits.f32() + (r + 1) * V) - (st.logits.f32() + r * V));
+    return out;
+  }
+};
+}  // namespace
+
+TEST(Generate, DeviceSamplingPathGivesTheHostText) {
+  auto model = Transformer::load(test::golden_dir("tiny") + "/model");
+  const std::vector<std::vector<int64_t>> prompts{{5, 17, 300, 2, 9, 44, 101}, {7, 8}, {400, 3, 3, 3}};
+  GenerateOptions o;
+  o.max_new_tokens = 5;
+  o.prefill_chunk = 4;
+  const auto want = Generator(*model).generate(prompts, o);
+  DeviceGreedy dev(*model);
+  const auto got = Generator(dev).generate(prompts, o);
+  for (size_t s = 0; s < prompts.size(); ++s) EXPECT_EQ(got[s].tokens, want[s].tokens) << "prompt " << s;
+  // Prefill passes (chunks of 4: two passes) draw for every row with counter 0; decode pass k passes k + 1.
+  ASSERT_EQ(dev.draws.size(), size_t(2 + 4));
+  EXPECT_EQ(dev.draws[0], std::vector<uint64_t>(3, 0));
+  EXPECT_EQ(dev.draws[1], std::vector<uint64_t>{0});
+  for (size_t k = 0; k < 4; ++k) EXPECT_EQ(dev.draws[2 + k], std::vector<uint64_t>(3, k + 1)) << "decode pass " << k;
+  dev.draws.clear();
+  o.device_sampling = false;
+  EXPECT_EQ(Generator(dev).generate(prompts, o)[1].tokens, want[1].tokens);
+  o.device_sampling = true;
+  o.sampling.repetition_penalty = 1.3f;
+  Generator(dev).generate(prompts, o);
+  EXPECT_TRUE(dev.draws.empty()) << "the model cannot apply penalties: the host sampler must run";
 }
 
 TEST(Generate, StopTokensAndCallbackEndASequence) {

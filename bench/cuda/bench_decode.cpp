@@ -1,9 +1,10 @@
 // End-to-end GPU inference benchmark of the CUDA model on a random-weight checkpoint:
 //   bench_cuda_decode --config CONFIG.json [--dir DIR] [--fp8] [--dtype bf16|fp32] [--tokens N] [--batch B]
-//                     [--prefill T] [--context C] [--no-graphs]
+//                     [--prefill T] [--context C] [--no-graphs] [--host-sampling]
 // Writes the checkpoint to DIR first when DIR has none (dsv3::write_random_checkpoint). Prints one table:
 // the device-to-device copy bandwidth measured in the same run, batch-1 decode tokens/s next to its bound
-// (bytes of weights one decode step reads ÷ that bandwidth), batch-B decode throughput, and prefill of T tokens
+// (bytes of weights one decode step reads ÷ that bandwidth), batch-B decode throughput (greedy, the next ids drawn
+// on the GPU as the Generator does; --host-sampling copies every step's logits out instead), and prefill of T tokens
 // (the Generator's cached prefill, and the uncached forward without copying its logits to the host).
 #include <algorithm>
 #include <chrono>
@@ -84,6 +85,8 @@ double gemm_fp8_rate(int64_t M, int64_t N, int64_t K) {
   return 2.0 * double(M) * double(N) * double(K) / (double(ms[ms.size() / 2]) * 1e-3);
 }
 
+bool g_host_sampling = false;  // --host-sampling
+
 int64_t argmax(const float* x, int64_t V) { return int64_t(std::max_element(x, x + V) - x); }
 
 // Decode `steps` tokens for B sequences after a prompt of P tokens each; returns tokens/s of the decode part.
@@ -97,9 +100,19 @@ double decode_rate(const CudaModel& m, int64_t B, int64_t P, int64_t steps, int6
     seqs.push_back({b, 0, P});
     for (int64_t i = 0; i < P; ++i) toks.push_back((b * 131 + i * 7 + 3) % V);
   }
-  auto st = m.step(toks, Batch::cached(seqs), *cache);
+  // Greedy, as the Generator runs it: drawn on the GPU (only the ids come back), or with --host-sampling every
+  // step's logits copied out and the argmax taken here.
+  const SamplingParams greedy;
   std::vector<int64_t> last(static_cast<size_t>(B));
-  for (int64_t b = 0; b < B; ++b) last[size_t(b)] = argmax(st.logits.f32() + b * V, V);
+  auto next = [&](const std::vector<int64_t>& t, int64_t s) {
+    if (!g_host_sampling) {
+      last = m.step_sampled(t, Batch::cached(seqs), *cache, greedy, std::vector<uint64_t>(size_t(B), uint64_t(s)));
+      return;
+    }
+    const auto st = m.step(t, Batch::cached(seqs), *cache);
+    for (int64_t b = 0; b < B; ++b) last[size_t(b)] = argmax(st.logits.f32() + b * V, V);
+  };
+  next(toks, 0);
   const int64_t warm = 3;
   const int64_t r0 = m.graph_replays();
   clk::time_point t0;
@@ -107,8 +120,7 @@ double decode_rate(const CudaModel& m, int64_t B, int64_t P, int64_t steps, int6
     if (s == warm) t0 = clk::now();
     seqs.clear();
     for (int64_t b = 0; b < B; ++b) seqs.push_back({b, P + s, 1});
-    st = m.step(last, Batch::cached(seqs), *cache);
-    for (int64_t b = 0; b < B; ++b) last[size_t(b)] = argmax(st.logits.f32() + b * V, V);
+    next(std::vector<int64_t>(last), s + 1);
   }
   *graph_replays = m.graph_replays() - r0;
   const double rate = double(B * (steps - warm)) / since(t0);
@@ -140,6 +152,7 @@ int main(int argc, char** argv) {
     else if (a == "--prefill") prefill = std::stoll(next());
     else if (a == "--context") context = std::stoll(next());
     else if (a == "--no-graphs") graphs = false;
+    else if (a == "--host-sampling") g_host_sampling = true;
     else {
       std::fprintf(stderr, "unknown argument %s\n", a.c_str());
       return 2;
@@ -168,9 +181,9 @@ int main(int argc, char** argv) {
     const double bytes = double(m->decode_bytes_per_token());
     const double bound = bw / bytes;
     int64_t rep1 = 0, repB = 0;
-    double g1 = -1;  // the batch-1 decode graph alone (no host work)
+    double g1 = -1, gB = -1;  // the decode graphs alone (no host work)
     const double r1 = decode_rate(*m, 1, context, tokens, &rep1, &g1);
-    const double rB = batch > 1 ? decode_rate(*m, batch, context, std::min<int64_t>(tokens, 64), &repB) : 0.0;
+    const double rB = batch > 1 ? decode_rate(*m, batch, context, std::min<int64_t>(tokens, 64), &repB, &gB) : 0.0;
 
     // Prefill: the Generator's cached prefill of one prompt (last row's logits only), then the uncached forward.
     const int64_t V = m->config().vocab_size;
@@ -206,7 +219,8 @@ int main(int argc, char** argv) {
       std::printf("| batch-1 decode step, GPU time of its CUDA graph alone | %.3f ms (%.1f%% of the bound's %.3f ms) |\n", g1,
                   100.0 * (1e3 / bound) / g1, 1e3 / bound);
     if (batch > 1)
-      std::printf("| batch-%lld decode (%lld graph replays) | %.1f tokens/s |\n", (long long)batch, (long long)repB, rB);
+      std::printf("| batch-%lld decode (%lld graph replays) | %.1f tokens/s (%.3f ms/step; its CUDA graph alone %.3f ms) |\n",
+                  (long long)batch, (long long)repB, rB, 1e3 * double(batch) / rB, gB);
     std::printf("| cuBLASLt bf16 GEMM 8192^3 / %lldx%lldx%lld | %.1f / %.1f TFLOP/s |\n", (long long)prefill,
                 (long long)m->config().hidden_size * 4, (long long)m->config().hidden_size, g_big / 1e12, g_model / 1e12);
     std::printf("| cuBLASLt block-scaled FP8 GEMM 8192^3 (bf16 out) | %.1f TFLOP/s |\n", gemm_fp8_rate(8192, 8192, 8192) / 1e12);

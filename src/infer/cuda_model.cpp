@@ -35,6 +35,15 @@ constexpr int64_t kFusedMlaMaxLen = 256;
 
 std::string gib(double bytes) { return fmt::format("{:.2f} GiB", bytes / double(1ull << 30)); }
 
+// The Philox key of one sequence's draws (step_sampled): splitmix64 of (seed, slot), so that the sequences of a
+// batch draw independently and one sequence's draws do not depend on the others.
+uint64_t sample_key(uint64_t seed, int64_t slot) {
+  uint64_t z = seed + 0x9e3779b97f4a7c15ull * (uint64_t(slot) + 1);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
 // A linear layer on the device. BF16/F32 weights [N, K]; F8_E4M3 with the checkpoint's 128x128 block scales.
 // `split` > 0 (FP8 only): two weights of `split` rows each stacked (gate | up), each with its own scale rows.
 struct Lin {
@@ -115,7 +124,7 @@ struct Arena {
 enum Slot : size_t {
   S_META, S_H, S_XACT, S_QA, S_QAN, S_Q, S_CN, S_KV, S_K, S_O, S_OACT, S_ATT, S_QC, S_OL, S_AWS, S_X2, S_FFN, S_GU,
   S_A, S_LOGIT, S_IDX, S_W, S_SLOTS, S_PERM, S_XG, S_YE, S_MOEWS, S_FINAL, S_ROWS, S_ROWSACT, S_MTPCAT, S_EMB, S_HPREV, S_ERR, S_CNA,
-  S_TAKE, S_PERSIST, S_COUNT
+  S_TAKE, S_PERSIST, S_RNG, S_SAMPLED, S_SAMPLEWS, S_COUNT
 };
 
 // One execution context: a cuBLASLt handle and the scratch it and the kernels use. Decode steps that are
@@ -197,7 +206,7 @@ struct CudaModel::Impl {
   // (plain DMA, no staging copy by the driver) instead of pageable memory: H200 batch 1, A/B in two calls:
   // 0.749-0.753 -> 0.734-0.739 and 0.742 -> 0.714-0.726 ms per token. DSV3_PINNED_STEP=0: pageable copies always.
   bool pinned_step = true;
-  mutable cuda::PinnedBuffer pin_meta, pin_out;
+  mutable cuda::PinnedBuffer pin_meta, pin_out, pin_sample;
   // The persistent batch-1 decode kernel: its per-layer weight table (device), shape and barrier counters; empty
   // `persist_why` when every layer qualifies.
   DBuf<cuda::PersistentLayer> persist_layers;
@@ -1056,7 +1065,13 @@ struct CudaModel::Impl {
     lin(ex, head, xa, D, lg, V, out_rows);
   }
 
-  Transformer::Step step(const std::vector<int64_t>& tokens, const Batch& batch, StepCache& sc, bool all_logits) const {
+  // One cached step (a replayed graph for decode steps, else launches); its final hidden states are in ex's
+  // S_FINAL ([M, D]) and its logits in S_LOGIT ([out_rows, V]), stream-ordered (not yet synchronised).
+  struct Ran {
+    Exec* ex;
+    int64_t M, out_rows;
+  };
+  Ran run_step(const std::vector<int64_t>& tokens, const Batch& batch, StepCache& sc, bool all_logits) const {
     auto* cp = dynamic_cast<CudaCache*>(&sc);
     DSV3_CHECK(cp != nullptr, "internal error: a cache of another device was given to the CUDA model");
     const CudaCache& c = *cp;
@@ -1105,6 +1120,13 @@ struct CudaModel::Impl {
       }
       step_body(ex, r, take, out_rows, false);
     }
+    return {&ex, M, out_rows};
+  }
+
+  Transformer::Step step(const std::vector<int64_t>& tokens, const Batch& batch, StepCache& sc, bool all_logits) const {
+    const Ran run = run_step(tokens, batch, sc, all_logits);
+    Exec& ex = *run.ex;
+    const int64_t M = run.M, out_rows = run.out_rows;
     Transformer::Step st;
     st.hidden = Tensor::empty(DType::F32, {M, D});
     st.logits = Tensor::empty(DType::F32, {out_rows, V});
@@ -1123,6 +1145,47 @@ struct CudaModel::Impl {
     cuda::copy_to_host(st.logits.raw(), ex.arena.get(S_LOGIT, 0), st.logits.nbytes(), s());
     cuda::synchronize(s());
     return st;
+  }
+
+  // The penalty-free filters run on the GPU (sample_rows); penalties read the history, which stays on the host.
+  static bool device_samples(const SamplingParams& p) {
+    return p.repetition_penalty == 1.0f && p.frequency_penalty == 0.0f && p.presence_penalty == 0.0f && p.top_k >= 0 &&
+           p.top_p > 0.0f && p.top_p <= 1.0f && p.min_p >= 0.0f && p.min_p <= 1.0f;
+  }
+
+  std::vector<int64_t> step_sampled(const std::vector<int64_t>& tokens, const Batch& batch, StepCache& sc, const SamplingParams& p,
+                                    const std::vector<uint64_t>& draws) const {
+    DSV3_CHECK(device_samples(p), "internal error: these sampling parameters need the host sampler (penalties or bad filters)");
+    DSV3_CHECK(draws.size() == batch.seqs.size(), "step_sampled: {} draw counters for {} sequences", draws.size(), batch.seqs.size());
+    const Ran run = run_step(tokens, batch, sc, false);
+    const int64_t S = run.out_rows;
+    // Per row (key, counter) for the Philox draw, and the ids back, through one small page-locked buffer (the
+    // previous step's copies out of it finished with that step's synchronisation). Scratch from `main`, not the
+    // decode context: a grown buffer there would invalidate the captured graphs.
+    const size_t rng_bytes = size_t(S) * 16, out_bytes = size_t(S) * 4;
+    auto* pb = static_cast<uint8_t*>(pin_sample.get(rng_bytes + out_bytes));
+    auto* rng_h = reinterpret_cast<uint64_t*>(pb);
+    for (int64_t b = 0; b < S; ++b) {
+      rng_h[2 * b] = sample_key(p.seed, batch.seqs[size_t(b)].slot);
+      rng_h[2 * b + 1] = draws[size_t(b)];
+    }
+    auto* rng_d = main.arena.as<uint64_t>(S_RNG, 2 * S);
+    auto* out_d = main.arena.as<int32_t>(S_SAMPLED, S);
+    const size_t ws_bytes = p.greedy() ? 0 : cuda::sample_workspace_bytes(S, V);
+    void* ws = ws_bytes ? main.arena.get(S_SAMPLEWS, ws_bytes) : nullptr;
+    cuda::copy_to_device(rng_d, rng_h, rng_bytes, s());
+    cuda::GpuSampling gp;
+    gp.temperature = p.temperature, gp.top_k = p.top_k, gp.top_p = p.top_p, gp.min_p = p.min_p;
+    cuda::sample_rows(static_cast<const float*>(run.ex->arena.get(S_LOGIT, 0)), V, S, V, gp, rng_d, false, out_d, ws, ws_bytes, s());
+    cuda::copy_to_host(pb + rng_bytes, out_d, out_bytes, s());
+    cuda::synchronize(s());
+    std::vector<int64_t> ids(static_cast<size_t>(S));
+    const auto* o = reinterpret_cast<const int32_t*>(pb + rng_bytes);
+    for (int64_t b = 0; b < S; ++b) {
+      DSV3_CHECK(o[b] >= 0 && o[b] < V, "internal error: the GPU sampler returned token {} (vocabulary {})", o[b], V);
+      ids[size_t(b)] = o[b];
+    }
+    return ids;
   }
 
   Tensor mtp_step(int64_t k, const Tensor& h_prev, const std::vector<int64_t>& ahead, const Batch& batch, StepCache& sc,
@@ -1178,6 +1241,11 @@ std::unique_ptr<CudaModel> CudaModel::load(const Transformer& host, const CudaMo
 }
 
 ForwardResult CudaModel::forward(const Tensor& ids, const ForwardOptions& o) const { return impl_->forward(ids, o); }
+bool CudaModel::can_sample_on_device(const SamplingParams& p) const { return Impl::device_samples(p); }
+std::vector<int64_t> CudaModel::step_sampled(const std::vector<int64_t>& tokens, const Batch& batch, StepCache& cache,
+                                             const SamplingParams& p, const std::vector<uint64_t>& draws) const {
+  return impl_->step_sampled(tokens, batch, cache, p, draws);
+}
 const ModelConfig& CudaModel::config() const { return impl_->cfg; }
 int64_t CudaModel::mtp_layers() const { return int64_t(impl_->mtp.size()); }
 int64_t CudaModel::weight_bytes() const { return impl_->weight_bytes; }

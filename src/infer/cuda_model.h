@@ -47,6 +47,10 @@ class CudaModel final : public StepModel {
                          bool all_logits = false) const override;
   Tensor mtp_step(int64_t k, const Tensor& h_prev, const std::vector<int64_t>& ahead, const Batch& batch, StepCache& cache,
                   Tensor* h_out = nullptr) const override;
+  // On the GPU (sample_rows, after the step's graph): every filter but the history penalties.
+  bool can_sample_on_device(const SamplingParams& p) const override;
+  std::vector<int64_t> step_sampled(const std::vector<int64_t>& tokens, const Batch& batch, StepCache& cache,
+                                    const SamplingParams& p, const std::vector<uint64_t>& draws) const override;
 
   // Bytes of weights on the device, and what one batch-1 decode step reads at least: every weight of the
   // main model except the embedding table and the routed experts, plus one embedding row and top_k experts

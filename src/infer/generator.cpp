@@ -63,11 +63,30 @@ std::vector<Generation> Generator::generate_batched(const std::vector<std::vecto
   std::vector<Generation> gen(S);
   std::vector<std::vector<int64_t>> hist(prompts);
   std::vector<char> active(S, 1);
+  std::vector<int64_t> done(S, 0);
+  const bool on_device = o.device_sampling && model_.can_sample_on_device(o.sampling);
+  // The next token of every sequence of a pass (row i of the pass is sequence who[i]).
+  auto pass = [&](const std::vector<int64_t>& toks, const std::vector<Batch::Seq>& seqs, const std::vector<size_t>& who) {
+    std::vector<int64_t> next(who.size());
+    if (on_device) {
+      std::vector<uint64_t> draws;
+      for (size_t s : who) draws.push_back(uint64_t(gen[s].tokens.size()));
+      next = model_.step_sampled(toks, Batch::cached(seqs), cache, o.sampling, draws);
+    } else {
+      auto st = model_.step(toks, Batch::cached(seqs), cache);
+      for (size_t i = 0; i < who.size(); ++i) {
+        const size_t s = who[i];
+        const bool last = done[s] >= int64_t(prompts[s].size());  // prefill rows of unfinished prompts: not sampled
+        if (last) next[i] = sampler.sample(row(st.logits, int64_t(i)), c.vocab_size, hist[s], rng[s]);
+      }
+    }
+    ++stats_.main_passes;
+    return next;
+  };
 
   // Prefill: rounds of up to prefill_chunk tokens of every prompt in one pass; the first token of a sequence
   // is sampled from the logits of its prompt's last row.
   auto t0 = clk::now();
-  std::vector<int64_t> done(S, 0);
   for (bool more = true; more;) {
     std::vector<Batch::Seq> seqs;
     std::vector<int64_t> toks;
@@ -82,13 +101,12 @@ std::vector<Generation> Generator::generate_batched(const std::vector<std::vecto
     }
     more = !seqs.empty();
     if (!more) break;
-    auto st = model_.step(toks, Batch::cached(seqs), cache);
-    ++stats_.main_passes;
+    const std::vector<int64_t> next = pass(toks, seqs, who);
     stats_.prefill_tokens += int64_t(toks.size());
     for (size_t i = 0; i < who.size(); ++i) {
       const size_t s = who[i];
       if (done[s] < int64_t(prompts[s].size())) continue;
-      const int64_t tok = sampler.sample(row(st.logits, int64_t(i)), c.vocab_size, hist[s], rng[s]);
+      const int64_t tok = next[i];
       hist[s].push_back(tok);
       active[s] = emit(gen[s], s, tok, o, cb, cap - int64_t(hist[s].size()));
     }
@@ -108,11 +126,10 @@ std::vector<Generation> Generator::generate_batched(const std::vector<std::vecto
         who.push_back(s);
       }
     if (seqs.empty()) break;
-    auto st = model_.step(toks, Batch::cached(seqs), cache);
-    ++stats_.main_passes;
+    const std::vector<int64_t> next = pass(toks, seqs, who);
     for (size_t i = 0; i < who.size(); ++i) {
       const size_t s = who[i];
-      const int64_t tok = sampler.sample(row(st.logits, int64_t(i)), c.vocab_size, hist[s], rng[s]);
+      const int64_t tok = next[i];
       hist[s].push_back(tok);
       ++stats_.decode_tokens;
       active[s] = emit(gen[s], s, tok, o, cb, cap - int64_t(hist[s].size()));

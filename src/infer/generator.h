@@ -20,6 +20,10 @@ struct GenerateOptions {
   int64_t prefill_chunk = 512;       // prompt tokens per forward pass
   bool speculative = false;          // MTP drafting (needs an MTP layer)
   int64_t draft = 1;                 // tokens drafted per step
+  // Batched generation samples where the logits are when the model can (StepModel::can_sample_on_device: the
+  // CUDA model, without history penalties): only token ids leave the GPU. Greedy output is the same either way;
+  // sampled text follows the device's counter-based draws instead of the host generator's.
+  bool device_sampling = true;
 };
 
 enum class Finish { Length, Stop, Callback, Context };

@@ -28,4 +28,9 @@ Tensor CpuStepModel::mtp_step(int64_t k, const Tensor& h_prev, const std::vector
   return m_.mtp_step(k, h_prev, ahead, batch, cpu_cache(cache), h_out);
 }
 
+std::vector<int64_t> StepModel::step_sampled(const std::vector<int64_t>&, const Batch&, StepCache&, const SamplingParams&,
+                                             const std::vector<uint64_t>&) const {
+  throw Error("internal error: this model does not sample on its device (check can_sample_on_device first)");
+}
+
 }  // namespace dsv3

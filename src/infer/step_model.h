@@ -6,6 +6,7 @@
 #include <memory>
 #include <vector>
 
+#include "infer/sampler.h"
 #include "model/transformer.h"
 
 namespace dsv3 {
@@ -27,6 +28,17 @@ class StepModel {
                                  bool all_logits = false) const = 0;
   virtual Tensor mtp_step(int64_t k, const Tensor& h_prev, const std::vector<int64_t>& ahead, const Batch& batch,
                           StepCache& cache, Tensor* h_out = nullptr) const = 0;
+  // Sampling where the logits are (optional): step() over `batch`, then the next token of every sequence drawn
+  // from its last row on the model's device, so that only the ids come back (a batch-64 step's logits are 8 MB).
+  // The filters are Sampler's without the history penalties (those need the host); the draw is counter-based,
+  // keyed by (p.seed, the sequence's slot, draws[i]: how many tokens that sequence has drawn before), so a
+  // replayed run gives the same text. Greedy (temperature 0) is the first maximum, as Sampler's.
+  virtual bool can_sample_on_device(const SamplingParams& p) const {
+    (void)p;
+    return false;
+  }
+  virtual std::vector<int64_t> step_sampled(const std::vector<int64_t>& tokens, const Batch& batch, StepCache& cache,
+                                            const SamplingParams& p, const std::vector<uint64_t>& draws) const;
 };
 
 // The CPU path: Transformer with its float32 LatentCache.

@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <functional>
 
 #include "cuda_test_util.h"
 #include "infer/cuda_model.h"
@@ -439,8 +440,8 @@ TEST(CudaModel, BatchedDecodeStepsMatchGolden) {
   }
 }
 
-// Several prompts of different lengths, sampled: the GPU (fp32) and the CPU draw the same tokens, since the
-// host-side sampler sees logits that agree to ~1e-6.
+// Several prompts of different lengths, sampled on the host: the GPU (fp32) and the CPU draw the same tokens,
+// since the host-side sampler sees logits that agree to ~1e-6.
 TEST(CudaModel, BatchedSamplingMatchesCpu) {
   DSV3_REQUIRE_GPU();
   auto host = Transformer::load(test::golden_dir("tiny") + "/model");
@@ -452,10 +453,72 @@ TEST(CudaModel, BatchedSamplingMatchesCpu) {
   o.sampling.temperature = 0.8f;
   o.sampling.top_k = 20;
   o.sampling.seed = 7;
+  o.device_sampling = false;  // the host sampler on the GPU's logits (DeviceSamplingMatchesHostLogits: on the GPU)
   const auto cpu = Generator(*host).generate(prompts, o);
   const auto gpu = Generator(*m).generate(prompts, o);
   ASSERT_EQ(cpu.size(), gpu.size());
   for (size_t s = 0; s < cpu.size(); ++s) EXPECT_EQ(gpu[s].tokens, cpu[s].tokens) << "prompt " << s;
+}
+
+// step_sampled draws on the GPU from the step's own logits: greedy ids equal the host argmax of step()'s logits
+// (fp32, and bf16 with the persistent batch-1 kernel and batch-3 graphs), sampled ids (temperature 0.8, top-k 20)
+// lie in the top 20 of those logits and repeat for the same (seed, slot, draw); three caches fed the same tokens
+// keep the three paths' logits identical. Then the Generator gives the same greedy text with and without it.
+TEST(CudaModel, DeviceSamplingMatchesHostLogits) {
+  DSV3_REQUIRE_GPU();
+  auto host = Transformer::load(test::golden_dir("tiny") + "/model");
+  const int64_t V = host->config().vocab_size, P = 4, steps = 6;
+  SamplingParams greedy, hot;
+  hot.temperature = 0.8f, hot.top_k = 20, hot.seed = 11;
+  for (DType dt : {DType::F32, DType::BF16}) {
+    auto m = gpu_model(*host, dt);
+    ASSERT_TRUE(m->can_sample_on_device(hot));
+    for (int64_t S : {1, 3}) {
+      auto ca = m->make_cache(S, P + steps), cb = m->make_cache(S, P + steps), cc = m->make_cache(S, P + steps),
+           cd = m->make_cache(S, P + steps);
+      std::vector<int64_t> toks;
+      std::vector<Batch::Seq> seqs;
+      for (int64_t b = 0; b < S; ++b) {
+        for (int64_t i = 0; i < P; ++i) toks.push_back((b * 37 + i * 11 + 5) % V);
+        seqs.push_back({b, 0, P});
+      }
+      int64_t hot_differs = 0;
+      for (int64_t k = 0; k <= steps; ++k) {
+        const auto draws = std::vector<uint64_t>(static_cast<size_t>(S), static_cast<uint64_t>(k));
+        const auto st = m->step(toks, Batch::cached(seqs), *ca);
+        const auto g = m->step_sampled(toks, Batch::cached(seqs), *cb, greedy, draws);
+        const auto h = m->step_sampled(toks, Batch::cached(seqs), *cc, hot, draws);
+        const auto h2 = m->step_sampled(toks, Batch::cached(seqs), *cd, hot, draws);
+        ASSERT_EQ(int64_t(g.size()), S);
+        for (int64_t b = 0; b < S; ++b) {
+          const float* l = st.logits.f32() + b * V;
+          const int64_t best = std::max_element(l, l + V) - l;
+          std::vector<float> sorted(l, l + V);
+          std::nth_element(sorted.begin(), sorted.begin() + 19, sorted.end(), std::greater<float>());
+          EXPECT_EQ(g[size_t(b)], best) << dtype_name(dt) << " batch " << S << " step " << k << " row " << b;
+          EXPECT_GE(l[h[size_t(b)]], sorted[19]) << dtype_name(dt) << " batch " << S << " step " << k << " row " << b;
+          EXPECT_EQ(h[size_t(b)], h2[size_t(b)]) << dtype_name(dt) << " batch " << S << " step " << k << " row " << b;
+          hot_differs += h[size_t(b)] != best;
+        }
+        toks = g;
+        seqs.clear();
+        for (int64_t b = 0; b < S; ++b) seqs.push_back({b, P + k, 1});
+        if (k == steps) break;
+      }
+      EXPECT_GT(hot_differs, 0) << dtype_name(dt) << " batch " << S << ": temperature 0.8 never left the argmax";
+    }
+    const std::vector<std::vector<int64_t>> prompts{{5, 17, 300, 2, 9, 44, 101}, {7, 8}, {400, 3, 3, 3}};
+    GenerateOptions o;
+    o.max_new_tokens = 12;
+    o.prefill_chunk = 4;
+    const auto on = Generator(*m).generate(prompts, o);
+    o.device_sampling = false;
+    const auto off = Generator(*m).generate(prompts, o);
+    for (size_t s = 0; s < prompts.size(); ++s) EXPECT_EQ(on[s].tokens, off[s].tokens) << dtype_name(dt) << " prompt " << s;
+    const auto one = Generator(*m).generate({prompts[0]}, o);
+    o.device_sampling = true;
+    EXPECT_EQ(Generator(*m).generate({prompts[0]}, o)[0].tokens, one[0].tokens) << dtype_name(dt) << " batch 1";
+  }
 }
 
 TEST(CudaModel, ErrorsAreClear) {
