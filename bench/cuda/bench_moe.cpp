@@ -201,7 +201,6 @@ int main(int argc, char** argv) {
           std::snprintf(note, sizeof note, "%.0f%% of copy, %.1f MB/call", 100.0 * gbs / copy_gbs, bytes / kCalls / 1e6);
           add("moe_decode (graph)", shape, ms, gbs, "GB/s", note);
         }
-        if (fp8) continue;
         // Prefill: T tokens, balanced random routing.
         const int64_t T = quick ? 1024 : 4096, S = T * sh.k;
         std::vector<int32_t> idx;
@@ -224,8 +223,9 @@ int main(int argc, char** argv) {
             [&] { moe_prefill(gemm, layers[0].view, x.get(), sh.D, didx.get(), dw.get(), T, sh.k, y.get(), sh.D, false, ws.get(), wsb, s); },
             s, 5, 1);
         char shape[96];
-        std::snprintf(shape, sizeof shape, "%s T %lld (%lld rows)", sh.name, (long long)T, (long long)S);
+        std::snprintf(shape, sizeof shape, "%s %s T %lld (%lld rows)", sh.name, fp8 ? "fp8" : "bf16", (long long)T, (long long)S);
         add("moe_prefill (grouped kernels)", shape, ms, flops / (ms * 1e-3) / 1e12, "TFLOP/s");
+        if (fp8) continue;
         // The dense reference: one GEMM over all S rows for gate|up and one for down (bf16 in, f32 out).
         DeviceBuffer<uint16_t> xa(size_t(S * std::max(sh.D, sh.I)));
         DeviceBuffer<float> ya(size_t(S * std::max(2 * sh.I, sh.D)));
@@ -240,6 +240,44 @@ int main(int argc, char** argv) {
             s, 5, 1);
         add("cuBLASLt dense, same FLOPs", shape, msd, flops / (msd * 1e-3) / 1e12, "TFLOP/s",
             "one expert's weights for all rows");
+      }
+    }
+    // Dense products of decode batches with e4m3 weights (small.json's shapes: q_a | kv_a, q_b, o_proj, shared
+    // gate | up, shared down): the grouped kernel as one group, cuBLASLt's block-scaled GEMM after the 1x128
+    // activation quantize, and the bf16 weights through cuBLASLt for reference. Weights of 16 layers rotate so
+    // that each call reads its weights from HBM rather than L2.
+    {
+      const std::pair<int64_t, int64_t> nks[] = {{672, 1024}, {1536, 384}, {1024, 1024}, {1408, 1024}, {1024, 704}};
+      constexpr int kRot = 16;
+      Gemm gemm;
+      for (const auto& [N, K] : nks) {
+        std::vector<DeviceBuffer<uint8_t>> w8;
+        std::vector<DeviceBuffer<uint16_t>> w16;
+        std::vector<DeviceBuffer<float>> sc;
+        const int64_t nsc = ceil_div(N, int64_t(128)) * ceil_div(K, int64_t(128));
+        std::vector<float> hs(static_cast<size_t>(nsc), 1.0f / 64);
+        for (int i = 0; i < kRot; ++i) {
+          w8.emplace_back(size_t(N * K));
+          memset_device(w8.back().get(), 0x38, w8.back().bytes());
+          w16.emplace_back(size_t(N * K));
+          memset_device(w16.back().get(), 0x3c, w16.back().bytes());
+          sc.emplace_back(hs.size());
+          copy_to_device(sc.back().get(), hs.data(), hs.size() * 4);
+        }
+        for (const int64_t M : {int64_t(16), int64_t(64)}) {
+          DeviceBuffer<uint16_t> x(size_t(M * K));
+          memset_device(x.get(), 0x3c, x.bytes());
+          DeviceBuffer<float> y(size_t(M * N));
+          char shape[64];
+          std::snprintf(shape, sizeof shape, "M %lld N %lld K %lld", (long long)M, (long long)N, (long long)K);
+          // kRot back-to-back calls per timing (the weights of each from HBM), per call
+          const float a = median_ms([&] { for (int i = 0; i < kRot; ++i) fp8_rows_gemm(x.get(), K, M, w8[size_t(i)].get(), sc[size_t(i)].get(), N, K, y.get(), N, s); }, s) / kRot;
+          add("fp8_rows_gemm", shape, a, double(N * K) / (a * 1e-3) / 1e9, "GB/s", "e4m3 weight bytes");
+          const float b = median_ms([&] { for (int i = 0; i < kRot; ++i) gemm.linear_fp8(DType::BF16, x.get(), K, w8[size_t(i)].get(), sc[size_t(i)].get(), DType::F32, y.get(), N, M, N, K, s); }, s) / kRot;
+          add("cuBLASLt block-scaled FP8 (+ quantize)", shape, b, double(N * K) / (b * 1e-3) / 1e9, "GB/s", "e4m3 weight bytes");
+          const float c = median_ms([&] { for (int i = 0; i < kRot; ++i) gemm.matmul(DType::BF16, x.get(), K, w16[size_t(i)].get(), K, DType::F32, y.get(), N, M, N, K, s); }, s) / kRot;
+          add("cuBLASLt bf16", shape, c, double(2 * N * K) / (c * 1e-3) / 1e9, "GB/s", "bf16 weight bytes");
+        }
       }
     }
     // Sampling.

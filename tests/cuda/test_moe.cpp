@@ -368,6 +368,51 @@ TEST(CudaMoeDecodeShared, MatchesCpuTwin) {
 // twin that rounds at the same points, relative L2 < 2e-3 for both checkpoint types; < 1e-2 against the exact
 // twin. Cases: 32 experts with skewed routing (empty experts, I = 352 leaves a partial column tile) and 8
 // experts x ~450 rows (several row tiles per expert, partial last ones).
+// fp8_rows_gemm (a dense e4m3 product of decode batches on the grouped kernel): y = x · Wᵀ with W dequantized to
+// bf16 in the kernel (bf16(e4m3 · block scale)); the twin rounds at the same point and sums in float64, so only the
+// kernel's f32 accumulation differs: rel L2 <= 1e-5. Padded row strides: the columns past N stay untouched.
+TEST(CudaFp8RowsGemm, MatchesCpuTwin) {
+  DSV3_REQUIRE_GPU();
+  std::mt19937_64 rng(91);
+  struct Case { int64_t M, N, K, ldx, ldy; };
+  for (const Case c : {Case{1, 200, 128, 128, 200}, Case{5, 672, 1024, 1032, 674}, Case{33, 1536, 384, 384, 1542},
+                       Case{64, 1024, 704, 704, 1024}, Case{128, 300, 352, 368, 300}}) {
+    const auto wf = randn(size_t(c.N * c.K), rng, 1.0f / std::sqrt(float(c.K)));
+    std::vector<uint8_t> q;
+    std::vector<float> sc, deq;
+    quantize_blocks(wf, c.N, c.K, q, sc, deq);
+    deq = round_bf16(deq);
+    const auto xf = round_bf16(randn(size_t(c.M * c.ldx), rng));
+    std::vector<float> want(size_t(c.M * c.N));
+    for (int64_t m = 0; m < c.M; ++m)
+      for (int64_t n = 0; n < c.N; ++n) {
+        double a = 0;
+        for (int64_t k = 0; k < c.K; ++k) a += double(xf[size_t(m * c.ldx + k)]) * deq[size_t(n * c.K + k)];
+        want[size_t(m * c.N + n)] = float(a);
+      }
+    auto dx = upload(to_bf16(xf));
+    auto dq = upload(q);
+    auto ds = upload(sc);
+    auto dy = poisoned<float>(size_t(c.M * c.ldy));
+    ASSERT_TRUE(fp8_rows_gemm_supported(dx.get(), c.ldx, c.M, c.K, dy.get(), c.ldy));
+    fp8_rows_gemm(dx.get(), c.ldx, c.M, dq.get(), ds.get(), c.N, c.K, dy.get(), c.ldy);
+    const auto y = download(dy);
+    std::vector<float> got(size_t(c.M * c.N));
+    bool pad_untouched = true;
+    for (int64_t m = 0; m < c.M; ++m) {
+      for (int64_t n = 0; n < c.N; ++n) got[size_t(m * c.N + n)] = y[size_t(m * c.ldy + n)];
+      for (int64_t n = c.N; n < c.ldy; ++n) pad_untouched = pad_untouched && std::isnan(y[size_t(m * c.ldy + n)]);
+    }
+    const double e = rel_l2(got, want);
+    std::printf("  fp8_rows_gemm M %lld N %lld K %lld: rel L2 %.2e\n", (long long)c.M, (long long)c.N, (long long)c.K, e);
+    EXPECT_TRUE(all_finite(got));
+    EXPECT_LT(e, 1e-5);
+    EXPECT_TRUE(pad_untouched);
+  }
+  EXPECT_FALSE(fp8_rows_gemm_supported(nullptr, 128, kFp8RowsGemmMaxRows + 1, 128, nullptr, 128));
+  EXPECT_FALSE(fp8_rows_gemm_supported(nullptr, 128, 4, 100, nullptr, 128));
+}
+
 TEST(CudaMoe, PrefillMatchesCpuTwinAndDecode) {
   DSV3_REQUIRE_GPU();
   struct Case { int64_t M, E, D, I; };

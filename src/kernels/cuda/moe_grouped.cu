@@ -5,8 +5,9 @@
 // past its count are zero-filled and not stored) times 128 weight rows. Operands arrive by cp.async into a
 // 4-stage ring of 32-wide k slices; 8 warps run mma.sync m16n8k16 (bf16 in, f32 accumulate). Two shapes: BM 128
 // (2 warps along M x 4 along N, 64 x 32 each) for prefill-sized groups, BM 32 (1 x 8, 32 x 16 each) when the
-// groups are a few rows (decode batches): there the weights are read once and the padding rows cost little. FP8 experts are dequantized per slice in shared memory (e4m3 x its 128x128 block scale,
-// rounded to bf16), so both checkpoint types share the tensor-core loop.
+// groups are a few rows (decode batches): there the weights are read once and the padding rows cost little. FP8
+// experts are dequantized per slice in shared memory (e4m3 x its 128x128 block scale, rounded to bf16; slice k + 1
+// while slice k is multiplied), so both checkpoint types share the tensor-core loop.
 //
 // gate|up (SwiGLU fused): the 128 weight rows of a tile are 64 gate rows and the 64 up rows of the same output
 // columns, and each warp holds gate columns and the matching up columns, so the epilogue writes
@@ -31,11 +32,16 @@ struct GroupedArgs {
   int up_row0;                  // gate|up: first up row (I); unused for down
   int scale_up0;                // gate|up FP8: offset of up's scale rows (ceil(I/128) * ceil(K/128))
   void* out;                    // gate|up: h [slots, N] bf16; down: [slots, N] f32
+  int lda, ldo;                 // row strides of a and out (elements)
+  // offsets == nullptr: one group of rows1 rows with weight w1 / scale1 (a dense product, fp8_rows_gemm).
+  int rows1;
+  const void* w1;
+  const float* scale1;
 };
 
 template <bool FP8, int GM>
 constexpr size_t grouped_smem_bytes() {
-  return size_t(GST * GM * GSTR) * 2 + (FP8 ? size_t(GST * GN * GK) + size_t(GN * GSTR) * 2 : size_t(GST * GN * GSTR) * 2);
+  return size_t(GST * GM * GSTR) * 2 + (FP8 ? size_t(GST * GN * GK) + size_t(2 * GN * GSTR) * 2 : size_t(GST * GN * GSTR) * 2);
 }
 
 // The (expert, row tile) of blockIdx.y: tiles are numbered expert by expert; -1 past the last.
@@ -76,15 +82,17 @@ __global__ void __launch_bounds__(GTHREADS, 2) k_moe_grouped(GroupedArgs g) {
   extern __shared__ __align__(16) unsigned char smraw[];
   __shared__ int e_s, mt_s;
   const int t = threadIdx.x, lane = t & 31, w = t >> 5, wm = w / WARPS_N, wn = w % WARPS_N, gq = lane >> 2, tq = lane & 3;
-  if (w == 0) find_tile<GM>(g.offsets, g.E, &e_s, &mt_s);
+  const bool one_group = g.offsets == nullptr;
+  if (w == 0 && !one_group) find_tile<GM>(g.offsets, g.E, &e_s, &mt_s);
   __syncthreads();
-  const int e = e_s;
+  const int e = one_group ? 0 : e_s;
   if (e < 0) return;
-  const int row0 = g.offsets[e] + mt_s * GM, row_end = g.offsets[e + 1];
+  const int row0 = one_group ? int(blockIdx.y) * GM : g.offsets[e] + mt_s * GM;
+  const int row_end = one_group ? g.rows1 : g.offsets[e + 1];
   const int nj = blockIdx.x, K = g.K, nk = K / GK;
   uint16_t* as = reinterpret_cast<uint16_t*>(smraw);  // [GST][GM][GSTR]
-  uint16_t* bs = as + GST * GM * GSTR;                 // bf16: [GST][GN][GSTR]; FP8: converted [GN][GSTR]
-  uint8_t* braw = reinterpret_cast<uint8_t*>(bs + (FP8 ? GN * GSTR : GST * GN * GSTR));  // FP8: [GST][GN][GK]
+  uint16_t* bs = as + GST * GM * GSTR;                 // bf16: [GST][GN][GSTR]; FP8: converted [2][GN][GSTR]
+  uint8_t* braw = reinterpret_cast<uint8_t*>(bs + (FP8 ? 2 * GN * GSTR : GST * GN * GSTR));  // FP8: [GST][GN][GK]
 
   // Weight row of tile row r (-1: beyond the projection; zero-filled).
   auto weight_row = [&](int r) {
@@ -97,7 +105,8 @@ __global__ void __launch_bounds__(GTHREADS, 2) k_moe_grouped(GroupedArgs g) {
     }
   };
   const uint16_t* a = g.a;
-  const void* wbase = g.w[e];
+  const void* wbase = one_group ? g.w1 : g.w[e];
+  const int lda = g.lda;
   auto load = [&](int kt, int st) {
     const int k0 = kt * GK;
 #pragma unroll
@@ -105,7 +114,7 @@ __global__ void __launch_bounds__(GTHREADS, 2) k_moe_grouped(GroupedArgs g) {
       const int r = c >> 2, ch = c & 3;
       const int row = row0 + r;
       const bool ok = row < row_end;
-      cp_async16(as + (st * GM + r) * GSTR + ch * 8, a + int64_t(ok ? row : row0) * K + k0 + ch * 8, ok);
+      cp_async16(as + (st * GM + r) * GSTR + ch * 8, a + int64_t(ok ? row : row0) * lda + k0 + ch * 8, ok);
     }
     if constexpr (FP8) {  // 128 rows x 2 chunks of 16 e4m3
       const int r = t >> 1, ch = t & 1, wr = weight_row(r);
@@ -139,40 +148,8 @@ __global__ void __launch_bounds__(GTHREADS, 2) k_moe_grouped(GroupedArgs g) {
     if constexpr (SWIGLU) return i < NT / 2 ? wn * (GN / 2 / WARPS_N) + 8 * i : GN / 2 + wn * (GN / 2 / WARPS_N) + 8 * (i - NT / 2);
     else return wn * (GN / WARPS_N) + 8 * i;
   };
-  const int kblocks = (K + 127) / 128;
-  for (int kt = 0; kt < nk; ++kt) {
-    cp_async_wait<GST - 2>();
-    __syncthreads();  // slice kt has landed for every thread; slice kt - 1's buffers are free
-    if (kt + GST - 1 < nk) load(kt + GST - 1, (kt + GST - 1) % GST);
-    else cp_async_commit();
-    const int st = kt % GST;
-    const uint16_t* bt = bs + (FP8 ? 0 : st * GN * GSTR);
-    if constexpr (FP8) {  // dequantize slice kt: thread t converts 16 values of row t / 2
-      const int r = t >> 1, ch = t & 1, wr = weight_row(r);
-      float s = 0.0f;
-      if (wr >= 0) {
-        const float* sc = g.scale[e];
-        const int kb = kt * GK / 128;
-        if constexpr (SWIGLU) s = r < GN / 2 ? sc[(wr / 128) * kblocks + kb] : sc[g.scale_up0 + ((wr - g.up_row0) / 128) * kblocks + kb];
-        else s = sc[(wr / 128) * kblocks + kb];
-      }
-      const uint4 v = *reinterpret_cast<const uint4*>(braw + (st * GN + r) * GK + ch * 16);
-      const uint32_t u[4] = {v.x, v.y, v.z, v.w};
-      uint32_t o[8];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const __half2_raw lo = __nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t(u[i] & 0xffffu), __NV_E4M3);
-        const __half2_raw hi = __nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t(u[i] >> 16), __NV_E4M3);
-        const float2 fl = __half22float2(__half2(lo)), fh = __half22float2(__half2(hi));
-        o[2 * i] = uint32_t(f32_to_bf16(fl.x * s)) | (uint32_t(f32_to_bf16(fl.y * s)) << 16);
-        o[2 * i + 1] = uint32_t(f32_to_bf16(fh.x * s)) | (uint32_t(f32_to_bf16(fh.y * s)) << 16);
-      }
-      uint4* dst = reinterpret_cast<uint4*>(bs + r * GSTR + ch * 16);
-      dst[0] = make_uint4(o[0], o[1], o[2], o[3]);
-      dst[1] = make_uint4(o[4], o[5], o[6], o[7]);
-      __syncthreads();
-    }
-    const uint16_t* at = as + st * GM * GSTR;
+  // The MMAs of one 32-wide k slice from A stage `at` and bf16 weight rows `bt`.
+  auto mma_slice = [&](const uint16_t* at, const uint16_t* bt) {
 #pragma unroll
     for (int k16 = 0; k16 < GK / 16; ++k16) {
       uint32_t af[MT][4], bf[NT / 2][4];
@@ -190,6 +167,63 @@ __global__ void __launch_bounds__(GTHREADS, 2) k_moe_grouped(GroupedArgs g) {
           mma_bf16(acc[mt][2 * p + 1], af[mt], bf[p][2], bf[p][3]);
         }
     }
+  };
+  if constexpr (!FP8) {
+    for (int kt = 0; kt < nk; ++kt) {
+      cp_async_wait<GST - 2>();
+      __syncthreads();  // slice kt has landed for every thread; slice kt - 1's buffers are free
+      if (kt + GST - 1 < nk) load(kt + GST - 1, (kt + GST - 1) % GST);
+      else cp_async_commit();
+      const int st = kt % GST;
+      mma_slice(as + st * GM * GSTR, bs + st * GN * GSTR);
+    }
+  } else {
+    // FP8: thread t dequantizes 16 values of tile row t / 2 per slice into one of two bf16 buffers, slice kt + 1
+    // while the warps multiply slice kt (one barrier per slice). Its block scale is read one 128-wide k block
+    // ahead into a register: a global load per slice would stall every slice (it did: 67 vs 36 us bf16 at batch 64).
+    constexpr int kSlicesPerBlock = 128 / GK;
+    const int kblocks = (K + 127) / 128;
+    const int r = t >> 1, ch = t & 1, wr = weight_row(r);
+    const float* my_sc = nullptr;
+    if (wr >= 0) {
+      const float* sc = one_group ? g.scale1 : g.scale[e];
+      if constexpr (SWIGLU) my_sc = r < GN / 2 ? sc + (wr / 128) * kblocks : sc + g.scale_up0 + ((wr - g.up_row0) / 128) * kblocks;
+      else my_sc = sc + (wr / 128) * kblocks;
+    }
+    float s_cur = my_sc ? my_sc[0] : 0.0f, s_nxt = my_sc && kblocks > 1 ? my_sc[1] : 0.0f;
+    auto convert = [&](int kc, uint16_t* dst_rows) {
+      if (kc > 0 && kc % kSlicesPerBlock == 0) {
+        const int kb = kc / kSlicesPerBlock;
+        s_cur = s_nxt;
+        s_nxt = my_sc && kb + 1 < kblocks ? my_sc[kb + 1] : 0.0f;
+      }
+      const uint4 v = *reinterpret_cast<const uint4*>(braw + ((kc % GST) * GN + r) * GK + ch * 16);
+      const uint32_t u[4] = {v.x, v.y, v.z, v.w};
+      uint32_t o[8];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const __half2_raw lo = __nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t(u[i] & 0xffffu), __NV_E4M3);
+        const __half2_raw hi = __nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t(u[i] >> 16), __NV_E4M3);
+        const float2 fl = __half22float2(__half2(lo)), fh = __half22float2(__half2(hi));
+        o[2 * i] = uint32_t(f32_to_bf16(fl.x * s_cur)) | (uint32_t(f32_to_bf16(fl.y * s_cur)) << 16);
+        o[2 * i + 1] = uint32_t(f32_to_bf16(fh.x * s_cur)) | (uint32_t(f32_to_bf16(fh.y * s_cur)) << 16);
+      }
+      uint4* dst = reinterpret_cast<uint4*>(dst_rows + r * GSTR + ch * 16);
+      dst[0] = make_uint4(o[0], o[1], o[2], o[3]);
+      dst[1] = make_uint4(o[4], o[5], o[6], o[7]);
+    };
+    cp_async_wait<GST - 2>();
+    __syncthreads();  // slice 0 has landed
+    convert(0, bs);
+    for (int kt = 0; kt < nk; ++kt) {
+      cp_async_wait<GST - 3>();
+      // Slice kt + 1 has landed; slice kt's bf16 rows are written; everyone is done with slice kt - 1's buffers.
+      __syncthreads();
+      if (kt + GST - 1 < nk) load(kt + GST - 1, (kt + GST - 1) % GST);
+      else cp_async_commit();
+      if (kt + 1 < nk) convert(kt + 1, bs + ((kt + 1) & 1) * GN * GSTR);
+      mma_slice(as + (kt % GST) * GM * GSTR, bs + (kt & 1) * GN * GSTR);
+    }
   }
   cp_async_wait<0>();
 
@@ -200,7 +234,7 @@ __global__ void __launch_bounds__(GTHREADS, 2) k_moe_grouped(GroupedArgs g) {
       const int row = row0 + wm * 16 * MT + mt * 16 + gq + 8 * half;
       if (row >= row_end) continue;
       if constexpr (SWIGLU) {
-        uint16_t* h = static_cast<uint16_t*>(g.out) + int64_t(row) * g.N;
+        uint16_t* h = static_cast<uint16_t*>(g.out) + int64_t(row) * g.ldo;
 #pragma unroll
         for (int nt = 0; nt < NT / 2; ++nt) {
           const int j = nj * (GN / 2) + col0(nt) + 2 * tq;
@@ -214,7 +248,7 @@ __global__ void __launch_bounds__(GTHREADS, 2) k_moe_grouped(GroupedArgs g) {
           *reinterpret_cast<uint32_t*>(h + j) = uint32_t(f32_to_bf16(r[0])) | (uint32_t(f32_to_bf16(r[1])) << 16);
         }
       } else {
-        float* o = static_cast<float*>(g.out) + int64_t(row) * g.N;
+        float* o = static_cast<float*>(g.out) + int64_t(row) * g.ldo;
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
           const int j = nj * GN + col0(nt) + 2 * tq;
@@ -235,7 +269,7 @@ void launch_shape(const GroupedArgs& g, int64_t slots, int64_t n_tiles, cudaStre
   }();
   (void)attr;
   // Row tiles: at most ceil(slots / GM) + E (each expert's last tile may be partial).
-  const int64_t m_tiles = ceil_div(slots, int64_t(GM)) + g.E;
+  const int64_t m_tiles = ceil_div(slots, int64_t(GM)) + (g.offsets ? g.E : 0);
   DSV3_CHECK(m_tiles <= 65535, "moe_grouped: {} row tiles exceed the grid", m_tiles);
   launch_dependent(k, dim3(unsigned(n_tiles), unsigned(m_tiles)), dim3(GTHREADS), smem, s, g);
   DSV3_CUDA_CHECK_LAUNCH("moe_grouped kernel");
@@ -267,6 +301,7 @@ void moe_grouped_swiglu(const MoeExperts& w, const uint16_t* xg, const int32_t* 
   g.up_row0 = int(w.I);
   g.scale_up0 = int(ceil_div(w.I, int64_t(128)) * ceil_div(w.D, int64_t(128)));
   g.out = h;
+  g.lda = g.K, g.ldo = g.N;
   const int64_t n_tiles = ceil_div(w.I, int64_t(GN / 2));
   if (w.type == DType::F8_E4M3) launch_grouped<true, true>(g, slots, n_tiles, s);
   else launch_grouped<false, true>(g, slots, n_tiles, s);
@@ -284,9 +319,34 @@ void moe_grouped_down(const MoeExperts& w, const uint16_t* h, const int32_t* off
   g.K = int(w.I);
   g.N = int(w.D);
   g.out = out;
+  g.lda = g.K, g.ldo = g.N;
   const int64_t n_tiles = ceil_div(w.D, int64_t(GN));
   if (w.type == DType::F8_E4M3) launch_grouped<true, false>(g, slots, n_tiles, s);
   else launch_grouped<false, false>(g, slots, n_tiles, s);
+}
+
+bool fp8_rows_gemm_supported(const void* x, int64_t ldx, int64_t M, int64_t K, const float* y, int64_t ldy) {
+  return M >= 1 && M <= kFp8RowsGemmMaxRows && K > 0 && K % GK == 0 && ldx % 8 == 0 && ldy % 2 == 0 &&
+         reinterpret_cast<uintptr_t>(x) % 16 == 0 && reinterpret_cast<uintptr_t>(y) % 8 == 0 && K <= INT32_MAX / 2;
+}
+
+void fp8_rows_gemm(const uint16_t* x, int64_t ldx, int64_t M, const uint8_t* w, const float* scale, int64_t N, int64_t K, float* y,
+                   int64_t ldy, cudaStream_t s) {
+  DSV3_CHECK(fp8_rows_gemm_supported(x, ldx, M, K, y, ldy) && N > 0,
+             "fp8_rows_gemm: M {} (1..{}), K {} (a multiple of {}), ldx {} / ldy {} or alignment not supported", M,
+             kFp8RowsGemmMaxRows, K, GK, ldx, ldy);
+  GroupedArgs g{};
+  g.a = x;
+  g.offsets = nullptr;
+  g.E = 1;
+  g.K = int(K);
+  g.N = int(N);
+  g.out = y;
+  g.lda = int(ldx), g.ldo = int(ldy);
+  g.rows1 = int(M);
+  g.w1 = w;
+  g.scale1 = scale;
+  launch_shape<true, false, 1, 2>(g, M, ceil_div(N, int64_t(GN)), s);
 }
 
 }  // namespace dsv3::cuda
