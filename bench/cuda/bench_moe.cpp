@@ -271,8 +271,10 @@ int main(int argc, char** argv) {
           char shape[64];
           std::snprintf(shape, sizeof shape, "M %lld N %lld K %lld", (long long)M, (long long)N, (long long)K);
           // kRot back-to-back calls per timing (the weights of each from HBM), per call
-          const float a = median_ms([&] { for (int i = 0; i < kRot; ++i) fp8_rows_gemm(x.get(), K, M, w8[size_t(i)].get(), sc[size_t(i)].get(), N, K, y.get(), N, s); }, s) / kRot;
-          add("fp8_rows_gemm", shape, a, double(N * K) / (a * 1e-3) / 1e9, "GB/s", "e4m3 weight bytes");
+          const float a = median_ms([&] { for (int i = 0; i < kRot; ++i) rows_gemm(DType::F8_E4M3, x.get(), K, M, w8[size_t(i)].get(), sc[size_t(i)].get(), N, K, y.get(), N, s); }, s) / kRot;
+          add("rows_gemm fp8", shape, a, double(N * K) / (a * 1e-3) / 1e9, "GB/s", "e4m3 weight bytes");
+          const float a2 = median_ms([&] { for (int i = 0; i < kRot; ++i) rows_gemm(DType::BF16, x.get(), K, M, w16[size_t(i)].get(), nullptr, N, K, y.get(), N, s); }, s) / kRot;
+          add("rows_gemm bf16", shape, a2, double(2 * N * K) / (a2 * 1e-3) / 1e9, "GB/s", "bf16 weight bytes");
           const float b = median_ms([&] { for (int i = 0; i < kRot; ++i) gemm.linear_fp8(DType::BF16, x.get(), K, w8[size_t(i)].get(), sc[size_t(i)].get(), DType::F32, y.get(), N, M, N, K, s); }, s) / kRot;
           add("cuBLASLt block-scaled FP8 (+ quantize)", shape, b, double(N * K) / (b * 1e-3) / 1e9, "GB/s", "e4m3 weight bytes");
           const float c = median_ms([&] { for (int i = 0; i < kRot; ++i) gemm.matmul(DType::BF16, x.get(), K, w16[size_t(i)].get(), K, DType::F32, y.get(), N, M, N, K, s); }, s) / kRot;

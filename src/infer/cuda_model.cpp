@@ -183,10 +183,12 @@ struct CudaModel::Impl {
   bool fused_router = true;
   // DSV3_NO_BF16_GEMV=1: decode-sized bf16 products through cuBLASLt instead of our GEMV (A/B benchmarks).
   bool bf16_gemv = true;
-  // FP8 products of 9..kFp8RowsUpTo rows (decode batches) on the grouped kernel's dequantizing tiles
-  // (fp8_rows_gemm) instead of cuBLASLt's block-scaled GEMM after an activation quantize; DSV3_NO_FP8_ROWS_GEMM=1
-  // keeps cuBLASLt, for A/B runs.
+  // FP8 products of 9..kFp8RowsUpTo rows (decode batches) on the grouped kernel's dequantizing tiles, K split
+  // over a cluster (rows_gemm), instead of cuBLASLt's block-scaled GEMM after an activation quantize;
+  // DSV3_NO_FP8_ROWS_GEMM=1 keeps cuBLASLt, for A/B runs.
   bool fp8_rows = true;
+  // DSV3_BF16_ROWS_GEMM=1: bf16 products of 9..kFp8RowsUpTo rows on rows_gemm too (instead of cuBLASLt), for A/B runs.
+  bool bf16_rows = false;
   static constexpr int64_t kFp8RowsUpTo = 64;
   // Decode attention as one fused kernel (mla_decode_fused) or as five (prologue, W_UK, the streaming split
   // attention, merge, W_UV). With the streaming latent kernel the five-launch path is faster for bf16 checkpoints
@@ -442,6 +444,7 @@ struct CudaModel::Impl {
     fused_router = !env_flag("DSV3_UNFUSED_ROUTER");
     bf16_gemv = !env_flag("DSV3_NO_BF16_GEMV");
     fp8_rows = !env_flag("DSV3_NO_FP8_ROWS_GEMM");
+    bf16_rows = env_flag("DSV3_BF16_ROWS_GEMM");
     bool fp8_experts = false;
     for (const LayerW& L : layers) fp8_experts = fp8_experts || (L.moe && L.moe->use_table && L.moe->table.type == DType::F8_E4M3);
     fused_mla = env_flag("DSV3_FUSED_MLA") || (fp8_experts && !env_flag("DSV3_UNFUSED_MLA"));
@@ -606,10 +609,10 @@ struct CudaModel::Impl {
         return;
       }
       const bool rows = fp8_rows && act == DType::BF16 && M <= kFp8RowsUpTo &&
-                        cuda::fp8_rows_gemm_supported(x, ldx, M, L.K, y, ldy) &&
-                        (L.split % 128 == 0 || cuda::fp8_rows_gemm_supported(x, ldx, M, L.K, y + L.split, ldy));
+                        cuda::rows_gemm_supported(x, ldx, M, L.K, y, ldy) &&
+                        (L.split % 128 == 0 || cuda::rows_gemm_supported(x, ldx, M, L.K, y + L.split, ldy));
       auto run = [&](const uint8_t* w, const float* sc, float* yy, int64_t N) {
-        if (rows) cuda::fp8_rows_gemm(static_cast<const uint16_t*>(x), ldx, M, w, sc, N, L.K, yy, ldy, s());
+        if (rows) cuda::rows_gemm(DType::F8_E4M3, static_cast<const uint16_t*>(x), ldx, M, w, sc, N, L.K, yy, ldy, s());
         else ex.gemm.linear_fp8(act, x, ldx, w, sc, DType::F32, yy, ldy, M, N, L.K, s());
       };
       // Stacked at a multiple of 128 rows, the two scale grids are one grid: one product.
@@ -625,6 +628,10 @@ struct CudaModel::Impl {
     DSV3_CHECK(xt == L.type, "internal error: {} activations for a {} weight", dtype_name(xt), dtype_name(L.type));
     if (bf16_gemv && L.type == DType::BF16 && cuda::gemv_supported(act, x, ldx, M, L.K)) {
       cuda::gemv(DType::BF16, act, x, ldx, M, L.w.get(), nullptr, y, ldy, L.N, L.K, s());
+      return;
+    }
+    if (bf16_rows && L.type == DType::BF16 && M <= kFp8RowsUpTo && cuda::rows_gemm_supported(x, ldx, M, L.K, y, ldy)) {
+      cuda::rows_gemm(DType::BF16, static_cast<const uint16_t*>(x), ldx, M, L.w.get(), nullptr, L.N, L.K, y, ldy, s());
       return;
     }
     ex.gemm.matmul(L.type, x, ldx, L.w.get(), L.K, DType::F32, y, ldy, M, L.N, L.K, s());

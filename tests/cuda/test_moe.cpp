@@ -7,6 +7,7 @@
 //   prefill (x and h rounded to bf16 for cuBLASLt): <= 2e-3 against a twin that rounds at the same points,
 //     <= 1e-2 against the exact twin; fp8 (activations quantized 1x128): <= 6e-2 against the exact twin
 #include <algorithm>
+#include <cstring>
 #include <numeric>
 
 #include "cuda_test_util.h"
@@ -368,10 +369,11 @@ TEST(CudaMoeDecodeShared, MatchesCpuTwin) {
 // twin that rounds at the same points, relative L2 < 2e-3 for both checkpoint types; < 1e-2 against the exact
 // twin. Cases: 32 experts with skewed routing (empty experts, I = 352 leaves a partial column tile) and 8
 // experts x ~450 rows (several row tiles per expert, partial last ones).
-// fp8_rows_gemm (a dense e4m3 product of decode batches on the grouped kernel): y = x · Wᵀ with W dequantized to
-// bf16 in the kernel (bf16(e4m3 · block scale)); the twin rounds at the same point and sums in float64, so only the
-// kernel's f32 accumulation differs: rel L2 <= 1e-5. Padded row strides: the columns past N stay untouched.
-TEST(CudaFp8RowsGemm, MatchesCpuTwin) {
+// rows_gemm (a dense product of decode batches on the grouped kernel, K split over a cluster): y = x · Wᵀ with W
+// bf16, or e4m3 dequantized to bf16 in the kernel (bf16(e4m3 · block scale)); the twin rounds at the same point
+// and sums in float64, so only the kernel's f32 accumulation differs: rel L2 <= 1e-5. Padded row strides: the
+// columns past N stay untouched. Two runs give the same bits (the cluster sums in rank order).
+TEST(CudaRowsGemm, MatchesCpuTwin) {
   DSV3_REQUIRE_GPU();
   std::mt19937_64 rng(91);
   struct Case { int64_t M, N, K, ldx, ldy; };
@@ -390,13 +392,19 @@ TEST(CudaFp8RowsGemm, MatchesCpuTwin) {
         for (int64_t k = 0; k < c.K; ++k) a += double(xf[size_t(m * c.ldx + k)]) * deq[size_t(n * c.K + k)];
         want[size_t(m * c.N + n)] = float(a);
       }
+    for (const bool fp8 : {true, false}) {
+    std::vector<float> wq = deq;  // bf16 weights: the dequantized values themselves (bf16 already)
     auto dx = upload(to_bf16(xf));
     auto dq = upload(q);
+    auto dw16 = upload(to_bf16(wq));
     auto ds = upload(sc);
     auto dy = poisoned<float>(size_t(c.M * c.ldy));
-    ASSERT_TRUE(fp8_rows_gemm_supported(dx.get(), c.ldx, c.M, c.K, dy.get(), c.ldy));
-    fp8_rows_gemm(dx.get(), c.ldx, c.M, dq.get(), ds.get(), c.N, c.K, dy.get(), c.ldy);
+    ASSERT_TRUE(rows_gemm_supported(dx.get(), c.ldx, c.M, c.K, dy.get(), c.ldy));
+    const void* wp = fp8 ? static_cast<const void*>(dq.get()) : static_cast<const void*>(dw16.get());
+    rows_gemm(fp8 ? DType::F8_E4M3 : DType::BF16, dx.get(), c.ldx, c.M, wp, ds.get(), c.N, c.K, dy.get(), c.ldy);
     const auto y = download(dy);
+    rows_gemm(fp8 ? DType::F8_E4M3 : DType::BF16, dx.get(), c.ldx, c.M, wp, ds.get(), c.N, c.K, dy.get(), c.ldy);
+    EXPECT_EQ(std::memcmp(y.data(), download(dy).data(), y.size() * 4), 0) << "two runs differ";
     std::vector<float> got(size_t(c.M * c.N));
     bool pad_untouched = true;
     for (int64_t m = 0; m < c.M; ++m) {
@@ -404,13 +412,15 @@ TEST(CudaFp8RowsGemm, MatchesCpuTwin) {
       for (int64_t n = c.N; n < c.ldy; ++n) pad_untouched = pad_untouched && std::isnan(y[size_t(m * c.ldy + n)]);
     }
     const double e = rel_l2(got, want);
-    std::printf("  fp8_rows_gemm M %lld N %lld K %lld: rel L2 %.2e\n", (long long)c.M, (long long)c.N, (long long)c.K, e);
+    std::printf("  rows_gemm %s M %lld N %lld K %lld: rel L2 %.2e\n", fp8 ? "fp8" : "bf16", (long long)c.M, (long long)c.N,
+                (long long)c.K, e);
     EXPECT_TRUE(all_finite(got));
     EXPECT_LT(e, 1e-5);
     EXPECT_TRUE(pad_untouched);
+    }
   }
-  EXPECT_FALSE(fp8_rows_gemm_supported(nullptr, 128, kFp8RowsGemmMaxRows + 1, 128, nullptr, 128));
-  EXPECT_FALSE(fp8_rows_gemm_supported(nullptr, 128, 4, 100, nullptr, 128));
+  EXPECT_FALSE(rows_gemm_supported(nullptr, 128, kRowsGemmMaxRows + 1, 128, nullptr, 128));
+  EXPECT_FALSE(rows_gemm_supported(nullptr, 128, 4, 100, nullptr, 128));
 }
 
 TEST(CudaMoe, PrefillMatchesCpuTwinAndDecode) {

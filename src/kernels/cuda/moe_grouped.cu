@@ -14,14 +14,24 @@
 // h = silu(gate)·up (bf16) directly: the f32 [slots, 2I] intermediate is never stored.
 #include <algorithm>
 
+#include <cooperative_groups.h>
+
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/moe_ops.h"
 
 namespace dsv3::cuda {
 namespace {
 using namespace dev;
+namespace cg = cooperative_groups;
 
-constexpr int GN = 128, GK = 32, GST = 4, GTHREADS = 256, GSTR = GK + 8;
+constexpr int GN = 128, GK = 32, GTHREADS = 256, GSTR = GK + 8;
+
+// Ring stages of k slices. An e4m3 slice is half a bf16 one's bytes, so FP8 with 32-row tiles (decode batches,
+// where the weights' stream is the cost) keeps 8 in flight to have as many bytes outstanding as bf16's 4.
+template <bool FP8, int GM>
+__host__ __device__ constexpr int grouped_stages() {
+  return FP8 && GM <= 32 ? 8 : 4;
+}
 
 struct GroupedArgs {
   const uint16_t* a;            // [slots, K] bf16, grouped by expert
@@ -41,6 +51,7 @@ struct GroupedArgs {
 
 template <bool FP8, int GM>
 constexpr size_t grouped_smem_bytes() {
+  constexpr int GST = grouped_stages<FP8, GM>();
   return size_t(GST * GM * GSTR) * 2 + (FP8 ? size_t(GST * GN * GK) + size_t(2 * GN * GSTR) * 2 : size_t(GST * GN * GSTR) * 2);
 }
 
@@ -77,6 +88,7 @@ __device__ void find_tile(const int32_t* __restrict__ off, int E, int* e_out, in
 template <bool FP8, bool SWIGLU, int WARPS_M, int MT>
 __global__ void __launch_bounds__(GTHREADS, 2) k_moe_grouped(GroupedArgs g) {
   constexpr int GM = 16 * MT * WARPS_M, WARPS_N = 8 / WARPS_M, NT = GN / 8 / WARPS_N;
+  constexpr int GST = grouped_stages<FP8, GM>();
   static_assert(NT % 2 == 0, "n8 tiles go in pairs (one ldmatrix.x4); SwiGLU splits them gate / up");
   dependent_kernel_begin();
   extern __shared__ __align__(16) unsigned char smraw[];
@@ -89,7 +101,10 @@ __global__ void __launch_bounds__(GTHREADS, 2) k_moe_grouped(GroupedArgs g) {
   if (e < 0) return;
   const int row0 = one_group ? int(blockIdx.y) * GM : g.offsets[e] + mt_s * GM;
   const int row_end = one_group ? g.rows1 : g.offsets[e + 1];
-  const int nj = blockIdx.x, K = g.K, nk = K / GK;
+  const int nj = blockIdx.x, K = g.K;
+  // Split K (one-group products only): block z of the cluster runs slices [kbeg, kbeg + nk) and the cluster sums.
+  const int splits = int(gridDim.z), z = int(blockIdx.z);
+  const int kbeg = (K / GK) * z / splits, nk = (K / GK) * (z + 1) / splits - kbeg;
   uint16_t* as = reinterpret_cast<uint16_t*>(smraw);  // [GST][GM][GSTR]
   uint16_t* bs = as + GST * GM * GSTR;                 // bf16: [GST][GN][GSTR]; FP8: converted [2][GN][GSTR]
   uint8_t* braw = reinterpret_cast<uint8_t*>(bs + (FP8 ? 2 * GN * GSTR : GST * GN * GSTR));  // FP8: [GST][GN][GK]
@@ -107,8 +122,8 @@ __global__ void __launch_bounds__(GTHREADS, 2) k_moe_grouped(GroupedArgs g) {
   const uint16_t* a = g.a;
   const void* wbase = one_group ? g.w1 : g.w[e];
   const int lda = g.lda;
-  auto load = [&](int kt, int st) {
-    const int k0 = kt * GK;
+  auto load = [&](int kt, int st) {  // kt: slice of this block's range
+    const int k0 = (kbeg + kt) * GK;
 #pragma unroll
     for (int c = t; c < GM * 4; c += GTHREADS) {  // A: GM rows x 4 chunks of 8
       const int r = c >> 2, ch = c & 3;
@@ -190,14 +205,16 @@ __global__ void __launch_bounds__(GTHREADS, 2) k_moe_grouped(GroupedArgs g) {
       if constexpr (SWIGLU) my_sc = r < GN / 2 ? sc + (wr / 128) * kblocks : sc + g.scale_up0 + ((wr - g.up_row0) / 128) * kblocks;
       else my_sc = sc + (wr / 128) * kblocks;
     }
-    float s_cur = my_sc ? my_sc[0] : 0.0f, s_nxt = my_sc && kblocks > 1 ? my_sc[1] : 0.0f;
-    auto convert = [&](int kc, uint16_t* dst_rows) {
-      if (kc > 0 && kc % kSlicesPerBlock == 0) {
+    const int kb0 = kbeg / kSlicesPerBlock;
+    float s_cur = my_sc ? my_sc[kb0] : 0.0f, s_nxt = my_sc && kb0 + 1 < kblocks ? my_sc[kb0 + 1] : 0.0f;
+    auto convert = [&](int kl, uint16_t* dst_rows) {  // kl: slice of this block's range
+      const int kc = kbeg + kl;
+      if (kl > 0 && kc % kSlicesPerBlock == 0) {
         const int kb = kc / kSlicesPerBlock;
         s_cur = s_nxt;
         s_nxt = my_sc && kb + 1 < kblocks ? my_sc[kb + 1] : 0.0f;
       }
-      const uint4 v = *reinterpret_cast<const uint4*>(braw + ((kc % GST) * GN + r) * GK + ch * 16);
+      const uint4 v = *reinterpret_cast<const uint4*>(braw + ((kl % GST) * GN + r) * GK + ch * 16);
       const uint32_t u[4] = {v.x, v.y, v.z, v.w};
       uint32_t o[8];
 #pragma unroll
@@ -226,6 +243,34 @@ __global__ void __launch_bounds__(GTHREADS, 2) k_moe_grouped(GroupedArgs g) {
     }
   }
   cp_async_wait<0>();
+
+  if constexpr (!SWIGLU) {
+    if (splits > 1) {  // sum the cluster's partial tiles, in rank order (deterministic), rows dealt over the ranks
+      __syncthreads();  // every warp is done with the ring: reuse it for this block's [GM][GN] f32 partial tile
+      float* part = reinterpret_cast<float*>(smraw);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int half = 0; half < 2; ++half)
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) {
+            const int rr = wm * 16 * MT + mt * 16 + gq + 8 * half, cc = col0(nt) + 2 * tq;
+            part[rr * GN + cc] = acc[mt][nt][2 * half];
+            part[rr * GN + cc + 1] = acc[mt][nt][2 * half + 1];
+          }
+      cg::cluster_group cl = cg::this_cluster();
+      cl.sync();
+      const int rows_per = (GM + splits - 1) / splits, r0 = z * rows_per, r1 = min(GM, r0 + rows_per);
+      for (int i = t; i < (r1 - r0) * GN; i += GTHREADS) {
+        const int rr = r0 + i / GN, cc = i % GN, row = row0 + rr, col = nj * GN + cc;
+        float v = 0.0f;
+        for (int q = 0; q < splits; ++q) v += cl.map_shared_rank(part, q)[rr * GN + cc];
+        if (row < row_end && col < g.N) static_cast<float*>(g.out)[int64_t(row) * g.ldo + col] = v;
+      }
+      cl.sync();  // no block leaves while another still reads its partial tile
+      return;
+    }
+  }
 
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
@@ -325,16 +370,45 @@ void moe_grouped_down(const MoeExperts& w, const uint16_t* h, const int32_t* off
   else launch_grouped<false, false>(g, slots, n_tiles, s);
 }
 
-bool fp8_rows_gemm_supported(const void* x, int64_t ldx, int64_t M, int64_t K, const float* y, int64_t ldy) {
-  return M >= 1 && M <= kFp8RowsGemmMaxRows && K > 0 && K % GK == 0 && ldx % 8 == 0 && ldy % 2 == 0 &&
+namespace {
+// One-group launch of the 32-row down-style kernel with K split over a cluster of grid.z blocks (and PDL).
+template <bool FP8>
+void launch_cluster(const GroupedArgs& g, dim3 grid, cudaStream_t s) {
+  constexpr size_t smem = grouped_smem_bytes<FP8, 32>();
+  auto* k = &k_moe_grouped<FP8, false, 1, 2>;
+  static const bool attr = [&] {  // one per instantiation
+    if (smem > 48 * 1024) DSV3_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    return true;
+  }();
+  (void)attr;
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3(GTHREADS);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = s;
+  cudaLaunchAttribute at[2];
+  at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  at[0].val.programmaticStreamSerializationAllowed = 1;
+  at[1].id = cudaLaunchAttributeClusterDimension;
+  at[1].val.clusterDim.x = 1, at[1].val.clusterDim.y = 1, at[1].val.clusterDim.z = grid.z;
+  cfg.attrs = at;
+  cfg.numAttrs = 2;
+  DSV3_CUDA_CHECK(cudaLaunchKernelEx(&cfg, k, g));
+  DSV3_CUDA_CHECK_LAUNCH("rows_gemm kernel");
+}
+}  // namespace
+
+bool rows_gemm_supported(const void* x, int64_t ldx, int64_t M, int64_t K, const float* y, int64_t ldy) {
+  return M >= 1 && M <= kRowsGemmMaxRows && K > 0 && K % GK == 0 && ldx % 8 == 0 && ldy % 2 == 0 &&
          reinterpret_cast<uintptr_t>(x) % 16 == 0 && reinterpret_cast<uintptr_t>(y) % 8 == 0 && K <= INT32_MAX / 2;
 }
 
-void fp8_rows_gemm(const uint16_t* x, int64_t ldx, int64_t M, const uint8_t* w, const float* scale, int64_t N, int64_t K, float* y,
-                   int64_t ldy, cudaStream_t s) {
-  DSV3_CHECK(fp8_rows_gemm_supported(x, ldx, M, K, y, ldy) && N > 0,
-             "fp8_rows_gemm: M {} (1..{}), K {} (a multiple of {}), ldx {} / ldy {} or alignment not supported", M,
-             kFp8RowsGemmMaxRows, K, GK, ldx, ldy);
+void rows_gemm(DType wt, const uint16_t* x, int64_t ldx, int64_t M, const void* w, const float* scale, int64_t N, int64_t K, float* y,
+               int64_t ldy, cudaStream_t s) {
+  DSV3_CHECK(rows_gemm_supported(x, ldx, M, K, y, ldy) && N > 0 && N <= INT32_MAX,
+             "rows_gemm: M {} (1..{}), K {} (a multiple of {}), ldx {} / ldy {} or alignment not supported", M, kRowsGemmMaxRows, K,
+             GK, ldx, ldy);
+  DSV3_CHECK(wt == DType::BF16 || (wt == DType::F8_E4M3 && scale), "rows_gemm: weights must be BF16 or F8_E4M3 with scales");
   GroupedArgs g{};
   g.a = x;
   g.offsets = nullptr;
@@ -346,7 +420,15 @@ void fp8_rows_gemm(const uint16_t* x, int64_t ldx, int64_t M, const uint8_t* w, 
   g.rows1 = int(M);
   g.w1 = w;
   g.scale1 = scale;
-  launch_shape<true, false, 1, 2>(g, M, ceil_div(N, int64_t(GN)), s);
+  // Few output tiles: split K over a cluster of up to 8 blocks so that ~2 blocks per SM stream the weights.
+  constexpr int GM = 32;
+  const int64_t n_tiles = ceil_div(N, int64_t(GN)), m_tiles = ceil_div(M, int64_t(GM)), nk = K / GK;
+  static const int64_t sms = device_info().sm_count;
+  const int64_t want = ceil_div(2 * sms, n_tiles * m_tiles);
+  const int splits = int(std::clamp<int64_t>(std::min(want, nk), 1, 8));
+  const dim3 grid{unsigned(n_tiles), unsigned(m_tiles), unsigned(splits)};
+  if (wt == DType::F8_E4M3) launch_cluster<true>(g, grid, s);
+  else launch_cluster<false>(g, grid, s);
 }
 
 }  // namespace dsv3::cuda

@@ -119,14 +119,14 @@ void moe_unpermute(const float* expert_out, int64_t ld, const int32_t* slot_row,
 //   moe_grouped_swiglu: h[p, :] = bf16(silu(gate_e · x[p]) * (up_e · x[p])), x = xg [slots, D], h [slots, I].
 //   moe_grouped_down:   out[p, :] = down_e · h[p] (f32 [slots, D]).
 bool moe_grouped_supported(const MoeExperts& w);
-// A dense product with an e4m3 weight for decode batches: y[M, N] (f32, row stride ldy) = x[M, K] (bf16, row
-// stride ldx) · W[N, K]ᵀ, W with its 128x128 block scales, as one group of the grouped kernel's 32-row tiles
-// (weights dequantized to bf16 in shared memory). At M ≤ 64 it replaces cuBLASLt's block-scaled GEMM and the
-// activation quantize before it (H200, batch 64: 9.6 + 3.3 us a product).
-constexpr int64_t kFp8RowsGemmMaxRows = 128;
-bool fp8_rows_gemm_supported(const void* x, int64_t ldx, int64_t M, int64_t K, const float* y, int64_t ldy);
-void fp8_rows_gemm(const uint16_t* x, int64_t ldx, int64_t M, const uint8_t* w, const float* scale, int64_t N, int64_t K, float* y,
-                   int64_t ldy, cudaStream_t stream = nullptr);
+// A dense product of a decode batch: y[M, N] (f32, row stride ldy) = x[M, K] (bf16, row stride ldx) · W[N, K]ᵀ,
+// W bf16 or e4m3 with its 128x128 block scales (dequantized to bf16 in shared memory), as one group of the grouped
+// kernel's 32-row tiles with K split over a thread-block cluster (up to 8 blocks, partial tiles summed through
+// distributed shared memory in rank order: deterministic) so that a few output tiles still fill the GPU.
+constexpr int64_t kRowsGemmMaxRows = 128;
+bool rows_gemm_supported(const void* x, int64_t ldx, int64_t M, int64_t K, const float* y, int64_t ldy);
+void rows_gemm(DType wt, const uint16_t* x, int64_t ldx, int64_t M, const void* w, const float* scale, int64_t N, int64_t K,
+               float* y, int64_t ldy, cudaStream_t stream = nullptr);
 void moe_grouped_swiglu(const MoeExperts& w, const uint16_t* xg, const int32_t* offsets, int64_t slots, uint16_t* h,
                         cudaStream_t stream = nullptr);
 void moe_grouped_down(const MoeExperts& w, const uint16_t* h, const int32_t* offsets, int64_t slots, float* out,
