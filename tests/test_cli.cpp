@@ -323,6 +323,10 @@ TEST(Cli, GenerateRejectsBadRequests) {
     while (!last.empty() && last.back() == '\n') last.pop_back();
     last = last.substr(last.rfind('\n') == std::string::npos ? 0 : last.rfind('\n') + 1);
     EXPECT_EQ(std::count(last.begin(), last.end(), ','), 2) << r.out;
+    // --host-sampling is accepted everywhere (on the CPU the sampler is the host's anyway): the same text.
+    const Result h = gen({"--prompt-ids", "5,6,7", "--max-new-tokens", "3", "--ignore-eos", "--host-sampling"});
+    ASSERT_EQ(h.status, 0) << show(h);
+    EXPECT_EQ(h.out, r.out);
   }
 
   expect_one_line_error(gen({"--prompt-ids", "1,2,3", "--max-new-tokens", "0"}), {"--max-new-tokens", "0"});

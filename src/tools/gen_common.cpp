@@ -23,6 +23,9 @@ void add_generation_options(CLI::App* sub, GenArgs& a, int64_t default_max_new) 
   sub->add_option("--draft", a.draft, "Tokens drafted per step with --speculative")->check(CLI::PositiveNumber);
   sub->add_option("--stop", a.stop, "Stop when this text appears (repeatable)");
   sub->add_flag("--ignore-eos", a.ignore_eos, "Keep going past the end-of-sentence token");
+  sub->add_flag("--host-sampling", a.host_sampling,
+                "With --device cuda: copy every step's logits to the host and sample there (the CPU's draws for a "
+                "seed) instead of sampling on the GPU");
   add_device_options(sub, a);
 }
 
@@ -44,6 +47,7 @@ GenerateOptions generate_options(const GenArgs& a, const ModelConfig& cfg, const
   o.sampling = a.sampling;
   o.speculative = a.speculative == "mtp";
   o.draft = a.draft;
+  o.device_sampling = !a.host_sampling;
   if (!a.ignore_eos) {
     if (cfg.eos_token_id) o.stop_tokens.push_back(*cfg.eos_token_id);
     if (tok && tok->eos_id() && !cfg.eos_token_id) o.stop_tokens.push_back(*tok->eos_id());

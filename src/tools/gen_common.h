@@ -21,6 +21,7 @@ struct GenArgs : DeviceArgs {
   int64_t draft = 1;
   std::vector<std::string> stop;
   bool ignore_eos = false;
+  bool host_sampling = false;  // --host-sampling: sample on the host even where the model could on its device
 };
 
 void add_generation_options(CLI::App* sub, GenArgs& a, int64_t default_max_new);
