@@ -393,30 +393,29 @@ TEST(CudaRowsGemm, MatchesCpuTwin) {
         want[size_t(m * c.N + n)] = float(a);
       }
     for (const bool fp8 : {true, false}) {
-    std::vector<float> wq = deq;  // bf16 weights: the dequantized values themselves (bf16 already)
-    auto dx = upload(to_bf16(xf));
-    auto dq = upload(q);
-    auto dw16 = upload(to_bf16(wq));
-    auto ds = upload(sc);
-    auto dy = poisoned<float>(size_t(c.M * c.ldy));
-    ASSERT_TRUE(rows_gemm_supported(dx.get(), c.ldx, c.M, c.K, dy.get(), c.ldy));
-    const void* wp = fp8 ? static_cast<const void*>(dq.get()) : static_cast<const void*>(dw16.get());
-    rows_gemm(fp8 ? DType::F8_E4M3 : DType::BF16, dx.get(), c.ldx, c.M, wp, ds.get(), c.N, c.K, dy.get(), c.ldy);
-    const auto y = download(dy);
-    rows_gemm(fp8 ? DType::F8_E4M3 : DType::BF16, dx.get(), c.ldx, c.M, wp, ds.get(), c.N, c.K, dy.get(), c.ldy);
-    EXPECT_EQ(std::memcmp(y.data(), download(dy).data(), y.size() * 4), 0) << "two runs differ";
-    std::vector<float> got(size_t(c.M * c.N));
-    bool pad_untouched = true;
-    for (int64_t m = 0; m < c.M; ++m) {
-      for (int64_t n = 0; n < c.N; ++n) got[size_t(m * c.N + n)] = y[size_t(m * c.ldy + n)];
-      for (int64_t n = c.N; n < c.ldy; ++n) pad_untouched = pad_untouched && std::isnan(y[size_t(m * c.ldy + n)]);
-    }
-    const double e = rel_l2(got, want);
-    std::printf("  rows_gemm %s M %lld N %lld K %lld: rel L2 %.2e\n", fp8 ? "fp8" : "bf16", (long long)c.M, (long long)c.N,
-                (long long)c.K, e);
-    EXPECT_TRUE(all_finite(got));
-    EXPECT_LT(e, 1e-5);
-    EXPECT_TRUE(pad_untouched);
+      auto dx = upload(to_bf16(xf));
+      auto dq = upload(q);
+      auto dw16 = upload(to_bf16(deq));  // bf16 weights: the same (already bf16) values
+      auto ds = upload(sc);
+      auto dy = poisoned<float>(size_t(c.M * c.ldy));
+      ASSERT_TRUE(rows_gemm_supported(dx.get(), c.ldx, c.M, c.K, dy.get(), c.ldy));
+      const void* wp = fp8 ? static_cast<const void*>(dq.get()) : static_cast<const void*>(dw16.get());
+      rows_gemm(fp8 ? DType::F8_E4M3 : DType::BF16, dx.get(), c.ldx, c.M, wp, ds.get(), c.N, c.K, dy.get(), c.ldy);
+      const auto y = download(dy);
+      rows_gemm(fp8 ? DType::F8_E4M3 : DType::BF16, dx.get(), c.ldx, c.M, wp, ds.get(), c.N, c.K, dy.get(), c.ldy);
+      EXPECT_EQ(std::memcmp(y.data(), download(dy).data(), y.size() * 4), 0) << "two runs differ";
+      std::vector<float> got(size_t(c.M * c.N));
+      bool pad_untouched = true;
+      for (int64_t m = 0; m < c.M; ++m) {
+        for (int64_t n = 0; n < c.N; ++n) got[size_t(m * c.N + n)] = y[size_t(m * c.ldy + n)];
+        for (int64_t n = c.N; n < c.ldy; ++n) pad_untouched = pad_untouched && std::isnan(y[size_t(m * c.ldy + n)]);
+      }
+      const double e = rel_l2(got, want);
+      std::printf("  rows_gemm %s M %lld N %lld K %lld: rel L2 %.2e\n", fp8 ? "fp8" : "bf16", (long long)c.M, (long long)c.N,
+                  (long long)c.K, e);
+      EXPECT_TRUE(all_finite(got));
+      EXPECT_LT(e, 1e-5);
+      EXPECT_TRUE(pad_untouched);
     }
   }
   EXPECT_FALSE(rows_gemm_supported(nullptr, 128, kRowsGemmMaxRows + 1, 128, nullptr, 128));
