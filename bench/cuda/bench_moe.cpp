@@ -201,6 +201,47 @@ int main(int argc, char** argv) {
           std::snprintf(note, sizeof note, "%.0f%% of copy, %.1f MB/call", 100.0 * gbs / copy_gbs, bytes / kCalls / 1e6);
           add("moe_decode (graph)", shape, ms, gbs, "GB/s", note);
         }
+        // Decode batches of 64 tokens as the model runs them: moe_prefill's grouped kernels (graph replays, layers
+        // in turn), FP8 both on e4m3 activations and with the weights dequantized to bf16 in the kernel.
+        for (const bool fp8_acts : {true, false}) {
+          if (!fp8 && !fp8_acts) continue;
+          const int64_t M = 64;
+          std::vector<DeviceBuffer<int32_t>> didx;
+          std::vector<DeviceBuffer<float>> dw;
+          double bytes = 0;
+          for (int c = 0; c < kCalls; ++c) {
+            std::vector<int32_t> idx;
+            std::vector<float> w;
+            routing(M, sh.k, sh.E, rng, idx, w);
+            bytes += double(std::set<int32_t>(idx.begin(), idx.end()).size()) * double(bpe);
+            didx.emplace_back(idx.size());
+            copy_to_device(didx.back().get(), idx.data(), idx.size() * 4);
+            dw.emplace_back(w.size());
+            copy_to_device(dw.back().get(), w.data(), w.size() * 4);
+          }
+          std::vector<float> hx(size_t(M * sh.D));
+          std::normal_distribution<float> nd;
+          for (auto& v : hx) v = nd(rng);
+          DeviceBuffer<float> x(hx.size()), y(hx.size());
+          copy_to_device(x.get(), hx.data(), hx.size() * 4);
+          const size_t wsb = moe_prefill_workspace_bytes(M, sh.k, sh.E, sh.D, sh.I);
+          DeviceBuffer<uint8_t> ws(wsb);
+          Gemm gemm;
+          synchronize();
+          Graph g;
+          g.begin(s);
+          for (int c = 0; c < kCalls; ++c)
+            moe_prefill(gemm, layers[size_t(c) % layers.size()].view, x.get(), sh.D, didx[size_t(c)].get(), dw[size_t(c)].get(), M,
+                        sh.k, y.get(), sh.D, false, ws.get(), wsb, s, fp8_acts);
+          g.end(s);
+          const float ms = median_ms([&] { g.launch(s); }, s) / kCalls;
+          const double gbs = bytes / kCalls / (ms * 1e-3) / 1e9;
+          char shape[96], note[64];
+          std::snprintf(shape, sizeof shape, "%s %s M %lld", sh.name, !fp8 ? "bf16" : fp8_acts ? "fp8 e4m3 acts" : "fp8 bf16 acts",
+                        (long long)M);
+          std::snprintf(note, sizeof note, "%.0f%% of copy, %.1f MB/call", 100.0 * gbs / copy_gbs, bytes / kCalls / 1e6);
+          add("moe grouped (graph)", shape, ms, gbs, "GB/s", note);
+        }
         // Prefill: T tokens, balanced random routing.
         const int64_t T = quick ? 1024 : 4096, S = T * sh.k;
         std::vector<int32_t> idx;
@@ -219,12 +260,19 @@ int main(int argc, char** argv) {
         DeviceBuffer<uint8_t> ws(wsb);
         Gemm gemm;
         const double flops = 6.0 * double(S) * double(sh.D) * double(sh.I);
-        const float ms = median_ms(
-            [&] { moe_prefill(gemm, layers[0].view, x.get(), sh.D, didx.get(), dw.get(), T, sh.k, y.get(), sh.D, false, ws.get(), wsb, s); },
-            s, 5, 1);
-        char shape[96];
-        std::snprintf(shape, sizeof shape, "%s %s T %lld (%lld rows)", sh.name, fp8 ? "fp8" : "bf16", (long long)T, (long long)S);
-        add("moe_prefill (grouped kernels)", shape, ms, flops / (ms * 1e-3) / 1e12, "TFLOP/s");
+        for (const bool fp8_acts : {true, false}) {
+          if (!fp8 && !fp8_acts) continue;
+          const float ms = median_ms(
+              [&] {
+                moe_prefill(gemm, layers[0].view, x.get(), sh.D, didx.get(), dw.get(), T, sh.k, y.get(), sh.D, false, ws.get(), wsb, s,
+                            fp8_acts);
+              },
+              s, 5, 1);
+          char shape[96];
+          std::snprintf(shape, sizeof shape, "%s %s T %lld (%lld rows)", sh.name,
+                        !fp8 ? "bf16" : fp8_acts ? "fp8 e4m3 acts" : "fp8 bf16 acts", (long long)T, (long long)S);
+          add("moe_prefill (grouped kernels)", shape, ms, flops / (ms * 1e-3) / 1e12, "TFLOP/s");
+        }
         if (fp8) continue;
         // The dense reference: one GEMM over all S rows for gate|up and one for down (bf16 in, f32 out).
         DeviceBuffer<uint16_t> xa(size_t(S * std::max(sh.D, sh.I)));
@@ -238,6 +286,8 @@ int main(int argc, char** argv) {
               gemm.matmul(DType::BF16, xa.get(), sh.I, w1, sh.I, DType::F32, ya.get(), sh.D, S, sh.D, sh.I, s);
             },
             s, 5, 1);
+        char shape[96];
+        std::snprintf(shape, sizeof shape, "%s bf16 T %lld (%lld rows)", sh.name, (long long)T, (long long)S);
         add("cuBLASLt dense, same FLOPs", shape, msd, flops / (msd * 1e-3) / 1e12, "TFLOP/s",
             "one expert's weights for all rows");
       }

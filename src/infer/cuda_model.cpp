@@ -203,6 +203,9 @@ struct CudaModel::Impl {
   // DSV3_MOE_DECODE_KERNEL=1: decode steps of 9+ rows keep moe_decode's grouped-down kernels instead of the grouped
   // expert GEMMs of the prefill path (permute + tensor-core GEMMs, also graph-capturable), for A/B runs.
   bool moe_decode_kernel = false;
+  // Native FP8 experts on the grouped path multiply e4m3 activations (1x128 tiles, DeepSeek-V3's recipe,
+  // moe_grouped_fp8.cu); DSV3_FP8_BF16_EXPERT_ACTS=1 keeps bf16 activations (weights dequantized in the kernel).
+  bool fp8_expert_acts = true;
   // bf16 prefill attention: the flash kernel (flash_prefill.cu) for its head dims (H200, small.json, T 4096 prefill:
   // 142.9k -> 285.6k tokens/s); DSV3_GEMM_ATTENTION=1 runs per-head cuBLASLt GEMMs around a row softmax instead
   // (from 256 tokens), for A/B runs.
@@ -451,6 +454,7 @@ struct CudaModel::Impl {
     fused_mla_split = env_flag("DSV3_FUSED_MLA_SPLIT");
     fused_shared = !env_flag("DSV3_UNFUSED_SHARED");
     moe_decode_kernel = env_flag("DSV3_MOE_DECODE_KERNEL");
+    fp8_expert_acts = !env_flag("DSV3_FP8_BF16_EXPERT_ACTS");
     if (const char* v = std::getenv("DSV3_PINNED_STEP"); v && std::string(v) == "0") pinned_step = false;
     gemm_attention = env_flag("DSV3_GEMM_ATTENTION");
     route_counter = DBuf<uint32_t>(1);
@@ -698,7 +702,7 @@ struct CudaModel::Impl {
     if (e.use_table) {  // grouped (no host synchronisation) when supported, else a per-expert cuBLASLt loop
       const size_t wsb = cuda::moe_prefill_workspace_bytes(M, K, E, D, e.table.I);
       void* ws = ex.arena.get(S_MOEWS, wsb);
-      cuda::moe_prefill(ex.gemm, e.table, x2, D, idx, wts, M, K, y, D, acc, ws, wsb, s());
+      cuda::moe_prefill(ex.gemm, e.table, x2, D, idx, wts, M, K, y, D, acc, ws, wsb, s(), fp8_expert_acts);
       return;
     }
     // F32 experts: group the slots by expert on the host, then per-expert cuBLASLt GEMMs.

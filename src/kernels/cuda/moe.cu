@@ -657,7 +657,7 @@ void moe_unpermute(const float* eo, int64_t ld, const int32_t* slot_row, const i
 
 namespace {
 struct PrefillLayout {
-  size_t counts, offsets, perm, slot_row, xg, gu, hb, out, total;
+  size_t counts, offsets, perm, slot_row, xg, gu, hb, out, xq, xs, hq, hs, total;
   PrefillLayout(int64_t M, int64_t k, int64_t E, int64_t D, int64_t I) {
     const int64_t S = M * k;
     auto al = [](size_t b) { return (b + 255) / 256 * 256; };
@@ -670,6 +670,11 @@ struct PrefillLayout {
     gu = o, o += al(size_t(S) * size_t(2 * I) * 4);
     hb = o, o += al(size_t(S) * size_t(I) * 2);
     out = o, o += al(size_t(S) * size_t(D) * 4);
+    // e4m3 activations of the FP8 path (moe_grouped_*_fp8) and their 1x128 scales
+    xq = o, o += al(size_t(S) * size_t(D));
+    xs = o, o += al(size_t(fp8_act_scale_count(S, D)) * 4);
+    hq = o, o += al(size_t(S) * size_t(I));
+    hs = o, o += al(size_t(fp8_act_scale_count(S, I)) * 4);
     total = o;
   }
 };
@@ -681,7 +686,7 @@ size_t moe_prefill_workspace_bytes(int64_t M, int64_t top_k, int64_t E, int64_t 
 
 void moe_prefill(Gemm& gemm, const MoeExperts& w, const float* x, int64_t ldx, const int32_t* idx, const float* wts, int64_t M,
                  int64_t top_k, float* y, int64_t ldy, bool accumulate, void* workspace, size_t workspace_bytes,
-                 cudaStream_t stream) {
+                 cudaStream_t stream, bool fp8_activations) {
   check_experts(w);
   if (M <= 0) return;
   const PrefillLayout L(M, top_k, w.E, w.D, w.I);
@@ -697,6 +702,18 @@ void moe_prefill(Gemm& gemm, const MoeExperts& w, const float* x, int64_t ldx, c
   auto* out = reinterpret_cast<float*>(base + L.out);
   const int64_t S = M * top_k, D = w.D, I = w.I;
   moe_permute(idx, M, top_k, w.E, counts, offsets, perm, slot_row, stream);
+  if (fp8_activations && moe_grouped_fp8_supported(w)) {  // e4m3 x e4m3 (moe_grouped_fp8.cu)
+    auto* xq = reinterpret_cast<uint8_t*>(base + L.xq);
+    auto* xs = reinterpret_cast<float*>(base + L.xs);
+    auto* hq = reinterpret_cast<uint8_t*>(base + L.hq);
+    auto* hs = reinterpret_cast<float*>(base + L.hs);
+    quantize_fp8_1x128_gather(x, ldx, perm, top_k, S, D, xq, xs, stream);
+    moe_grouped_swiglu_fp8(w, xq, xs, offsets, S, hb, stream);
+    quantize_fp8_1x128(DType::BF16, hb, I, S, I, hq, hs, stream);
+    moe_grouped_down_fp8(w, hq, hs, offsets, S, out, stream);
+    moe_unpermute(out, D, slot_row, idx, wts, M, top_k, D, y, ldy, accumulate, stream);
+    return;
+  }
   moe_gather(x, ldx, perm, S, top_k, D, DType::BF16, xg, D, stream);
   if (moe_grouped_supported(w)) {  // two grouped launches, no host round trip (moe_grouped.cu)
     moe_grouped_swiglu(w, xg, offsets, S, hb, stream);

@@ -18,6 +18,7 @@
 
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/moe_ops.h"
+#include "kernels/cuda/moe_tiles.cuh"
 
 namespace dsv3::cuda {
 namespace {
@@ -60,35 +61,6 @@ constexpr size_t grouped_smem_bytes() {
 __device__ __forceinline__ uint32_t bf16x2_rn(float a, float b) {
   const __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
   return *reinterpret_cast<const uint32_t*>(&v);
-}
-
-// The (expert, row tile) of blockIdx.y: tiles are numbered expert by expert; -1 past the last.
-template <int GM>
-__device__ void find_tile(const int32_t* __restrict__ off, int E, int* e_out, int* mt_out) {
-  const int lane = threadIdx.x & 31, my = int(blockIdx.y);
-  const int per = (E + 31) / 32, e0 = min(E, lane * per), e1 = min(E, e0 + per);
-  int cnt = 0;
-  for (int e = e0; e < e1; ++e) cnt += (off[e + 1] - off[e] + GM - 1) / GM;
-  int inc = cnt;
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const int v = __shfl_up_sync(0xffffffffu, inc, o);
-    if (lane >= o) inc += v;
-  }
-  if (lane == 0) *e_out = -1;
-  __syncwarp();
-  int start = inc - cnt;
-  if (my >= start && my < inc) {
-    for (int e = e0; e < e1; ++e) {
-      const int t = (off[e + 1] - off[e] + GM - 1) / GM;
-      if (my < start + t) {
-        *e_out = e;
-        *mt_out = my - start;
-        break;
-      }
-      start += t;
-    }
-  }
 }
 
 // WARPS_M warps along M with MT m16 tiles each (BM = 16 MT WARPS_M); 8 / WARPS_M warps along N with NT n8 tiles.

@@ -131,6 +131,15 @@ void moe_grouped_swiglu(const MoeExperts& w, const uint16_t* xg, const int32_t* 
                         cudaStream_t stream = nullptr);
 void moe_grouped_down(const MoeExperts& w, const uint16_t* h, const int32_t* offsets, int64_t slots, float* out,
                       cudaStream_t stream = nullptr);
+// The FP8 checkpoint's grouped GEMMs on e4m3 activations (moe_grouped_fp8.cu): a quantized per 1x128 tile as
+// quantize_fp8_1x128 does (scales at [j · fp8_act_scale_ld(slots) + p]), both operands e4m3 on the tensor cores,
+// each 128-wide k block's f32 partial sum times (activation scale x weight block scale) added in f32. Requires
+// moe_grouped_fp8_supported (F8_E4M3, D % 16 == 0, I % 16 == 0). Same outputs as the two above.
+bool moe_grouped_fp8_supported(const MoeExperts& w);
+void moe_grouped_swiglu_fp8(const MoeExperts& w, const uint8_t* xq, const float* x_scale, const int32_t* offsets, int64_t slots,
+                            uint16_t* h, cudaStream_t stream = nullptr);
+void moe_grouped_down_fp8(const MoeExperts& w, const uint8_t* hq, const float* h_scale, const int32_t* offsets, int64_t slots,
+                          float* out, cudaStream_t stream = nullptr);
 
 size_t moe_prefill_workspace_bytes(int64_t M, int64_t top_k, int64_t E, int64_t D, int64_t I);
 // The whole routed-expert FFN for many tokens: permute, gather x as bf16 rows, then, when D and I are multiples
@@ -138,10 +147,12 @@ size_t moe_prefill_workspace_bytes(int64_t M, int64_t top_k, int64_t E, int64_t 
 // one cuBLASLt GEMM for gate|up [n_e, 2I] (f32 out), one SiLU·mul over all rows (bf16 out), per expert one GEMM
 // for down (f32) — that fallback copies the per-expert row counts to the host, so it SYNCHRONIZES `stream` and
 // runs FP8 experts through gemm.linear_fp8 (activations quantized 1x128 on the fly). Then un-permute. Same
-// x/idx/wts/y contract as moe_decode; any M.
+// x/idx/wts/y contract as moe_decode; any M. FP8 experts with fp8_activations (and moe_grouped_fp8_supported):
+// x and h are quantized to e4m3 per 1x128 tile and multiplied by the e4m3 weights as they are (DeepSeek-V3's
+// recipe, moe_grouped_*_fp8); without it the grouped kernels dequantize the weights to bf16 (bf16 activations).
 void moe_prefill(Gemm& gemm, const MoeExperts& w, const float* x, int64_t ldx, const int32_t* idx, const float* wts,
                  int64_t M, int64_t top_k, float* y, int64_t ldy, bool accumulate, void* workspace,
-                 size_t workspace_bytes, cudaStream_t stream = nullptr);
+                 size_t workspace_bytes, cudaStream_t stream = nullptr, bool fp8_activations = true);
 
 
 // ---------------------------------------------------------------------------------------------------------

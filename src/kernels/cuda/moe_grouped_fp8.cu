@@ -1,0 +1,277 @@
+// Grouped expert GEMMs of an FP8 checkpoint on e4m3 activations: both operands stay e4m3 all the way to the
+// tensor cores (mma.sync m16n8k32 e4m3 x e4m3 -> f32), the recipe of DeepSeek-V3's inference (§3.3 of the
+// report: activations quantized per 1x128 tile, weights per 128x128 block, products promoted to f32 per 128-wide
+// k block). moe_grouped.cu's FP8 variant instead dequantizes the weights to bf16 in shared memory: an ALU pass
+// per weight byte that made it slower than the bf16 checkpoint (45.6 vs 36.5 us for gate|up at batch 64, H200).
+//
+// Same tiling as moe_grouped.cu (a BM x 128 output tile of one expert per block, rows found from the device
+// offsets, SwiGLU fused into gate|up's epilogue), with 64-byte k slices (two k32 MMA steps) in a 4-stage
+// cp.async ring. Each 128-wide k block is accumulated apart (`part`) and then added to the result times
+// (activation scale of the row x weight scale of the block): the scales ride in the ring with the slice that
+// ends their block (4-byte cp.async), so no global load sits in the loop. K need only be a multiple of 16: the
+// last slice is zero-filled past K (both operands, so the padding adds 0).
+#include <algorithm>
+#include <cstdlib>
+
+#include "kernels/cuda/common.cuh"
+#include "kernels/cuda/moe_ops.h"
+#include "kernels/cuda/moe_tiles.cuh"
+
+namespace dsv3::cuda {
+namespace {
+using namespace dev;
+
+constexpr int QN = 128, QK = 64, QSTR = QK + 16, QST = 4, QTHREADS = 256;
+
+struct Fp8GroupedArgs {
+  const uint8_t* a;          // [slots, K] e4m3, grouped by expert
+  const float* a_scale;      // scale of (row p, k block j) at [j * a_scale_ld + p]
+  int a_scale_ld;
+  const int32_t* offsets;    // [E + 1]
+  const void* const* w;      // [E] -> e4m3 weights [rows, K]
+  const float* const* scale; // [E] -> 128x128 block scales
+  int E, K, N;               // N: output columns (I for gate|up, D for down)
+  int up_row0;               // gate|up: first up row (I)
+  int scale_up0;             // gate|up: offset of up's scale rows (ceil(I/128) * ceil(K/128))
+  void* out;                 // gate|up: h [slots, N] bf16; down: [slots, N] f32
+};
+
+template <int GM>
+constexpr size_t fp8_grouped_smem_bytes() {
+  return size_t(QST) * (GM + QN) * QSTR + size_t(QST) * (GM + 2) * 4;
+}
+
+// WARPS_M warps along M with MT m16 tiles each (BM = 16 MT WARPS_M); 8 / WARPS_M along N with NT n8 tiles.
+template <bool SWIGLU, int WARPS_M, int MT, int MINB>
+__global__ void __launch_bounds__(QTHREADS, MINB) k_moe_grouped_fp8(Fp8GroupedArgs g) {
+  constexpr int GM = 16 * MT * WARPS_M, WARPS_N = 8 / WARPS_M, NT = QN / 8 / WARPS_N;
+  static_assert(NT % 2 == 0, "n8 tiles go in pairs (one ldmatrix.x4); SwiGLU splits them gate / up");
+  dependent_kernel_begin();
+  extern __shared__ __align__(16) unsigned char smraw[];
+  __shared__ int e_s, mt_s;
+  const int t = threadIdx.x, lane = t & 31, w = t >> 5, wm = w / WARPS_N, wn = w % WARPS_N, gq = lane >> 2, tq = lane & 3;
+  if (w == 0) find_tile<GM>(g.offsets, g.E, &e_s, &mt_s);
+  __syncthreads();
+  const int e = e_s;
+  if (e < 0) return;
+  const int row0 = g.offsets[e] + mt_s * GM, row_end = g.offsets[e + 1];
+  const int nj = blockIdx.x, K = g.K, nk = (K + QK - 1) / QK, kblocks = (K + 127) / 128;
+  uint8_t* as = smraw;                                                    // [QST][GM][QSTR]
+  uint8_t* bs = as + QST * GM * QSTR;                                     // [QST][QN][QSTR]
+  float* ss = reinterpret_cast<float*>(bs + QST * QN * QSTR);             // [QST][GM + 2]: row scales, weight scales
+
+  auto weight_row = [&](int r) {  // -1: beyond the projection (zero-filled)
+    if constexpr (SWIGLU) {
+      const int n = nj * (QN / 2) + (r & (QN / 2 - 1));
+      return n < g.N ? (r < QN / 2 ? n : g.up_row0 + n) : -1;
+    } else {
+      const int n = nj * QN + r;
+      return n < g.N ? n : -1;
+    }
+  };
+  // The weight scales of this tile's columns for k block kb: SwiGLU's 64 gate (and 64 up) columns lie in one
+  // 128-row scale block, down's 128 columns too (tiles start at multiples of 64 / 128).
+  const float* wsc = g.scale[e];
+  const int n_first = SWIGLU ? nj * (QN / 2) : nj * QN;
+  const float* gate_sc = wsc + (n_first / 128) * kblocks;
+  const float* up_sc = SWIGLU ? wsc + g.scale_up0 + (n_first / 128) * kblocks : gate_sc;
+  const uint8_t* wbase = static_cast<const uint8_t*>(g.w[e]);
+  auto ends_block = [&](int kt) { return (kt & 1) == 1 || kt == nk - 1; };  // 2 slices per 128-wide k block
+
+  auto load = [&](int kt, int st) {
+    const int k0 = kt * QK;
+#pragma unroll
+    for (int c = t; c < GM * 4; c += QTHREADS) {  // A: GM rows x 4 chunks of 16 bytes
+      const int r = c >> 2, ch = c & 3, row = row0 + r;
+      const bool ok = row < row_end && k0 + ch * 16 < K;
+      cp_async16(as + (st * GM + r) * QSTR + ch * 16, g.a + int64_t(ok ? row : row0) * K + (ok ? k0 + ch * 16 : 0), ok);
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {  // B: 128 rows x 4 chunks
+      const int c = t + i * QTHREADS, r = c >> 2, ch = c & 3, wr = weight_row(r);
+      const bool ok = wr >= 0 && k0 + ch * 16 < K;
+      cp_async16(bs + (st * QN + r) * QSTR + ch * 16, wbase + (ok ? int64_t(wr) * K + k0 + ch * 16 : 0), ok);
+    }
+    if (ends_block(kt)) {
+      const int kb = k0 / 128;
+      if (t < GM) {
+        const bool ok = row0 + t < row_end;
+        cp_async4(ss + st * (GM + 2) + t, g.a_scale + int64_t(kb) * g.a_scale_ld + (ok ? row0 + t : 0), ok);
+      } else if (t < GM + 2) {
+        cp_async4(ss + st * (GM + 2) + t, (t == GM ? gate_sc : up_sc) + kb, true);
+      }
+    }
+    cp_async_commit();
+  };
+
+  float acc[MT][NT][4], part[MT][NT][4];
+#pragma unroll
+  for (int i = 0; i < MT; ++i)
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) acc[i][j][c] = part[i][j][c] = 0.0f;
+
+#pragma unroll
+  for (int s = 0; s < QST - 1; ++s) {
+    if (s < nk) load(s, s);
+    else cp_async_commit();
+  }
+  auto col0 = [&](int i) {  // tile row (output column) of the warp's n8 tile i; SwiGLU: gate tiles, then up
+    if constexpr (SWIGLU) return i < NT / 2 ? wn * (QN / 2 / WARPS_N) + 8 * i : QN / 2 + wn * (QN / 2 / WARPS_N) + 8 * (i - NT / 2);
+    else return wn * (QN / WARPS_N) + 8 * i;
+  };
+  for (int kt = 0; kt < nk; ++kt) {
+    cp_async_wait<QST - 2>();
+    __syncthreads();  // slice kt has landed for every thread; slice kt - 1's buffers are free
+    if (kt + QST - 1 < nk) load(kt + QST - 1, (kt + QST - 1) % QST);
+    else cp_async_commit();
+    const int st = kt % QST;
+    const uint8_t* at = as + st * GM * QSTR;
+    const uint8_t* bt = bs + st * QN * QSTR;
+#pragma unroll
+    for (int kk = 0; kk < QK / 32; ++kk) {
+      uint32_t af[MT][4], bf[NT / 2][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) ldsm_x4(af[mt], at + (wm * 16 * MT + mt * 16 + (lane & 15)) * QSTR + kk * 32 + 16 * (lane >> 4));
+#pragma unroll
+      for (int p = 0; p < NT / 2; ++p)  // lanes 0-15 address tile 2p, lanes 16-31 tile 2p + 1
+        ldsm_x4(bf[p], bt + (col0(2 * p + (lane >> 4)) + (lane & 7)) * QSTR + kk * 32 + 16 * ((lane >> 3) & 1));
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int p = 0; p < NT / 2; ++p) {
+          mma_e4m3(part[mt][2 * p], af[mt], bf[p][0], bf[p][1]);
+          mma_e4m3(part[mt][2 * p + 1], af[mt], bf[p][2], bf[p][3]);
+        }
+    }
+    if (ends_block(kt)) {  // promote: acc += part · (row scale · weight scale), in f32
+      const float* sc = ss + st * (GM + 2);
+      const float s_gate = sc[GM], s_up = sc[GM + 1];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const float sa = sc[wm * 16 * MT + mt * 16 + gq + 8 * half];
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) {
+            const float f = sa * (SWIGLU && nt >= NT / 2 ? s_up : s_gate);
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+              acc[mt][nt][2 * half + c] = fmaf(part[mt][nt][2 * half + c], f, acc[mt][nt][2 * half + c]);
+              part[mt][nt][2 * half + c] = 0.0f;
+            }
+          }
+        }
+    }
+  }
+  cp_async_wait<0>();
+
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int row = row0 + wm * 16 * MT + mt * 16 + gq + 8 * half;
+      if (row >= row_end) continue;
+      if constexpr (SWIGLU) {
+        uint16_t* h = static_cast<uint16_t*>(g.out) + int64_t(row) * g.N;
+#pragma unroll
+        for (int nt = 0; nt < NT / 2; ++nt) {
+          const int j = nj * (QN / 2) + col0(nt) + 2 * tq;
+          if (j >= g.N) continue;
+          float r[2];
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            const float gv = acc[mt][nt][2 * half + c], uv = acc[mt][nt + NT / 2][2 * half + c];
+            r[c] = gv / (1.0f + expf(-gv)) * uv;  // k_silu_mul's expression
+          }
+          *reinterpret_cast<uint32_t*>(h + j) = uint32_t(f32_to_bf16(r[0])) | (uint32_t(f32_to_bf16(r[1])) << 16);
+        }
+      } else {
+        float* o = static_cast<float*>(g.out) + int64_t(row) * g.N;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          const int j = nj * QN + col0(nt) + 2 * tq;
+          if (j < g.N) *reinterpret_cast<float2*>(o + j) = make_float2(acc[mt][nt][2 * half], acc[mt][nt][2 * half + 1]);
+        }
+      }
+    }
+}
+
+template <bool SWIGLU, int WARPS_M, int MT, int MINB>
+void launch_shape(const Fp8GroupedArgs& g, int64_t slots, int64_t n_tiles, cudaStream_t s) {
+  constexpr int GM = 16 * MT * WARPS_M;
+  constexpr size_t smem = fp8_grouped_smem_bytes<GM>();
+  auto* k = &k_moe_grouped_fp8<SWIGLU, WARPS_M, MT, MINB>;
+  static const bool attr = [&] {
+    if (smem > 48 * 1024) DSV3_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    return true;
+  }();
+  (void)attr;
+  const int64_t m_tiles = ceil_div(slots, int64_t(GM)) + g.E;  // each expert's last tile may be partial
+  DSV3_CHECK(m_tiles <= 65535, "moe_grouped_fp8: {} row tiles exceed the grid", m_tiles);
+  launch_dependent(k, dim3(unsigned(n_tiles), unsigned(m_tiles)), dim3(QTHREADS), smem, s, g);
+  DSV3_CUDA_CHECK_LAUNCH("moe_grouped_fp8 kernel");
+}
+
+// 128-row tiles (one block per SM: 128 f32 accumulators per thread) once the groups average 64 rows, unless
+// DSV3_FP8_GROUPED_TILE=64 asks for 64-row ones (two per SM); 32-row tiles below (decode batches).
+template <bool SWIGLU>
+void launch_fp8_grouped(const Fp8GroupedArgs& g, int64_t slots, int64_t n_tiles, cudaStream_t s) {
+  static const bool tile64 = [] {
+    const char* v = std::getenv("DSV3_FP8_GROUPED_TILE");
+    return v && std::atoi(v) == 64;
+  }();
+  if (slots >= 64 * int64_t(g.E)) {
+    if (tile64) launch_shape<SWIGLU, 2, 2, 2>(g, slots, n_tiles, s);
+    else launch_shape<SWIGLU, 2, 4, 1>(g, slots, n_tiles, s);
+  } else {
+    launch_shape<SWIGLU, 1, 2, 2>(g, slots, n_tiles, s);
+  }
+}
+
+Fp8GroupedArgs base_args(const MoeExperts& w, const uint8_t* aq, const float* a_scale, const int32_t* offsets, int64_t slots,
+                         void* out, const char* what) {
+  DSV3_CHECK(moe_grouped_fp8_supported(w), "{}: needs F8_E4M3 experts with D {} / I {} multiples of 16", what, w.D, w.I);
+  DSV3_CHECK(slots < (int64_t(1) << 31), "{}: {} slots", what, slots);
+  Fp8GroupedArgs g{};
+  g.a = aq;
+  g.a_scale = a_scale;
+  g.a_scale_ld = int(fp8_act_scale_ld(slots));
+  g.offsets = offsets;
+  g.E = int(w.E);
+  g.out = out;
+  return g;
+}
+}  // namespace
+
+bool moe_grouped_fp8_supported(const MoeExperts& w) {
+  return w.type == DType::F8_E4M3 && w.D > 0 && w.I > 0 && w.D % 16 == 0 && w.I % 16 == 0 && w.D <= INT32_MAX / 2 &&
+         w.I <= INT32_MAX / 2;
+}
+
+void moe_grouped_swiglu_fp8(const MoeExperts& w, const uint8_t* xq, const float* x_scale, const int32_t* offsets, int64_t slots,
+                            uint16_t* h, cudaStream_t s) {
+  if (slots <= 0) return;
+  Fp8GroupedArgs g = base_args(w, xq, x_scale, offsets, slots, h, "moe_grouped_swiglu_fp8");
+  g.w = w.d_gate_up();
+  g.scale = w.d_gate_up_scale();
+  g.K = int(w.D);
+  g.N = int(w.I);
+  g.up_row0 = int(w.I);
+  g.scale_up0 = int(ceil_div(w.I, int64_t(128)) * ceil_div(w.D, int64_t(128)));
+  launch_fp8_grouped<true>(g, slots, ceil_div(w.I, int64_t(QN / 2)), s);
+}
+
+void moe_grouped_down_fp8(const MoeExperts& w, const uint8_t* hq, const float* h_scale, const int32_t* offsets, int64_t slots,
+                          float* out, cudaStream_t s) {
+  if (slots <= 0) return;
+  Fp8GroupedArgs g = base_args(w, hq, h_scale, offsets, slots, out, "moe_grouped_down_fp8");
+  g.w = w.d_down();
+  g.scale = w.d_down_scale();
+  g.K = int(w.I);
+  g.N = int(w.D);
+  launch_fp8_grouped<false>(g, slots, ceil_div(w.D, int64_t(QN)), s);
+}
+
+}  // namespace dsv3::cuda
