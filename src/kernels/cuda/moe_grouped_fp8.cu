@@ -214,17 +214,18 @@ void launch_shape(const Fp8GroupedArgs& g, int64_t slots, int64_t n_tiles, cudaS
   DSV3_CUDA_CHECK_LAUNCH("moe_grouped_fp8 kernel");
 }
 
-// 128-row tiles (one block per SM: 128 f32 accumulators per thread) once the groups average 64 rows, unless
-// DSV3_FP8_GROUPED_TILE=64 asks for 64-row ones (two per SM); 32-row tiles below (decode batches).
+// 64-row tiles (two blocks per SM) once the groups average 64 rows: measured faster than 128-row ones (one block
+// per SM, 128 f32 accumulators per thread), H200 bench_cuda_moe prefill T 4096: small 0.531 vs 0.583 ms, V3 17.7 vs
+// 21.2 ms; DSV3_FP8_GROUPED_TILE=128 selects those for A/B runs. 32-row tiles below (decode batches).
 template <bool SWIGLU>
 void launch_fp8_grouped(const Fp8GroupedArgs& g, int64_t slots, int64_t n_tiles, cudaStream_t s) {
-  static const bool tile64 = [] {
+  static const bool tile128 = [] {
     const char* v = std::getenv("DSV3_FP8_GROUPED_TILE");
-    return v && std::atoi(v) == 64;
+    return v && std::atoi(v) == 128;
   }();
   if (slots >= 64 * int64_t(g.E)) {
-    if (tile64) launch_shape<SWIGLU, 2, 2, 2>(g, slots, n_tiles, s);
-    else launch_shape<SWIGLU, 2, 4, 1>(g, slots, n_tiles, s);
+    if (tile128) launch_shape<SWIGLU, 2, 4, 1>(g, slots, n_tiles, s);
+    else launch_shape<SWIGLU, 2, 2, 2>(g, slots, n_tiles, s);
   } else {
     launch_shape<SWIGLU, 1, 2, 2>(g, slots, n_tiles, s);
   }
