@@ -1,11 +1,12 @@
 // End-to-end GPU inference benchmark of the CUDA model on a random-weight checkpoint:
 //   bench_cuda_decode --config CONFIG.json [--dir DIR] [--fp8] [--dtype bf16|fp32] [--tokens N] [--batch B]
-//                     [--prefill T] [--context C] [--no-graphs] [--host-sampling]
+//                     [--prefill T] [--context C] [--no-graphs] [--host-sampling] [--only batch|prefill]
 // Writes the checkpoint to DIR first when DIR has none (dsv3::write_random_checkpoint). Prints one table:
 // the device-to-device copy bandwidth measured in the same run, batch-1 decode tokens/s next to its bound
 // (bytes of weights one decode step reads ÷ that bandwidth), batch-B decode throughput (greedy, the next ids drawn
 // on the GPU as the Generator does; --host-sampling copies every step's logits out instead), and prefill of T tokens
 // (the Generator's cached prefill, and the uncached forward without copying its logits to the host).
+// --only batch / --only prefill runs just the batch-B decode / the prefill (one profile per stage under ncu).
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -134,6 +135,7 @@ int main(int argc, char** argv) {
   std::string config, dir = "/tmp/dsv3-bench-ckpt", dtype = "bf16";
   bool fp8 = false, graphs = true;
   int64_t tokens = 256, batch = 64, prefill = 4096, context = 64;
+  std::string only;  // "", "batch" or "prefill"
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     auto next = [&]() -> std::string {
@@ -153,6 +155,7 @@ int main(int argc, char** argv) {
     else if (a == "--context") context = std::stoll(next());
     else if (a == "--no-graphs") graphs = false;
     else if (a == "--host-sampling") g_host_sampling = true;
+    else if (a == "--only") only = next();
     else {
       std::fprintf(stderr, "unknown argument %s\n", a.c_str());
       return 2;
@@ -182,8 +185,15 @@ int main(int argc, char** argv) {
     const double bound = bw / bytes;
     int64_t rep1 = 0, repB = 0;
     double g1 = -1, gB = -1;  // the decode graphs alone (no host work)
-    const double r1 = decode_rate(*m, 1, context, tokens, &rep1, &g1);
-    const double rB = batch > 1 ? decode_rate(*m, batch, context, std::min<int64_t>(tokens, 64), &repB, &gB) : 0.0;
+    if (!only.empty() && only != "batch" && only != "prefill") throw Error("--only: expected batch or prefill, got '" + only + "'");
+    if (only == "batch") {
+      const double rB = decode_rate(*m, batch, context, std::min<int64_t>(tokens, 64), &repB, &gB);
+      std::printf("| batch-%lld decode (%lld graph replays) | %.1f tokens/s (%.3f ms/step; its CUDA graph alone %.3f ms) |\n",
+                  (long long)batch, (long long)repB, rB, 1e3 * double(batch) / rB, gB);
+      return 0;
+    }
+    const double r1 = only.empty() ? decode_rate(*m, 1, context, tokens, &rep1, &g1) : 0.0;
+    const double rB = batch > 1 && only.empty() ? decode_rate(*m, batch, context, std::min<int64_t>(tokens, 64), &repB, &gB) : 0.0;
 
     // Prefill: the Generator's cached prefill of one prompt (last row's logits only), then the uncached forward.
     const int64_t V = m->config().vocab_size;
@@ -196,6 +206,11 @@ int main(int argc, char** argv) {
       m->step(prompt, Batch::cached({{0, 0, prefill}}), *cache);
       const double t = since(t0);
       if (rep > 0) pre = pre == 0 ? t : std::min(pre, t);
+    }
+    if (only == "prefill") {
+      std::printf("| prefill T=%lld, cached step (generator path) | %.1f tokens/s (%.1f ms) |\n", (long long)prefill, double(prefill) / pre,
+                  pre * 1e3);
+      return 0;
     }
     for (int rep = 0; rep < 2; ++rep) {
       ForwardOptions fo;

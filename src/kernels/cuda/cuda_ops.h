@@ -131,10 +131,6 @@ inline int64_t fp8_act_scale_count(int64_t M, int64_t K) { return ceil_div(K, kF
 // saturated to ±448. x is F32 or BF16 [M, K] with row stride ldx; xq is [M, K] contiguous.
 void quantize_fp8_1x128(DType x_type, const void* x, int64_t ldx, int64_t M, int64_t K, uint8_t* xq, float* scale,
                         cudaStream_t stream = nullptr);
-// The same for the rows of a gather: row m of xq quantizes x row rows[m] / row_div (moe_permute's perm and
-// top_k: the routed experts' activations grouped by expert, straight from the f32 hidden states).
-void quantize_fp8_1x128_gather(const float* x, int64_t ldx, const int32_t* rows, int64_t row_div, int64_t M, int64_t K,
-                               uint8_t* xq, float* scale, cudaStream_t stream = nullptr);
 // Decode-sized products: y[m, :N] (f32, row stride ldy) = x[m, :K] (F32 or BF16, row stride ldx) · Wᵀ with f32
 // accumulation, for at most kGemvMaxM rows, W BF16 [N, K] or F8_E4M3 [N, K] times w_scale_inv[n / 128, k / 128]
 // (activations are not quantized). One launch, made a programmatic dependent of the kernel before it (it

@@ -21,23 +21,21 @@ __global__ void k_bf16_to_f32(const uint16_t* __restrict__ s, float* __restrict_
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) d[i] = bf16_to_f32(s[i]);
 }
 
-// One warp per (row, 128-wide tile); each lane handles 4 elements. Row m reads x row rows[m] / row_div when
-// rows is set (a gather), else row m.
+// One warp per (row, 128-wide tile); each lane handles 4 elements.
 template <class T>
 __global__ void k_quantize_1x128(const T* __restrict__ x, int64_t ldx, int64_t M, int64_t K, uint8_t* __restrict__ xq,
-                                 float* __restrict__ scale, int64_t sld, const int32_t* __restrict__ rows = nullptr,
-                                 int64_t row_div = 1) {
+                                 float* __restrict__ scale, int64_t sld) {
   const int64_t warp = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) >> 5;
   const int lane = threadIdx.x & 31;
   const int64_t tiles = (K + 127) / 128;
   if (warp >= M * tiles) return;
-  const int64_t m = warp / tiles, j = warp % tiles, src = rows ? rows[m] / row_div : m;
+  const int64_t m = warp / tiles, j = warp % tiles;
   float v[4];
   float amax = 0.0f;
 #pragma unroll
   for (int e = 0; e < 4; ++e) {
     const int64_t k = j * 128 + e * 32 + lane;
-    v[e] = k < K ? load_f32(x + src * ldx, k) : 0.0f;
+    v[e] = k < K ? load_f32(x + m * ldx, k) : 0.0f;
     amax = fmaxf(amax, fabsf(v[e]));
   }
   amax = warp_max(amax);
@@ -197,15 +195,6 @@ void quantize_fp8_1x128(DType xt, const void* x, int64_t ldx, int64_t M, int64_t
   else
     k_quantize_1x128<<<blocks, 256, 0, s>>>(static_cast<const uint16_t*>(x), ldx, M, K, xq, scale, fp8_act_scale_ld(M));
   DSV3_CUDA_CHECK_LAUNCH("quantize_fp8_1x128 kernel");
-}
-
-void quantize_fp8_1x128_gather(const float* x, int64_t ldx, const int32_t* rows, int64_t row_div, int64_t M, int64_t K, uint8_t* xq,
-                               float* scale, cudaStream_t s) {
-  DSV3_CHECK(row_div > 0, "quantize_fp8_1x128_gather: row_div {} must be positive", row_div);
-  if (M <= 0 || K <= 0) return;
-  const unsigned blocks = unsigned(ceil_div(M * ceil_div(K, 128), 8));
-  k_quantize_1x128<<<blocks, 256, 0, s>>>(x, ldx, M, K, xq, scale, fp8_act_scale_ld(M), rows, row_div);
-  DSV3_CUDA_CHECK_LAUNCH("quantize_fp8_1x128_gather kernel");
 }
 
 void dequantize_fp8_weight(const uint8_t* w, const float* si, int64_t N, int64_t K, uint16_t* out, cudaStream_t s) {

@@ -671,8 +671,8 @@ struct PrefillLayout {
     hb = o, o += al(size_t(S) * size_t(I) * 2);
     out = o, o += al(size_t(S) * size_t(D) * 4);
     // e4m3 activations of the FP8 path (moe_grouped_*_fp8) and their 1x128 scales
-    xq = o, o += al(size_t(S) * size_t(D));
-    xs = o, o += al(size_t(fp8_act_scale_count(S, D)) * 4);
+    xq = o, o += al(size_t(M) * size_t(D));
+    xs = o, o += al(size_t(fp8_act_scale_count(M, D)) * 4);
     hq = o, o += al(size_t(S) * size_t(I));
     hs = o, o += al(size_t(fp8_act_scale_count(S, I)) * 4);
     total = o;
@@ -707,8 +707,8 @@ void moe_prefill(Gemm& gemm, const MoeExperts& w, const float* x, int64_t ldx, c
     auto* xs = reinterpret_cast<float*>(base + L.xs);
     auto* hq = reinterpret_cast<uint8_t*>(base + L.hq);
     auto* hs = reinterpret_cast<float*>(base + L.hs);
-    quantize_fp8_1x128_gather(x, ldx, perm, top_k, S, D, xq, xs, stream);
-    moe_grouped_swiglu_fp8(w, xq, xs, offsets, S, hb, stream);
+    quantize_fp8_1x128(DType::F32, x, ldx, M, D, xq, xs, stream);  // each token once; the kernel reads through perm
+    moe_grouped_swiglu_fp8(w, xq, xs, fp8_act_scale_ld(M), perm, top_k, offsets, S, hb, stream);
     quantize_fp8_1x128(DType::BF16, hb, I, S, I, hq, hs, stream);
     moe_grouped_down_fp8(w, hq, hs, offsets, S, out, stream);
     moe_unpermute(out, D, slot_row, idx, wts, M, top_k, D, y, ldy, accumulate, stream);

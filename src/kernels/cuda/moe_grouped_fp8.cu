@@ -21,12 +21,19 @@ namespace dsv3::cuda {
 namespace {
 using namespace dev;
 
-constexpr int QN = 128, QK = 64, QSTR = QK + 16, QST = 4, QTHREADS = 256;
+constexpr int QN = 128, QK = 64, QSTR = QK + 16, QTHREADS = 256;
+// Ring stages: 32-row tiles (decode batches, where the weights' stream is the cost) keep 8 slices in flight.
+template <int GM>
+__host__ __device__ constexpr int fp8_stages() {
+  return GM <= 32 ? 8 : 4;
+}
 
 struct Fp8GroupedArgs {
-  const uint8_t* a;          // [slots, K] e4m3, grouped by expert
-  const float* a_scale;      // scale of (row p, k block j) at [j * a_scale_ld + p]
+  const uint8_t* a;          // e4m3 rows: [slots, K] grouped by expert, or [tokens, K] read through a_rows
+  const float* a_scale;      // scale of (row r of a, k block j) at [j * a_scale_ld + r]
   int a_scale_ld;
+  const int32_t* a_rows;     // null: slot p reads row p of a; else row a_rows[p] / a_row_div (perm / top_k)
+  int a_row_div;
   const int32_t* offsets;    // [E + 1]
   const void* const* w;      // [E] -> e4m3 weights [rows, K]
   const float* const* scale; // [E] -> 128x128 block scales
@@ -38,23 +45,30 @@ struct Fp8GroupedArgs {
 
 template <int GM>
 constexpr size_t fp8_grouped_smem_bytes() {
+  constexpr int QST = fp8_stages<GM>();
   return size_t(QST) * (GM + QN) * QSTR + size_t(QST) * (GM + 2) * 4;
 }
 
 // WARPS_M warps along M with MT m16 tiles each (BM = 16 MT WARPS_M); 8 / WARPS_M along N with NT n8 tiles.
 template <bool SWIGLU, int WARPS_M, int MT, int MINB>
 __global__ void __launch_bounds__(QTHREADS, MINB) k_moe_grouped_fp8(Fp8GroupedArgs g) {
-  constexpr int GM = 16 * MT * WARPS_M, WARPS_N = 8 / WARPS_M, NT = QN / 8 / WARPS_N;
+  constexpr int GM = 16 * MT * WARPS_M, WARPS_N = 8 / WARPS_M, NT = QN / 8 / WARPS_N, QST = fp8_stages<GM>();
   static_assert(NT % 2 == 0, "n8 tiles go in pairs (one ldmatrix.x4); SwiGLU splits them gate / up");
   dependent_kernel_begin();
   extern __shared__ __align__(16) unsigned char smraw[];
-  __shared__ int e_s, mt_s;
+  __shared__ int e_s, mt_s, src_s[GM];
   const int t = threadIdx.x, lane = t & 31, w = t >> 5, wm = w / WARPS_N, wn = w % WARPS_N, gq = lane >> 2, tq = lane & 3;
   if (w == 0) find_tile<GM>(g.offsets, g.E, &e_s, &mt_s);
   __syncthreads();
   const int e = e_s;
   if (e < 0) return;
   const int row0 = g.offsets[e] + mt_s * GM, row_end = g.offsets[e + 1];
+  // Row of a for each tile row (rows past the group read the first: their products are not stored).
+  if (t < GM) {
+    const int p = row0 + t < row_end ? row0 + t : row0;
+    src_s[t] = g.a_rows ? g.a_rows[p] / g.a_row_div : p;
+  }
+  __syncthreads();
   const int nj = blockIdx.x, K = g.K, nk = (K + QK - 1) / QK, kblocks = (K + 127) / 128;
   uint8_t* as = smraw;                                                    // [QST][GM][QSTR]
   uint8_t* bs = as + QST * GM * QSTR;                                     // [QST][QN][QSTR]
@@ -82,9 +96,9 @@ __global__ void __launch_bounds__(QTHREADS, MINB) k_moe_grouped_fp8(Fp8GroupedAr
     const int k0 = kt * QK;
 #pragma unroll
     for (int c = t; c < GM * 4; c += QTHREADS) {  // A: GM rows x 4 chunks of 16 bytes
-      const int r = c >> 2, ch = c & 3, row = row0 + r;
-      const bool ok = row < row_end && k0 + ch * 16 < K;
-      cp_async16(as + (st * GM + r) * QSTR + ch * 16, g.a + int64_t(ok ? row : row0) * K + (ok ? k0 + ch * 16 : 0), ok);
+      const int r = c >> 2, ch = c & 3;
+      const bool ok = row0 + r < row_end && k0 + ch * 16 < K;
+      cp_async16(as + (st * GM + r) * QSTR + ch * 16, g.a + int64_t(src_s[r]) * K + (ok ? k0 + ch * 16 : 0), ok);
     }
 #pragma unroll
     for (int i = 0; i < 2; ++i) {  // B: 128 rows x 4 chunks
@@ -96,7 +110,7 @@ __global__ void __launch_bounds__(QTHREADS, MINB) k_moe_grouped_fp8(Fp8GroupedAr
       const int kb = k0 / 128;
       if (t < GM) {
         const bool ok = row0 + t < row_end;
-        cp_async4(ss + st * (GM + 2) + t, g.a_scale + int64_t(kb) * g.a_scale_ld + (ok ? row0 + t : 0), ok);
+        cp_async4(ss + st * (GM + 2) + t, g.a_scale + int64_t(kb) * g.a_scale_ld + src_s[t], ok);
       } else if (t < GM + 2) {
         cp_async4(ss + st * (GM + 2) + t, (t == GM ? gate_sc : up_sc) + kb, true);
       }
@@ -231,14 +245,16 @@ void launch_fp8_grouped(const Fp8GroupedArgs& g, int64_t slots, int64_t n_tiles,
   }
 }
 
-Fp8GroupedArgs base_args(const MoeExperts& w, const uint8_t* aq, const float* a_scale, const int32_t* offsets, int64_t slots,
-                         void* out, const char* what) {
+Fp8GroupedArgs base_args(const MoeExperts& w, const uint8_t* aq, const float* a_scale, int64_t a_scale_ld, const int32_t* offsets,
+                         int64_t slots, void* out, const char* what) {
   DSV3_CHECK(moe_grouped_fp8_supported(w), "{}: needs F8_E4M3 experts with D {} / I {} multiples of 16", what, w.D, w.I);
-  DSV3_CHECK(slots < (int64_t(1) << 31), "{}: {} slots", what, slots);
+  DSV3_CHECK(slots < (int64_t(1) << 31) && a_scale_ld > 0 && a_scale_ld < (int64_t(1) << 31), "{}: {} slots, scale stride {}", what,
+             slots, a_scale_ld);
   Fp8GroupedArgs g{};
   g.a = aq;
   g.a_scale = a_scale;
-  g.a_scale_ld = int(fp8_act_scale_ld(slots));
+  g.a_scale_ld = int(a_scale_ld);
+  g.a_row_div = 1;
   g.offsets = offsets;
   g.E = int(w.E);
   g.out = out;
@@ -251,10 +267,13 @@ bool moe_grouped_fp8_supported(const MoeExperts& w) {
          w.I <= INT32_MAX / 2;
 }
 
-void moe_grouped_swiglu_fp8(const MoeExperts& w, const uint8_t* xq, const float* x_scale, const int32_t* offsets, int64_t slots,
-                            uint16_t* h, cudaStream_t s) {
+void moe_grouped_swiglu_fp8(const MoeExperts& w, const uint8_t* xq, const float* x_scale, int64_t x_scale_ld, const int32_t* x_rows,
+                            int64_t x_row_div, const int32_t* offsets, int64_t slots, uint16_t* h, cudaStream_t s) {
   if (slots <= 0) return;
-  Fp8GroupedArgs g = base_args(w, xq, x_scale, offsets, slots, h, "moe_grouped_swiglu_fp8");
+  DSV3_CHECK(x_row_div > 0 && x_row_div < (int64_t(1) << 31), "moe_grouped_swiglu_fp8: row divisor {}", x_row_div);
+  Fp8GroupedArgs g = base_args(w, xq, x_scale, x_scale_ld, offsets, slots, h, "moe_grouped_swiglu_fp8");
+  g.a_rows = x_rows;
+  g.a_row_div = int(x_row_div);
   g.w = w.d_gate_up();
   g.scale = w.d_gate_up_scale();
   g.K = int(w.D);
@@ -267,7 +286,7 @@ void moe_grouped_swiglu_fp8(const MoeExperts& w, const uint8_t* xq, const float*
 void moe_grouped_down_fp8(const MoeExperts& w, const uint8_t* hq, const float* h_scale, const int32_t* offsets, int64_t slots,
                           float* out, cudaStream_t s) {
   if (slots <= 0) return;
-  Fp8GroupedArgs g = base_args(w, hq, h_scale, offsets, slots, out, "moe_grouped_down_fp8");
+  Fp8GroupedArgs g = base_args(w, hq, h_scale, fp8_act_scale_ld(slots), offsets, slots, out, "moe_grouped_down_fp8");
   g.w = w.d_down();
   g.scale = w.d_down_scale();
   g.K = int(w.I);

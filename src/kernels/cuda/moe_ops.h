@@ -131,13 +131,16 @@ void moe_grouped_swiglu(const MoeExperts& w, const uint16_t* xg, const int32_t* 
                         cudaStream_t stream = nullptr);
 void moe_grouped_down(const MoeExperts& w, const uint16_t* h, const int32_t* offsets, int64_t slots, float* out,
                       cudaStream_t stream = nullptr);
-// The FP8 checkpoint's grouped GEMMs on e4m3 activations (moe_grouped_fp8.cu): a quantized per 1x128 tile as
-// quantize_fp8_1x128 does (scales at [j · fp8_act_scale_ld(slots) + p]), both operands e4m3 on the tensor cores,
-// each 128-wide k block's f32 partial sum times (activation scale x weight block scale) added in f32. Requires
-// moe_grouped_fp8_supported (F8_E4M3, D % 16 == 0, I % 16 == 0). Same outputs as the two above.
+// The FP8 checkpoint's grouped GEMMs on e4m3 activations (moe_grouped_fp8.cu): activations quantized per 1x128
+// tile as quantize_fp8_1x128 does, both operands e4m3 on the tensor cores, each 128-wide k block's f32 partial sum
+// times (activation scale x weight block scale) added in f32. Requires moe_grouped_fp8_supported (F8_E4M3,
+// D % 16 == 0, I % 16 == 0). Same outputs as the two above.
+//   swiglu: xq e4m3 rows with scales at [j · x_scale_ld + r]; slot p reads row x_rows[p] / x_row_div (moe_permute's
+//     perm and top_k: the tokens' rows, quantized once, no gather), or row p when x_rows is null.
+//   down: hq [slots, I] with scales at [j · fp8_act_scale_ld(slots) + p].
 bool moe_grouped_fp8_supported(const MoeExperts& w);
-void moe_grouped_swiglu_fp8(const MoeExperts& w, const uint8_t* xq, const float* x_scale, const int32_t* offsets, int64_t slots,
-                            uint16_t* h, cudaStream_t stream = nullptr);
+void moe_grouped_swiglu_fp8(const MoeExperts& w, const uint8_t* xq, const float* x_scale, int64_t x_scale_ld, const int32_t* x_rows,
+                            int64_t x_row_div, const int32_t* offsets, int64_t slots, uint16_t* h, cudaStream_t stream = nullptr);
 void moe_grouped_down_fp8(const MoeExperts& w, const uint8_t* hq, const float* h_scale, const int32_t* offsets, int64_t slots,
                           float* out, cudaStream_t stream = nullptr);
 
