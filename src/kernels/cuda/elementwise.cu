@@ -25,6 +25,9 @@ __global__ void k_bf16_to_f32(const uint16_t* __restrict__ s, float* __restrict_
 template <class T>
 __global__ void k_quantize_1x128(const T* __restrict__ x, int64_t ldx, int64_t M, int64_t K, uint8_t* __restrict__ xq,
                                  float* __restrict__ scale, int64_t sld) {
+  // The FP8 grouped GEMMs that follow it (programmatic dependents) start streaming their weights meanwhile; they
+  // wait for this grid before reading what it writes.
+  grid_dependents_launch();
   const int64_t warp = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) >> 5;
   const int lane = threadIdx.x & 31;
   const int64_t tiles = (K + 127) / 128;

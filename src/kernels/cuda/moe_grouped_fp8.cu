@@ -22,11 +22,6 @@ namespace {
 using namespace dev;
 
 constexpr int QN = 128, QK = 64, QSTR = QK + 16, QTHREADS = 256;
-// Ring stages: 32-row tiles (decode batches, where the weights' stream is the cost) keep 8 slices in flight.
-template <int GM>
-__host__ __device__ constexpr int fp8_stages() {
-  return GM <= 32 ? 8 : 4;
-}
 
 struct Fp8GroupedArgs {
   const uint8_t* a;          // e4m3 rows: [slots, K] grouped by expert, or [tokens, K] read through a_rows
@@ -43,18 +38,17 @@ struct Fp8GroupedArgs {
   void* out;                 // gate|up: h [slots, N] bf16; down: [slots, N] f32
 };
 
-template <int GM>
+template <int GM, int QST>
 constexpr size_t fp8_grouped_smem_bytes() {
-  constexpr int QST = fp8_stages<GM>();
   return size_t(QST) * (GM + QN) * QSTR + size_t(QST) * (GM + 2) * 4;
 }
 
-// WARPS_M warps along M with MT m16 tiles each (BM = 16 MT WARPS_M); 8 / WARPS_M along N with NT n8 tiles.
-template <bool SWIGLU, int WARPS_M, int MT, int MINB>
+// WARPS_M warps along M with MT m16 tiles each (BM = 16 MT WARPS_M); 8 / WARPS_M along N with NT n8 tiles; a
+// ring of QST slices.
+template <bool SWIGLU, int WARPS_M, int MT, int MINB, int QST>
 __global__ void __launch_bounds__(QTHREADS, MINB) k_moe_grouped_fp8(Fp8GroupedArgs g) {
-  constexpr int GM = 16 * MT * WARPS_M, WARPS_N = 8 / WARPS_M, NT = QN / 8 / WARPS_N, QST = fp8_stages<GM>();
+  constexpr int GM = 16 * MT * WARPS_M, WARPS_N = 8 / WARPS_M, NT = QN / 8 / WARPS_N;
   static_assert(NT % 2 == 0, "n8 tiles go in pairs (one ldmatrix.x4); SwiGLU splits them gate / up");
-  dependent_kernel_begin();
   extern __shared__ __align__(16) unsigned char smraw[];
   __shared__ int e_s, mt_s, src_s[GM];
   const int t = threadIdx.x, lane = t & 31, w = t >> 5, wm = w / WARPS_N, wn = w % WARPS_N, gq = lane >> 2, tq = lane & 3;
@@ -63,12 +57,6 @@ __global__ void __launch_bounds__(QTHREADS, MINB) k_moe_grouped_fp8(Fp8GroupedAr
   const int e = e_s;
   if (e < 0) return;
   const int row0 = g.offsets[e] + mt_s * GM, row_end = g.offsets[e + 1];
-  // Row of a for each tile row (rows past the group read the first: their products are not stored).
-  if (t < GM) {
-    const int p = row0 + t < row_end ? row0 + t : row0;
-    src_s[t] = g.a_rows ? g.a_rows[p] / g.a_row_div : p;
-  }
-  __syncthreads();
   const int nj = blockIdx.x, K = g.K, nk = (K + QK - 1) / QK, kblocks = (K + 127) / 128;
   uint8_t* as = smraw;                                                    // [QST][GM][QSTR]
   uint8_t* bs = as + QST * GM * QSTR;                                     // [QST][QN][QSTR]
@@ -92,19 +80,13 @@ __global__ void __launch_bounds__(QTHREADS, MINB) k_moe_grouped_fp8(Fp8GroupedAr
   const uint8_t* wbase = static_cast<const uint8_t*>(g.w[e]);
   auto ends_block = [&](int kt) { return (kt & 1) == 1 || kt == nk - 1; };  // 2 slices per 128-wide k block
 
-  auto load = [&](int kt, int st) {
+  auto load_a = [&](int kt, int st) {  // activations (and the scales when slice kt ends a k block), then commit
     const int k0 = kt * QK;
 #pragma unroll
     for (int c = t; c < GM * 4; c += QTHREADS) {  // A: GM rows x 4 chunks of 16 bytes
       const int r = c >> 2, ch = c & 3;
       const bool ok = row0 + r < row_end && k0 + ch * 16 < K;
       cp_async16(as + (st * GM + r) * QSTR + ch * 16, g.a + int64_t(src_s[r]) * K + (ok ? k0 + ch * 16 : 0), ok);
-    }
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {  // B: 128 rows x 4 chunks
-      const int c = t + i * QTHREADS, r = c >> 2, ch = c & 3, wr = weight_row(r);
-      const bool ok = wr >= 0 && k0 + ch * 16 < K;
-      cp_async16(bs + (st * QN + r) * QSTR + ch * 16, wbase + (ok ? int64_t(wr) * K + k0 + ch * 16 : 0), ok);
     }
     if (ends_block(kt)) {
       const int kb = k0 / 128;
@@ -117,6 +99,15 @@ __global__ void __launch_bounds__(QTHREADS, MINB) k_moe_grouped_fp8(Fp8GroupedAr
     }
     cp_async_commit();
   };
+  auto load_b = [&](int kt, int st) {  // weights: 128 rows x 4 chunks of 16 bytes
+    const int k0 = kt * QK;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int c = t + i * QTHREADS, r = c >> 2, ch = c & 3, wr = weight_row(r);
+      const bool ok = wr >= 0 && k0 + ch * 16 < K;
+      cp_async16(bs + (st * QN + r) * QSTR + ch * 16, wbase + (ok ? int64_t(wr) * K + k0 + ch * 16 : 0), ok);
+    }
+  };
 
   float acc[MT][NT][4], part[MT][NT][4];
 #pragma unroll
@@ -126,9 +117,23 @@ __global__ void __launch_bounds__(QTHREADS, MINB) k_moe_grouped_fp8(Fp8GroupedAr
 #pragma unroll
       for (int c = 0; c < 4; ++c) acc[i][j][c] = part[i][j][c] = 0.0f;
 
-#pragma unroll
+  // Prologue: the weights' slices first (they need nothing from the kernel before), then the activations' rows of the tile (a lookup
+  // through perm whose latency the weight copies hide; rows past the group read the first, their products are
+  // not stored), then the activations' slices. Group s holds slice s's activations (group 0 also every prologue
+  // weight slice), so waiting for group s still means slice s has landed.
+  for (int s = 0; s < QST - 1; ++s)
+    if (s < nk) load_b(s, s);
+  // Launched as a programmatic dependent: everything above reads only what kernels before the previous one
+  // wrote (offsets from moe_permute, weights), so it overlaps that kernel's tail (quantize_fp8_1x128 lets its
+  // dependents start at once); the activations and scales it writes are read only from here on.
+  dependent_kernel_begin();
+  if (t < GM) {
+    const int p = row0 + t < row_end ? row0 + t : row0;
+    src_s[t] = g.a_rows ? g.a_rows[p] / g.a_row_div : p;
+  }
+  __syncthreads();
   for (int s = 0; s < QST - 1; ++s) {
-    if (s < nk) load(s, s);
+    if (s < nk) load_a(s, s);
     else cp_async_commit();
   }
   auto col0 = [&](int i) {  // tile row (output column) of the warp's n8 tile i; SwiGLU: gate tiles, then up
@@ -138,8 +143,12 @@ __global__ void __launch_bounds__(QTHREADS, MINB) k_moe_grouped_fp8(Fp8GroupedAr
   for (int kt = 0; kt < nk; ++kt) {
     cp_async_wait<QST - 2>();
     __syncthreads();  // slice kt has landed for every thread; slice kt - 1's buffers are free
-    if (kt + QST - 1 < nk) load(kt + QST - 1, (kt + QST - 1) % QST);
-    else cp_async_commit();
+    if (kt + QST - 1 < nk) {
+      load_b(kt + QST - 1, (kt + QST - 1) % QST);
+      load_a(kt + QST - 1, (kt + QST - 1) % QST);
+    } else {
+      cp_async_commit();
+    }
     const int st = kt % QST;
     const uint8_t* at = as + st * GM * QSTR;
     const uint8_t* bt = bs + st * QN * QSTR;
@@ -212,11 +221,11 @@ __global__ void __launch_bounds__(QTHREADS, MINB) k_moe_grouped_fp8(Fp8GroupedAr
     }
 }
 
-template <bool SWIGLU, int WARPS_M, int MT, int MINB>
+template <bool SWIGLU, int WARPS_M, int MT, int MINB, int QST>
 void launch_shape(const Fp8GroupedArgs& g, int64_t slots, int64_t n_tiles, cudaStream_t s) {
   constexpr int GM = 16 * MT * WARPS_M;
-  constexpr size_t smem = fp8_grouped_smem_bytes<GM>();
-  auto* k = &k_moe_grouped_fp8<SWIGLU, WARPS_M, MT, MINB>;
+  constexpr size_t smem = fp8_grouped_smem_bytes<GM, QST>();
+  auto* k = &k_moe_grouped_fp8<SWIGLU, WARPS_M, MT, MINB, QST>;
   static const bool attr = [&] {
     if (smem > 48 * 1024) DSV3_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
     return true;
@@ -228,20 +237,26 @@ void launch_shape(const Fp8GroupedArgs& g, int64_t slots, int64_t n_tiles, cudaS
   DSV3_CUDA_CHECK_LAUNCH("moe_grouped_fp8 kernel");
 }
 
+int env_int(const char* name, int fallback) {
+  const char* v = std::getenv(name);
+  return v ? std::atoi(v) : fallback;
+}
+
 // 64-row tiles (two blocks per SM) once the groups average 64 rows: measured faster than 128-row ones (one block
 // per SM, 128 f32 accumulators per thread), H200 bench_cuda_moe prefill T 4096: small 0.531 vs 0.583 ms, V3 17.7 vs
-// 21.2 ms; DSV3_FP8_GROUPED_TILE=128 selects those for A/B runs. 32-row tiles below (decode batches).
+// 21.2 ms; DSV3_FP8_GROUPED_TILE=128 selects those for A/B runs. 32-row tiles below (decode batches, where the
+// weights' stream is the cost) with a ring of 8 slices (DSV3_FP8_GROUPED_STAGES=4 for A/B runs).
 template <bool SWIGLU>
 void launch_fp8_grouped(const Fp8GroupedArgs& g, int64_t slots, int64_t n_tiles, cudaStream_t s) {
-  static const bool tile128 = [] {
-    const char* v = std::getenv("DSV3_FP8_GROUPED_TILE");
-    return v && std::atoi(v) == 128;
-  }();
+  static const bool tile128 = env_int("DSV3_FP8_GROUPED_TILE", 64) == 128;
+  static const bool stages4 = env_int("DSV3_FP8_GROUPED_STAGES", 8) == 4;
   if (slots >= 64 * int64_t(g.E)) {
-    if (tile128) launch_shape<SWIGLU, 2, 4, 1>(g, slots, n_tiles, s);
-    else launch_shape<SWIGLU, 2, 2, 2>(g, slots, n_tiles, s);
+    if (tile128) launch_shape<SWIGLU, 2, 4, 1, 4>(g, slots, n_tiles, s);
+    else launch_shape<SWIGLU, 2, 2, 2, 4>(g, slots, n_tiles, s);
+  } else if (stages4) {
+    launch_shape<SWIGLU, 1, 2, 2, 4>(g, slots, n_tiles, s);
   } else {
-    launch_shape<SWIGLU, 1, 2, 2>(g, slots, n_tiles, s);
+    launch_shape<SWIGLU, 1, 2, 2, 8>(g, slots, n_tiles, s);
   }
 }
 

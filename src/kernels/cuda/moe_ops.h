@@ -138,6 +138,8 @@ void moe_grouped_down(const MoeExperts& w, const uint16_t* h, const int32_t* off
 //   swiglu: xq e4m3 rows with scales at [j · x_scale_ld + r]; slot p reads row x_rows[p] / x_row_div (moe_permute's
 //     perm and top_k: the tokens' rows, quantized once, no gather), or row p when x_rows is null.
 //   down: hq [slots, I] with scales at [j · fp8_act_scale_ld(slots) + p].
+// Both are programmatic dependents that read offsets and start on the weights before waiting for the kernel
+// before them: offsets must be complete before that kernel starts (moe_prefill: permute, quantize, GEMM).
 bool moe_grouped_fp8_supported(const MoeExperts& w);
 void moe_grouped_swiglu_fp8(const MoeExperts& w, const uint8_t* xq, const float* x_scale, int64_t x_scale_ld, const int32_t* x_rows,
                             int64_t x_row_div, const int32_t* offsets, int64_t slots, uint16_t* h, cudaStream_t stream = nullptr);
