@@ -245,18 +245,19 @@ int env_int(const char* name, int fallback) {
 // 64-row tiles (two blocks per SM) once the groups average 64 rows: measured faster than 128-row ones (one block
 // per SM, 128 f32 accumulators per thread), H200 bench_cuda_moe prefill T 4096: small 0.531 vs 0.583 ms, V3 17.7 vs
 // 21.2 ms; DSV3_FP8_GROUPED_TILE=128 selects those for A/B runs. 32-row tiles below (decode batches, where the
-// weights' stream is the cost) with a ring of 8 slices (DSV3_FP8_GROUPED_STAGES=4 for A/B runs).
+// weights' stream is the cost) with a ring of 4 slices: 8 (DSV3_FP8_GROUPED_STAGES=8) measured slower, H200 batch-64
+// graph 2.045 vs 1.996 ms, bench_cuda_moe 68.6 vs 64.2 us per layer.
 template <bool SWIGLU>
 void launch_fp8_grouped(const Fp8GroupedArgs& g, int64_t slots, int64_t n_tiles, cudaStream_t s) {
   static const bool tile128 = env_int("DSV3_FP8_GROUPED_TILE", 64) == 128;
-  static const bool stages4 = env_int("DSV3_FP8_GROUPED_STAGES", 8) == 4;
+  static const bool stages8 = env_int("DSV3_FP8_GROUPED_STAGES", 4) == 8;
   if (slots >= 64 * int64_t(g.E)) {
     if (tile128) launch_shape<SWIGLU, 2, 4, 1, 4>(g, slots, n_tiles, s);
     else launch_shape<SWIGLU, 2, 2, 2, 4>(g, slots, n_tiles, s);
-  } else if (stages4) {
-    launch_shape<SWIGLU, 1, 2, 2, 4>(g, slots, n_tiles, s);
-  } else {
+  } else if (stages8) {
     launch_shape<SWIGLU, 1, 2, 2, 8>(g, slots, n_tiles, s);
+  } else {
+    launch_shape<SWIGLU, 1, 2, 2, 4>(g, slots, n_tiles, s);
   }
 }
 
