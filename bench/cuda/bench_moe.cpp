@@ -323,6 +323,15 @@ int main(int argc, char** argv) {
           // kRot back-to-back calls per timing (the weights of each from HBM), per call
           const float a = median_ms([&] { for (int i = 0; i < kRot; ++i) rows_gemm(DType::F8_E4M3, x.get(), K, M, w8[size_t(i)].get(), sc[size_t(i)].get(), N, K, y.get(), N, s); }, s) / kRot;
           add("rows_gemm fp8", shape, a, double(N * K) / (a * 1e-3) / 1e9, "GB/s", "e4m3 weight bytes");
+          DeviceBuffer<uint8_t> xq(size_t(M * K));
+          DeviceBuffer<float> xs(size_t(fp8_act_scale_count(M, K)));
+          const float a8 = median_ms([&] {
+            for (int i = 0; i < kRot; ++i) {
+              quantize_fp8_1x128(DType::BF16, x.get(), K, M, K, xq.get(), xs.get(), s);
+              rows_gemm_fp8(xq.get(), xs.get(), M, w8[size_t(i)].get(), sc[size_t(i)].get(), N, K, y.get(), N, s);
+            }
+          }, s) / kRot;
+          add("rows_gemm_fp8 e4m3 acts (+ quantize)", shape, a8, double(N * K) / (a8 * 1e-3) / 1e9, "GB/s", "e4m3 weight bytes");
           const float a2 = median_ms([&] { for (int i = 0; i < kRot; ++i) rows_gemm(DType::BF16, x.get(), K, M, w16[size_t(i)].get(), nullptr, N, K, y.get(), N, s); }, s) / kRot;
           add("rows_gemm bf16", shape, a2, double(2 * N * K) / (a2 * 1e-3) / 1e9, "GB/s", "bf16 weight bytes");
           const float b = median_ms([&] { for (int i = 0; i < kRot; ++i) gemm.linear_fp8(DType::BF16, x.get(), K, w8[size_t(i)].get(), sc[size_t(i)].get(), DType::F32, y.get(), N, M, N, K, s); }, s) / kRot;

@@ -124,7 +124,7 @@ struct Arena {
 enum Slot : size_t {
   S_META, S_H, S_XACT, S_QA, S_QAN, S_Q, S_CN, S_KV, S_K, S_O, S_OACT, S_ATT, S_QC, S_OL, S_AWS, S_X2, S_FFN, S_GU,
   S_A, S_LOGIT, S_IDX, S_W, S_SLOTS, S_PERM, S_XG, S_YE, S_MOEWS, S_FINAL, S_ROWS, S_ROWSACT, S_MTPCAT, S_EMB, S_HPREV, S_ERR, S_CNA,
-  S_TAKE, S_PERSIST, S_RNG, S_SAMPLED, S_SAMPLEWS, S_COUNT
+  S_TAKE, S_PERSIST, S_RNG, S_SAMPLED, S_SAMPLEWS, S_XQ, S_COUNT
 };
 
 // One execution context: a cuBLASLt handle and the scratch it and the kernels use. Decode steps that are
@@ -206,6 +206,9 @@ struct CudaModel::Impl {
   // Native FP8 experts on the grouped path multiply e4m3 activations (1x128 tiles, DeepSeek-V3's recipe,
   // moe_grouped_fp8.cu); DSV3_FP8_BF16_EXPERT_ACTS=1 keeps bf16 activations (weights dequantized in the kernel).
   bool fp8_expert_acts = true;
+  // FP8 products of 9..kFp8RowsUpTo rows on rows_gemm_fp8 (e4m3 activations, quantized per 1x128 tile);
+  // DSV3_FP8_ROWS_BF16_ACTS=1 keeps rows_gemm's bf16 activations (weights dequantized in the kernel).
+  bool fp8_rows_e4m3 = true;
   // bf16 prefill attention: the flash kernel (flash_prefill.cu) for its head dims (H200, small.json, T 4096 prefill:
   // 142.9k -> 285.6k tokens/s); DSV3_GEMM_ATTENTION=1 runs per-head cuBLASLt GEMMs around a row softmax instead
   // (from 256 tokens), for A/B runs.
@@ -455,6 +458,7 @@ struct CudaModel::Impl {
     fused_shared = !env_flag("DSV3_UNFUSED_SHARED");
     moe_decode_kernel = env_flag("DSV3_MOE_DECODE_KERNEL");
     fp8_expert_acts = !env_flag("DSV3_FP8_BF16_EXPERT_ACTS");
+    fp8_rows_e4m3 = !env_flag("DSV3_FP8_ROWS_BF16_ACTS");
     if (const char* v = std::getenv("DSV3_PINNED_STEP"); v && std::string(v) == "0") pinned_step = false;
     gemm_attention = env_flag("DSV3_GEMM_ATTENTION");
     route_counter = DBuf<uint32_t>(1);
@@ -615,8 +619,20 @@ struct CudaModel::Impl {
       const bool rows = fp8_rows && act == DType::BF16 && M <= kFp8RowsUpTo &&
                         cuda::rows_gemm_supported(x, ldx, M, L.K, y, ldy) &&
                         (L.split % 128 == 0 || cuda::rows_gemm_supported(x, ldx, M, L.K, y + L.split, ldy));
+      // e4m3 activations (quantized 1x128 here, once for both stacked halves) on the e4m3 x e4m3 kernel.
+      const bool rows8 = rows && fp8_rows_e4m3 && cuda::rows_gemm_fp8_supported(M, L.K, y, ldy) &&
+                         (L.split % 128 == 0 || cuda::rows_gemm_fp8_supported(M, L.K, y + L.split, ldy));
+      uint8_t* xq = nullptr;
+      float* xs = nullptr;
+      if (rows8) {
+        const size_t qbytes = size_t(cuda::round_up(M * L.K, 256));
+        xq = static_cast<uint8_t*>(ex.arena.get(S_XQ, qbytes + size_t(cuda::fp8_act_scale_count(M, L.K)) * 4));
+        xs = reinterpret_cast<float*>(xq + qbytes);
+        cuda::quantize_fp8_1x128(act, x, ldx, M, L.K, xq, xs, s());
+      }
       auto run = [&](const uint8_t* w, const float* sc, float* yy, int64_t N) {
-        if (rows) cuda::rows_gemm(DType::F8_E4M3, static_cast<const uint16_t*>(x), ldx, M, w, sc, N, L.K, yy, ldy, s());
+        if (rows8) cuda::rows_gemm_fp8(xq, xs, M, w, sc, N, L.K, yy, ldy, s());
+        else if (rows) cuda::rows_gemm(DType::F8_E4M3, static_cast<const uint16_t*>(x), ldx, M, w, sc, N, L.K, yy, ldy, s());
         else ex.gemm.linear_fp8(act, x, ldx, w, sc, DType::F32, yy, ldy, M, N, L.K, s());
       };
       // Stacked at a multiple of 128 rows, the two scale grids are one grid: one product.

@@ -436,6 +436,59 @@ TEST(CudaRowsGemm, MatchesCpuTwin) {
     }
   }
   EXPECT_FALSE(rows_gemm_supported(nullptr, 128, kRowsGemmMaxRows + 1, 128, nullptr, 128));
+  EXPECT_FALSE(rows_gemm_fp8_supported(kRowsGemmMaxRows + 1, 128, nullptr, 128));
+  EXPECT_FALSE(rows_gemm_fp8_supported(4, 100, nullptr, 128));
+}
+
+// rows_gemm_fp8 (the e4m3 x e4m3 kernel as one group, K split over a cluster): x quantized per 1x128 tile by
+// quantize_fp8_1x128, W e4m3 with its block scales. The twin quantizes x the same way and sums exact products in
+// float64, so only the f32 accumulation (per 128-wide k block, then promoted) differs: rel L2 <= 1e-5. Padded
+// output rows stay untouched; two runs give the same bits.
+TEST(CudaRowsGemm, Fp8ActivationsMatchCpuTwin) {
+  DSV3_REQUIRE_GPU();
+  std::mt19937_64 rng(92);
+  struct Case { int64_t M, N, K, ldx, ldy; };
+  for (const Case c : {Case{1, 200, 128, 128, 200}, Case{9, 672, 1024, 1032, 674}, Case{33, 1536, 384, 384, 1542},
+                       Case{64, 1024, 704, 704, 1024}, Case{128, 300, 352, 368, 300}, Case{17, 256, 176, 176, 256}}) {
+    const auto wf = randn(size_t(c.N * c.K), rng, 1.0f / std::sqrt(float(c.K)));
+    std::vector<uint8_t> q;
+    std::vector<float> sc, deq;
+    quantize_blocks(wf, c.N, c.K, q, sc, deq);
+    const auto xf = round_bf16(randn(size_t(c.M * c.ldx), rng));
+    std::vector<float> want(size_t(c.M * c.N));
+    for (int64_t m = 0; m < c.M; ++m) {
+      std::vector<float> xr(xf.begin() + m * c.ldx, xf.begin() + m * c.ldx + c.K);
+      quantize_row_1x128(xr);
+      for (int64_t n = 0; n < c.N; ++n) {
+        double a = 0;
+        for (int64_t k = 0; k < c.K; ++k) a += double(xr[size_t(k)]) * deq[size_t(n * c.K + k)];
+        want[size_t(m * c.N + n)] = float(a);
+      }
+    }
+    auto dx = upload(to_bf16(xf));
+    auto dq = upload(q);
+    auto ds = upload(sc);
+    DeviceBuffer<uint8_t> xq(size_t(c.M * c.K));
+    DeviceBuffer<float> xs(size_t(fp8_act_scale_count(c.M, c.K)));
+    auto dy = poisoned<float>(size_t(c.M * c.ldy));
+    ASSERT_TRUE(rows_gemm_fp8_supported(c.M, c.K, dy.get(), c.ldy));
+    quantize_fp8_1x128(DType::BF16, dx.get(), c.ldx, c.M, c.K, xq.get(), xs.get());
+    rows_gemm_fp8(xq.get(), xs.get(), c.M, dq.get(), ds.get(), c.N, c.K, dy.get(), c.ldy);
+    const auto y = download(dy);
+    rows_gemm_fp8(xq.get(), xs.get(), c.M, dq.get(), ds.get(), c.N, c.K, dy.get(), c.ldy);
+    EXPECT_EQ(std::memcmp(y.data(), download(dy).data(), y.size() * 4), 0) << "two runs differ";
+    std::vector<float> got(size_t(c.M * c.N));
+    bool pad_untouched = true;
+    for (int64_t m = 0; m < c.M; ++m) {
+      for (int64_t n = 0; n < c.N; ++n) got[size_t(m * c.N + n)] = y[size_t(m * c.ldy + n)];
+      for (int64_t n = c.N; n < c.ldy; ++n) pad_untouched = pad_untouched && std::isnan(y[size_t(m * c.ldy + n)]);
+    }
+    const double e = rel_l2(got, want);
+    std::printf("  rows_gemm_fp8 M %lld N %lld K %lld: rel L2 %.2e\n", (long long)c.M, (long long)c.N, (long long)c.K, e);
+    EXPECT_TRUE(all_finite(got));
+    EXPECT_LT(e, 1e-5);
+    EXPECT_TRUE(pad_untouched);
+  }
   EXPECT_FALSE(rows_gemm_supported(nullptr, 128, 4, 100, nullptr, 128));
 }
 

@@ -13,6 +13,8 @@
 #include <algorithm>
 #include <cstdlib>
 
+#include <cooperative_groups.h>
+
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/moe_ops.h"
 #include "kernels/cuda/moe_tiles.cuh"
@@ -20,6 +22,7 @@
 namespace dsv3::cuda {
 namespace {
 using namespace dev;
+namespace cg = cooperative_groups;
 
 constexpr int QN = 128, QK = 64, QSTR = QK + 16, QTHREADS = 256;
 
@@ -35,7 +38,13 @@ struct Fp8GroupedArgs {
   int E, K, N;               // N: output columns (I for gate|up, D for down)
   int up_row0;               // gate|up: first up row (I)
   int scale_up0;             // gate|up: offset of up's scale rows (ceil(I/128) * ceil(K/128))
-  void* out;                 // gate|up: h [slots, N] bf16; down: [slots, N] f32
+  void* out;                 // gate|up: h [slots, N] bf16; down: [slots, N] f32 (row stride ldo)
+  int ldo;
+  // offsets == nullptr: one group of rows1 rows with weights w1 / scale1 (a dense product, rows_gemm_fp8), K split
+  // over the gridDim.z blocks of a cluster.
+  int rows1;
+  const void* w1;
+  const float* scale1;
 };
 
 template <int GM, int QST>
@@ -52,12 +61,16 @@ __global__ void __launch_bounds__(QTHREADS, MINB) k_moe_grouped_fp8(Fp8GroupedAr
   extern __shared__ __align__(16) unsigned char smraw[];
   __shared__ int e_s, mt_s, src_s[GM];
   const int t = threadIdx.x, lane = t & 31, w = t >> 5, wm = w / WARPS_N, wn = w % WARPS_N, gq = lane >> 2, tq = lane & 3;
-  if (w == 0) find_tile<GM>(g.offsets, g.E, &e_s, &mt_s);
+  const bool one_group = g.offsets == nullptr;
+  if (w == 0 && !one_group) find_tile<GM>(g.offsets, g.E, &e_s, &mt_s);
   __syncthreads();
-  const int e = e_s;
+  const int e = one_group ? 0 : e_s;
   if (e < 0) return;
-  const int row0 = g.offsets[e] + mt_s * GM, row_end = g.offsets[e + 1];
-  const int nj = blockIdx.x, K = g.K, nk = (K + QK - 1) / QK, kblocks = (K + 127) / 128;
+  const int row0 = one_group ? int(blockIdx.y) * GM : g.offsets[e] + mt_s * GM, row_end = one_group ? g.rows1 : g.offsets[e + 1];
+  const int nj = blockIdx.x, K = g.K, kblocks = (K + 127) / 128;
+  // Split K (one-group products only): block z of the cluster runs slices [kbeg, kbeg + nk) and the cluster sums.
+  const int splits = int(gridDim.z), z = int(blockIdx.z), nkt = (K + QK - 1) / QK;
+  const int kbeg = nkt * z / splits, nk = nkt * (z + 1) / splits - kbeg;
   uint8_t* as = smraw;                                                    // [QST][GM][QSTR]
   uint8_t* bs = as + QST * GM * QSTR;                                     // [QST][QN][QSTR]
   float* ss = reinterpret_cast<float*>(bs + QST * QN * QSTR);             // [QST][GM + 2]: row scales, weight scales
@@ -73,15 +86,16 @@ __global__ void __launch_bounds__(QTHREADS, MINB) k_moe_grouped_fp8(Fp8GroupedAr
   };
   // The weight scales of this tile's columns for k block kb: SwiGLU's 64 gate (and 64 up) columns lie in one
   // 128-row scale block, down's 128 columns too (tiles start at multiples of 64 / 128).
-  const float* wsc = g.scale[e];
+  const float* wsc = one_group ? g.scale1 : g.scale[e];
   const int n_first = SWIGLU ? nj * (QN / 2) : nj * QN;
   const float* gate_sc = wsc + (n_first / 128) * kblocks;
   const float* up_sc = SWIGLU ? wsc + g.scale_up0 + (n_first / 128) * kblocks : gate_sc;
-  const uint8_t* wbase = static_cast<const uint8_t*>(g.w[e]);
-  auto ends_block = [&](int kt) { return (kt & 1) == 1 || kt == nk - 1; };  // 2 slices per 128-wide k block
+  const uint8_t* wbase = static_cast<const uint8_t*>(one_group ? g.w1 : g.w[e]);
+  // 2 slices per 128-wide k block; a split's last slice also ends its (partial) block.
+  auto ends_block = [&](int kt) { return ((kbeg + kt) & 1) == 1 || kt == nk - 1; };
 
   auto load_a = [&](int kt, int st) {  // activations (and the scales when slice kt ends a k block), then commit
-    const int k0 = kt * QK;
+    const int k0 = (kbeg + kt) * QK;
 #pragma unroll
     for (int c = t; c < GM * 4; c += QTHREADS) {  // A: GM rows x 4 chunks of 16 bytes
       const int r = c >> 2, ch = c & 3;
@@ -100,7 +114,7 @@ __global__ void __launch_bounds__(QTHREADS, MINB) k_moe_grouped_fp8(Fp8GroupedAr
     cp_async_commit();
   };
   auto load_b = [&](int kt, int st) {  // weights: 128 rows x 4 chunks of 16 bytes
-    const int k0 = kt * QK;
+    const int k0 = (kbeg + kt) * QK;
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       const int c = t + i * QTHREADS, r = c >> 2, ch = c & 3, wr = weight_row(r);
@@ -190,6 +204,34 @@ __global__ void __launch_bounds__(QTHREADS, MINB) k_moe_grouped_fp8(Fp8GroupedAr
   }
   cp_async_wait<0>();
 
+  if constexpr (!SWIGLU) {
+    if (splits > 1) {  // sum the cluster's partial tiles in rank order (deterministic), rows dealt over the ranks
+      __syncthreads();  // every warp is done with the ring: reuse it for this block's [GM][QN] f32 partial tile
+      float* part_s = reinterpret_cast<float*>(smraw);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int half = 0; half < 2; ++half)
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) {
+            const int rr = wm * 16 * MT + mt * 16 + gq + 8 * half, cc = col0(nt) + 2 * tq;
+            part_s[rr * QN + cc] = acc[mt][nt][2 * half];
+            part_s[rr * QN + cc + 1] = acc[mt][nt][2 * half + 1];
+          }
+      cg::cluster_group cl = cg::this_cluster();
+      cl.sync();
+      const int rows_per = (GM + splits - 1) / splits, r0 = z * rows_per, r1 = min(GM, r0 + rows_per);
+      for (int i = t; i < (r1 - r0) * QN; i += QTHREADS) {
+        const int rr = r0 + i / QN, cc = i % QN, row = row0 + rr, col = nj * QN + cc;
+        float v = 0.0f;
+        for (int q = 0; q < splits; ++q) v += cl.map_shared_rank(part_s, q)[rr * QN + cc];
+        if (row < row_end && col < g.N) static_cast<float*>(g.out)[int64_t(row) * g.ldo + col] = v;
+      }
+      cl.sync();  // no block leaves while another still reads its partial tile
+      return;
+    }
+  }
+
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -197,7 +239,7 @@ __global__ void __launch_bounds__(QTHREADS, MINB) k_moe_grouped_fp8(Fp8GroupedAr
       const int row = row0 + wm * 16 * MT + mt * 16 + gq + 8 * half;
       if (row >= row_end) continue;
       if constexpr (SWIGLU) {
-        uint16_t* h = static_cast<uint16_t*>(g.out) + int64_t(row) * g.N;
+        uint16_t* h = static_cast<uint16_t*>(g.out) + int64_t(row) * g.ldo;
 #pragma unroll
         for (int nt = 0; nt < NT / 2; ++nt) {
           const int j = nj * (QN / 2) + col0(nt) + 2 * tq;
@@ -211,7 +253,7 @@ __global__ void __launch_bounds__(QTHREADS, MINB) k_moe_grouped_fp8(Fp8GroupedAr
           *reinterpret_cast<uint32_t*>(h + j) = uint32_t(f32_to_bf16(r[0])) | (uint32_t(f32_to_bf16(r[1])) << 16);
         }
       } else {
-        float* o = static_cast<float*>(g.out) + int64_t(row) * g.N;
+        float* o = static_cast<float*>(g.out) + int64_t(row) * g.ldo;
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
           const int j = nj * QN + col0(nt) + 2 * tq;
@@ -294,6 +336,7 @@ void moe_grouped_swiglu_fp8(const MoeExperts& w, const uint8_t* xq, const float*
   g.scale = w.d_gate_up_scale();
   g.K = int(w.D);
   g.N = int(w.I);
+  g.ldo = g.N;
   g.up_row0 = int(w.I);
   g.scale_up0 = int(ceil_div(w.I, int64_t(128)) * ceil_div(w.D, int64_t(128)));
   launch_fp8_grouped<true>(g, slots, ceil_div(w.I, int64_t(QN / 2)), s);
@@ -307,7 +350,58 @@ void moe_grouped_down_fp8(const MoeExperts& w, const uint8_t* hq, const float* h
   g.scale = w.d_down_scale();
   g.K = int(w.I);
   g.N = int(w.D);
+  g.ldo = g.N;
   launch_fp8_grouped<false>(g, slots, ceil_div(w.D, int64_t(QN)), s);
+}
+
+bool rows_gemm_fp8_supported(int64_t M, int64_t K, const float* y, int64_t ldy) {
+  return M >= 1 && M <= kRowsGemmMaxRows && K > 0 && K % 16 == 0 && K <= INT32_MAX / 2 && ldy % 2 == 0 &&
+         reinterpret_cast<uintptr_t>(y) % 8 == 0;
+}
+
+void rows_gemm_fp8(const uint8_t* xq, const float* x_scale, int64_t M, const uint8_t* w, const float* scale, int64_t N, int64_t K,
+                   float* y, int64_t ldy, cudaStream_t s) {
+  DSV3_CHECK(rows_gemm_fp8_supported(M, K, y, ldy) && N > 0 && N <= INT32_MAX && w && scale,
+             "rows_gemm_fp8: M {} (1..{}), K {} (a multiple of 16), ldy {} or alignment not supported", M, kRowsGemmMaxRows, K, ldy);
+  Fp8GroupedArgs g{};
+  g.a = xq;
+  g.a_scale = x_scale;
+  g.a_scale_ld = int(fp8_act_scale_ld(M));
+  g.a_row_div = 1;
+  g.E = 1;
+  g.K = int(K);
+  g.N = int(N);
+  g.out = y;
+  g.ldo = int(ldy);
+  g.rows1 = int(M);
+  g.w1 = w;
+  g.scale1 = scale;
+  // Few output tiles: split K over a cluster of up to 8 blocks so that ~2 blocks per SM stream the weights.
+  constexpr int GM = 32, QST = 4;
+  const int64_t n_tiles = ceil_div(N, int64_t(QN)), m_tiles = ceil_div(M, int64_t(GM)), nkt = ceil_div(K, int64_t(QK));
+  static const int64_t sms = device_info().sm_count;
+  const int splits = int(std::clamp<int64_t>(std::min(ceil_div(2 * sms, n_tiles * m_tiles), nkt), 1, 8));
+  constexpr size_t smem = fp8_grouped_smem_bytes<GM, QST>();
+  auto* k = &k_moe_grouped_fp8<false, 1, 2, 2, QST>;
+  static const bool attr = [&] {
+    DSV3_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    return true;
+  }();
+  (void)attr;
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(unsigned(n_tiles), unsigned(m_tiles), unsigned(splits));
+  cfg.blockDim = dim3(QTHREADS);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = s;
+  cudaLaunchAttribute at[2];
+  at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  at[0].val.programmaticStreamSerializationAllowed = 1;
+  at[1].id = cudaLaunchAttributeClusterDimension;
+  at[1].val.clusterDim.x = 1, at[1].val.clusterDim.y = 1, at[1].val.clusterDim.z = unsigned(splits);
+  cfg.attrs = at;
+  cfg.numAttrs = 2;
+  DSV3_CUDA_CHECK(cudaLaunchKernelEx(&cfg, k, g));
+  DSV3_CUDA_CHECK_LAUNCH("rows_gemm_fp8 kernel");
 }
 
 }  // namespace dsv3::cuda

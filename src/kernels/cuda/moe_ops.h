@@ -127,6 +127,13 @@ constexpr int64_t kRowsGemmMaxRows = 128;
 bool rows_gemm_supported(const void* x, int64_t ldx, int64_t M, int64_t K, const float* y, int64_t ldy);
 void rows_gemm(DType wt, const uint16_t* x, int64_t ldx, int64_t M, const void* w, const float* scale, int64_t N, int64_t K,
                float* y, int64_t ldy, cudaStream_t stream = nullptr);
+// The same product on e4m3 activations (moe_grouped_fp8.cu's kernel as one group): xq [M, K] contiguous with
+// quantize_fp8_1x128's scales, W e4m3 [N, K] with its 128x128 block scales, y f32 (row stride ldy); K a multiple
+// of 16. A programmatic dependent like the grouped FP8 kernels (weights streamed before waiting for the kernel
+// before it, which writes xq: quantize_fp8_1x128 lets it start).
+bool rows_gemm_fp8_supported(int64_t M, int64_t K, const float* y, int64_t ldy);
+void rows_gemm_fp8(const uint8_t* xq, const float* x_scale, int64_t M, const uint8_t* w, const float* scale, int64_t N, int64_t K,
+                   float* y, int64_t ldy, cudaStream_t stream = nullptr);
 void moe_grouped_swiglu(const MoeExperts& w, const uint16_t* xg, const int32_t* offsets, int64_t slots, uint16_t* h,
                         cudaStream_t stream = nullptr);
 void moe_grouped_down(const MoeExperts& w, const uint16_t* h, const int32_t* offsets, int64_t slots, float* out,
