@@ -13,8 +13,6 @@
 #include <algorithm>
 #include <cstdlib>
 
-#include <cooperative_groups.h>
-
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/moe_ops.h"
 #include "kernels/cuda/moe_tiles.cuh"
@@ -22,7 +20,6 @@
 namespace dsv3::cuda {
 namespace {
 using namespace dev;
-namespace cg = cooperative_groups;
 
 constexpr int QN = 128, QK = 64, QSTR = QK + 16, QTHREADS = 256;
 
@@ -60,7 +57,7 @@ __global__ void __launch_bounds__(QTHREADS, MINB) k_moe_grouped_fp8(Fp8GroupedAr
   static_assert(NT % 2 == 0, "n8 tiles go in pairs (one ldmatrix.x4); SwiGLU splits them gate / up");
   extern __shared__ __align__(16) unsigned char smraw[];
   __shared__ int e_s, mt_s, src_s[GM];
-  const int t = threadIdx.x, lane = t & 31, w = t >> 5, wm = w / WARPS_N, wn = w % WARPS_N, gq = lane >> 2, tq = lane & 3;
+  const int t = threadIdx.x, lane = t & 31, w = t >> 5, wm = w / WARPS_N, wn = w % WARPS_N, gq = lane >> 2;
   const bool one_group = g.offsets == nullptr;
   if (w == 0 && !one_group) find_tile<GM>(g.offsets, g.E, &e_s, &mt_s);
   __syncthreads();
@@ -204,63 +201,7 @@ __global__ void __launch_bounds__(QTHREADS, MINB) k_moe_grouped_fp8(Fp8GroupedAr
   }
   cp_async_wait<0>();
 
-  if constexpr (!SWIGLU) {
-    if (splits > 1) {  // sum the cluster's partial tiles in rank order (deterministic), rows dealt over the ranks
-      __syncthreads();  // every warp is done with the ring: reuse it for this block's [GM][QN] f32 partial tile
-      float* part_s = reinterpret_cast<float*>(smraw);
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int half = 0; half < 2; ++half)
-#pragma unroll
-          for (int nt = 0; nt < NT; ++nt) {
-            const int rr = wm * 16 * MT + mt * 16 + gq + 8 * half, cc = col0(nt) + 2 * tq;
-            part_s[rr * QN + cc] = acc[mt][nt][2 * half];
-            part_s[rr * QN + cc + 1] = acc[mt][nt][2 * half + 1];
-          }
-      cg::cluster_group cl = cg::this_cluster();
-      cl.sync();
-      const int rows_per = (GM + splits - 1) / splits, r0 = z * rows_per, r1 = min(GM, r0 + rows_per);
-      for (int i = t; i < (r1 - r0) * QN; i += QTHREADS) {
-        const int rr = r0 + i / QN, cc = i % QN, row = row0 + rr, col = nj * QN + cc;
-        float v = 0.0f;
-        for (int q = 0; q < splits; ++q) v += cl.map_shared_rank(part_s, q)[rr * QN + cc];
-        if (row < row_end && col < g.N) static_cast<float*>(g.out)[int64_t(row) * g.ldo + col] = v;
-      }
-      cl.sync();  // no block leaves while another still reads its partial tile
-      return;
-    }
-  }
-
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int row = row0 + wm * 16 * MT + mt * 16 + gq + 8 * half;
-      if (row >= row_end) continue;
-      if constexpr (SWIGLU) {
-        uint16_t* h = static_cast<uint16_t*>(g.out) + int64_t(row) * g.ldo;
-#pragma unroll
-        for (int nt = 0; nt < NT / 2; ++nt) {
-          const int j = nj * (QN / 2) + col0(nt) + 2 * tq;
-          if (j >= g.N) continue;
-          float r[2];
-#pragma unroll
-          for (int c = 0; c < 2; ++c) {
-            const float gv = acc[mt][nt][2 * half + c], uv = acc[mt][nt + NT / 2][2 * half + c];
-            r[c] = gv / (1.0f + expf(-gv)) * uv;  // k_silu_mul's expression
-          }
-          *reinterpret_cast<uint32_t*>(h + j) = uint32_t(f32_to_bf16(r[0])) | (uint32_t(f32_to_bf16(r[1])) << 16);
-        }
-      } else {
-        float* o = static_cast<float*>(g.out) + int64_t(row) * g.ldo;
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-          const int j = nj * QN + col0(nt) + 2 * tq;
-          if (j < g.N) *reinterpret_cast<float2*>(o + j) = make_float2(acc[mt][nt][2 * half], acc[mt][nt][2 * half + 1]);
-        }
-      }
-    }
+  store_tile<SWIGLU, GM, QN, MT, NT, QTHREADS>(acc, col0, wm, splits, smraw, row0, row_end, nj, g.N, g.out, g.ldo);
 }
 
 template <bool SWIGLU, int WARPS_M, int MT, int MINB, int QST>
@@ -388,19 +329,7 @@ void rows_gemm_fp8(const uint8_t* xq, const float* x_scale, int64_t M, const uin
     return true;
   }();
   (void)attr;
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3(unsigned(n_tiles), unsigned(m_tiles), unsigned(splits));
-  cfg.blockDim = dim3(QTHREADS);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = s;
-  cudaLaunchAttribute at[2];
-  at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  at[0].val.programmaticStreamSerializationAllowed = 1;
-  at[1].id = cudaLaunchAttributeClusterDimension;
-  at[1].val.clusterDim.x = 1, at[1].val.clusterDim.y = 1, at[1].val.clusterDim.z = unsigned(splits);
-  cfg.attrs = at;
-  cfg.numAttrs = 2;
-  DSV3_CUDA_CHECK(cudaLaunchKernelEx(&cfg, k, g));
+  launch_k_split_cluster(k, dim3(unsigned(n_tiles), unsigned(m_tiles), unsigned(splits)), dim3(QTHREADS), smem, s, g);
   DSV3_CUDA_CHECK_LAUNCH("rows_gemm_fp8 kernel");
 }
 
