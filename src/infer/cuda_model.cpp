@@ -227,6 +227,9 @@ struct CudaModel::Impl {
   DBuf<cuda::PersistentLayer> persist_layers;
   cuda::PersistentShape persist_shape;
   DBuf<uint32_t> persist_bar;
+  // Per layer: q_b with W_UK absorbed, the router split over the residual stream (persistent_ops.h), f32. (A bf16
+  // query weight measured 2% faster on the H200 but 6x further from the launch path: 4.4e-3 vs 6.8e-4.)
+  std::vector<DBuf<float>> persist_folded;
   std::string persist_why = "not built";
   std::vector<LayerW> layers;
   std::vector<MtpW> mtp;
@@ -520,6 +523,67 @@ struct CudaModel::Impl {
     }
   }
 
+  // A projection's weight for contract_weights: its own bf16 buffer, or (FP8) dequantized in f32 into `tmp` (e4m3 ×
+  // its block scale exactly: the kernel's e4m3 products use the same values).
+  cuda::ContractOperand weight_operand(const Lin& l, DBuf<float>& tmp, int64_t sh, int64_t sd, int64_t sx) {
+    if (l.type == DType::BF16) return {DType::BF16, l.w.get(), sh, sd, sx};
+    DSV3_CHECK(l.type == DType::F8_E4M3 && l.split == 0 && l.scale.get(), "internal: folding a {} weight", dtype_name(l.type));
+    const int64_t kb = (l.K + 127) / 128;
+    std::vector<uint8_t> q(static_cast<size_t>(l.N * l.K));
+    std::vector<float> sc(static_cast<size_t>((l.N + 127) / 128 * kb)), f(q.size());
+    cuda::copy_to_host(q.data(), l.w.get(), q.size());
+    cuda::copy_to_host(sc.data(), l.scale.get(), sc.size() * 4);
+    for (int64_t n = 0; n < l.N; ++n)
+      for (int64_t k = 0; k < l.K; ++k)
+        f[size_t(n * l.K + k)] = fp8_e4m3_to_f32(q[size_t(n * l.K + k)]) * sc[size_t(n / 128 * kb + k / 128)];
+    tmp = DBuf<float>(f.size());
+    cuda::copy_to_device(tmp.get(), f.data(), f.size() * 4);
+    return {DType::F32, tmp.get(), sh, sd, sx};
+  }
+  const float* keep_folded(DBuf<float> b) {
+    persist_folded.push_back(std::move(b));
+    return persist_folded.back().get();
+  }
+  // The persistent kernel's query weight: q_b with W_UK absorbed, [H·(kvr + dr), nq] f32 (persistent_ops.h).
+  const float* fold_query(const AttnW& a) {
+    const int64_t nq = a.q_b.K;
+    DBuf<float> tmp;
+    const cuda::ContractOperand qb = weight_operand(a.q_b, tmp, (dn + dr) * nq, nq, 1);
+    DBuf<float> out(static_cast<size_t>(H * W * nq));
+    cuda::contract_weights({DType::BF16, a.wkv, (dn + dv) * kvr, kvr, 1}, qb, nullptr, H, dn, kvr, nq, out.get(), W * nq, nq);
+    // The rope rows as they are: a contraction over one d with A = 1 (stride 0) picks row dn + r of head h.
+    static const float one = 1.0f;
+    DBuf<float> d_one(1);
+    cuda::copy_to_device(d_one.get(), &one, 4);
+    const size_t es = qb.type == DType::F32 ? 4 : 2;
+    for (int64_t h = 0; h < H; ++h) {
+      cuda::ContractOperand rows = qb;
+      rows.p = static_cast<const uint8_t*>(qb.p) + size_t((h * (dn + dr) + dn) * nq) * es;
+      rows.sh = nq, rows.sd = 0;  // "head" r of this call = rope row r
+      cuda::contract_weights({DType::F32, d_one.get(), 0, 0, 0}, rows, nullptr, dr, 1, 1, nq, out.get() + (h * W + kvr) * nq, nq, 0);
+    }
+    cuda::synchronize();  // before tmp goes
+    return keep_folded(std::move(out));
+  }
+  // The router split over the residual stream (persistent_ops.h): w_rg = gate ⊙ ln2 [E, D] and w_lg =
+  // Σ_d gate[e, d]·ln2[d]·w_o[d, :] [E, H·dv], both f32.
+  std::pair<const float*, const float*> fold_router(const Lin& o, const float* gate, const float* ln2) {
+    const int64_t E = cfg.n_routed_experts;
+    DBuf<float> tmp;
+    const cuda::ContractOperand wo = weight_operand(o, tmp, 0, o.K, 1);
+    DBuf<float> lg(static_cast<size_t>(E * o.K)), rg(static_cast<size_t>(E * D));
+    cuda::contract_weights({DType::F32, gate, 0, 1, D}, wo, ln2, 1, D, E, o.K, lg.get(), 0, o.K);
+    std::vector<float> g(static_cast<size_t>(E * D)), l2(static_cast<size_t>(D));
+    cuda::copy_to_host(g.data(), gate, g.size() * 4);
+    cuda::copy_to_host(l2.data(), ln2, l2.size() * 4);
+    for (int64_t e = 0; e < E; ++e)
+      for (int64_t d = 0; d < D; ++d) g[size_t(e * D + d)] *= l2[size_t(d)];
+    cuda::copy_to_device(rg.get(), g.data(), g.size() * 4);
+    cuda::synchronize();
+    const float* rgp = keep_folded(std::move(rg));
+    return {rgp, keep_folded(std::move(lg))};
+  }
+
   // The persistent decode kernel's tables, when the model qualifies: bf16 projections, or (native FP8 checkpoints)
   // e4m3 ones with 128x128 block scales; the router f32, a q LoRA. DSV3_PERSISTENT_FP8=1 lets FP8 models use it
   // (off until its GPU test has run: CudaModel.PersistentDecodeMatchesLaunchPath's native-FP8 case).
@@ -542,6 +606,11 @@ struct CudaModel::Impl {
         return;
       }
     }
+    // On a shape the kernel does not take: why, and no folded weights kept.
+    auto fail = [&](std::string why) {
+      persist_why = std::move(why);
+      persist_folded.clear();
+    };
     std::vector<cuda::PersistentLayer> t;
     int64_t units = 0, scf = 0;
     auto cd = [](int64_t n) { return (n + 127) / 128; };
@@ -553,22 +622,20 @@ struct CudaModel::Impl {
     for (const LayerW& L : layers) {
       const AttnW& a = L.attn;
       if (!a.lora || !ok(a.in, fp8 ? a.in.split : 0) || !ok(a.q_b, 0) || !ok(a.o, 0)) {
-        persist_why = fp8 ? "attention weights not all FP8 with a q LoRA" : "attention weights not bf16 with a q LoRA";
-        return;
+        return fail(fp8 ? "attention weights not all FP8 with a q LoRA" : "attention weights not bf16 with a q LoRA");
       }
       cuda::PersistentLayer p;
       p.ln1 = L.ln1.get(), p.ln2 = L.ln2.get();
-      p.w_in = a.in.w.get(), p.q_a_ln = a.q_a_ln.get(), p.w_qb = a.q_b.w.get(), p.kv_a_ln = a.kv_a_ln.get();
-      p.wuk = a.wkv, p.wuv_t = a.wuv_t.get(), p.w_o = a.o.w.get(), p.cache_layer = L.cache_layer;
+      p.w_in = a.in.w.get(), p.q_a_ln = a.q_a_ln.get(), p.kv_a_ln = a.kv_a_ln.get();
+      p.wuv_t = a.wuv_t.get(), p.w_o = a.o.w.get(), p.cache_layer = L.cache_layer;
       if (fp8) {
-        p.s_in = a.in.scale.get(), p.split_in = a.in.split, p.s_qb = a.q_b.scale.get(), p.s_o = a.o.scale.get();
-        scf = std::max({scf, grid(a.in), grid(a.q_b), grid(a.o)});
+        p.s_in = a.in.scale.get(), p.split_in = a.in.split, p.s_o = a.o.scale.get();
+        scf = std::max({scf, grid(a.in), grid(a.o)});
       }
       const MlpW* fixed = L.mlp ? &*L.mlp : (L.moe && L.moe->shared ? &*L.moe->shared : nullptr);
       if (fixed) {
         if (!ok(fixed->gu, fp8 ? fixed->I : 0) || !ok(fixed->down, 0) || (fp8 && fixed->I % 16 != 0)) {
-          persist_why = fp8 ? "MLP weights not FP8 (or a width not a multiple of 16)" : "MLP weights not bf16";
-          return;
+          return fail(fp8 ? "MLP weights not FP8 (or a width not a multiple of 16)" : "MLP weights not bf16");
         }
         p.fix_gu = fixed->gu.w.get(), p.fix_dn = fixed->down.w.get(), p.fix_I = fixed->I;
         if (fp8) p.s_fix_gu = fixed->gu.scale.get(), p.s_fix_dn = fixed->down.scale.get();
@@ -577,8 +644,7 @@ struct CudaModel::Impl {
         const MoeW& e = *L.moe;
         const DType et = fp8 ? DType::F8_E4M3 : DType::BF16;
         if (!e.use_table || e.table.type != et || e.gate.type != DType::F32 || (fp8 && e.table.I % 16 != 0)) {
-          persist_why = fp8 ? "routed experts not FP8 (or a width not a multiple of 16)" : "routed experts not bf16";
-          return;
+          return fail(fp8 ? "routed experts not FP8 (or a width not a multiple of 16)" : "routed experts not bf16");
         }
         p.gate = reinterpret_cast<const float*>(e.gate.w.get());
         p.bias = e.has_bias ? e.bias.get() : nullptr;
@@ -597,8 +663,12 @@ struct CudaModel::Impl {
     sh.layers = int64_t(layers.size()), sh.block_size = kBlock, sh.max_units = units, sh.eps = eps, sh.scale = scale;
     sh.router = router;
     sh.fp8 = fp8, sh.scale_floats = (scf + 3) / 4 * 4;
-    persist_why = cuda::decode_persistent_unsupported(sh, opt.persistent_blocks);
-    if (!persist_why.empty()) return;
+    if (std::string why = cuda::decode_persistent_unsupported(sh, opt.persistent_blocks); !why.empty()) return fail(why);
+    for (size_t i = 0; i < t.size(); ++i) {  // the folded weights, once the kernel takes the shape
+      t[i].w_qc = fold_query(layers[i].attn);
+      if (t[i].gate) std::tie(t[i].w_rg, t[i].w_lg) = fold_router(layers[i].attn.o, t[i].gate, layers[i].ln2.get());
+    }
+    persist_why.clear();
     persist_layers = DBuf<cuda::PersistentLayer>(t.size());
     cuda::copy_to_device(persist_layers.get(), t.data(), t.size() * sizeof(cuda::PersistentLayer));
     persist_bar = DBuf<uint32_t>(2);

@@ -66,6 +66,47 @@ TEST(CudaInferOps, HeadMatmulMatchesHost) {
   }
 }
 
+// contract_weights (the persistent kernel's folded weights) against a float64 host loop: the two folds the model
+// makes (W_UK into q_b per head, bf16 operands; the router into o_proj, f32 gate read transposed, bf16 W_o, ln2
+// as the per-d scale) and an odd-sized case with padded strides. f64 sums on both sides: 1e-6.
+TEST(CudaInferOps, ContractWeightsMatchesHost) {
+  DSV3_REQUIRE_GPU();
+  std::mt19937_64 rng(23);
+  struct Case {
+    int64_t nh, nd, ni, nk;
+    bool a_bf16, b_bf16, a_transposed, scaled;
+  };
+  for (const Case c : {Case{16, 64, 256, 384, true, true, false, false}, Case{1, 1024, 64, 1024, false, true, true, true},
+                       Case{3, 17, 29, 45, false, false, false, true}}) {
+    // A(h, d, i): rows of d (i contiguous) or, transposed, rows of i (d contiguous); both padded by 3 and per head by 7.
+    const int64_t a_sd = c.a_transposed ? 1 : c.ni + 3, a_sx = c.a_transposed ? c.nd + 3 : 1;
+    const int64_t a_sh = (c.a_transposed ? c.ni * a_sx : c.nd * a_sd) + 7;
+    const int64_t b_sd = c.nk + 2, b_sh = c.nd * b_sd + 5, soi = c.nk + 1, soh = c.ni * soi + 4;
+    auto a = randn(size_t(c.nh * a_sh), rng), b = randn(size_t(c.nh * b_sh), rng), sc = randn(size_t(c.nd), rng, 0.3f, 1.0f);
+    if (c.a_bf16) a = round_bf16(a);
+    if (c.b_bf16) b = round_bf16(b);
+    auto da32 = upload(a), db32 = upload(b), ds = upload(sc);
+    auto da16 = upload(to_bf16(a)), db16 = upload(to_bf16(b));
+    auto dout = poisoned<float>(size_t(c.nh * soh));
+    const ContractOperand A{c.a_bf16 ? DType::BF16 : DType::F32, c.a_bf16 ? static_cast<const void*>(da16.get()) : da32.get(), a_sh, a_sd, a_sx};
+    const ContractOperand B{c.b_bf16 ? DType::BF16 : DType::F32, c.b_bf16 ? static_cast<const void*>(db16.get()) : db32.get(), b_sh, b_sd, 1};
+    contract_weights(A, B, c.scaled ? ds.get() : nullptr, c.nh, c.nd, c.ni, c.nk, dout.get(), soh, soi);
+    const auto got = download(dout);
+    std::vector<float> g, r;
+    for (int64_t h = 0; h < c.nh; ++h)
+      for (int64_t i = 0; i < c.ni; ++i)
+        for (int64_t k = 0; k < c.nk; ++k) {
+          double acc = 0;
+          for (int64_t d = 0; d < c.nd; ++d)
+            acc += (c.scaled ? double(sc[size_t(d)]) : 1.0) * double(a[size_t(h * a_sh + d * a_sd + i * a_sx)]) *
+                   double(b[size_t(h * b_sh + d * b_sd + k)]);
+          g.push_back(got[size_t(h * soh + i * soi + k)]);
+          r.push_back(float(acc));
+        }
+    EXPECT_LT(rel_l2(g, r), 1e-6) << "nh " << c.nh << " nd " << c.nd << " ni " << c.ni << " nk " << c.nk;
+  }
+}
+
 // The fused layer boundary must equal add_rows + rmsnorm_to bit for bit (the model's golden tolerances were
 // measured with the unfused kernels), with and without the add, for both outputs and padded rows.
 TEST(CudaInferOps, ResidualRmsnormEqualsUnfused) {

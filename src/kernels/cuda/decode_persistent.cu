@@ -32,7 +32,7 @@ constexpr int kSplitRows = 16;  // context rows per block before the context is 
 constexpr int kMaxSplitsPerLane = 8;  // the merge's warp holds the split statistics: at most 256 blocks
 
 struct Work {
-  float *r1, *r2, *ffn, *att, *qkv, *q, *qc, *o, *logits, *act, *ml, *part;
+  float *r1, *r2, *ffn, *att, *qkv, *qc, *o, *logits, *act, *ml, *part;  // logits: the router's two terms, [2][E]
 };
 struct Args {
   PersistentShape s;
@@ -50,28 +50,42 @@ struct Args {
 };
 
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+// Stage 2: the absorbed query rows go to every block but the last, which appends the new latent row meanwhile.
+__host__ __device__ inline int qc_blocks(int nb) { return nb > 1 ? nb - 1 : 1; }
+// Its rows staged in shared memory: a block's whole share unless that passes 64 KB (small grids; the rest is read
+// from global memory).
+__host__ __device__ inline int64_t qc_chunk_rows(const PersistentShape& s, int nb) {
+  const int64_t share = (s.H * (s.kvr + s.dr) + qc_blocks(nb) - 1) / qc_blocks(nb), fit = (int64_t(1) << 16) / (s.nq * 4);
+  return share < fit ? share : (fit > 8 ? fit : 8);
+}
+// Stage 1's buffer: a block's [q_a | kv_a] rows, then (16-byte aligned) its rows of the router's residual weight.
+__host__ __device__ inline int64_t in_rows_bytes(const PersistentShape& s, int nb) {
+  return ((s.nq + s.kvr + s.dr + nb - 1) / nb * s.D * (s.fp8 ? 1 : 2) + 15) / 16 * 16;
+}
+// Stage 5's buffer: a block's o_proj rows, then (aligned) its rows of the router folded into o_proj.
+__host__ __device__ inline int64_t o_rows_bytes(const PersistentShape& s, int nb) {
+  return ((s.D + nb - 1) / nb * s.H * s.dv * (s.fp8 ? 1 : 2) + 15) / 16 * 16;
+}
 
 // Shared-memory plan, the same on host and device.
 struct Plan {
   int64_t wb = 0, xmax = 0, misc = 0, smem = 0;
 };
 Plan plan_of(const PersistentShape& s, int nb) {
-  const int64_t nin = s.nq + s.kvr + s.dr, dqk = s.dn + s.dr, W = s.kvr + s.dr;
+  const int64_t W = s.kvr + s.dr;
   const int64_t es = s.fp8 ? 1 : 2;  // bytes of a projection weight (W_UK, W_UV and the cache stay bf16)
   int64_t wb = 0;
   auto at_least = [&](int64_t b) { wb = std::max(wb, b); };
-  at_least(cdiv(nin, nb) * s.D * es);
-  at_least(cdiv(s.H * dqk, nb) * s.nq * es);
-  at_least(s.dn * s.kvr * 2);
+  at_least(in_rows_bytes(s, nb) + cdiv(s.E, nb) * s.D * 4);
+  at_least(qc_chunk_rows(s, nb) * s.nq * 4);
   at_least(kTile * (W + kPad) * 2 + s.H * W * 4 + s.H * kTile * 4);
   at_least(s.kvr * s.dv * 2);
-  at_least(cdiv(s.D, nb) * s.H * s.dv * es);
-  at_least(cdiv(s.E, nb) * s.D * 4);
+  at_least(o_rows_bytes(s, nb) + cdiv(s.E, nb) * s.H * s.dv * 4);
   at_least(2 * cdiv(s.max_units, nb) * s.D * es);
   at_least(cdiv(s.D, nb) * s.max_units * es);
   Plan p;
   p.wb = (wb + 15) / 16 * 16;
-  p.xmax = std::max({s.D, s.nq, s.H * s.dv, s.max_units, s.kvr + kT, s.dn + s.dr + s.kvr + s.dr});
+  p.xmax = std::max({s.D, s.nq + W, s.H * s.dv, s.max_units, s.kvr + kT});
   p.xmax = (p.xmax + 3) / 4 * 4;
   p.misc = 32 + 3 * kMaxH + 32 + 32 + 8 + 2 * (4 * s.E + 132) + 4 * s.E + s.router.n_group + nb + 3 * s.scale_floats;
   p.smem = 2 * p.wb + 4 * (p.xmax + p.misc);
@@ -173,6 +187,14 @@ __device__ __forceinline__ float warp_dot_part(const uint8_t* row, const float* 
     acc = fmaf(sr[i], dot4(*reinterpret_cast<const uint32_t*>(row + c * 4), *reinterpret_cast<const float4*>(x + c * 4)), acc);
   return acc;
 }
+// The same for an f32 row (the folded weights).
+__device__ __forceinline__ float warp_dot_part(const float* row, const float* x, int K, float acc, const float* = nullptr) {
+  for (int c = threadIdx.x & 31; c < K / 4; c += 32) {
+    const float4 w = *reinterpret_cast<const float4*>(row + c * 4), v = *reinterpret_cast<const float4*>(x + c * 4);
+    acc = fmaf(w.x, v.x, fmaf(w.y, v.y, fmaf(w.z, v.z, fmaf(w.w, v.w, acc))));
+  }
+  return acc;
+}
 template <class WT>
 __device__ __forceinline__ float warp_dot(const WT* row, const float* x, int K, const float* sr = nullptr) {
   return warp_sum(warp_dot_part(row, x, K, 0.0f, sr));
@@ -199,17 +221,10 @@ __device__ __forceinline__ float2 warp_dot2(const uint8_t* r0, const uint8_t* r1
 // The block-scale row of row r of an FP8 weight whose first `split` rows (0: none) are one stacked weight with its
 // own scale rows (cuda_model.cpp's Lin::split; gate | up of an expert).
 __device__ __forceinline__ int scale_row(int r, int split) { return split > 0 && r >= split ? (split + 127) / 128 + (r - split) / 128 : r / 128; }
-__device__ __forceinline__ float warp_dot_f32(const float* row, const float* x, int K) {
-  float acc = 0.0f;
-  for (int c = threadIdx.x & 31; c < K / 4; c += 32) {
-    const float4 w = *reinterpret_cast<const float4*>(row + c * 4), v = *reinterpret_cast<const float4*>(x + c * 4);
-    acc = fmaf(w.x, v.x, fmaf(w.y, v.y, fmaf(w.z, v.z, fmaf(w.w, v.w, acc))));
-  }
-  return warp_sum(acc);
-}
+__device__ __forceinline__ float warp_dot_f32(const float* row, const float* x, int K) { return warp_sum(warp_dot_part(row, x, K, 0.0f)); }
 // xs[0, n) = gamma · (xs · r), r = 1 / sqrt(mean(xs²) + eps) (rmsnorm_to's order), optionally rounded to bf16. Each
-// thread touches the indices t, t + kT, ... it wrote itself.
-__device__ __noinline__ void norm_in_place(float* xs, int n, const float* gamma, float eps, bool round, float* red) {
+// thread touches the indices t, t + kT, ... it wrote itself. Returns r.
+__device__ __noinline__ float norm_in_place(float* xs, int n, const float* gamma, float eps, bool round, float* red) {
   float ss = 0.0f;
   for (int j = threadIdx.x; j < n; j += kT) ss += xs[j] * xs[j];
   ss = block_sum(ss, red);
@@ -232,6 +247,7 @@ __device__ __noinline__ void norm_in_place(float* xs, int n, const float* gamma,
     }
   }
   __syncthreads();
+  return r;
 }
 
 // A piece of the FFN's concatenated units: the fixed expert first, then the routed ones in the router's order.
@@ -283,23 +299,7 @@ __device__ __noinline__ void load_vec(float* dst, const float* a, const float* b
 // Why so many helpers are __noinline__: the kernel runs each stage's code once per layer, and inlined it was 329 KB
 // of machine code, far past the instruction caches; shared copies of the helpers stay cached across stages.
 
-// One contiguous copy into shared memory completing one phase of `bar` (the last warp issues it, split over its
-// lanes; bytes == 0: the phase completes at once). Called by every thread.
 constexpr int64_t kPiece = 1 << 19;  // bytes per bulk copy (few, large copies: the copy queue is short)
-__device__ __noinline__ void fill_one(uint64_t* bar, void* dst, const void* src, int64_t bytes) {
-  if ((threadIdx.x >> 5) != kW - 1) return;  // not warp 0: its thread 0 waits at the grid barrier meanwhile
-  const int lane = threadIdx.x & 31;
-  fence_proxy_async_smem();  // the buffer's earlier (generic) reads before the copies' writes
-  int k = 0;
-  for (int64_t off = 0; off < bytes; off += kPiece, ++k) {
-    if ((k & 31) != lane) continue;
-    const uint32_t n = uint32_t(min(kPiece, bytes - off));
-    mbar_expect_tx(bar, n);
-    bulk_copy_g2s(static_cast<char*>(dst) + off, static_cast<const char*>(src) + off, n, bar);
-  }
-  __syncwarp();
-  if (lane == 0) mbar_arrive(bar);
-}
 // A fill of several pieces: fill_piece per piece (the last warp's lanes take turns), then fill_close. k: the
 // running piece count of this fill.
 __device__ __noinline__ void fill_piece(uint64_t* bar, void* dst, const void* src, int64_t bytes, int& k) {
@@ -361,8 +361,8 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
   const PersistentShape& s = a.s;
   const Work& w = a.w;
   const int b = blockIdx.x, nb = gridDim.x, t = threadIdx.x, lane = t & 31, warp = t >> 5;
-  const int D = int(s.D), H = int(s.H), dn = int(s.dn), dr = int(s.dr), dv = int(s.dv), kvr = int(s.kvr), nq = int(s.nq);
-  const int E = int(s.E), K = s.router.top_k, nin = nq + kvr + dr, dqk = dn + dr, W = kvr + dr, hd = dn + dv, KS = W + kPad;
+  const int D = int(s.D), H = int(s.H), dr = int(s.dr), dv = int(s.dv), kvr = int(s.kvr), nq = int(s.nq);
+  const int E = int(s.E), K = s.router.top_k, nin = nq + kvr + dr, W = kvr + dr, HV = H * dv, KS = W + kPad;
   unsigned char* buf[2] = {sm, sm + a.wb};
   float* xs = reinterpret_cast<float*>(sm + 2 * a.wb);
   float* red = xs + a.xmax;
@@ -431,12 +431,16 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
   };
   // This block's share of the rows of a projection [n, k] (and, FP8, the weight's whole scale grid: a few hundred
   // floats at these sizes).
-  auto rows_of = [&](int which, const void* base, int64_t n, int64_t k, const float* grid, int split) {
-    int64_t r0, r1;
-    share(n, b, nb, r0, r1);
+  // Stage 1's operands: this block's [q_a | kv_a] rows (and, MoE, its rows of the router's residual weight).
+  auto in_rows = [&](int which, const PersistentLayer& Lp) {
+    int64_t r0, r1, e0 = 0, e1 = 0;
+    share(nin, b, nb, r0, r1);
+    if (Lp.gate) share(E, b, nb, e0, e1);
+    const int split = int(Lp.split_in);
     fill(which, [&](auto&& emit, auto&& emit_sc) {
-      emit(buf[which], static_cast<const char*>(base) + r0 * k * ES, (r1 - r0) * k * ES);
-      if (kFp8) emit_sc(0, grid, (split > 0 ? cdiv128(split) + cdiv128(n - split) : cdiv128(n)) * cdiv128(k));
+      emit(buf[which], static_cast<const char*>(Lp.w_in) + r0 * D * ES, (r1 - r0) * D * ES);
+      if (kFp8) emit_sc(0, Lp.s_in, (split > 0 ? cdiv128(split) + cdiv128(nin - split) : cdiv128(nin)) * cdiv128(D));
+      if (e1 > e0) emit(buf[which] + in_rows_bytes(s, nb), Lp.w_rg + e0 * D, (e1 - e0) * D * 4);
     });
   };
   auto pool_of = [&](const PersistentLayer& Lp) {
@@ -446,10 +450,8 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
   auto tile_rows = [&](int which, const uint16_t* pool, int64_t c0, int64_t c1) {
     fill_cache_rows(&mb[which], buf[which], pool, btab, int(s.block_size), int(c0), int(c1 - c0), int(pos), W, KS);
   };
-  auto head_block = [&](int which, const void* base, int64_t offset_elems, int64_t n) {
-    fill_one(&mb[which], buf[which], static_cast<const uint16_t*>(base) + offset_elems, b < H ? n * 2 : 0);
-  };
-  // FFN units [u0, u1) of the fixed segment or of the routed ones: gate rows at dst, up rows at dst + cap·D.
+  // FFN units [u0, u1) of the fixed segment or of the routed ones: gate rows at dst, up rows at dst + cap·D. With
+  // the fixed segment of a MoE layer the same phase brings the routing's tables (choice bias, expert pointers).
   auto gu_rows = [&](int which, const PersistentLayer& Lp, bool fixed, unsigned char* dst) {
     const int64_t U = Lp.fix_I + (Lp.gate ? int64_t(K) * Lp.exp_I : 0), cap = (U + nb - 1) / nb;
     int64_t u0, u1;
@@ -458,6 +460,15 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
     unsigned char* u = g + cap * D * ES;
     const int has_fix = Lp.fix_I > 0 ? 1 : 0, n = seg_count(Lp, K);
     fill(which, [&](auto&& emit, auto&& emit_sc) {
+      if (fixed && Lp.gate) {
+        if (Lp.bias) emit(bias_s, Lp.bias, int64_t(E) * 4);
+        emit(ptab_gu, Lp.exp_gu, int64_t(E) * 8);
+        emit(ptab_dn, Lp.exp_dn, int64_t(E) * 8);
+        if (kFp8) {
+          emit(ptab_gus, Lp.exp_gu_s, int64_t(E) * 8);
+          emit(ptab_dns, Lp.exp_dn_s, int64_t(E) * 8);
+        }
+      }
 #pragma unroll 1
       for (int i = fixed ? 0 : has_fix; i < (fixed ? has_fix : n); ++i) {
         const Seg sg = seg_at(Lp, i, seg_gu, seg_dn);
@@ -499,39 +510,55 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
     gemv_block(reinterpret_cast<const WT*>(wsm), r0, r1, Kd, xs, y, sca[cur], split, cdiv128(Kd));
   };
 
-  rows_of(0, a.layers[0].w_in, nin, D, a.layers[0].s_in, int(a.layers[0].split_in));
+  // Stage 2's share of the absorbed query rows (f32).
+  const int nbq = qc_blocks(nb);
+  const int64_t qcr = qc_chunk_rows(s, nb);
+  auto qc_rows = [&](int which, const PersistentLayer& Lp, int64_t r0, int64_t r1) {  // rows [r0, r1) of w_qc
+    fill(which, [&](auto&& emit, auto&&) { emit(buf[which], Lp.w_qc + r0 * nq, (r1 - r0) * nq * 4); });
+  };
+  auto qc_share = [&](int64_t& r0, int64_t& r1) {
+    r0 = r1 = 0;
+    if (b < nbq) share(int64_t(H) * W, b, nbq, r0, r1);
+  };
+
+  in_rows(0, a.layers[0]);
   for (int64_t l = 0; l < s.layers; ++l) {
     const PersistentLayer Lp = a.layers[l];
     const bool moe = Lp.gate != nullptr;
     uint16_t* pool = pool_of(Lp);
 
-    // ---- 1: residual + input norm, [q_a | kv_a] ----
-    rows_of(cur ^ 1, Lp.w_qb, int64_t(H) * dqk, nq, Lp.s_qb, 0);
+    // ---- 1: residual, the router's residual term (ln2 ⊙ gate)·h_in (MoE), input norm, [q_a | kv_a] ----
+    {
+      int64_t r0, r1;
+      qc_share(r0, r1);
+      qc_rows(cur ^ 1, Lp, r0, min(r1, r0 + qcr));  // stage 2's first chunk
+    }
     if (l > 0) bar.wait();
     if (l == 0) load_vec(xs, a.io.h, nullptr, D, b == 0 ? w.r1 : nullptr);
     else load_vec(xs, w.r2, w.ffn, D, b == 0 ? w.r1 : nullptr);
-    norm_in_place(xs, D, Lp.ln1, s.eps, true, red);
     wait_fill(cur);
+    if (moe) {
+      int64_t e0, e1;
+      share(E, b, nb, e0, e1);
+      const float* g = reinterpret_cast<const float*>(buf[cur] + in_rows_bytes(s, nb));
+      for (int64_t e = warp; e < e1 - e0; e += kW) {
+        const float v = warp_dot_f32(g + e * D, xs, D);
+        if (lane == 0) w.logits[e0 + e] = v;
+      }
+      __syncthreads();  // before the norm overwrites xs
+    }
+    norm_in_place(xs, D, Lp.ln1, s.eps, true, red);
     gemv_out(buf[cur], nin, D, w.qkv, int(Lp.split_in));
     bar.arrive();
     cur ^= 1;
 
-    // ---- 2: q_a norm, q_b ----
-    head_block(cur ^ 1, Lp.wuk, int64_t(b) * hd * kvr, int64_t(dn) * kvr);
+    // ---- 2: q_a norm, the query in latent space (q_b with W_UK absorbed); the last block appends the latent row ----
+    tile_rows(cur ^ 1, pool, a0, min(a1, a0 + kTile));
     bar.wait();
     load_vec(xs, w.qkv, nullptr, nq);
     norm_in_place(xs, nq, Lp.q_a_ln, s.eps, true, red);
-    wait_fill(cur);
-    gemv_out(buf[cur], int64_t(H) * dqk, nq, w.q, 0);
-    bar.arrive();
-    cur ^= 1;
-
-    // ---- 3: q_nope·W_UK and RoPE(q_pe) per head (block h); the last block appends the new latent row ----
-    tile_rows(cur ^ 1, pool, a0, min(a1, a0 + kTile));
-    bar.wait();
-    if (b < H) load_vec(xs, w.q + int64_t(b) * dqk, nullptr, dqk);
     if (b == nb - 1) {  // [kv_a_layernorm(c_kv) | RoPE(k_pe)] in bf16 at the token's pool row
-      float* kv = xs + dqk;  // [c_kv | k_pe] (past the head's q)
+      float* kv = xs + nq;  // [c_kv | k_pe] (past q_a)
       load_vec(kv, w.qkv + nq, nullptr, W);
       float ss = 0.0f;
       #pragma unroll 1
@@ -549,38 +576,38 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
       }
     }
     wait_fill(cur);
-    if (b < H) {
-      const uint16_t* wk = reinterpret_cast<const uint16_t*>(buf[cur]);
-      float* qc = w.qc + int64_t(b) * W;
-      for (int j = t; j < kvr; j += kT) {
-        float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        int d = 0;
-        for (; d + 4 <= dn; d += 4) {
-#pragma unroll
-          for (int u = 0; u < 4; ++u) acc[u] = fmaf(xs[d + u], bf16_to_f32(wk[(d + u) * kvr + j]), acc[u]);
-        }
-        #pragma unroll 1
-        for (; d < dn; ++d) acc[0] = fmaf(xs[d], bf16_to_f32(wk[d * kvr + j]), acc[0]);
-        qc[j] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
-      }
-      for (int i = t; i < dr / 2; i += kT) {
-        const float2 c = cs[i];
-        const float x = xs[dn + 2 * i], y = xs[dn + 2 * i + 1];
-        qc[kvr + 2 * i] = x * c.x - y * c.y;
-        qc[kvr + 2 * i + 1] = y * c.x + x * c.y;
-      }
+    {
+      int64_t r0, r1;
+      qc_share(r0, r1);
+      const int64_t c1 = min(r1, r0 + qcr);
+      gemv_block(reinterpret_cast<const float*>(buf[cur]), r0, c1, nq, xs, w.qc, nullptr, 0, 0);
+      // Rows past the staged ones (small grids only) straight from global memory.
+      if (c1 < r1) gemv_block(Lp.w_qc + c1 * nq, c1, r1, nq, xs, w.qc, nullptr, 0, 0);
     }
     bar.arrive();
     cur ^= 1;
 
-    // ---- 4: attention of every head over this block's context rows (online softmax), f32 partials ----
-    head_block(cur ^ 1, Lp.wuv_t, int64_t(b) * kvr * dv, int64_t(kvr) * dv);
+    // ---- 3: attention of every head over this block's context rows (online softmax), f32 partials ----
+    fill(cur ^ 1, [&](auto&& emit, auto&&) {  // stage 4's operand: head b's W_UV
+      if (b < H) emit(buf[cur ^ 1], static_cast<const uint16_t*>(Lp.wuv_t) + int64_t(b) * kvr * dv, int64_t(kvr) * dv * 2);
+    });
     bar.wait();
     if (b < nsplit && t < H) runm[t] = -INFINITY, runl[t] = 0.0f;
     uint16_t* tile = reinterpret_cast<uint16_t*>(buf[cur]);
     float* qs = reinterpret_cast<float*>(buf[cur] + kTile * KS * 2);  // [H][W]
     float* sc = qs + H * W;                                           // [H][kTile]
-    if (a0 < a1) load_vec(qs, w.qc, nullptr, H * W);
+    if (a0 < a1) {
+      load_vec(qs, w.qc, nullptr, H * W);
+      #pragma unroll 1
+      for (int p = t; p < H * (dr / 2); p += kT) {  // RoPE(q_pe) per head (each thread its own pairs)
+        const int h = p / (dr / 2), i = p % (dr / 2);
+        float* q = qs + h * W + kvr + 2 * i;
+        const float2 c = cs[i];
+        const float x = q[0], y = q[1];
+        q[0] = x * c.x - y * c.y;
+        q[1] = y * c.x + x * c.y;
+      }
+    }
     wait_fill(cur);
     if (a0 < a1) {
       float acc[2][kMaxH];
@@ -669,8 +696,17 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
     bar.arrive();
     cur ^= 1;
 
-    // ---- 5: the splits merged, ·W_UVᵀ per head (block h); o rounded to bf16 ----
-    rows_of(cur ^ 1, Lp.w_o, D, int64_t(H) * dv, Lp.s_o, 0);
+    // ---- 4: the splits merged, ·W_UVᵀ per head (block h); o rounded to bf16 ----
+    {  // stage 5's operands: this block's o_proj rows and its rows of the router folded into o_proj
+      int64_t r0, r1, e0 = 0, e1 = 0;
+      share(D, b, nb, r0, r1);
+      if (moe) share(E, b, nb, e0, e1);
+      fill(cur ^ 1, [&](auto&& emit, auto&& emit_sc) {
+        emit(buf[cur ^ 1], static_cast<const unsigned char*>(Lp.w_o) + r0 * HV * ES, (r1 - r0) * HV * ES);
+        if (kFp8) emit_sc(0, Lp.s_o, cdiv128(D) * cdiv128(HV));
+        if (e1 > e0) emit(buf[cur ^ 1] + o_rows_bytes(s, nb), Lp.w_lg + e0 * HV, (e1 - e0) * HV * 4);
+      });
+    }
     bar.wait();
     if (b < H) {
       const int h = b;
@@ -742,56 +778,36 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
     bar.arrive();
     cur ^= 1;
 
-    // ---- 6: o_proj ----
-    if (moe) {  // the gate rows, and the choice bias for stage 8's routing
+    // ---- 5: o_proj, and the router's o term w_lg·o ----
+    gu_rows(cur ^ 1, Lp, true, buf[cur ^ 1]);
+    bar.wait();
+    load_vec(xs, w.o, nullptr, HV);
+    wait_fill(cur);
+    gemv_out(buf[cur], D, HV, w.att, 0);
+    if (moe) {
       int64_t e0, e1;
       share(E, b, nb, e0, e1);
-      fill(cur ^ 1, [&](auto&& emit, auto&&) {
-        if (e1 > e0) emit(buf[cur ^ 1], Lp.gate + e0 * D, (e1 - e0) * D * 4);
-        if (Lp.bias) emit(bias_s, Lp.bias, int64_t(E) * 4);
-        emit(ptab_gu, Lp.exp_gu, int64_t(E) * 8);
-        emit(ptab_dn, Lp.exp_dn, int64_t(E) * 8);
-        if (kFp8) {
-          emit(ptab_gus, Lp.exp_gu_s, int64_t(E) * 8);
-          emit(ptab_dns, Lp.exp_dn_s, int64_t(E) * 8);
-        }
-      });
+      const float* g = reinterpret_cast<const float*>(buf[cur] + o_rows_bytes(s, nb));
+      for (int64_t e = warp; e < e1 - e0; e += kW) {
+        const float v = warp_dot_f32(g + e * HV, xs, HV);
+        if (lane == 0) w.logits[E + e0 + e] = v;
+      }
     }
-    else gu_rows(cur ^ 1, Lp, true, buf[cur ^ 1]);
-    bar.wait();
-    load_vec(xs, w.o, nullptr, H * dv);
-    wait_fill(cur);
-    gemv_out(buf[cur], D, H * dv, w.att, 0);
     bar.arrive();
     cur ^= 1;
 
-    // ---- 7 (MoE layers): post-attention norm (f32), router logits ----
-    if (moe) {
-      gu_rows(cur ^ 1, Lp, true, buf[cur ^ 1]);
-      bar.wait();
-      load_vec(xs, w.r1, w.att, D);
-      norm_in_place(xs, D, Lp.ln2, s.eps, false, red);
-      wait_fill(cur);
-      int64_t e0, e1;
-      share(E, b, nb, e0, e1);
-      const float* g = reinterpret_cast<const float*>(buf[cur]);
-      for (int64_t e = warp; e < e1 - e0; e += kW) {
-        const float v = warp_dot_f32(g + e * D, xs, D);
-        if (lane == 0) w.logits[e0 + e] = v;
-      }
-      bar.arrive();
-      cur ^= 1;
-    }
-
-    // ---- 8: routing (every block), gate|up + SwiGLU of the chosen experts and the fixed one ----
+    // ---- 6: routing (every block), gate|up + SwiGLU of the chosen experts and the fixed one ----
     bar.wait();
     const bool marks = l == 1;  // the trace's look inside the FFN stage
     if (marks) bar.mark(0);
-    if (moe) load_vec(lgs, w.logits, nullptr, E);
+    if (moe) load_vec(lgs, w.logits, w.logits + E, E);  // the router's two terms
     load_vec(xs, w.r1, w.att, D, b == 0 ? w.r2 : nullptr);
-    norm_in_place(xs, D, Lp.ln2, s.eps, !moe, red);  // dense: the MLP's input in bf16, as mlp_fwd
+    const float rms = norm_in_place(xs, D, Lp.ln2, s.eps, !moe, red);  // dense: the MLP's input in bf16, as mlp_fwd
+    wait_fill(cur);  // the fixed rows and (MoE) the routing's tables
     if (marks) bar.mark(1);
     if (moe) {
+      for (int e = t; e < E; e += kT) lgs[e] *= rms;  // gate·norm(h) = rms(h)·(gate·(ln2 ⊙ h_in) + w_lg·o)
+      __syncthreads();
       route_block(lgs, E, Lp.bias ? bias_s : nullptr, s.router, rsc, rsc + E, rsc + 2 * E, ridx, rw);
       if (t < K) {  // the chosen experts' weight pointers
         seg_gu[t] = ptab_gu[ridx[t]];
@@ -810,7 +826,6 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
     if (marks) bar.mark(8);
     if (!(a.flags & 2)) down_rows(cur ^ 1, Lp);
     if (marks) bar.mark(9);
-    wait_fill(cur);
     if (marks) bar.mark(3);
     wait_fill(2);
     if (marks) bar.mark(4);
@@ -850,8 +865,8 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
     bar.arrive();
     cur ^= 1;
 
-    // ---- 9: down products, weighted by the router (the fixed expert by 1) ----
-    if (l + 1 < s.layers) rows_of(cur ^ 1, a.layers[l + 1].w_in, nin, D, a.layers[l + 1].s_in, int(a.layers[l + 1].split_in));
+    // ---- 7: down products, weighted by the router (the fixed expert by 1) ----
+    if (l + 1 < s.layers) in_rows(cur ^ 1, a.layers[l + 1]);
     bar.wait();
     {
       const int64_t U = Lp.fix_I + (moe ? int64_t(K) * Lp.exp_I : 0);
@@ -950,14 +965,14 @@ int max_smem() {
 
 // Workspace floats, each piece 16-byte aligned.
 struct WsLayout {
-  int64_t off[12] = {};
+  int64_t off[11] = {};
   int64_t total = 0;
 };
 WsLayout ws_layout(const PersistentShape& s, int nb) {
-  const int64_t n[12] = {s.D, s.D, s.D, s.D, s.nq + s.kvr + s.dr, s.H * (s.dn + s.dr), s.H * (s.kvr + s.dr), s.H * s.dv, s.E,
+  const int64_t n[11] = {s.D, s.D, s.D, s.D, s.nq + s.kvr + s.dr, s.H * (s.kvr + s.dr), s.H * s.dv, 2 * s.E,
                          s.max_units, int64_t(nb) * s.H * 2, int64_t(nb) * s.H * s.kvr};
   WsLayout w;
-  for (int i = 0; i < 12; ++i) {
+  for (int i = 0; i < 11; ++i) {
     w.off[i] = w.total;
     w.total += (n[i] + 3) / 4 * 4;
   }
@@ -994,12 +1009,12 @@ void decode_persistent_trace_report() {
     sync[size_t(k)] = last_pass - last_arrive;
     prev_pass = last_pass;
   }
-  std::fprintf(stderr, "persistent decode trace: %d blocks, %d barriers, %.1f us in all (8 stages per dense layer, 9 per MoE layer)\n",
+  std::fprintf(stderr, "persistent decode trace: %d blocks, %d barriers, %.1f us in all (7 stages per layer)\n",
                nb, stages, (prev_pass - start) / 1e3);
   for (int k = 0; k < stages; ++k)
     std::fprintf(stderr, "  stage %3d: work %6.2f us, barrier %5.2f us\n", k, work[size_t(k)] / 1e3, sync[size_t(k)] / 1e3);
   // Layer 1's FFN stage from the inside: per step, the median and the slowest block's time.
-  static const char* const what[5] = {"logits + input norm", "routing", "issue fills, wait for the fixed rows",
+  static const char* const what[5] = {"logits + input norm", "routing", "issue fills",
                                       "wait for the routed rows", "gate|up products"};
   for (int k = 1; k <= 5; ++k) {
     std::vector<double> d;
@@ -1007,9 +1022,9 @@ void decode_persistent_trace_report() {
     std::sort(d.begin(), d.end());
     if (d.back() > 0) std::fprintf(stderr, "  layer 1 FFN, %-38s median %5.2f us, slowest %5.2f us\n", what[k - 1], d[d.size() / 2], d.back());
   }
-  if (at(0, kTraceSub + 9) > 0) {  // block 0's split of "issue fills, wait for the fixed rows"
+  if (at(0, kTraceSub + 9) > 0) {  // block 0's split of "issue fills"
     const double m2 = at(0, kTraceSub + 2), m8 = at(0, kTraceSub + 8), m9 = at(0, kTraceSub + 9), m3 = at(0, kTraceSub + 3);
-    std::fprintf(stderr, "  layer 1 FFN, block 0: routed gate|up fill issue %.2f us, down fill issue %.2f us, fixed-row wait %.2f us\n",
+    std::fprintf(stderr, "  layer 1 FFN, block 0: routed gate|up fill issue %.2f us, down fill issue %.2f us, rest %.2f us\n",
                  (m8 - m2) / 1e3, (m9 - m8) / 1e3, (m3 - m9) / 1e3);
   }
   if (at(0, kTraceSub + 7) > 0)
@@ -1057,7 +1072,7 @@ void decode_persistent(const PersistentShape& s, const PersistentLayer* layers, 
   float* f = static_cast<float*>(workspace);
   Args a{s, layers, io,
          Work{f + wl.off[0], f + wl.off[1], f + wl.off[2], f + wl.off[3], f + wl.off[4], f + wl.off[5], f + wl.off[6], f + wl.off[7],
-              f + wl.off[8], f + wl.off[9], f + wl.off[10], f + wl.off[11]},
+              f + wl.off[8], f + wl.off[9], f + wl.off[10]},
          barrier, trace_buffer(nb), env_flags(), int(p.wb), int(p.xmax), env_split_rows(), int(s.scale_floats)};
   auto* kernel = s.fp8 ? &k_decode_persistent<uint8_t> : &k_decode_persistent<uint16_t>;
   DSV3_CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel), cudaFuncAttributeMaxDynamicSharedMemorySize, int(p.smem)));

@@ -98,6 +98,32 @@ void add_rows(float* h, int64_t ldh, const float* d, int64_t ldd, int64_t M, int
   DSV3_CUDA_CHECK_LAUNCH("add_rows kernel");
 }
 
+__device__ __forceinline__ double contract_load(DType t, const void* p, int64_t i) {
+  return t == DType::BF16 ? double(bf16_to_f32(static_cast<const uint16_t*>(p)[i])) : double(static_cast<const float*>(p)[i]);
+}
+// One thread per output element (h, i, k); k is the fastest index so B's reads coalesce and A's are broadcasts.
+__global__ void k_contract_weights(const ContractOperand A, const ContractOperand B, const float* __restrict__ s, int64_t nh, int64_t nd,
+                                   int64_t ni, int64_t nk, float* __restrict__ out, int64_t soh, int64_t soi) {
+  for (int64_t q = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; q < nh * ni * nk; q += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t k = q % nk, i = (q / nk) % ni, h = q / (nk * ni);
+    double acc = 0.0;
+    for (int64_t d = 0; d < nd; ++d) {
+      const double a = contract_load(A.type, A.p, h * A.sh + d * A.sd + i * A.sx);
+      const double b = contract_load(B.type, B.p, h * B.sh + d * B.sd + k * B.sx);
+      acc += (s ? double(s[d]) : 1.0) * a * b;
+    }
+    out[h * soh + i * soi + k] = float(acc);
+  }
+}
+void contract_weights(const ContractOperand& A, const ContractOperand& B, const float* s, int64_t nh, int64_t nd, int64_t ni, int64_t nk,
+                      float* out, int64_t soh, int64_t soi, cudaStream_t stream) {
+  for (const ContractOperand* o : {&A, &B})
+    DSV3_CHECK(o->p && (o->type == DType::F32 || o->type == DType::BF16), "contract_weights: operands must be F32 or BF16");
+  if (nh * ni * nk <= 0) return;
+  k_contract_weights<<<grid_for(nh * ni * nk, 256), 256, 0, stream>>>(A, B, s, nh, nd, ni, nk, out, soh, soi);
+  DSV3_CUDA_CHECK_LAUNCH("contract_weights kernel");
+}
+
 template <class A>
 __global__ void k_residual_rmsnorm(float* __restrict__ h, int64_t ldh, const float* __restrict__ d, int64_t ldd,
                                    const float* __restrict__ gamma, float eps, int64_t D, float* __restrict__ yf, int64_t ldyf,

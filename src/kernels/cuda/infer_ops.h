@@ -96,6 +96,18 @@ void mla_decode_fused(const MlaDecodeShape& s, const float* q, int64_t ldq, cons
                       const void* wuk, const void* wuv_t, void* pool, void* out, int64_t ldo, int64_t M,
                       cudaStream_t stream = nullptr, void* workspace = nullptr, size_t workspace_bytes = 0);
 
+// A strided operand of contract_weights: element (h, d, x) at p[h·sh + d·sd + x·sx], F32 or BF16.
+struct ContractOperand {
+  DType type = DType::F32;
+  const void* p = nullptr;
+  int64_t sh = 0, sd = 0, sx = 0;
+};
+// out[h·soh + i·soi + k] = Σ_d s[d] · A(h, d, i) · B(h, d, k) for i < ni, k < nk (s null: 1), summed in f64, written
+// f32. Load-time only: two decode products folded into one weight (MLA's W_UK into q_b, DeepSeek-V3 §2.1.1's
+// absorption; the router's gate into o_proj), so the decode step runs one product instead of two in a row.
+void contract_weights(const ContractOperand& A, const ContractOperand& B, const float* s, int64_t nh, int64_t nd, int64_t ni,
+                      int64_t nk, float* out, int64_t soh, int64_t soi, cudaStream_t stream = nullptr);
+
 // Per-head products: y[m·ys0 + h·ys1 + n] = Σ_k x[m·xs0 + h·xs1 + k] · w[h·wsh + k·wsk + n] for n < N, k < K;
 // w F32 or BF16, f32 accumulation, y written as F32 or BF16 (the absorbed q_nope·W_UK and o_latent·W_UVᵀ).
 void head_matmul(const float* x, int64_t xs0, int64_t xs1, int64_t K, DType w_type, const void* w, int64_t wsh, int64_t wsk,

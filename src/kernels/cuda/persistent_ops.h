@@ -6,13 +6,14 @@
 // Inside one kernel a stage boundary is a barrier (~1 µs), and every stage's weights are copied into shared
 // memory (bulk copies) while the stage before runs, so a stage starts with its operands on chip.
 //
-// Stages of a layer (one grid barrier after each): [q_a | kv_a] product of the normed input; q_a norm + q_b
-// product (one block also appends the new latent row to the paged cache); q_nope·W_UK + RoPE per head; latent
-// attention over the context split into blocks (online softmax, f32 partials); merge + ·W_UVᵀ per head; o_proj;
-// router logits (MoE layers); every block routes the token itself, then gate|up + SwiGLU over the chosen experts
-// and the fixed one (shared experts, or the dense MLP) while the down rows are copied in; down products weighted
-// and summed. The roundings are the graph path's: bf16 norm outputs, o and (dense layers) the MLP's input and
-// activations; f32 everywhere else, as in cuda_model.cpp's decode graph.
+// Stages of a layer (one grid barrier after each, 7 in all): [q_a | kv_a] product of the normed input; q_a norm +
+// the absorbed query product (q_b with W_UK folded in, so the query comes out in latent space; one block appends the
+// new latent row to the paged cache); latent attention over the context split into blocks (RoPE on the query as it
+// is loaded, online softmax, f32 partials); merge + ·W_UVᵀ per head; o_proj; every block normalises, routes the
+// token itself (the router's two terms come with [q_a | kv_a] and o_proj: PersistentLayer::w_rg), then gate|up +
+// SwiGLU over the chosen experts and the fixed one (shared experts, or the dense MLP) while the down rows are copied
+// in; down products weighted and summed. The roundings are the graph path's (bf16 norm outputs, o and, in dense
+// layers, the MLP's input and activations; f32 everywhere else, as in cuda_model.cpp's decode graph).
 //
 // Same conventions as cuda_ops.h: raw device pointers, no CUDA headers needed, failures as dsv3::Error.
 #pragma once
@@ -24,17 +25,18 @@
 
 namespace dsv3::cuda {
 
-// One decoder layer's weights (device pointers). W: row-major [out, in]; the projections (w_in, w_qb, w_o, the FFN's)
+// One decoder layer's weights (device pointers). W: row-major [out, in]; the projections (w_in, w_o, the FFN's)
 // bf16, or with PersistentShape::fp8 e4m3 with the checkpoint's 128x128 block scales (s_*: [⌈out/128⌉, ⌈in/128⌉]
-// f32; a stacked weight keeps each part's scale rows, as cuda_model.cpp's Lin::split). wuk / wuv_t are bf16.
+// f32; a stacked weight keeps each part's scale rows, as cuda_model.cpp's Lin::split). wuv_t is bf16; w_qc and w_lg (folded at load) f32.
 struct PersistentLayer {
   const float* ln1 = nullptr;      // [D]
   const float* ln2 = nullptr;      // [D]
   const void* w_in = nullptr;      // [nq + kvr + dr, D]: q_a_proj | kv_a_proj_with_mqa
   const float* q_a_ln = nullptr;   // [nq]
-  const void* w_qb = nullptr;      // [H·(dn + dr), nq]
   const float* kv_a_ln = nullptr;  // [kvr]
-  const void* wuk = nullptr;       // kv_b_proj [H·(dn + dv), kvr]: W_UK_h = rows h·(dn+dv) .. +dn
+  // q_b with W_UK absorbed (contract_weights, f32): [H·(kvr + dr), nq], head h's rows h·(kvr + dr) + j: for j < kvr
+  // Σ_d W_UK_h[d, j]·q_b[h·(dn + dr) + d, :] (the query in latent space), then its dr rope rows of q_b as they are.
+  const float* w_qc = nullptr;
   const void* wuv_t = nullptr;     // [H, kvr, dv]
   const void* w_o = nullptr;       // [D, H·dv]
   int64_t cache_layer = 0;         // index of the layer in the latent pool
@@ -43,6 +45,12 @@ struct PersistentLayer {
   const void* fix_dn = nullptr;  // [D, fix_I]
   int64_t fix_I = 0;
   const float* gate = nullptr;  // router [E, D] f32; null: a dense layer
+  // The router split over the residual stream h = h_in + o_proj(o) (f32): w_rg [E, D] = gate ⊙ ln2 (per column) and
+  // w_lg [E, H·dv] = Σ_d gate[e, d]·ln2[d]·w_o[d, :]. The logits gate·rmsnorm(h) are then rms(h)·(w_rg·h_in + w_lg·o):
+  // the first term with [q_a | kv_a], the second with o_proj, so no stage waits for the post-attention norm before
+  // the router.
+  const float* w_rg = nullptr;
+  const float* w_lg = nullptr;
   const float* bias = nullptr;  // [E] or null
   const void* const* exp_gu = nullptr;  // device table of E pointers, each [2·exp_I, D]
   const void* const* exp_dn = nullptr;  // device table of E pointers, each [D, exp_I]
@@ -50,7 +58,6 @@ struct PersistentLayer {
   // FP8 only: the scale grids (gate_up: gate's rows, then up's, split at I).
   const float* s_in = nullptr;  // w_in's; its rows split at split_in (q_a | kv_a stacked)
   int64_t split_in = 0;
-  const float* s_qb = nullptr;
   const float* s_o = nullptr;
   const float* s_fix_gu = nullptr;
   const float* s_fix_dn = nullptr;
