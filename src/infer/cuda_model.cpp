@@ -221,7 +221,29 @@ struct CudaModel::Impl {
   // (plain DMA, no staging copy by the driver) instead of pageable memory: H200 batch 1, A/B in two calls:
   // 0.749-0.753 -> 0.734-0.739 and 0.742 -> 0.714-0.726 ms per token. DSV3_PINNED_STEP=0: pageable copies always.
   bool pinned_step = true;
-  mutable cuda::PinnedBuffer pin_meta, pin_out, pin_sample;
+  mutable cuda::PinnedBuffer pin_out;
+  // Two of each, used in turn, each free again once its event has passed: a step can be enqueued while the one
+  // before is still running (step-ahead decoding, below).
+  mutable cuda::PinnedBuffer pin_meta[2], pin_sample[2];
+  mutable cuda::Event meta_sent[2], sample_done[2];
+  mutable int meta_turn = 0, sample_turn = 0;
+  // Step-ahead decoding (step_sampled): after a decode step is enqueued, the next one (same sequences, one position
+  // on, its tokens the ids just sampled, widened on the device) is enqueued too before the host reads this step's
+  // ids, so the GPU does not wait for the host between tokens. The next call finds it already running when it asks
+  // for exactly that step; any other request discards it (its cache rows lie past what the sequences keep, or are
+  // written again). Opt-in (DSV3_STEP_AHEAD=1) until it has run on a GPU (written 2026-12-03 after that session's
+  // device time was spent); off, every step waits for the stream as before.
+  struct Ahead {
+    bool valid = false;
+    const StepCache* cache = nullptr;
+    std::vector<int64_t> tokens;  // the ids the step before returned
+    std::vector<Batch::Seq> seqs;
+    std::vector<uint64_t> draws;
+    SamplingParams p;
+    int turn = 0;  // its pin_sample / sample_done
+  };
+  mutable Ahead ahead;
+  bool step_ahead = false;
   // The persistent batch-1 decode kernel: its per-layer weight table (device), shape and barrier counters; empty
   // `persist_why` when every layer qualifies.
   DBuf<cuda::PersistentLayer> persist_layers;
@@ -465,6 +487,7 @@ struct CudaModel::Impl {
     fp8_expert_acts = !env_flag("DSV3_FP8_BF16_EXPERT_ACTS");
     fp8_rows_e4m3 = env_flag("DSV3_FP8_ROWS_E4M3");
     if (const char* v = std::getenv("DSV3_PINNED_STEP"); v && std::string(v) == "0") pinned_step = false;
+    step_ahead = env_flag("DSV3_STEP_AHEAD");
     gemm_attention = env_flag("DSV3_GEMM_ATTENTION");
     route_counter = DBuf<uint32_t>(1);
     cuda::memset_device(route_counter.get(), 0, 4);
@@ -1123,11 +1146,15 @@ struct CudaModel::Impl {
       }
     }
     uint8_t* d = static_cast<uint8_t*>(ex.arena.get(S_META, bytes));
-    if (pinned_step && bytes <= (size_t(1) << 16)) {  // reused every step: the previous step's copy out of it must be done
-      cuda::synchronize(s());
-      void* pm = pin_meta.get(bytes);
+    if (pinned_step && bytes <= (size_t(1) << 16)) {  // each buffer reused every other step, once its copy is done
+      const int k = meta_turn;
+      meta_turn ^= 1;
+      if (step_ahead) meta_sent[k].wait();
+      else cuda::synchronize(s());
+      void* pm = pin_meta[k].get(bytes);
       std::memcpy(pm, h.data(), bytes);
       cuda::copy_to_device(d, pm, bytes, s());
+      meta_sent[k].record(s());
     } else {
       cuda::copy_to_device(d, h.data(), bytes, s());
     }
@@ -1180,7 +1207,10 @@ struct CudaModel::Impl {
     Exec* ex;
     int64_t M, out_rows;
   };
-  Ran run_step(const std::vector<int64_t>& tokens, const Batch& batch, StepCache& sc, bool all_logits) const {
+  // dev_ids (or null): the tokens are these sampled ids on the device (step-ahead), not `tokens`' values.
+  Ran run_step(const std::vector<int64_t>& tokens, const Batch& batch, StepCache& sc, bool all_logits,
+               const int32_t* dev_ids = nullptr) const {
+    if (!dev_ids) ahead.valid = false;  // any other step: the one enqueued ahead no longer follows
     auto* cp = dynamic_cast<CudaCache*>(&sc);
     DSV3_CHECK(cp != nullptr, "internal error: a cache of another device was given to the CUDA model");
     const CudaCache& c = *cp;
@@ -1189,6 +1219,7 @@ struct CudaModel::Impl {
     for (const LayerW& L : layers) decode = decode && (!L.moe || L.moe->use_table);
     Exec& ex = decode ? dec : main;
     const RowsInfo r = cached_rows(ex, tokens, batch, c, decode);
+    if (dev_ids) cuda::ids_from_sampled(dev_ids, const_cast<int64_t*>(r.ids), M, s());
     const int64_t out_rows = all_logits ? M : S;
     if (decode) {
       const auto key = std::make_tuple(S, r.calls[0].max_len, static_cast<const void*>(c.pool.get()));
@@ -1197,7 +1228,9 @@ struct CudaModel::Impl {
         it->second->launch(s());
         ++replays;
       } else {
-        // Warm-up run (plans, scratch), then capture the same body for the next steps of this shape.
+        // Warm-up run (plans, scratch), then capture the same body for the next steps of this shape. The graphs go
+        // once none runs (a step enqueued ahead may still be).
+        cuda::synchronize(s());
         graphs.clear();
         step_body(ex, r, nullptr, out_rows, true);
         cuda::synchronize(s());
@@ -1262,17 +1295,20 @@ struct CudaModel::Impl {
            p.top_p > 0.0f && p.top_p <= 1.0f && p.min_p >= 0.0f && p.min_p <= 1.0f;
   }
 
-  std::vector<int64_t> step_sampled(const std::vector<int64_t>& tokens, const Batch& batch, StepCache& sc, const SamplingParams& p,
-                                    const std::vector<uint64_t>& draws) const {
-    DSV3_CHECK(device_samples(p), "internal error: these sampling parameters need the host sampler (penalties or bad filters)");
-    DSV3_CHECK(draws.size() == batch.seqs.size(), "step_sampled: {} draw counters for {} sequences", draws.size(), batch.seqs.size());
-    const Ran run = run_step(tokens, batch, sc, false);
+  // One sampled step enqueued (the step, its draw, its ids copied out): returns the pin_sample / sample_done turn
+  // that holds its ids once sample_done[turn] has passed.
+  int enqueue_sampled(const std::vector<int64_t>& tokens, const Batch& batch, StepCache& sc, const SamplingParams& p,
+                      const std::vector<uint64_t>& draws, const int32_t* dev_ids) const {
+    const Ran run = run_step(tokens, batch, sc, false, dev_ids);
     const int64_t S = run.out_rows;
-    // Per row (key, counter) for the Philox draw, and the ids back, through one small page-locked buffer (the
-    // previous step's copies out of it finished with that step's synchronisation). Scratch from `main`, not the
-    // decode context: a grown buffer there would invalidate the captured graphs.
+    // Per row (key, counter) for the Philox draw, and the ids back, through a small page-locked buffer (one of two,
+    // free once the step that used it before is done). Scratch from `main`, not the decode context: a grown buffer
+    // there would invalidate the captured graphs.
+    const int k = sample_turn;
+    sample_turn ^= 1;
+    sample_done[k].wait();
     const size_t rng_bytes = size_t(S) * 16, out_bytes = size_t(S) * 4;
-    auto* pb = static_cast<uint8_t*>(pin_sample.get(rng_bytes + out_bytes));
+    auto* pb = static_cast<uint8_t*>(pin_sample[k].get(rng_bytes + out_bytes));
     auto* rng_h = reinterpret_cast<uint64_t*>(pb);
     for (int64_t b = 0; b < S; ++b) {
       rng_h[2 * b] = sample_key(p.seed, batch.seqs[size_t(b)].slot);
@@ -1287,19 +1323,64 @@ struct CudaModel::Impl {
     gp.temperature = p.temperature, gp.top_k = p.top_k, gp.top_p = p.top_p, gp.min_p = p.min_p;
     cuda::sample_rows(static_cast<const float*>(run.ex->arena.get(S_LOGIT, 0)), V, S, V, gp, rng_d, false, out_d, ws, ws_bytes, s());
     cuda::copy_to_host(pb + rng_bytes, out_d, out_bytes, s());
-    cuda::synchronize(s());
+    sample_done[k].record(s());
+    return k;
+  }
+
+  bool ahead_is(const std::vector<int64_t>& tokens, const Batch& batch, const StepCache& sc, const SamplingParams& p,
+                const std::vector<uint64_t>& draws) const {
+    const Ahead& a = ahead;
+    if (!a.valid || a.cache != &sc || a.tokens != tokens || a.draws != draws || a.seqs.size() != batch.seqs.size()) return false;
+    for (size_t i = 0; i < a.seqs.size(); ++i) {
+      const Batch::Seq &x = a.seqs[i], &y = batch.seqs[i];
+      if (x.slot != y.slot || x.start != y.start || x.n != y.n) return false;
+    }
+    return a.p.temperature == p.temperature && a.p.top_k == p.top_k && a.p.top_p == p.top_p && a.p.min_p == p.min_p && a.p.seed == p.seed;
+  }
+
+  std::vector<int64_t> step_sampled(const std::vector<int64_t>& tokens, const Batch& batch, StepCache& sc, const SamplingParams& p,
+                                    const std::vector<uint64_t>& draws) const {
+    DSV3_CHECK(device_samples(p), "internal error: these sampling parameters need the host sampler (penalties or bad filters)");
+    DSV3_CHECK(draws.size() == batch.seqs.size(), "step_sampled: {} draw counters for {} sequences", draws.size(), batch.seqs.size());
+    int turn;
+    if (ahead_is(tokens, batch, sc, p, draws)) {  // enqueued by the call before: running, or done
+      turn = ahead.turn;
+      ahead.valid = false;
+    } else {
+      turn = enqueue_sampled(tokens, batch, sc, p, draws, nullptr);
+    }
+    const int64_t S = int64_t(batch.seqs.size());
+    // The next decode step, before this one's ids are read: one new token per sequence, room for one more in each.
+    const auto* cc = dynamic_cast<const CudaCache*>(&sc);
+    bool next = step_ahead && cc && int64_t(tokens.size()) == S;
+    std::vector<Batch::Seq> seqs = batch.seqs;
+    for (Batch::Seq& q : seqs) {
+      next = next && q.n == 1 && q.start + 2 <= cc->max_tokens;
+      ++q.start;
+    }
+    if (next) {
+      std::vector<uint64_t> nd = draws;
+      for (uint64_t& d : nd) ++d;
+      const int32_t* sampled = main.arena.as<int32_t>(S_SAMPLED, S);  // this step's ids, in stream order
+      const int nt = enqueue_sampled(std::vector<int64_t>(size_t(S), 0), Batch::cached(seqs), sc, p, nd, sampled);
+      ahead.valid = true, ahead.cache = &sc, ahead.seqs = seqs, ahead.draws = nd, ahead.p = p, ahead.turn = nt;
+    }
+    if (step_ahead) sample_done[turn].wait();
+    else cuda::synchronize(s());
     std::vector<int64_t> ids(static_cast<size_t>(S));
-    const auto* o = reinterpret_cast<const int32_t*>(pb + rng_bytes);
+    const auto* o = reinterpret_cast<const int32_t*>(static_cast<uint8_t*>(pin_sample[turn].get(size_t(S) * 20)) + size_t(S) * 16);
     for (int64_t b = 0; b < S; ++b) {
       DSV3_CHECK(o[b] >= 0 && o[b] < V, "internal error: the GPU sampler returned token {} (vocabulary {})", o[b], V);
       ids[size_t(b)] = o[b];
     }
+    if (next) ahead.tokens = ids;
     return ids;
   }
 
   Tensor mtp_step(int64_t k, const Tensor& h_prev, const std::vector<int64_t>& ahead, const Batch& batch, StepCache& sc,
                   Tensor* h_out) const {
     DSV3_CHECK(k >= 1 && k <= int64_t(mtp.size()), "the checkpoint has {} MTP modules, depth {} asked", mtp.size(), k);
+    this->ahead.valid = false;
     auto* cp = dynamic_cast<CudaCache*>(&sc);
     DSV3_CHECK(cp != nullptr, "internal error: a cache of another device was given to the CUDA model");
     const int64_t M = int64_t(ahead.size());

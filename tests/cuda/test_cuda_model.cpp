@@ -521,6 +521,48 @@ TEST(CudaModel, DeviceSamplingMatchesHostLogits) {
   }
 }
 
+// Step-ahead decoding (cuda_model.cpp, step_sampled: the next step enqueued on the sampled ids before they reach
+// the host; opt-in, DSV3_STEP_AHEAD=1) changes when work is enqueued, not what is computed: the Generator's tokens
+// equal those of the same model with it off, greedy and sampled, batch 1 (persistent kernel) and 3, sequences of
+// different prompt lengths and an early stop; and a request that is not the predicted step (another cache, other
+// tokens) discards the step enqueued ahead.
+TEST(CudaModel, StepAheadMatchesStepByStep) {
+  DSV3_REQUIRE_GPU();
+  auto host = Transformer::load(test::golden_dir("tiny") + "/model");
+  setenv("DSV3_STEP_AHEAD", "1", 1);
+  auto on = gpu_model(*host, DType::BF16);
+  unsetenv("DSV3_STEP_AHEAD");
+  auto off = gpu_model(*host, DType::BF16);
+  const std::vector<std::vector<int64_t>> prompts{{5, 17, 300, 2, 9, 44, 101}, {7, 8}, {400, 3, 3, 3}};
+  for (bool hot : {false, true}) {
+    GenerateOptions o;
+    o.max_new_tokens = 40;
+    o.prefill_chunk = 4;
+    if (hot) o.sampling.temperature = 0.8f, o.sampling.top_k = 20, o.sampling.seed = 5;
+    for (const auto& ps : {prompts, std::vector<std::vector<int64_t>>{prompts[0]}}) {
+      const auto a = Generator(*on).generate(ps, o), b = Generator(*off).generate(ps, o);
+      for (size_t s = 0; s < ps.size(); ++s) EXPECT_EQ(a[s].tokens, b[s].tokens) << (hot ? "sampled" : "greedy") << " batch " << ps.size();
+    }
+    o.max_new_tokens = 7;  // stops while a step is enqueued ahead
+    EXPECT_EQ(Generator(*on).generate({prompts[1]}, o)[0].tokens, Generator(*off).generate({prompts[1]}, o)[0].tokens);
+  }
+  // Interleaved caches: each call discards the other cache's step enqueued ahead; the ids still follow each cache.
+  const int64_t V = host->config().vocab_size;
+  auto c1 = on->make_cache(1, 32), c2 = on->make_cache(1, 32), r1 = off->make_cache(1, 32), r2 = off->make_cache(1, 32);
+  SamplingParams g;
+  std::vector<int64_t> t1{3, 4, 5}, t2{9, 9};
+  std::vector<Batch::Seq> q1{{0, 0, 3}}, q2{{0, 0, 2}};
+  for (int k = 0; k < 10; ++k) {
+    const std::vector<uint64_t> d{uint64_t(k)};
+    const auto a1 = on->step_sampled(t1, Batch::cached(q1), *c1, g, d), b1 = off->step_sampled(t1, Batch::cached(q1), *r1, g, d);
+    const auto a2 = on->step_sampled(t2, Batch::cached(q2), *c2, g, d), b2 = off->step_sampled(t2, Batch::cached(q2), *r2, g, d);
+    ASSERT_EQ(a1, b1) << "step " << k;
+    ASSERT_EQ(a2, b2) << "step " << k;
+    q1 = {{0, q1[0].start + q1[0].n, 1}}, q2 = {{0, q2[0].start + q2[0].n, 1}};
+    t1 = a1, t2 = {(a2[0] + k) % V};  // cache 2 is fed other tokens than its sampled ones: never the predicted step
+  }
+}
+
 TEST(CudaModel, ErrorsAreClear) {
   DSV3_REQUIRE_GPU();
   auto host = Transformer::load(test::golden_dir("tiny") + "/model");

@@ -90,6 +90,22 @@ class EventTimer {
   void* end_ = nullptr;
 };
 
+// A point in a stream's work the host can wait for (no timing): record(s) after the work, wait() blocks until it is
+// done (at once when never recorded). Lazily created: constructing one needs no GPU.
+class Event {
+ public:
+  Event() = default;
+  ~Event();
+  Event(const Event&) = delete;
+  Event& operator=(const Event&) = delete;
+  void record(cudaStream_t stream);
+  void wait() const;
+
+ private:
+  void* e_ = nullptr;
+  bool recorded_ = false;
+};
+
 // An owned device allocation of n elements of T (move-only).
 template <class T>
 class DeviceBuffer {

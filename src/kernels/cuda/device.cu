@@ -121,4 +121,20 @@ float EventTimer::stop_ms(cudaStream_t s) {
   return ms;
 }
 
+Event::~Event() {
+  if (e_) (void)cudaEventDestroy(static_cast<cudaEvent_t>(e_));
+}
+void Event::record(cudaStream_t s) {
+  if (!e_) {
+    cudaEvent_t e = nullptr;
+    DSV3_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+    e_ = e;
+  }
+  DSV3_CUDA_CHECK(cudaEventRecord(static_cast<cudaEvent_t>(e_), s));
+  recorded_ = true;
+}
+void Event::wait() const {
+  if (recorded_) DSV3_CUDA_CHECK(cudaEventSynchronize(static_cast<cudaEvent_t>(e_)));
+}
+
 }  // namespace dsv3::cuda

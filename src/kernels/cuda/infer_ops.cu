@@ -98,6 +98,15 @@ void add_rows(float* h, int64_t ldh, const float* d, int64_t ldd, int64_t M, int
   DSV3_CUDA_CHECK_LAUNCH("add_rows kernel");
 }
 
+__global__ void k_ids_from_sampled(const int32_t* __restrict__ src, int64_t* __restrict__ dst, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) dst[i] = src[i];
+}
+void ids_from_sampled(const int32_t* src, int64_t* dst, int64_t n, cudaStream_t stream) {
+  if (n <= 0) return;
+  k_ids_from_sampled<<<grid_for(n, 256), 256, 0, stream>>>(src, dst, n);
+  DSV3_CUDA_CHECK_LAUNCH("ids_from_sampled kernel");
+}
+
 __device__ __forceinline__ double contract_load(DType t, const void* p, int64_t i) {
   return t == DType::BF16 ? double(bf16_to_f32(static_cast<const uint16_t*>(p)[i])) : double(static_cast<const float*>(p)[i]);
 }

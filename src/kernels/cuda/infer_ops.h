@@ -96,6 +96,9 @@ void mla_decode_fused(const MlaDecodeShape& s, const float* q, int64_t ldq, cons
                       const void* wuk, const void* wuv_t, void* pool, void* out, int64_t ldo, int64_t M,
                       cudaStream_t stream = nullptr, void* workspace = nullptr, size_t workspace_bytes = 0);
 
+// dst[i] = src[i] widened (the sampled ids of one step as the next step's int64 token ids, on the device).
+void ids_from_sampled(const int32_t* src, int64_t* dst, int64_t n, cudaStream_t stream = nullptr);
+
 // A strided operand of contract_weights: element (h, d, x) at p[h·sh + d·sd + x·sx], F32 or BF16.
 struct ContractOperand {
   DType type = DType::F32;
