@@ -449,7 +449,10 @@ TEST(CudaRowsGemm, Fp8ActivationsMatchCpuTwin) {
   std::mt19937_64 rng(92);
   struct Case { int64_t M, N, K, ldx, ldy; };
   for (const Case c : {Case{1, 200, 128, 128, 200}, Case{9, 672, 1024, 1032, 674}, Case{33, 1536, 384, 384, 1542},
-                       Case{64, 1024, 704, 704, 1024}, Case{128, 300, 352, 368, 300}, Case{17, 256, 176, 176, 256}}) {
+                       Case{64, 1024, 704, 704, 1024}, Case{128, 300, 352, 368, 300}, Case{17, 256, 176, 176, 256},
+                       // the golden FP8 model's 40-row products: MTP eh_proj (K 2·D), q_a | kv_a, q_b, o_proj, shared down
+                       Case{40, 256, 512, 512, 256}, Case{40, 336, 256, 256, 336}, Case{40, 192, 192, 192, 192},
+                       Case{40, 256, 128, 128, 256}, Case{40, 256, 192, 192, 256}}) {
     const auto wf = randn(size_t(c.N * c.K), rng, 1.0f / std::sqrt(float(c.K)));
     std::vector<uint8_t> q;
     std::vector<float> sc, deq;
