@@ -1079,8 +1079,19 @@ struct CudaModel::Impl {
       rk.M = Mn, rk.B = B, rk.T = n, rk.pos64 = dm2 + Mn;
       float* hk = ex.arena.as<float>(S_H, Mn * D);  // the main residual stream is no longer needed
       float* lg = ex.arena.as<float>(S_LOGIT, Mn * V);
+      std::vector<int32_t> routing;
+      const bool moe_k = opts.routing && mtp[size_t(k - 1)].layer.moe;
+      rk.routing = moe_k ? &routing : nullptr;
       mtp_fwd(ex, mtp[size_t(k - 1)], prev, dm2, rk, hk, lg);
       out.mtp_logits.push_back(host(lg, {B, n, V}));
+      if (moe_k) {  // keyed by the module's layer index (num_hidden_layers + k - 1), rows (b, i < T - k)
+        Tensor t = Tensor::empty(DType::I64, {Mn, router.top_k});
+        for (int64_t m = 0; m < Mn; ++m) {
+          for (int64_t j = 0; j < router.top_k; ++j) t.data<int64_t>()[m * router.top_k + j] = routing[size_t(m * router.top_k + j)];
+          std::sort(t.data<int64_t>() + m * router.top_k, t.data<int64_t>() + (m + 1) * router.top_k);
+        }
+        out.routing[int64_t(layers.size()) + k - 1] = t;
+      }
       float* keep = ex.arena.as<float>(S_FINAL, Mn * D);
       cuda::copy_on_device(keep, hk, size_t(Mn * D) * 4, s());
       h_prev = keep;

@@ -22,7 +22,8 @@ struct ForwardResult {
   Tensor logits;                       // [B, T, V]
   Tensor final_hidden;                 // [B, T, H] after the final RMSNorm
   std::vector<Tensor> hidden_states;   // [B, T, H] each, when asked
-  std::map<int64_t, Tensor> routing;   // layer -> [B·T, top_k] int64, sorted ascending, when asked
+  std::map<int64_t, Tensor> routing;   // layer -> [B·T, top_k] int64, sorted ascending, when asked (the CUDA model
+                                       // adds its MTP modules': layer num_hidden_layers + k - 1, [B·(T-k), top_k])
   std::vector<Tensor> mtp_logits;      // depth k (1-based) at [k-1]: [B, T-k, V]
 };
 
