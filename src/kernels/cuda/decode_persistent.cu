@@ -140,10 +140,12 @@ struct GridBarrier {
 };
 
 // This block's share [r0, r1) of n items.
-// 32-bit division (the host checks n·nb < 2^31): a 64-bit one is a ~1 KB subroutine call at each of its sites.
+// 32-bit division (the host checks n·nb < 2^31): a 64-bit one is a ~1 KB subroutine call at each of its sites; and
+// one out-of-line copy (returned in registers) instead of ~250 bytes at each of ~20 sites.
+__device__ __noinline__ int2 share_of(uint32_t n, uint32_t b, uint32_t nb) { return make_int2(int(n * b / nb), int(n * (b + 1) / nb)); }
 __device__ __forceinline__ void share(int64_t n, int b, int nb, int64_t& r0, int64_t& r1) {
-  r0 = int64_t(uint32_t(n) * uint32_t(b) / uint32_t(nb));
-  r1 = int64_t(uint32_t(n) * uint32_t(b + 1) / uint32_t(nb));
+  const int2 r = share_of(uint32_t(n), uint32_t(b), uint32_t(nb));
+  r0 = r.x, r1 = r.y;
 }
 __device__ __forceinline__ float round_bf16(float v) { return bf16_to_f32(f32_to_bf16(v)); }
 __device__ __forceinline__ float dot8(const uint4 w, const float* x) {
@@ -221,7 +223,8 @@ __device__ __forceinline__ float2 warp_dot2(const uint8_t* r0, const uint8_t* r1
 // The block-scale row of row r of an FP8 weight whose first `split` rows (0: none) are one stacked weight with its
 // own scale rows (cuda_model.cpp's Lin::split; gate | up of an expert).
 __device__ __forceinline__ int scale_row(int r, int split) { return split > 0 && r >= split ? (split + 127) / 128 + (r - split) / 128 : r / 128; }
-__device__ __forceinline__ float warp_dot_f32(const float* row, const float* x, int K) { return warp_sum(warp_dot_part(row, x, K, 0.0f)); }
+// Out of line: inlined, its unrolled loop was ~4 KB at each of its sites.
+__device__ __noinline__ float warp_dot_f32(const float* row, const float* x, int K) { return warp_sum(warp_dot_part(row, x, K, 0.0f)); }
 // xs[0, n) = gamma · (xs · r), r = 1 / sqrt(mean(xs²) + eps) (rmsnorm_to's order), optionally rounded to bf16. Each
 // thread touches the indices t, t + kT, ... it wrote itself. Returns r.
 __device__ __noinline__ float norm_in_place(float* xs, int n, const float* gamma, float eps, bool round, float* red) {
