@@ -87,7 +87,7 @@ Plan plan_of(const PersistentShape& s, int nb) {
   p.wb = (wb + 15) / 16 * 16;
   p.xmax = std::max({s.D, s.nq + W, s.H * s.dv, s.max_units, s.kvr + kT});
   p.xmax = (p.xmax + 3) / 4 * 4;
-  p.misc = 32 + 3 * kMaxH + 32 + 32 + 8 + 2 * (4 * s.E + 132) + 4 * s.E + s.router.n_group + nb + 3 * s.scale_floats;
+  p.misc = 32 + 3 * kMaxH + 32 + 32 + 8 + 2 * (4 * s.E + 132) + 4 * s.E + s.router.n_group + nb + 4 + 3 * s.scale_floats;
   p.smem = 2 * p.wb + 4 * (p.xmax + p.misc);
   return p;
 }
@@ -388,7 +388,8 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
   float* rsc = bias_s + E;                               // router scratch: 2E + n_group
   float* wsp = rsc + 2 * E + s.router.n_group;           // split weights of the merge
   // FP8: the scale grids a fill's rows need, one area per mbarrier (buffer 0, buffer 1, the routed gate|up rows)
-  float* sca[3] = {wsp + nb, wsp + nb + a.scf, wsp + nb + 2 * a.scf};
+  float* sca0 = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(wsp + nb) + 15) & ~uintptr_t(15));  // bulk-copy target
+  float* sca[3] = {sca0, sca0 + a.scf, sca0 + 2 * a.scf};
   const int kbD = cdiv128(D);
   GridBarrier bar{a.bar, a.trace, a.flags};
   if (t == 0) {
@@ -408,12 +409,18 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
 
   // ---- operand copies: one phase of mbarrier `which` filled by bulk copies that the last warp issues (any number of
   // pieces; an empty fill completes at once), waited for by every thread ----
-  // FP8 scale grids ride along: emit_sc(offset, src, n) has the last warp load n floats into sca[which] + offset
-  // (plain loads, all of a lane's issued before its stores) before the phase's arrive, which publishes them.
+  // FP8 scale grids ride along: emit_sc(offset, src, n) brings n floats to sca[which] + offset, as one more bulk copy
+  // of the phase when both ends are 16-byte aligned and n % 4 == 0; else the last warp loads them (plain loads, all
+  // of a lane's issued before its stores) before the phase's arrive, which publishes them.
   auto fill = [&](int which, auto&& pieces) {
     int k = 0;
     pieces([&](void* dst, const void* src, int64_t bytes) { fill_piece(&mb[which], dst, src, bytes, k); },
            [&](int off, const float* src, int n) {
+             float* dst = sca[which] + off;
+             if (((reinterpret_cast<uintptr_t>(src) | reinterpret_cast<uintptr_t>(dst)) & 15) == 0 && n % 4 == 0) {
+               fill_piece(&mb[which], dst, src, int64_t(n) * 4, k);
+               return;
+             }
              if (warp != kW - 1) return;
              constexpr int U = 8;
 #pragma unroll 1
