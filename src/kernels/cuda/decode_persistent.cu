@@ -18,6 +18,18 @@
 #include "kernels/cuda/persistent_ops.h"
 #include "kernels/cuda/route_warp.cuh"
 
+// A/B variants, off by default (CMake DSV3_PERSIST_DEFS; written 2026-12-03, not yet measured):
+// DSV3_PERSIST_ROUTE_WARP=1: one warp routes the token (route_warp, registers and shuffles) instead of the whole
+// block's rank sweeps (route_block: 3.6 us of the FFN stage in the seventh session's trace); +22 KB of machine code.
+// DSV3_PERSIST_QC_LATE=1: the absorbed-query rows (54 KB a block) are copied in after stage 1's barrier, not before
+// it (the barrier before stage 1 is the longest, 2.3-3.3 us, and it polls while those copies start).
+#ifndef DSV3_PERSIST_ROUTE_WARP
+#define DSV3_PERSIST_ROUTE_WARP 0
+#endif
+#ifndef DSV3_PERSIST_QC_LATE
+#define DSV3_PERSIST_QC_LATE 0
+#endif
+
 namespace dsv3::cuda {
 
 using namespace dev;
@@ -353,6 +365,12 @@ __device__ __noinline__ void gemv_block(const WT* m, int64_t r0, int64_t r1, int
   }
 }
 __device__ __forceinline__ int cdiv128(int64_t n) { return int((n + 127) / 128); }
+#if DSV3_PERSIST_ROUTE_WARP
+__device__ __noinline__ void route_one_warp(const float* lg, int E, const float* bias, const RouterConfig p, float* s, float* c, float* gs,
+                                            int32_t* idx, float* w) {
+  route_warp<false>(lg, E, bias, p, s, c, gs, idx, w);
+}
+#endif
 
 // WT: the projections' weight type, uint16_t (bf16) or uint8_t (e4m3 with 128x128 block scales). W_UK, W_UV and
 // the attention stay bf16, the router f32.
@@ -538,12 +556,14 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
     uint16_t* pool = pool_of(Lp);
 
     // ---- 1: residual, the router's residual term (ln2 ⊙ gate)·h_in (MoE), input norm, [q_a | kv_a] ----
-    {
+    auto stage2_rows = [&]() {
       int64_t r0, r1;
       qc_share(r0, r1);
-      qc_rows(cur ^ 1, Lp, r0, min(r1, r0 + qcr));  // stage 2's first chunk
-    }
+      qc_rows(cur ^ 1, Lp, r0, min(r1, r0 + qcr));  // stage 2's staged rows
+    };
+    if (!DSV3_PERSIST_QC_LATE) stage2_rows();
     if (l > 0) bar.wait();
+    if (DSV3_PERSIST_QC_LATE) stage2_rows();
     if (l == 0) load_vec(xs, a.io.h, nullptr, D, b == 0 ? w.r1 : nullptr);
     else load_vec(xs, w.r2, w.ffn, D, b == 0 ? w.r1 : nullptr);
     wait_fill(cur);
@@ -818,7 +838,12 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
     if (moe) {
       for (int e = t; e < E; e += kT) lgs[e] *= rms;  // gate·norm(h) = rms(h)·(gate·(ln2 ⊙ h_in) + w_lg·o)
       __syncthreads();
+#if DSV3_PERSIST_ROUTE_WARP
+      if (warp == 0) route_one_warp(lgs, E, Lp.bias ? bias_s : nullptr, s.router, rsc, rsc + E, rsc + 2 * E, ridx, rw);
+      __syncthreads();
+#else
       route_block(lgs, E, Lp.bias ? bias_s : nullptr, s.router, rsc, rsc + E, rsc + 2 * E, ridx, rw);
+#endif
       if (t < K) {  // the chosen experts' weight pointers
         seg_gu[t] = ptab_gu[ridx[t]];
         seg_dn[t] = ptab_dn[ridx[t]];
