@@ -25,9 +25,10 @@ __global__ void k_bf16_to_f32(const uint16_t* __restrict__ s, float* __restrict_
 template <class T>
 __global__ void k_quantize_1x128(const T* __restrict__ x, int64_t ldx, int64_t M, int64_t K, uint8_t* __restrict__ xq,
                                  float* __restrict__ scale, int64_t sld) {
-  // The FP8 grouped GEMMs that follow it (programmatic dependents) start streaming their weights meanwhile; they
-  // wait for this grid before reading what it writes.
-  grid_dependents_launch();
+  // Launched as a programmatic dependent itself: it waits for the kernel that wrote x (before touching x, xq or
+  // scale), then lets the FP8 GEMMs that follow start streaming their weights; they wait for this grid before
+  // reading what it writes.
+  dependent_kernel_begin();
   const int64_t warp = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) >> 5;
   const int lane = threadIdx.x & 31;
   const int64_t tiles = (K + 127) / 128;
@@ -194,9 +195,11 @@ void quantize_fp8_1x128(DType xt, const void* x, int64_t ldx, int64_t M, int64_t
   const int64_t warps = M * ceil_div(K, 128);
   const unsigned blocks = unsigned(ceil_div(warps, 8));
   if (xt == DType::F32)
-    k_quantize_1x128<<<blocks, 256, 0, s>>>(static_cast<const float*>(x), ldx, M, K, xq, scale, fp8_act_scale_ld(M));
+    launch_dependent(k_quantize_1x128<float>, dim3(blocks), dim3(256), 0, s, static_cast<const float*>(x), ldx, M, K, xq, scale,
+                     fp8_act_scale_ld(M));
   else
-    k_quantize_1x128<<<blocks, 256, 0, s>>>(static_cast<const uint16_t*>(x), ldx, M, K, xq, scale, fp8_act_scale_ld(M));
+    launch_dependent(k_quantize_1x128<uint16_t>, dim3(blocks), dim3(256), 0, s, static_cast<const uint16_t*>(x), ldx, M, K, xq, scale,
+                     fp8_act_scale_ld(M));
   DSV3_CUDA_CHECK_LAUNCH("quantize_fp8_1x128 kernel");
 }
 
