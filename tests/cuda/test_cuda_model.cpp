@@ -574,7 +574,7 @@ TEST(CudaModel, StepAheadMatchesStepByStep) {
     ASSERT_EQ(a1, b1) << "step " << k;
     ASSERT_EQ(a2, b2) << "step " << k;
     q1 = {{0, q1[0].start + q1[0].n, 1}}, q2 = {{0, q2[0].start + q2[0].n, 1}};
-    t1 = a1, t2 = {(a2[0] + k) % V};  // cache 2 is fed other tokens than its sampled ones: never the predicted step
+    t1 = a1, t2 = {(a2[0] + k) % V};  // cache 2 also gets other tokens than it sampled (from k = 1)
   }
 }
 
