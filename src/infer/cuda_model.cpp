@@ -574,17 +574,10 @@ struct CudaModel::Impl {
     const cuda::ContractOperand qb = weight_operand(a.q_b, tmp, (dn + dr) * nq, nq, 1);
     DBuf<float> out(static_cast<size_t>(H * W * nq));
     cuda::contract_weights({DType::BF16, a.wkv, (dn + dv) * kvr, kvr, 1}, qb, nullptr, H, dn, kvr, nq, out.get(), W * nq, nq);
-    // The rope rows as they are: a contraction over one d with A = 1 (stride 0) picks row dn + r of head h.
-    static const float one = 1.0f;
-    DBuf<float> d_one(1);
-    cuda::copy_to_device(d_one.get(), &one, 4);
     const size_t es = qb.type == DType::F32 ? 4 : 2;
-    for (int64_t h = 0; h < H; ++h) {
-      cuda::ContractOperand rows = qb;
-      rows.p = static_cast<const uint8_t*>(qb.p) + size_t((h * (dn + dr) + dn) * nq) * es;
-      rows.sh = nq, rows.sd = 0;  // "head" r of this call = rope row r
-      cuda::contract_weights({DType::F32, d_one.get(), 0, 0, 0}, rows, nullptr, dr, 1, 1, nq, out.get() + (h * W + kvr) * nq, nq, 0);
-    }
+    for (int64_t h = 0; h < H; ++h)  // the rope rows as they are
+      cuda::convert(qb.type, static_cast<const uint8_t*>(qb.p) + size_t((h * (dn + dr) + dn) * nq) * es, DType::F32,
+                    out.get() + (h * W + kvr) * nq, dr * nq);
     cuda::synchronize();  // before tmp goes
     return keep_folded(std::move(out));
   }
@@ -997,6 +990,16 @@ struct CudaModel::Impl {
   // ---------------------------------------------------------------------------------------------------
   // Uncached forward
   // ---------------------------------------------------------------------------------------------------
+  // The chosen experts of M rows (host copy, [M, top_k]) as ForwardResult::routing reports them: int64, sorted per row.
+  Tensor routing_tensor(const std::vector<int32_t>& routing, int64_t M) const {
+    const int64_t k = router.top_k;
+    Tensor t = Tensor::empty(DType::I64, {M, k});
+    int64_t* p = t.data<int64_t>();
+    for (int64_t i = 0; i < M * k; ++i) p[i] = routing[size_t(i)];
+    for (int64_t m = 0; m < M; ++m) std::sort(p + m * k, p + (m + 1) * k);
+    return t;
+  }
+
   ForwardResult forward(const Tensor& input_ids, const ForwardOptions& opts) const {
     DSV3_CHECK(input_ids.ndim() == 2, "input_ids must be [B, T], got {}", shape_str(input_ids.shape()));
     DSV3_CHECK(input_ids.dtype() == DType::I64 || input_ids.dtype() == DType::I32, "input_ids must be int64 or int32, got {}",
@@ -1034,14 +1037,7 @@ struct CudaModel::Impl {
       std::vector<int32_t> routing;
       r.routing = opts.routing && layers[i].moe ? &routing : nullptr;
       cuda::add_rows(h, D, layer_fwd(ex, layers[i], h, nullptr, r, false), D, M, D, s());
-      if (r.routing) {
-        Tensor t = Tensor::empty(DType::I64, {M, router.top_k});
-        for (int64_t m = 0; m < M; ++m) {
-          for (int64_t j = 0; j < router.top_k; ++j) t.data<int64_t>()[m * router.top_k + j] = routing[size_t(m * router.top_k + j)];
-          std::sort(t.data<int64_t>() + m * router.top_k, t.data<int64_t>() + (m + 1) * router.top_k);
-        }
-        out.routing[int64_t(i)] = t;
-      }
+      if (r.routing) out.routing[int64_t(i)] = routing_tensor(routing, M);
       if (opts.hidden_states && i + 1 < layers.size()) out.hidden_states.push_back(host(h, {B, T, D}));
     }
     r.routing = nullptr;
@@ -1084,14 +1080,8 @@ struct CudaModel::Impl {
       rk.routing = moe_k ? &routing : nullptr;
       mtp_fwd(ex, mtp[size_t(k - 1)], prev, dm2, rk, hk, lg);
       out.mtp_logits.push_back(host(lg, {B, n, V}));
-      if (moe_k) {  // keyed by the module's layer index (num_hidden_layers + k - 1), rows (b, i < T - k)
-        Tensor t = Tensor::empty(DType::I64, {Mn, router.top_k});
-        for (int64_t m = 0; m < Mn; ++m) {
-          for (int64_t j = 0; j < router.top_k; ++j) t.data<int64_t>()[m * router.top_k + j] = routing[size_t(m * router.top_k + j)];
-          std::sort(t.data<int64_t>() + m * router.top_k, t.data<int64_t>() + (m + 1) * router.top_k);
-        }
-        out.routing[int64_t(layers.size()) + k - 1] = t;
-      }
+      // keyed by the module's layer index (num_hidden_layers + k - 1), rows (b, i < T - k)
+      if (moe_k) out.routing[int64_t(layers.size()) + k - 1] = routing_tensor(routing, Mn);
       float* keep = ex.arena.as<float>(S_FINAL, Mn * D);
       cuda::copy_on_device(keep, hk, size_t(Mn * D) * 4, s());
       h_prev = keep;

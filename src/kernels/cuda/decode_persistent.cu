@@ -235,8 +235,6 @@ __device__ __forceinline__ float2 warp_dot2(const uint8_t* r0, const uint8_t* r1
 // The block-scale row of row r of an FP8 weight whose first `split` rows (0: none) are one stacked weight with its
 // own scale rows (cuda_model.cpp's Lin::split; gate | up of an expert).
 __device__ __forceinline__ int scale_row(int r, int split) { return split > 0 && r >= split ? (split + 127) / 128 + (r - split) / 128 : r / 128; }
-// Out of line: inlined, its unrolled loop was ~4 KB at each of its sites.
-__device__ __noinline__ float warp_dot_f32(const float* row, const float* x, int K) { return warp_sum(warp_dot_part(row, x, K, 0.0f)); }
 // xs[0, n) = gamma · (xs · r), r = 1 / sqrt(mean(xs²) + eps) (rmsnorm_to's order), optionally rounded to bf16. Each
 // thread touches the indices t, t + kT, ... it wrote itself. Returns r.
 __device__ __noinline__ float norm_in_place(float* xs, int n, const float* gamma, float eps, bool round, float* red) {
@@ -570,11 +568,7 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
     if (moe) {
       int64_t e0, e1;
       share(E, b, nb, e0, e1);
-      const float* g = reinterpret_cast<const float*>(buf[cur] + in_rows_bytes(s, nb));
-      for (int64_t e = warp; e < e1 - e0; e += kW) {
-        const float v = warp_dot_f32(g + e * D, xs, D);
-        if (lane == 0) w.logits[e0 + e] = v;
-      }
+      gemv_block(reinterpret_cast<const float*>(buf[cur] + in_rows_bytes(s, nb)), e0, e1, D, xs, w.logits, nullptr, 0, 0);
       __syncthreads();  // before the norm overwrites xs
     }
     norm_in_place(xs, D, Lp.ln1, s.eps, true, red);
@@ -817,11 +811,7 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
     if (moe) {
       int64_t e0, e1;
       share(E, b, nb, e0, e1);
-      const float* g = reinterpret_cast<const float*>(buf[cur] + o_rows_bytes(s, nb));
-      for (int64_t e = warp; e < e1 - e0; e += kW) {
-        const float v = warp_dot_f32(g + e * HV, xs, HV);
-        if (lane == 0) w.logits[E + e0 + e] = v;
-      }
+      gemv_block(reinterpret_cast<const float*>(buf[cur] + o_rows_bytes(s, nb)), e0, e1, HV, xs, w.logits + E, nullptr, 0, 0);
     }
     bar.arrive();
     cur ^= 1;
