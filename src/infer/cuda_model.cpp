@@ -193,7 +193,8 @@ struct CudaModel::Impl {
   // Decode attention as one fused kernel (mla_decode_fused) or as five (prologue, W_UK, the streaming split
   // attention, merge, W_UV). With the streaming latent kernel the five-launch path is faster for bf16 checkpoints
   // (H200, small.json, context 64: batch 1 0.826 vs 0.855 ms/token, batch 64 11,589 vs 10,459 tokens/s) but not
-  // for FP8 ones (batch 64 8,084 vs 9,149), so the fused kernel is the FP8 default. DSV3_UNFUSED_MLA=1 /
+  // for FP8 ones (batch 64 8,084 vs 9,149), so the fused kernel is the default for FP8 attention weights (see
+  // CudaModelOptions::fp8_dense_native). DSV3_UNFUSED_MLA=1 /
   // DSV3_FUSED_MLA=1 force either, for A/B runs.
   bool fused_mla = true;
   // DSV3_FUSED_MLA_SPLIT=1: contexts beyond kFusedMlaMaxLen also take the fused kernel, the context split over blocks
@@ -273,7 +274,7 @@ struct CudaModel::Impl {
     WeightLoader wl;
     Loader(Impl& im, const io::Checkpoint& c) : m(im), ck(c), wl(c, im.cfg) {}
 
-    bool native_fp8(const ops::Weight& w) const { return w.scale_inv.defined() && m.act == DType::BF16 && m.opt.fp8_native; }
+    bool native_fp8(const ops::Weight& w) const { return w.scale_inv.defined() && m.keeps_fp8(w.name); }
     // Rows of w converted to `to` (BF16/F32) into device memory at dst, in chunks (never the whole model in f32).
     void upload_rows(const ops::Weight& w, DType to, uint8_t* dst) const {
       const int64_t N = w.rows(), K = w.cols();
@@ -433,6 +434,11 @@ struct CudaModel::Impl {
     }
   };
 
+  // Whether an FP8 weight of this name stays e4m3 on the GPU (CudaModelOptions::fp8_dense_native).
+  bool keeps_fp8(const std::string& name) const {
+    return act == DType::BF16 && opt.fp8_native && (opt.fp8_dense_native || name.find(".mlp.experts.") != std::string::npos);
+  }
+
   void load(const Transformer& host) {
     const ModelConfig& c = cfg;
     H = c.num_attention_heads, dn = c.qk_nope_head_dim, dr = c.qk_rope_head_dim, dv = c.v_head_dim, kvr = c.kv_lora_rank;
@@ -442,6 +448,7 @@ struct CudaModel::Impl {
     router = {int(c.n_group), int(c.topk_group), int(c.num_experts_per_tok), c.norm_topk_prob, float(c.routed_scaling_factor)};
     DSV3_CHECK(opt.dtype == DType::BF16 || opt.dtype == DType::F32, "--dtype must be bf16 or fp32, not {}", dtype_name(opt.dtype));
     act = opt.dtype;
+    if (const char* v = std::getenv("DSV3_FP8_DENSE_NATIVE"); v && *v) opt.fp8_dense_native = std::string(v) != "0";
 
     // Refuse early when the weights cannot fit (the checkpoint's bytes, scaled to the compute dtype).
     const io::Checkpoint& ck = host.checkpoint();
@@ -451,7 +458,7 @@ struct CudaModel::Impl {
       int64_t numel = 1;
       for (int64_t d : i.shape) numel *= d;
       const bool fp8w = i.dtype == DType::F8_E4M3 || i.dtype == DType::F8_E5M2;
-      need += double(numel) * double(fp8w && act == DType::BF16 && opt.fp8_native ? 1 : dtype_size(act));
+      need += double(numel) * double(fp8w && keeps_fp8(n) ? 1 : dtype_size(act));
     }
     size_t free_b = 0, total_b = 0;
     cuda::memory_info(&free_b, &total_b);
@@ -478,9 +485,8 @@ struct CudaModel::Impl {
     bf16_gemv = !env_flag("DSV3_NO_BF16_GEMV");
     fp8_rows = !env_flag("DSV3_NO_FP8_ROWS_GEMM");
     bf16_rows = env_flag("DSV3_BF16_ROWS_GEMM");
-    bool fp8_experts = false;
-    for (const LayerW& L : layers) fp8_experts = fp8_experts || (L.moe && L.moe->use_table && L.moe->table.type == DType::F8_E4M3);
-    fused_mla = env_flag("DSV3_FUSED_MLA") || (fp8_experts && !env_flag("DSV3_UNFUSED_MLA"));
+    const bool fp8_attention = !layers.empty() && layers[0].attn.in.type == DType::F8_E4M3;
+    fused_mla = env_flag("DSV3_FUSED_MLA") || (fp8_attention && !env_flag("DSV3_UNFUSED_MLA"));
     fused_mla_split = env_flag("DSV3_FUSED_MLA_SPLIT");
     fused_shared = !env_flag("DSV3_UNFUSED_SHARED");
     moe_decode_kernel = env_flag("DSV3_MOE_DECODE_KERNEL");

@@ -3,8 +3,9 @@
 // device (absorbed MLA with the paged decode kernel, block size 64 as FlashMLA), with the semantics of
 // Transformer::forward / step / mtp_step. It implements StepModel, so the Generator runs on it unchanged.
 //
-// Compute dtypes: BF16 (bf16 weights, f32 activations and accumulation; FP8 checkpoints run the block-scaled
-// FP8 GEMMs unless fp8_native is off, then they are dequantized to bf16 at load) or F32 (every weight
+// Compute dtypes: BF16 (bf16 weights, f32 activations and accumulation; FP8 checkpoints run their routed experts
+// natively in e4m3 and the other projections on bf16 weights dequantized once at load, see fp8_dense_native; with
+// fp8_native off every weight is dequantized to bf16 at load) or F32 (every weight
 // dequantized to f32, f32 GEMMs without TF32, f32 latent cache: the golden models' precision). The router
 // always runs in f32 (as transformers does). Decode steps (one token per sequence, BF16) run with no host
 // synchronisation and are captured as CUDA graphs per (batch, context bucket).
@@ -20,7 +21,13 @@ namespace dsv3 {
 
 struct CudaModelOptions {
   DType dtype = DType::BF16;  // BF16 or F32
-  bool fp8_native = true;     // FP8 checkpoints with BF16: cuBLASLt block-scaled FP8 GEMMs
+  bool fp8_native = true;     // FP8 checkpoints with BF16: the routed experts' e4m3 weights used as stored
+  // FP8 checkpoints, the projections outside the routed experts (attention, shared experts, dense MLPs): false (or
+  // unset DSV3_FP8_DENSE_NATIVE): dequantized to bf16 once at load, as DeepSeek's reference inference does per call
+  // (its default gemm_impl "bf16"); they are a small part of the bytes (small.json: 1/6) but at decode batches
+  // their e4m3 products (an activation quantize and a block-scaled GEMM each) cost more than bf16's.
+  // true: block-scaled FP8 GEMMs too (half their bytes).
+  bool fp8_dense_native = false;
   bool graphs = true;         // capture decode steps as CUDA graphs
   bool verbose = false;       // one line about the upload (bytes, seconds) on stderr
   // Batch-1 decode steps of bf16 models as one persistent kernel (persistent_ops.h) where the shape allows;

@@ -27,11 +27,14 @@ std::vector<int64_t> row_of(const Tensor& t, int64_t r) {
   return {x.data<int64_t>() + r * n, x.data<int64_t>() + (r + 1) * n};
 }
 
-std::unique_ptr<CudaModel> gpu_model(const Transformer& host, DType dt, bool graphs = true, bool fp8_native = true) {
+// fp8_native / dense_native: CudaModelOptions' fp8_native / fp8_dense_native.
+std::unique_ptr<CudaModel> gpu_model(const Transformer& host, DType dt, bool graphs = true, bool fp8_native = true,
+                                     bool dense_native = false) {
   CudaModelOptions o;
   o.dtype = dt;
   o.graphs = graphs;
   o.fp8_native = fp8_native;
+  o.fp8_dense_native = dense_native;
   return CudaModel::load(host, o);
 }
 
@@ -85,10 +88,10 @@ struct ForwardCheck {
   int64_t routing_diff = 0;
   double first_layer = 0, logits = 0, mtp = 0;  // first layer over all tokens; the rest over tokens routed as the golden
 };
-ForwardCheck check_forward(const std::string& name, DType dt, double tol, bool fp8_native = true) {
+ForwardCheck check_forward(const std::string& name, DType dt, double tol, bool fp8_native = true, bool dense_native = false) {
   auto host = Transformer::load(test::golden_dir(name) + "/model");
   auto golden = io::SafetensorsFile::open(test::golden_dir(name) + "/golden.safetensors");
-  auto m = gpu_model(*host, dt, true, fp8_native);
+  auto m = gpu_model(*host, dt, true, fp8_native, dense_native);
   const bool report_only = tol < 0;
   ForwardOptions o;
   o.hidden_states = true;
@@ -136,7 +139,10 @@ ForwardCheck check_forward(const std::string& name, DType dt, double tol, bool f
   std::printf("  %-4s %-4s%s: routing %lld of %lld choices differ (%lld of %lld tokens routed as the golden); over those: "
               "rel L2 hidden max %.3g, logits %.3g, mtp %.3g (%lld more MTP rows routed otherwise than fp32 in the MTP "
               "module); logits over all tokens %.3g\n",
-              name.c_str(), dt == DType::F32 ? "fp32" : "bf16", fp8_native && name == "fp8" && dt == DType::BF16 ? " (native FP8 GEMMs)" : "",
+              name.c_str(), dt == DType::F32 ? "fp32" : "bf16",
+              !(fp8_native && name == "fp8" && dt == DType::BF16) ? ""
+              : dense_native                                       ? " (every product native FP8)"
+                                                                   : " (routed experts native FP8)",
               (long long)routed.diff, (long long)routed.total, (long long)kept, (long long)(B * T), worst_hidden, e_logits, e_mtp,
               (long long)mtp_flips, e_all);
   return {routed.diff, test::rel_l2(r.hidden_states.at(1), golden->get("hidden_states.1")), e_logits, e_mtp};
@@ -160,14 +166,18 @@ TEST(CudaModel, GoldenForwardBf16) {
 // Through the whole model the independent roundings of its chain of quantized GEMMs add up (each layer holds
 // ~6 in sequence; 2 layers + head: 13 in the main path, 20 through the MTP module, ~2.6e-2·sqrt(n) = 9e-2 and
 // 1.2e-1): logits within 1e-1 and MTP logits within 1.5e-1 over the tokens routed as the golden; flipped routing
-// choices counted and rare (<= 10%).
+// choices counted and rare (<= 10%). Both policies of CudaModelOptions::fp8_dense_native: the default (only the
+// routed experts' products quantize activations, the rest runs on the dequantized bf16 weights) and every product
+// in FP8; the same bounds for both (the default has fewer quantized products in each chain).
 TEST(CudaModel, GoldenForwardFp8Native) {
   DSV3_REQUIRE_GPU();
-  const ForwardCheck c = check_forward("fp8", DType::BF16, -1, true);
-  EXPECT_LT(c.first_layer, 6e-2);
-  EXPECT_LE(c.routing_diff, 8) << "of 80 routing choices";
-  EXPECT_LT(c.logits, 1e-1);
-  EXPECT_LT(c.mtp, 1.5e-1);
+  for (bool dense_native : {false, true}) {
+    const ForwardCheck c = check_forward("fp8", DType::BF16, -1, true, dense_native);
+    EXPECT_LT(c.first_layer, 6e-2) << dense_native;
+    EXPECT_LE(c.routing_diff, 8) << "of 80 routing choices; dense native " << dense_native;
+    EXPECT_LT(c.logits, 1e-1) << dense_native;
+    EXPECT_LT(c.mtp, 1.5e-1) << dense_native;
+  }
 }
 
 TEST(CudaModel, GreedyMatchesTransformersWithAndWithoutMtp) {
@@ -298,6 +308,7 @@ TEST(CudaModel, PersistentDecodeMatchesLaunchPath) {
     const int64_t T = ids.dim(1), V = host->config().vocab_size, N = T + cs.extra;
     CudaModelOptions o;
     o.fp8_native = cs.native_fp8;
+    o.fp8_dense_native = cs.native_fp8;  // the kernel's FP8 variant takes every projection in e4m3
     o.persistent_blocks = cs.blocks;
     auto pm = CudaModel::load(*host, o);
     ASSERT_EQ(pm->persistent_decode_unavailable(), "") << cs.name;
@@ -352,8 +363,8 @@ TEST(CudaModel, PersistentDecodeMatchesLaunchPath) {
   }
 }
 
-// Native FP8 decode steps: one token at a time from the first, every product of the FP8 checkpoint runs as
-// gemv (e4m3 weights times their f32 block scales, activations kept in bf16), so a token's logits carry only
+// Native FP8 decode steps: one token at a time from the first, every product runs as gemv (the routed experts'
+// e4m3 weights, with fp8_dense_native all of them, times their f32 block scales; activations kept in bf16), so a token's logits carry only
 // the bf16 path's roundings: within 2e-2 of the golden. A token whose routing flips at a router near-tie (this
 // path's hidden states differ from the golden's by ~5e-3) is off by much more; such tokens are counted and must
 // stay rare (<= 10%), and the median token within 2e-2.
@@ -363,52 +374,55 @@ TEST(CudaModel, NativeFp8DecodeStepsMatchGolden) {
   auto golden = io::SafetensorsFile::open(test::golden_dir("fp8") + "/golden.safetensors");
   const Tensor ids = golden->get("input_ids");
   const int64_t B = ids.dim(0), T = ids.dim(1), V = host->config().vocab_size;
-  auto m = gpu_model(*host, DType::BF16, true, true);
-  Tensor got = Tensor::zeros(DType::F32, {B * T, V});
-  for (int64_t b = 0; b < B; ++b) {
-    const std::vector<int64_t> tok = row_of(ids, b);
-    auto cache = m->make_cache(1, T);
-    for (int64_t pos = 0; pos < T; ++pos) {
-      const auto st = m->step({tok[size_t(pos)]}, Batch::cached({{0, pos, 1}}), *cache);
-      std::copy_n(st.logits.f32(), V, got.f32() + (b * T + pos) * V);
+  for (bool dense_native : {false, true}) {  // CudaModelOptions::fp8_dense_native's two policies
+    auto m = gpu_model(*host, DType::BF16, true, true, dense_native);
+    Tensor got = Tensor::zeros(DType::F32, {B * T, V});
+    for (int64_t b = 0; b < B; ++b) {
+      const std::vector<int64_t> tok = row_of(ids, b);
+      auto cache = m->make_cache(1, T);
+      for (int64_t pos = 0; pos < T; ++pos) {
+        const auto st = m->step({tok[size_t(pos)]}, Batch::cached({{0, pos, 1}}), *cache);
+        std::copy_n(st.logits.f32(), V, got.f32() + (b * T + pos) * V);
+      }
     }
+    const Tensor want = golden->get("logits").contiguous().to(DType::F32).reshape({B * T, V});
+    std::vector<double> err;
+    for (int64_t r = 0; r < B * T; ++r) {
+      std::vector<char> one(size_t(B * T), 0);
+      one[size_t(r)] = 1;
+      err.push_back(rel_l2_rows(got, want, one));
+    }
+    std::vector<double> sorted = err;
+    std::sort(sorted.begin(), sorted.end());
+    const auto off = std::count_if(err.begin(), err.end(), [](double e) { return e >= 2e-2; });
+    std::printf("  fp8 native decode steps (gemv; %s) vs golden: per-token rel L2 median %.3g, max %.3g; %lld of %lld tokens "
+                "beyond 2e-2 (routing near-ties); graph replays %lld\n",
+                dense_native ? "every product e4m3" : "routed experts e4m3", sorted[sorted.size() / 2], sorted.back(), (long long)off, (long long)(B * T), (long long)m->graph_replays());
+    for (int64_t r = 0; r < B * T; ++r)
+      if (err[size_t(r)] >= 2e-2) std::printf("    token %lld: %.3g\n", (long long)r, err[size_t(r)]);
+    EXPECT_LT(sorted[sorted.size() / 2], 2e-2);
+    EXPECT_LE(off * 10, B * T);
+    EXPECT_GT(m->graph_replays(), 0);
   }
-  const Tensor want = golden->get("logits").contiguous().to(DType::F32).reshape({B * T, V});
-  std::vector<double> err;
-  for (int64_t r = 0; r < B * T; ++r) {
-    std::vector<char> one(size_t(B * T), 0);
-    one[size_t(r)] = 1;
-    err.push_back(rel_l2_rows(got, want, one));
-  }
-  std::vector<double> sorted = err;
-  std::sort(sorted.begin(), sorted.end());
-  const auto off = std::count_if(err.begin(), err.end(), [](double e) { return e >= 2e-2; });
-  std::printf("  fp8 native decode steps (gemv) vs golden: per-token rel L2 median %.3g, max %.3g; %lld of %lld tokens "
-              "beyond 2e-2 (routing near-ties); graph replays %lld\n",
-              sorted[sorted.size() / 2], sorted.back(), (long long)off, (long long)(B * T), (long long)m->graph_replays());
-  for (int64_t r = 0; r < B * T; ++r)
-    if (err[size_t(r)] >= 2e-2) std::printf("    token %lld: %.3g\n", (long long)r, err[size_t(r)]);
-  EXPECT_LT(sorted[sorted.size() / 2], 2e-2);
-  EXPECT_LE(off * 10, B * T);
-  EXPECT_GT(m->graph_replays(), 0);
 }
 
 // Decode steps of 12 sequences in one batch (CUDA graphs): from 9 rows the routed experts run as the grouped
 // tensor-core GEMMs (bf16, and FP8 weights dequantized in the kernel). Each sequence is a golden row, so every
 // token's logits are checked against the golden: median within 2e-2 (the bf16 bound), at most 10% of the tokens
 // beyond it (router near-ties flip on bf16 hidden states, as in the FP8 steps test). The FP8 checkpoint runs
-// twice: dequantized to bf16 (same bound) and native, where 12 rows send the dense products through cuBLASLt's
-// block-scaled GEMMs with e4m3 activations: GoldenForwardFp8Native's bound, 1e-1.
+// three times: dequantized to bf16 (same bound) and native, its routed experts on e4m3 activations (both
+// fp8_dense_native policies; with it, 12 rows send the dense products through the FP8 rows GEMM too):
+// GoldenForwardFp8Native's bound, 1e-1.
 TEST(CudaModel, BatchedDecodeStepsMatchGolden) {
   DSV3_REQUIRE_GPU();
-  struct Case { const char* name; bool native; double bound; };
-  for (const Case c : {Case{"tiny", true, 2e-2}, Case{"fp8", false, 2e-2}, Case{"fp8", true, 1e-1}}) {
+  struct Case { const char* name; bool native; double bound; bool dense_native = false; };
+  for (const Case c : {Case{"tiny", true, 2e-2}, Case{"fp8", false, 2e-2}, Case{"fp8", true, 1e-1}, Case{"fp8", true, 1e-1, true}}) {
     const char* name = c.name;
     auto host = Transformer::load(test::golden_dir(name) + "/model");
     auto golden = io::SafetensorsFile::open(test::golden_dir(name) + "/golden.safetensors");
     const Tensor ids = golden->get("input_ids");
     const int64_t B = ids.dim(0), T = ids.dim(1), V = host->config().vocab_size, S = 12, P = 5;
-    auto m = gpu_model(*host, DType::BF16, true, c.native);
+    auto m = gpu_model(*host, DType::BF16, true, c.native, c.dense_native);
     auto cache = m->make_cache(S, T);
     std::vector<std::vector<int64_t>> rows;
     for (int64_t b = 0; b < B; ++b) rows.push_back(row_of(ids, b));
@@ -447,7 +461,7 @@ TEST(CudaModel, BatchedDecodeStepsMatchGolden) {
     const auto off = std::count_if(err.begin(), err.end(), [&](double e) { return e >= bound; });
     std::printf("  %s%s batch-%lld decode steps vs golden: per-token rel L2 median %.3g, max %.3g; %lld of %lld beyond %.0e; "
                 "graph replays %lld\n",
-                name, c.native ? "" : " (dequantized)", (long long)S, sorted[sorted.size() / 2], sorted.back(), (long long)off,
+                name, !c.native ? " (dequantized)" : c.dense_native ? " (all FP8)" : "", (long long)S, sorted[sorted.size() / 2], sorted.back(), (long long)off,
                 (long long)err.size(), bound, (long long)m->graph_replays());
     EXPECT_LT(sorted[sorted.size() / 2], bound) << name;
     EXPECT_LE(off * 10, int64_t(err.size())) << name;
