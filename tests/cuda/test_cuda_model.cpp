@@ -551,17 +551,17 @@ TEST(CudaModel, DeviceSamplingMatchesHostLogits) {
 }
 
 // Step-ahead decoding (cuda_model.cpp, step_sampled: the next step enqueued on the sampled ids before they reach
-// the host; opt-in, DSV3_STEP_AHEAD=1) changes when work is enqueued, not what is computed: the Generator's tokens
+// the host; the default, DSV3_STEP_AHEAD=0 switches it off) changes when work is enqueued, not what is computed: the Generator's tokens
 // equal those of the same model with it off, greedy and sampled, batch 1 (persistent kernel) and 3, sequences of
 // different prompt lengths and an early stop; and a request that is not the predicted step (another cache, other
 // tokens) discards the step enqueued ahead.
 TEST(CudaModel, StepAheadMatchesStepByStep) {
   DSV3_REQUIRE_GPU();
   auto host = Transformer::load(test::golden_dir("tiny") + "/model");
-  setenv("DSV3_STEP_AHEAD", "1", 1);
   auto on = gpu_model(*host, DType::BF16);
-  unsetenv("DSV3_STEP_AHEAD");
+  setenv("DSV3_STEP_AHEAD", "0", 1);
   auto off = gpu_model(*host, DType::BF16);
+  unsetenv("DSV3_STEP_AHEAD");
   const std::vector<std::vector<int64_t>> prompts{{5, 17, 300, 2, 9, 44, 101}, {7, 8}, {400, 3, 3, 3}};
   for (bool hot : {false, true}) {
     GenerateOptions o;

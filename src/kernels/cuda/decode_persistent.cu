@@ -59,6 +59,9 @@ struct Args {
   int xmax;  // floats of the input-vector buffer
   int split_rows;
   int scf;  // floats of one FP8 scale-grid area (PersistentShape::scale_floats)
+  // Shape constants computed on the host (in_rows_bytes, o_rows_bytes, qc_chunk_rows): their 64-bit divisions were
+  // ~5 KB of the kernel's machine code, fetched into the instruction cache again in every layer.
+  int in_rb, o_rb, qcr;
 };
 
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -66,16 +69,16 @@ int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 __host__ __device__ inline int qc_blocks(int nb) { return nb > 1 ? nb - 1 : 1; }
 // Its rows staged in shared memory: a block's whole share unless that passes 64 KB (small grids; the rest is read
 // from global memory).
-__host__ __device__ inline int64_t qc_chunk_rows(const PersistentShape& s, int nb) {
+inline int64_t qc_chunk_rows(const PersistentShape& s, int nb) {
   const int64_t share = (s.H * (s.kvr + s.dr) + qc_blocks(nb) - 1) / qc_blocks(nb), fit = (int64_t(1) << 16) / (s.nq * 4);
   return share < fit ? share : (fit > 8 ? fit : 8);
 }
 // Stage 1's buffer: a block's [q_a | kv_a] rows, then (16-byte aligned) its rows of the router's residual weight.
-__host__ __device__ inline int64_t in_rows_bytes(const PersistentShape& s, int nb) {
+inline int64_t in_rows_bytes(const PersistentShape& s, int nb) {
   return ((s.nq + s.kvr + s.dr + nb - 1) / nb * s.D * (s.fp8 ? 1 : 2) + 15) / 16 * 16;
 }
 // Stage 5's buffer: a block's o_proj rows, then (aligned) its rows of the router folded into o_proj.
-__host__ __device__ inline int64_t o_rows_bytes(const PersistentShape& s, int nb) {
+inline int64_t o_rows_bytes(const PersistentShape& s, int nb) {
   return ((s.D + nb - 1) / nb * s.H * s.dv * (s.fp8 ? 1 : 2) + 15) / 16 * 16;
 }
 
@@ -122,7 +125,7 @@ struct GridBarrier {
     ++ev;
   }
   // Points inside one stage of one layer (trace only): kTraceSub + k, read by the report as sub-stage times.
-  __device__ __forceinline__ void mark(int k) {
+  __device__ __noinline__ void mark(int k) {
     if (trace && threadIdx.x == 0) trace[blockIdx.x * kTraceEvents + kTraceSub + k] = global_ns();
   }
   // This block's writes so far are visible to every block that has waited past the matching wait().
@@ -419,8 +422,9 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
   const int64_t pos = a.io.pos[0];
   const int64_t L = pos + 1;
   const int32_t* btab = a.io.table;
-  const int64_t nsplit = min(int64_t(nb), (L + a.split_rows - 1) / a.split_rows), rps = (L + nsplit - 1) / nsplit;
-  const int64_t a0 = min(L, b * rps), a1 = min(L, a0 + rps);  // this block's context rows (empty for b >= nsplit)
+  // 32-bit divisions (the context is below 2^31 rows; a 64-bit one is a long inline sequence).
+  const int Li = int(L), nsplit = min(nb, (Li + a.split_rows - 1) / a.split_rows), rps = (Li + nsplit - 1) / nsplit;
+  const int a0 = min(Li, b * rps), a1 = min(Li, a0 + rps);  // this block's context rows (empty for b >= nsplit)
   const float2* cs = reinterpret_cast<const float2*>(a.io.rope) + pos * (dr / 2);
 
   // ---- operand copies: one phase of mbarrier `which` filled by bulk copies that the last warp issues (any number of
@@ -466,7 +470,7 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
     fill(which, [&](auto&& emit, auto&& emit_sc) {
       emit(buf[which], static_cast<const char*>(Lp.w_in) + r0 * D * ES, (r1 - r0) * D * ES);
       if (kFp8) emit_sc(0, Lp.s_in, (split > 0 ? cdiv128(split) + cdiv128(nin - split) : cdiv128(nin)) * cdiv128(D));
-      if (e1 > e0) emit(buf[which] + in_rows_bytes(s, nb), Lp.w_rg + e0 * D, (e1 - e0) * D * 4);
+      if (e1 > e0) emit(buf[which] + a.in_rb, Lp.w_rg + e0 * D, (e1 - e0) * D * 4);
     });
   };
   auto pool_of = [&](const PersistentLayer& Lp) {
@@ -479,7 +483,7 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
   // FFN units [u0, u1) of the fixed segment or of the routed ones: gate rows at dst, up rows at dst + cap·D. With
   // the fixed segment of a MoE layer the same phase brings the routing's tables (choice bias, expert pointers).
   auto gu_rows = [&](int which, const PersistentLayer& Lp, bool fixed, unsigned char* dst) {
-    const int64_t U = Lp.fix_I + (Lp.gate ? int64_t(K) * Lp.exp_I : 0), cap = (U + nb - 1) / nb;
+    const int64_t U = Lp.fix_I + (Lp.gate ? int64_t(K) * Lp.exp_I : 0), cap = (int(U) + nb - 1) / nb;
     int64_t u0, u1;
     share(U, b, nb, u0, u1);
     unsigned char* g = dst;
@@ -538,7 +542,7 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
 
   // Stage 2's share of the absorbed query rows (f32).
   const int nbq = qc_blocks(nb);
-  const int64_t qcr = qc_chunk_rows(s, nb);
+  const int64_t qcr = a.qcr;
   auto qc_rows = [&](int which, const PersistentLayer& Lp, int64_t r0, int64_t r1) {  // rows [r0, r1) of w_qc
     fill(which, [&](auto&& emit, auto&&) { emit(buf[which], Lp.w_qc + r0 * nq, (r1 - r0) * nq * 4); });
   };
@@ -568,7 +572,7 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
     if (moe) {
       int64_t e0, e1;
       share(E, b, nb, e0, e1);
-      gemv_block(reinterpret_cast<const float*>(buf[cur] + in_rows_bytes(s, nb)), e0, e1, D, xs, w.logits, nullptr, 0, 0);
+      gemv_block(reinterpret_cast<const float*>(buf[cur] + a.in_rb), e0, e1, D, xs, w.logits, nullptr, 0, 0);
       __syncthreads();  // before the norm overwrites xs
     }
     norm_in_place(xs, D, Lp.ln1, s.eps, true, red);
@@ -639,8 +643,8 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
       for (int u = 0; u < 2; ++u)
 #pragma unroll
         for (int h = 0; h < kMaxH; ++h) acc[u][h] = 0.0f;
-      for (int64_t c0 = a0; c0 < a1; c0 += kTile) {
-        const int n = int(min(int64_t(kTile), a1 - c0));
+      for (int c0 = a0; c0 < a1; c0 += kTile) {
+        const int n = min(kTile, a1 - c0);
         if (c0 > a0) {  // later tiles: once every thread is done with the previous one
           __syncthreads();
           tile_rows(cur, pool, c0, c0 + n);
@@ -716,7 +720,7 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
       #pragma unroll 1
       for (int i = t; i < H * kvr; i += kT) w.part[int64_t(b) * H * kvr + i] = 0.0f;
     }
-    if (b < nsplit && t < H) w.ml[(int64_t(b) * H + t) * 2] = runm[t], w.ml[(int64_t(b) * H + t) * 2 + 1] = runl[t];
+    if (b < nsplit && t < H) w.ml[(b * H + t) * 2] = runm[t], w.ml[(b * H + t) * 2 + 1] = runl[t];
     bar.arrive();
     cur ^= 1;
 
@@ -728,7 +732,7 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
       fill(cur ^ 1, [&](auto&& emit, auto&& emit_sc) {
         emit(buf[cur ^ 1], static_cast<const unsigned char*>(Lp.w_o) + r0 * HV * ES, (r1 - r0) * HV * ES);
         if (kFp8) emit_sc(0, Lp.s_o, cdiv128(D) * cdiv128(HV));
-        if (e1 > e0) emit(buf[cur ^ 1] + o_rows_bytes(s, nb), Lp.w_lg + e0 * HV, (e1 - e0) * HV * 4);
+        if (e1 > e0) emit(buf[cur ^ 1] + a.o_rb, Lp.w_lg + e0 * HV, (e1 - e0) * HV * 4);
       });
     }
     bar.wait();
@@ -738,7 +742,7 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
         float m[kMaxSplitsPerLane], lsum[kMaxSplitsPerLane];
 #pragma unroll
         for (int i = 0; i < kMaxSplitsPerLane; ++i) {
-          const int64_t sp = lane + 32 * i;
+          const int sp = lane + 32 * i;
           m[i] = sp < nsplit ? __ldcg(w.ml + (sp * H + h) * 2) : -INFINITY;
           lsum[i] = sp < nsplit ? __ldcg(w.ml + (sp * H + h) * 2 + 1) : 0.0f;
         }
@@ -749,7 +753,7 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
         float tot = 0.0f;
 #pragma unroll
         for (int i = 0; i < kMaxSplitsPerLane; ++i) {
-          const int64_t sp = lane + 32 * i;
+          const int sp = lane + 32 * i;
           const float f = m[i] > -INFINITY ? expf(m[i] - mx) : 0.0f;
           if (sp < nsplit) wsp[sp] = f;
           tot += f * lsum[i];
@@ -761,7 +765,7 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
       const float inv = red[0];
       for (int j = t; j < kvr; j += kT) {
         float v = 0.0f;
-        for (int64_t sp0 = 0; sp0 < nsplit; sp0 += 8) {
+        for (int sp0 = 0; sp0 < nsplit; sp0 += 8) {
           float pv[8];
 #pragma unroll
           for (int i = 0; i < 8; ++i) pv[i] = sp0 + i < nsplit ? __ldcg(w.part + ((sp0 + i) * H + h) * kvr + j) : 0.0f;
@@ -811,7 +815,7 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
     if (moe) {
       int64_t e0, e1;
       share(E, b, nb, e0, e1);
-      gemv_block(reinterpret_cast<const float*>(buf[cur] + o_rows_bytes(s, nb)), e0, e1, HV, xs, w.logits + E, nullptr, 0, 0);
+      gemv_block(reinterpret_cast<const float*>(buf[cur] + a.o_rb), e0, e1, HV, xs, w.logits + E, nullptr, 0, 0);
     }
     bar.arrive();
     cur ^= 1;
@@ -855,7 +859,7 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
     wait_fill(2);
     if (marks) bar.mark(4);
     {
-      const int64_t U = Lp.fix_I + (moe ? int64_t(K) * Lp.exp_I : 0), cap = (U + nb - 1) / nb;
+      const int64_t U = Lp.fix_I + (moe ? int64_t(K) * Lp.exp_I : 0), cap = (int(U) + nb - 1) / nb;
       int64_t u0, u1;
       share(U, b, nb, u0, u1);
       const WT* g = reinterpret_cast<const WT*>(buf[cur]);
@@ -1098,7 +1102,8 @@ void decode_persistent(const PersistentShape& s, const PersistentLayer* layers, 
   Args a{s, layers, io,
          Work{f + wl.off[0], f + wl.off[1], f + wl.off[2], f + wl.off[3], f + wl.off[4], f + wl.off[5], f + wl.off[6], f + wl.off[7],
               f + wl.off[8], f + wl.off[9], f + wl.off[10]},
-         barrier, trace_buffer(nb), env_flags(), int(p.wb), int(p.xmax), env_split_rows(), int(s.scale_floats)};
+         barrier, trace_buffer(nb), env_flags(), int(p.wb), int(p.xmax), env_split_rows(), int(s.scale_floats),
+         int(in_rows_bytes(s, nb)), int(o_rows_bytes(s, nb)), int(qc_chunk_rows(s, nb))};
   auto* kernel = s.fp8 ? &k_decode_persistent<uint8_t> : &k_decode_persistent<uint16_t>;
   DSV3_CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel), cudaFuncAttributeMaxDynamicSharedMemorySize, int(p.smem)));
   int per_sm = 0;
