@@ -694,8 +694,8 @@ struct CudaModel::Impl {
     persist_why.clear();
     persist_layers = DBuf<cuda::PersistentLayer>(t.size());
     cuda::copy_to_device(persist_layers.get(), t.data(), t.size() * sizeof(cuda::PersistentLayer));
-    persist_bar = DBuf<uint32_t>(2);
-    cuda::memset_device(persist_bar.get(), 0, 8);
+    persist_bar = DBuf<uint32_t>(cuda::kDecodePersistentBarrierWords);
+    cuda::memset_device(persist_bar.get(), 0, persist_bar.bytes());
     cuda::synchronize();
   }
 

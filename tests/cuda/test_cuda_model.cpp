@@ -295,13 +295,17 @@ TEST(CudaModel, PersistentDecodeMatchesLaunchPath) {
     int blocks;
     int64_t extra;  // greedy steps past the golden prompt
     bool native_fp8 = false;  // the FP8 checkpoint's e4m3 weights as stored: the kernel's FP8 variant
+    bool head_split = true;   // false: DSV3_PERSISTENT_HEAD_SPLIT=0, the attention's every-head-per-block split at
+                              // every context (else contexts up to 1024 rows split it by head)
   };
   // The FP8 variant is opt-in; the switch stays set only for this test (later tests check the per-op FP8 path).
   struct EnvFp8 {
     EnvFp8() { setenv("DSV3_PERSISTENT_FP8", "1", 1); }
     ~EnvFp8() { unsetenv("DSV3_PERSISTENT_FP8"); }
   } env_fp8;
-  for (const Case& cs : {Case{"tiny", 0, 0}, Case{"fp8", 0, 0}, Case{"tiny", 4, 300}, Case{"fp8", 0, 0, true}, Case{"fp8", 4, 200, true}}) {
+  for (const Case& cs : {Case{"tiny", 0, 0}, Case{"fp8", 0, 0}, Case{"tiny", 4, 300}, Case{"fp8", 0, 0, true}, Case{"fp8", 4, 200, true},
+                         Case{"tiny", 0, 0, false, false}, Case{"tiny", 4, 300, false, false}, Case{"fp8", 0, 0, true, false}}) {
+    if (!cs.head_split) setenv("DSV3_PERSISTENT_HEAD_SPLIT", "0", 1);
     auto host = Transformer::load(test::golden_dir(cs.name) + "/model");
     auto golden = io::SafetensorsFile::open(test::golden_dir(cs.name) + "/golden.safetensors");
     const Tensor ids = golden->get("input_ids");
@@ -354,9 +358,11 @@ TEST(CudaModel, PersistentDecodeMatchesLaunchPath) {
     std::vector<char> same = routed_as_golden((fwd ? *fwd : *lm).forward(ids, fo), *golden, ids.dim(0), T).tokens;
     same.resize(size_t(T));  // sequence 0
     const double eg = rel_l2_rows(got, golden->get("logits").slice(0, 0, 1), same);
-    std::printf("  %s%s persistent (%d blocks) vs launches over %zu steps: median %.3g, p95 %.3g, max %.3g, all steps %.3g; "
+    std::printf("  %s%s%s persistent (%d blocks) vs launches over %zu steps: median %.3g, p95 %.3g, max %.3g, all steps %.3g; "
                 "vs golden %.3g\n",
-                cs.name, cs.native_fp8 ? " (native FP8)" : "", cs.blocks, err.size(), median, p95, sorted.back(), all, eg);
+                cs.name, cs.native_fp8 ? " (native FP8)" : "", cs.head_split ? "" : " (no head split)", cs.blocks, err.size(), median,
+                p95, sorted.back(), all, eg);
+    unsetenv("DSV3_PERSISTENT_HEAD_SPLIT");
     EXPECT_LT(sorted.back(), 1e-2) << cs.name;
     EXPECT_LT(all, 3e-3) << cs.name;
     EXPECT_LT(eg, 2e-2) << cs.name;

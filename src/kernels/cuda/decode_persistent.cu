@@ -41,7 +41,9 @@ constexpr int kTile = 64;       // cache rows staged at a time
 constexpr int kPad = 8;         // bf16 padding per staged cache row (odd 16-byte stride: conflict-free row reads)
 constexpr int kSplitRows = 16;  // context rows per block before the context is split over fewer, longer pieces
                                 // (DSV3_PERSISTENT_SPLIT_ROWS overrides it, for benchmarks)
-constexpr int kMaxSplitsPerLane = 8;  // the merge's warp holds the split statistics: at most 256 blocks
+constexpr int kHeadSplitMax = 1024;  // default context limit of stage 3's head split (DSV3_PERSISTENT_HEAD_SPLIT)
+constexpr int kMaxSplitsPerLane = 8;
+static_assert(2 + kMaxH <= kDecodePersistentBarrierWords, "the head-split counters follow the grid barrier's two words");  // the merge's warp holds the split statistics: at most 256 blocks
 
 struct Work {
   float *r1, *r2, *ffn, *att, *qkv, *qc, *o, *logits, *act, *ml, *part;  // logits: the router's two terms, [2][E]
@@ -62,6 +64,7 @@ struct Args {
   // Shape constants computed on the host (in_rows_bytes, o_rows_bytes, qc_chunk_rows): their 64-bit divisions were
   // ~5 KB of the kernel's machine code, fetched into the instruction cache again in every layer.
   int in_rb, o_rb, qcr;
+  int hs_max;  // contexts up to this many rows split the attention by head (see the kernel's stage 3); 0: never
 };
 
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -422,9 +425,16 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
   const int64_t pos = a.io.pos[0];
   const int64_t L = pos + 1;
   const int32_t* btab = a.io.table;
-  // 32-bit divisions (the context is below 2^31 rows; a 64-bit one is a long inline sequence).
-  const int Li = int(L), nsplit = min(nb, (Li + a.split_rows - 1) / a.split_rows), rps = (Li + nsplit - 1) / nsplit;
-  const int a0 = min(Li, b * rps), a1 = min(Li, a0 + rps);  // this block's context rows (empty for b >= nsplit)
+  // The attention's work split (stage 3). Every head together over this block's context rows (the context split
+  // over up to nb blocks, merged by stage 4), or, for contexts up to a.hs_max rows, one head per block: head
+  // h0 = b % H over its split sp = b / H of the context (up to nb / H splits per head), the last split of a head to
+  // finish merging them and applying W_UV itself, which saves stage 4 and its grid barrier. 32-bit divisions (the
+  // context is below 2^31 rows; a 64-bit one is a long inline sequence).
+  const int Li = int(L);
+  const bool hsplit = Li <= a.hs_max && nb >= H;
+  const int h0 = hsplit ? b % H : 0, nh = hsplit ? 1 : H, sp = hsplit ? b / H : b;
+  const int nsplit = min(hsplit ? nb / H : nb, (Li + a.split_rows - 1) / a.split_rows), rps = (Li + nsplit - 1) / nsplit;
+  const int a0 = min(Li, sp * rps), a1 = min(Li, a0 + rps);  // this block's context rows (empty for sp >= nsplit)
   const float2* cs = reinterpret_cast<const float2*>(a.io.rope) + pos * (dr / 2);
 
   // ---- operand copies: one phase of mbarrier `which` filled by bulk copies that the last warp issues (any number of
@@ -551,6 +561,82 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
     if (b < nbq) share(int64_t(H) * W, b, nbq, r0, r1);
   };
 
+  // Stage 5's operands into buffer `which`: this block's o_proj rows and its rows of the router folded into o_proj.
+  auto o_rows = [&](int which, const PersistentLayer& Lp, bool moe) {
+    int64_t r0, r1, e0 = 0, e1 = 0;
+    share(D, b, nb, r0, r1);
+    if (moe) share(E, b, nb, e0, e1);
+    fill(which, [&](auto&& emit, auto&& emit_sc) {
+      emit(buf[which], static_cast<const unsigned char*>(Lp.w_o) + r0 * HV * ES, (r1 - r0) * HV * ES);
+      if (kFp8) emit_sc(0, Lp.s_o, cdiv128(D) * cdiv128(HV));
+      if (e1 > e0) emit(buf[which] + a.o_rb, Lp.w_lg + e0 * HV, (e1 - e0) * HV * 4);
+    });
+  };
+  // Head h's splits merged (exp(m_s - max) / Σ exp(m_s - max)·l_s weights), then ·W_UVᵀ with head h's W_UV once
+  // buffer `which` has it (waited for here); o_h rounded to bf16. Called by every thread of a block.
+  auto merge_uv = [&](int h, int which) {
+    if (warp == 0) {  // every lane's loads issued at once
+      float m[kMaxSplitsPerLane], lsum[kMaxSplitsPerLane];
+#pragma unroll
+      for (int i = 0; i < kMaxSplitsPerLane; ++i) {
+        const int q = lane + 32 * i;
+        m[i] = q < nsplit ? __ldcg(w.ml + (q * H + h) * 2) : -INFINITY;
+        lsum[i] = q < nsplit ? __ldcg(w.ml + (q * H + h) * 2 + 1) : 0.0f;
+      }
+      float mx = -INFINITY;
+#pragma unroll
+      for (int i = 0; i < kMaxSplitsPerLane; ++i) mx = fmaxf(mx, m[i]);
+      mx = warp_max(mx);
+      float tot = 0.0f;
+#pragma unroll
+      for (int i = 0; i < kMaxSplitsPerLane; ++i) {
+        const int q = lane + 32 * i;
+        const float f = m[i] > -INFINITY ? expf(m[i] - mx) : 0.0f;
+        if (q < nsplit) wsp[q] = f;
+        tot += f * lsum[i];
+      }
+      tot = warp_sum(tot);
+      if (lane == 0) red[0] = 1.0f / tot;
+    }
+    __syncthreads();
+    const float inv = red[0];
+    for (int j = t; j < kvr; j += kT) {
+      float v = 0.0f;
+      for (int sp0 = 0; sp0 < nsplit; sp0 += 8) {
+        float pv[8];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) pv[i] = sp0 + i < nsplit ? __ldcg(w.part + ((sp0 + i) * H + h) * kvr + j) : 0.0f;
+#pragma unroll
+        for (int i = 0; i < 8; ++i)
+          if (sp0 + i < nsplit) v = fmaf(wsp[sp0 + i], pv[i], v);
+      }
+      xs[j] = v * inv;
+    }
+    wait_fill(which);
+    __syncthreads();
+    const uint16_t* wuv = reinterpret_cast<const uint16_t*>(buf[which]);
+    float* part = xs + kvr;
+    const int parts = kT / dv, v = t % dv, pp = t / dv;
+    if (pp < parts) {
+      const int chunk = (kvr + parts - 1) / parts, j0 = pp * chunk, j1 = min(kvr, j0 + chunk);
+      float a4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      int j = j0;
+      for (; j + 4 <= j1; j += 4) {
+#pragma unroll
+        for (int u = 0; u < 4; ++u) a4[u] = fmaf(xs[j + u], bf16_to_f32(wuv[(j + u) * dv + v]), a4[u]);
+      }
+      #pragma unroll 1
+      for (; j < j1; ++j) a4[0] = fmaf(xs[j], bf16_to_f32(wuv[j * dv + v]), a4[0]);
+      part[pp * dv + v] = (a4[0] + a4[1]) + (a4[2] + a4[3]);
+    }
+    __syncthreads();
+    if (t < dv) {
+      float o = 0.0f;
+      #pragma unroll 1
+      for (int q = 0; q < parts; ++q) o += part[q * dv + t];
+      w.o[h * dv + t] = round_bf16(o);
+    }
+  };
   in_rows(0, a.layers[0]);
   for (int64_t l = 0; l < s.layers; ++l) {
     const PersistentLayer Lp = a.layers[l];
@@ -616,18 +702,21 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
     cur ^= 1;
 
     // ---- 3: attention of every head over this block's context rows (online softmax), f32 partials ----
-    fill(cur ^ 1, [&](auto&& emit, auto&&) {  // stage 4's operand: head b's W_UV
-      if (b < H) emit(buf[cur ^ 1], static_cast<const uint16_t*>(Lp.wuv_t) + int64_t(b) * kvr * dv, int64_t(kvr) * dv * 2);
+    // W_UV of the head this block merges (stage 4's block h; with the head split, any split's block may be the one)
+    const int hm = hsplit ? h0 : b;
+    const bool gets_uv = hsplit ? sp < nsplit : b < H;
+    fill(cur ^ 1, [&](auto&& emit, auto&&) {
+      if (gets_uv) emit(buf[cur ^ 1], static_cast<const uint16_t*>(Lp.wuv_t) + int64_t(hm) * kvr * dv, int64_t(kvr) * dv * 2);
     });
     bar.wait();
-    if (b < nsplit && t < H) runm[t] = -INFINITY, runl[t] = 0.0f;
+    if (sp < nsplit && t < nh) runm[t] = -INFINITY, runl[t] = 0.0f;
     uint16_t* tile = reinterpret_cast<uint16_t*>(buf[cur]);
     float* qs = reinterpret_cast<float*>(buf[cur] + kTile * KS * 2);  // [H][W]
     float* sc = qs + H * W;                                           // [H][kTile]
     if (a0 < a1) {
-      load_vec(qs, w.qc, nullptr, H * W);
+      load_vec(qs, w.qc + h0 * W, nullptr, nh * W);
       #pragma unroll 1
-      for (int p = t; p < H * (dr / 2); p += kT) {  // RoPE(q_pe) per head (each thread its own pairs)
+      for (int p = t; p < nh * (dr / 2); p += kT) {  // RoPE(q_pe) per head (each thread its own pairs)
         const int h = p / (dr / 2), i = p % (dr / 2);
         float* q = qs + h * W + kvr + 2 * i;
         const float2 c = cs[i];
@@ -655,7 +744,7 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
             reinterpret_cast<uint4*>(tile + (pos - c0) * KS)[c] =
                 __ldcg(reinterpret_cast<const uint4*>(pool + int64_t(a.io.dst_row[0]) * W) + c);
         __syncthreads();
-        for (int p = t; p < H * n; p += kT) {
+        for (int p = t; p < nh * n; p += kT) {
           const int h = p / n, j = p % n;
           const uint16_t* kr = tile + j * KS;
           const float* qv = qs + h * W;
@@ -669,7 +758,7 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
           sc[h * kTile + j] = (s0 + s1) * s.scale;
         }
         __syncthreads();
-        for (int h = warp; h < H; h += kW) {
+        for (int h = warp; h < nh; h += kW) {
           const float v0 = lane < n ? sc[h * kTile + lane] : -INFINITY;
           const float v1 = lane + 32 < n ? sc[h * kTile + lane + 32] : -INFINITY;
           const float m_old = runm[h], m_new = fmaxf(m_old, warp_max(fmaxf(v0, v1)));
@@ -691,14 +780,14 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
           if (j < kvr) {
 #pragma unroll
             for (int h = 0; h < kMaxH; ++h)
-              if (h < H) acc[u][h] *= alph[h];
+              if (h < nh) acc[u][h] *= alph[h];
             for (int r = 0; r < n; r += 4) {
               float v[4];
 #pragma unroll
               for (int q = 0; q < 4; ++q) v[q] = r + q < n ? bf16_to_f32(tile[(r + q) * KS + j]) : 0.0f;
 #pragma unroll
               for (int h = 0; h < kMaxH; ++h) {
-                if (h < H) {
+                if (h < nh) {
                   const float4 p4 = *reinterpret_cast<const float4*>(sc + h * kTile + r);
                   acc[u][h] = fmaf(p4.x, v[0], fmaf(p4.y, v[1], fmaf(p4.z, v[2], fmaf(p4.w, v[3], acc[u][h]))));
                 }
@@ -710,101 +799,53 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
 #pragma unroll
       for (int u = 0; u < 2; ++u) {
         const int j = t + u * kT;
-        float* pp = w.part + int64_t(b) * H * kvr + j;
+        float* pp = w.part + (sp * H + h0) * kvr + j;
         if (j < kvr)
 #pragma unroll
           for (int h = 0; h < kMaxH; ++h)
-            if (h < H) pp[h * kvr] = acc[u][h];
+            if (h < nh) pp[h * kvr] = acc[u][h];
       }
-    } else if (b < nsplit) {  // no rows (cannot happen with these splits, but the merge reads every split)
+    } else if (sp < nsplit) {  // no rows (cannot happen with these splits, but the merge reads every split)
       #pragma unroll 1
-      for (int i = t; i < H * kvr; i += kT) w.part[int64_t(b) * H * kvr + i] = 0.0f;
+      for (int i = t; i < nh * kvr; i += kT) w.part[(sp * H + h0) * kvr + i] = 0.0f;
     }
-    if (b < nsplit && t < H) w.ml[(b * H + t) * 2] = runm[t], w.ml[(b * H + t) * 2 + 1] = runl[t];
-    bar.arrive();
-    cur ^= 1;
-
-    // ---- 4: the splits merged, ·W_UVᵀ per head (block h); o rounded to bf16 ----
-    {  // stage 5's operands: this block's o_proj rows and its rows of the router folded into o_proj
-      int64_t r0, r1, e0 = 0, e1 = 0;
-      share(D, b, nb, r0, r1);
-      if (moe) share(E, b, nb, e0, e1);
-      fill(cur ^ 1, [&](auto&& emit, auto&& emit_sc) {
-        emit(buf[cur ^ 1], static_cast<const unsigned char*>(Lp.w_o) + r0 * HV * ES, (r1 - r0) * HV * ES);
-        if (kFp8) emit_sc(0, Lp.s_o, cdiv128(D) * cdiv128(HV));
-        if (e1 > e0) emit(buf[cur ^ 1] + a.o_rb, Lp.w_lg + e0 * HV, (e1 - e0) * HV * 4);
-      });
+    if (sp < nsplit && t < nh) w.ml[(sp * H + h0 + t) * 2] = runm[t], w.ml[(sp * H + h0 + t) * 2 + 1] = runl[t];
+    // Without the head split: stage 4, the splits merged and ·W_UVᵀ per head (block h), after a grid barrier. With
+    // it, no stage 4: the last split of head h0 to be done merges the head's splits (the others' partials are
+    // visible to it, each fenced before its count) while the other blocks go on to stage 5's barrier. o is rounded
+    // to bf16 either way. Stage 5's operands go to the buffer free now: with the head split the tile's, which is read.
+    if (hsplit) {
+      __syncthreads();
+    } else {
+      bar.arrive();
+      cur ^= 1;
     }
-    bar.wait();
-    if (b < H) {
-      const int h = b;
-      if (warp == 0) {  // split weights exp(m_s - max) / Σ exp(m_s - max)·l_s, every lane's loads issued at once
-        float m[kMaxSplitsPerLane], lsum[kMaxSplitsPerLane];
-#pragma unroll
-        for (int i = 0; i < kMaxSplitsPerLane; ++i) {
-          const int sp = lane + 32 * i;
-          m[i] = sp < nsplit ? __ldcg(w.ml + (sp * H + h) * 2) : -INFINITY;
-          lsum[i] = sp < nsplit ? __ldcg(w.ml + (sp * H + h) * 2 + 1) : 0.0f;
-        }
-        float mx = -INFINITY;
-#pragma unroll
-        for (int i = 0; i < kMaxSplitsPerLane; ++i) mx = fmaxf(mx, m[i]);
-        mx = warp_max(mx);
-        float tot = 0.0f;
-#pragma unroll
-        for (int i = 0; i < kMaxSplitsPerLane; ++i) {
-          const int sp = lane + 32 * i;
-          const float f = m[i] > -INFINITY ? expf(m[i] - mx) : 0.0f;
-          if (sp < nsplit) wsp[sp] = f;
-          tot += f * lsum[i];
-        }
-        tot = warp_sum(tot);
-        if (lane == 0) red[0] = 1.0f / tot;
+    o_rows(hsplit ? cur : cur ^ 1, Lp, moe);
+    int mh = -1;  // the head this block merges
+    if (hsplit) {
+      if (t == 0) {
+        __threadfence();
+        ridx[0] = sp < nsplit && atomicAdd(a.bar + 2 + h0, 1u) == uint32_t(nsplit - 1);
       }
       __syncthreads();
-      const float inv = red[0];
-      for (int j = t; j < kvr; j += kT) {
-        float v = 0.0f;
-        for (int sp0 = 0; sp0 < nsplit; sp0 += 8) {
-          float pv[8];
-#pragma unroll
-          for (int i = 0; i < 8; ++i) pv[i] = sp0 + i < nsplit ? __ldcg(w.part + ((sp0 + i) * H + h) * kvr + j) : 0.0f;
-#pragma unroll
-          for (int i = 0; i < 8; ++i)
-            if (sp0 + i < nsplit) v = fmaf(wsp[sp0 + i], pv[i], v);
-        }
-        xs[j] = v * inv;
+      if (ridx[0]) {
+        __threadfence();
+        mh = h0;
       }
+    } else {
+      bar.wait();
+      if (b < H) mh = b;
     }
-    wait_fill(cur);
-    __syncthreads();
-    if (b < H) {
-      const int h = b;
-      const uint16_t* wuv = reinterpret_cast<const uint16_t*>(buf[cur]);
-      float* part = xs + kvr;
-      const int parts = kT / dv, v = t % dv, pp = t / dv;
-      if (pp < parts) {
-        const int chunk = (kvr + parts - 1) / parts, j0 = pp * chunk, j1 = min(kvr, j0 + chunk);
-        float a4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        int j = j0;
-        for (; j + 4 <= j1; j += 4) {
-#pragma unroll
-          for (int u = 0; u < 4; ++u) a4[u] = fmaf(xs[j + u], bf16_to_f32(wuv[(j + u) * dv + v]), a4[u]);
-        }
-        #pragma unroll 1
-        for (; j < j1; ++j) a4[0] = fmaf(xs[j], bf16_to_f32(wuv[j * dv + v]), a4[0]);
-        part[pp * dv + v] = (a4[0] + a4[1]) + (a4[2] + a4[3]);
-      }
+    const int uvb = hsplit ? cur ^ 1 : cur;  // W_UV's buffer (its phase is consumed whether used or not)
+    if (mh >= 0) {
+      merge_uv(mh, uvb);
+    } else {
+      wait_fill(uvb);
       __syncthreads();
-      if (t < dv) {
-        float o = 0.0f;
-        #pragma unroll 1
-        for (int q = 0; q < parts; ++q) o += part[q * dv + t];
-        w.o[h * dv + t] = round_bf16(o);
-      }
     }
+    if (hsplit && mh >= 0 && t == 0) atomicExch(a.bar + 2 + h0, 0u);  // for the next layer (after a grid barrier)
     bar.arrive();
-    cur ^= 1;
+    if (!hsplit) cur ^= 1;
 
     // ---- 5: o_proj, and the router's o term w_lg·o ----
     gu_rows(cur ^ 1, Lp, true, buf[cur ^ 1]);
@@ -973,6 +1014,12 @@ int env_split_rows() {
   return n >= 1 && n <= kTile ? n : kSplitRows;
 }
 
+// Contexts up to this many rows take the head split of stage 3 (DSV3_PERSISTENT_HEAD_SPLIT=N; 0: never).
+int env_head_split() {
+  const char* v = std::getenv("DSV3_PERSISTENT_HEAD_SPLIT");
+  return v && *v ? std::max(0, std::atoi(v)) : kHeadSplitMax;
+}
+
 int env_flags() {
   const char* v = std::getenv("DSV3_PERSISTENT_FLAGS");
   return v && *v ? std::atoi(v) : 0;
@@ -1038,7 +1085,7 @@ void decode_persistent_trace_report() {
     sync[size_t(k)] = last_pass - last_arrive;
     prev_pass = last_pass;
   }
-  std::fprintf(stderr, "persistent decode trace: %d blocks, %d barriers, %.1f us in all (7 stages per layer)\n",
+  std::fprintf(stderr, "persistent decode trace: %d blocks, %d barriers, %.1f us in all\n",
                nb, stages, (prev_pass - start) / 1e3);
   for (int k = 0; k < stages; ++k)
     std::fprintf(stderr, "  stage %3d: work %6.2f us, barrier %5.2f us\n", k, work[size_t(k)] / 1e3, sync[size_t(k)] / 1e3);
@@ -1103,7 +1150,7 @@ void decode_persistent(const PersistentShape& s, const PersistentLayer* layers, 
          Work{f + wl.off[0], f + wl.off[1], f + wl.off[2], f + wl.off[3], f + wl.off[4], f + wl.off[5], f + wl.off[6], f + wl.off[7],
               f + wl.off[8], f + wl.off[9], f + wl.off[10]},
          barrier, trace_buffer(nb), env_flags(), int(p.wb), int(p.xmax), env_split_rows(), int(s.scale_floats),
-         int(in_rows_bytes(s, nb)), int(o_rows_bytes(s, nb)), int(qc_chunk_rows(s, nb))};
+         int(in_rows_bytes(s, nb)), int(o_rows_bytes(s, nb)), int(qc_chunk_rows(s, nb)), env_head_split()};
   auto* kernel = s.fp8 ? &k_decode_persistent<uint8_t> : &k_decode_persistent<uint16_t>;
   DSV3_CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel), cudaFuncAttributeMaxDynamicSharedMemorySize, int(p.smem)));
   int per_sm = 0;

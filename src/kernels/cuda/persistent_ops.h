@@ -9,7 +9,8 @@
 // Stages of a layer (one grid barrier after each, 7 in all): [q_a | kv_a] product of the normed input; q_a norm +
 // the absorbed query product (q_b with W_UK folded in, so the query comes out in latent space; one block appends the
 // new latent row to the paged cache); latent attention over the context split into blocks (RoPE on the query as it
-// is loaded, online softmax, f32 partials); merge + ·W_UVᵀ per head; o_proj; every block normalises, routes the
+// is loaded, online softmax, f32 partials); merge + ·W_UVᵀ per head (for contexts up to 1024 rows the attention is
+// split by head as well, and the last split of each head to finish merges it: no merge stage, 6 barriers); o_proj; every block normalises, routes the
 // token itself (the router's two terms come with [q_a | kv_a] and o_proj: PersistentLayer::w_rg), then gate|up +
 // SwiGLU over the chosen experts and the fixed one (shared experts, or the dense MLP) while the down rows are copied
 // in; down products weighted and summed. The roundings are the graph path's (bf16 norm outputs, o and, in dense
@@ -91,8 +92,9 @@ struct PersistentIO {
 // Empty when the shape runs on this device (blocks: the grid size, 0 = one per SM), else why not.
 std::string decode_persistent_unsupported(const PersistentShape& s, int blocks = 0);
 size_t decode_persistent_workspace_bytes(const PersistentShape& s, int blocks = 0);
-// `layers`: device array of s.layers entries; `barrier`: two device uint32 that are 0 before the launch (and are 0
-// again after it). A cooperative launch (every block resident), capturable in a CUDA graph.
+// `layers`: device array of s.layers entries; `barrier`: kDecodePersistentBarrierWords device uint32 that are 0
+// before the launch (and are 0 again after it). A cooperative launch (every block resident), capturable in a CUDA graph.
+constexpr int kDecodePersistentBarrierWords = 32;
 void decode_persistent(const PersistentShape& s, const PersistentLayer* layers, const PersistentIO& io, uint32_t* barrier,
                        void* workspace, size_t workspace_bytes, cudaStream_t stream, int blocks = 0);
 
