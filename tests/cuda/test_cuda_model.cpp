@@ -296,7 +296,7 @@ TEST(CudaModel, PersistentDecodeMatchesLaunchPath) {
     int64_t extra;  // greedy steps past the golden prompt
     bool native_fp8 = false;  // the FP8 checkpoint's e4m3 weights as stored: the kernel's FP8 variant
     bool head_split = true;   // false: DSV3_PERSISTENT_HEAD_SPLIT=0, the attention's every-head-per-block split at
-                              // every context (else contexts up to 1024 rows split it by head)
+                              // every context; true: DSV3_PERSISTENT_HEAD_SPLIT=1024, split by head at every context here
   };
   // The FP8 variant is opt-in; the switch stays set only for this test (later tests check the per-op FP8 path).
   struct EnvFp8 {
@@ -305,7 +305,7 @@ TEST(CudaModel, PersistentDecodeMatchesLaunchPath) {
   } env_fp8;
   for (const Case& cs : {Case{"tiny", 0, 0}, Case{"fp8", 0, 0}, Case{"tiny", 4, 300}, Case{"fp8", 0, 0, true}, Case{"fp8", 4, 200, true},
                          Case{"tiny", 0, 0, false, false}, Case{"tiny", 4, 300, false, false}, Case{"fp8", 0, 0, true, false}}) {
-    if (!cs.head_split) setenv("DSV3_PERSISTENT_HEAD_SPLIT", "0", 1);
+    setenv("DSV3_PERSISTENT_HEAD_SPLIT", cs.head_split ? "1024" : "0", 1);
     auto host = Transformer::load(test::golden_dir(cs.name) + "/model");
     auto golden = io::SafetensorsFile::open(test::golden_dir(cs.name) + "/golden.safetensors");
     const Tensor ids = golden->get("input_ids");

@@ -41,9 +41,12 @@ constexpr int kTile = 64;       // cache rows staged at a time
 constexpr int kPad = 8;         // bf16 padding per staged cache row (odd 16-byte stride: conflict-free row reads)
 constexpr int kSplitRows = 16;  // context rows per block before the context is split over fewer, longer pieces
                                 // (DSV3_PERSISTENT_SPLIT_ROWS overrides it, for benchmarks)
-constexpr int kHeadSplitMax = 1024;  // default context limit of stage 3's head split (DSV3_PERSISTENT_HEAD_SPLIT)
-constexpr int kMaxSplitsPerLane = 8;
-static_assert(2 + kMaxH <= kDecodePersistentBarrierWords, "the head-split counters follow the grid barrier's two words");  // the merge's warp holds the split statistics: at most 256 blocks
+// Default context limit of stage 3's head split (DSV3_PERSISTENT_HEAD_SPLIT). H200, small.json, batch 1: at contexts
+// 64-128 it saves 1.8 us a layer (0.577 vs 0.594 ms per token), at 448 / 960 it costs 2.7 / 3.4 us (each split of a
+// head grows with the context, only nb / H splits a head); interpolated, the two meet near 240 rows.
+constexpr int kHeadSplitMax = 224;
+constexpr int kMaxSplitsPerLane = 8;  // the merge's warp holds the split statistics: at most 256 blocks
+static_assert(2 + kMaxH <= kDecodePersistentBarrierWords, "the head-split counters follow the grid barrier's two words");
 
 struct Work {
   float *r1, *r2, *ffn, *att, *qkv, *qc, *o, *logits, *act, *ml, *part;  // logits: the router's two terms, [2][E]

@@ -91,7 +91,7 @@ __device__ inline void route_warp(const float* __restrict__ logits, int E, const
 }
 
 // The same routing by a whole block (every thread calls it; logits, bias, s, c, gs in shared memory, c 16-byte
-// aligned; blockDim.x >= n_group): each choice's rank among the others replaces the warp's serial top-k passes, so it costs a few
+// aligned; blockDim.x >= max(n_group, 32)): each choice's rank among the others replaces the warp's serial top-k passes, so it costs a few
 // shared-memory sweeps. Under route_better's strict order the topk_group best groups and the top_k best choices are
 // exactly the ones of rank below topk_group / top_k, picked in rank order: the same result as route_warp. Its loops
 // stay rolled (#pragma unroll 1 / a fixed small unroll): the persistent decode kernel runs it once per layer, so its
@@ -129,8 +129,8 @@ static __device__ __noinline__ void route_block(const float* logits, int E, cons
   for (int e = t; e < E; e += nt) {
     const float v = c[e];
     int rank = 0, f = 0;
-#pragma unroll 1
-    for (; f + 4 <= E; f += 4) {  // 16-byte loads: a quarter of the loop's shared-memory round trips
+#pragma unroll 4
+    for (; f + 4 <= E; f += 4) {  // 16-byte loads, 4 in flight: the loop waited on each one's latency rolled
       const float4 q = *reinterpret_cast<const float4*>(c + f);
       rank += (route_better(q.x, f, v, e) ? 1 : 0) + (route_better(q.y, f + 1, v, e) ? 1 : 0) +
               (route_better(q.z, f + 2, v, e) ? 1 : 0) + (route_better(q.w, f + 3, v, e) ? 1 : 0);
@@ -140,13 +140,13 @@ static __device__ __noinline__ void route_block(const float* logits, int E, cons
     if (rank < p.top_k) idx[rank] = e;
   }
   __syncthreads();
-  if (t == 0) {
+  if (t < 32) {  // the weights: warp 0 loads the chosen scores at once; the sum stays in the chosen order (top_k <= 32)
+    const float v = t < p.top_k ? s[idx[t]] : 0.0f;
     float sum = 0.0f;
 #pragma unroll 1
-    for (int i = 0; i < p.top_k; ++i) sum += s[idx[i]];
+    for (int i = 0; i < p.top_k; ++i) sum += __shfl_sync(0xffffffffu, v, i);
     const float denom = p.norm_topk_prob ? sum + 1e-20f : 1.0f;
-#pragma unroll 1
-    for (int i = 0; i < p.top_k; ++i) w[i] = s[idx[i]] / denom * p.routed_scaling_factor;
+    if (t < p.top_k) w[t] = v / denom * p.routed_scaling_factor;
   }
   __syncthreads();
 }
