@@ -26,6 +26,9 @@
 #ifndef DSV3_PERSIST_ROUTE_WARP
 #define DSV3_PERSIST_ROUTE_WARP 0
 #endif
+#ifndef DSV3_PERSIST_GAMMA_PREFETCH
+#define DSV3_PERSIST_GAMMA_PREFETCH 0
+#endif
 #ifndef DSV3_PERSIST_QC_LATE
 #define DSV3_PERSIST_QC_LATE 0
 #endif
@@ -247,18 +250,22 @@ __device__ __forceinline__ int scale_row(int r, int split) { return split > 0 &&
 // xs[0, n) = gamma · (xs · r), r = 1 / sqrt(mean(xs²) + eps) (rmsnorm_to's order), optionally rounded to bf16. Each
 // thread touches the indices t, t + kT, ... it wrote itself. Returns r.
 __device__ __noinline__ float norm_in_place(float* xs, int n, const float* gamma, float eps, bool round, float* red) {
-  float ss = 0.0f;
-  for (int j = threadIdx.x; j < n; j += kT) ss += xs[j] * xs[j];
-  ss = block_sum(ss, red);
-  const float r = 1.0f / sqrtf(ss / float(n) + eps);
   constexpr int U = 8;  // gamma's loads of a thread issued together (one round trip, not one per element)
-  for (int base = 0; base < n; base += U * kT) {
-    float g[U];
+  float g[U];
+  auto load_gamma = [&](int base) {
 #pragma unroll
     for (int i = 0; i < U; ++i) {
       const int j = base + threadIdx.x + i * kT;
       g[i] = j < n ? __ldg(gamma + j) : 0.0f;
     }
+  };
+  load_gamma(0);  // in flight while the sum of squares is reduced
+  float ss = 0.0f;
+  for (int j = threadIdx.x; j < n; j += kT) ss += xs[j] * xs[j];
+  ss = block_sum(ss, red);
+  const float r = 1.0f / sqrtf(ss / float(n) + eps);
+  for (int base = 0; base < n; base += U * kT) {
+    if (base > 0) load_gamma(base);
 #pragma unroll
     for (int i = 0; i < U; ++i) {
       const int j = base + threadIdx.x + i * kT;
@@ -270,6 +277,16 @@ __device__ __noinline__ float norm_in_place(float* xs, int n, const float* gamma
   }
   __syncthreads();
   return r;
+}
+
+// DSV3_PERSIST_GAMMA_PREFETCH: a norm's gamma prefetched into L1 before the barrier that precedes it (one line per
+// thread of the first warps), so norm_in_place's loads of it hit L1 instead of L2.
+__device__ __forceinline__ void gamma_prefetch(const float* gamma, int n) {
+#if DSV3_PERSIST_GAMMA_PREFETCH
+  if (int(threadIdx.x) * 32 < n) asm volatile("prefetch.global.L1 [%0];" ::"l"(gamma + threadIdx.x * 32));
+#else
+  (void)gamma, (void)n;
+#endif
 }
 
 // A piece of the FFN's concatenated units: the fixed expert first, then the routed ones in the router's order.
@@ -653,6 +670,7 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
       qc_rows(cur ^ 1, Lp, r0, min(r1, r0 + qcr));  // stage 2's staged rows
     };
     if (!DSV3_PERSIST_QC_LATE) stage2_rows();
+    gamma_prefetch(Lp.ln1, D);
     if (l > 0) bar.wait();
     if (DSV3_PERSIST_QC_LATE) stage2_rows();
     if (l == 0) load_vec(xs, a.io.h, nullptr, D, b == 0 ? w.r1 : nullptr);
@@ -671,6 +689,7 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
 
     // ---- 2: q_a norm, the query in latent space (q_b with W_UK absorbed); the last block appends the latent row ----
     tile_rows(cur ^ 1, pool, a0, min(a1, a0 + kTile));
+    gamma_prefetch(Lp.q_a_ln, nq);
     bar.wait();
     load_vec(xs, w.qkv, nullptr, nq);
     norm_in_place(xs, nq, Lp.q_a_ln, s.eps, true, red);
@@ -865,6 +884,7 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
     cur ^= 1;
 
     // ---- 6: routing (every block), gate|up + SwiGLU of the chosen experts and the fixed one ----
+    gamma_prefetch(Lp.ln2, D);
     bar.wait();
     const bool marks = l == 1;  // the trace's look inside the FFN stage
     if (marks) bar.mark(0);
