@@ -298,11 +298,6 @@ TEST(CudaModel, PersistentDecodeMatchesLaunchPath) {
     bool head_split = true;   // false: DSV3_PERSISTENT_HEAD_SPLIT=0, the attention's every-head-per-block split at
                               // every context; true: DSV3_PERSISTENT_HEAD_SPLIT=1024, split by head at every context here
   };
-  // The FP8 variant is opt-in; the switch stays set only for this test (later tests check the per-op FP8 path).
-  struct EnvFp8 {
-    EnvFp8() { setenv("DSV3_PERSISTENT_FP8", "1", 1); }
-    ~EnvFp8() { unsetenv("DSV3_PERSISTENT_FP8"); }
-  } env_fp8;
   for (const Case& cs : {Case{"tiny", 0, 0}, Case{"fp8", 0, 0}, Case{"tiny", 4, 300}, Case{"fp8", 0, 0, true}, Case{"fp8", 4, 200, true},
                          Case{"tiny", 0, 0, false, false}, Case{"tiny", 4, 300, false, false}, Case{"fp8", 0, 0, true, false}}) {
     setenv("DSV3_PERSISTENT_HEAD_SPLIT", cs.head_split ? "1024" : "0", 1);
