@@ -26,9 +26,6 @@
 #ifndef DSV3_PERSIST_ROUTE_WARP
 #define DSV3_PERSIST_ROUTE_WARP 0
 #endif
-#ifndef DSV3_PERSIST_GAMMA_PREFETCH
-#define DSV3_PERSIST_GAMMA_PREFETCH 0
-#endif
 #ifndef DSV3_PERSIST_QC_LATE
 #define DSV3_PERSIST_QC_LATE 0
 #endif
@@ -44,10 +41,11 @@ constexpr int kTile = 64;       // cache rows staged at a time
 constexpr int kPad = 8;         // bf16 padding per staged cache row (odd 16-byte stride: conflict-free row reads)
 constexpr int kSplitRows = 16;  // context rows per block before the context is split over fewer, longer pieces
                                 // (DSV3_PERSISTENT_SPLIT_ROWS overrides it, for benchmarks)
-// Default context limit of stage 3's head split (DSV3_PERSISTENT_HEAD_SPLIT). H200, small.json, batch 1: at contexts
-// 64-128 it saves 1.8 us a layer (0.577 vs 0.594 ms per token), at 448 / 960 it costs 2.7 / 3.4 us (each split of a
-// head grows with the context, only nb / H splits a head); interpolated, the two meet near 240 rows.
-constexpr int kHeadSplitMax = 224;
+// Default context limit of stage 3's head split (DSV3_PERSISTENT_HEAD_SPLIT). H200, small.json, batch 1, ms per token
+// with / without: contexts 64-128 0.577 / 0.594, 160-224 0.580 / 0.594, 224-288 0.592 / 0.601; 448-512 0.636 / 0.633
+// and 960-1024 0.740 / 0.671 (a head's splits grow with the context: only nb / H of them). The limit is the longest
+// context measured faster.
+constexpr int kHeadSplitMax = 288;
 constexpr int kMaxSplitsPerLane = 8;  // the merge's warp holds the split statistics: at most 256 blocks
 static_assert(2 + kMaxH <= kDecodePersistentBarrierWords, "the head-split counters follow the grid barrier's two words");
 
@@ -277,16 +275,6 @@ __device__ __noinline__ float norm_in_place(float* xs, int n, const float* gamma
   }
   __syncthreads();
   return r;
-}
-
-// DSV3_PERSIST_GAMMA_PREFETCH: a norm's gamma prefetched into L1 before the barrier that precedes it (one line per
-// thread of the first warps), so norm_in_place's loads of it hit L1 instead of L2.
-__device__ __forceinline__ void gamma_prefetch(const float* gamma, int n) {
-#if DSV3_PERSIST_GAMMA_PREFETCH
-  if (int(threadIdx.x) * 32 < n) asm volatile("prefetch.global.L1 [%0];" ::"l"(gamma + threadIdx.x * 32));
-#else
-  (void)gamma, (void)n;
-#endif
 }
 
 // A piece of the FFN's concatenated units: the fixed expert first, then the routed ones in the router's order.
@@ -670,7 +658,6 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
       qc_rows(cur ^ 1, Lp, r0, min(r1, r0 + qcr));  // stage 2's staged rows
     };
     if (!DSV3_PERSIST_QC_LATE) stage2_rows();
-    gamma_prefetch(Lp.ln1, D);
     if (l > 0) bar.wait();
     if (DSV3_PERSIST_QC_LATE) stage2_rows();
     if (l == 0) load_vec(xs, a.io.h, nullptr, D, b == 0 ? w.r1 : nullptr);
@@ -689,7 +676,6 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
 
     // ---- 2: q_a norm, the query in latent space (q_b with W_UK absorbed); the last block appends the latent row ----
     tile_rows(cur ^ 1, pool, a0, min(a1, a0 + kTile));
-    gamma_prefetch(Lp.q_a_ln, nq);
     bar.wait();
     load_vec(xs, w.qkv, nullptr, nq);
     norm_in_place(xs, nq, Lp.q_a_ln, s.eps, true, red);
@@ -884,7 +870,6 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
     cur ^= 1;
 
     // ---- 6: routing (every block), gate|up + SwiGLU of the chosen experts and the fixed one ----
-    gamma_prefetch(Lp.ln2, D);
     bar.wait();
     const bool marks = l == 1;  // the trace's look inside the FFN stage
     if (marks) bar.mark(0);

@@ -9,7 +9,7 @@
 // Stages of a layer (one grid barrier after each, 7 in all): [q_a | kv_a] product of the normed input; q_a norm +
 // the absorbed query product (q_b with W_UK folded in, so the query comes out in latent space; one block appends the
 // new latent row to the paged cache); latent attention over the context split into blocks (RoPE on the query as it
-// is loaded, online softmax, f32 partials); merge + ·W_UVᵀ per head (for contexts up to 224 rows the attention is
+// is loaded, online softmax, f32 partials); merge + ·W_UVᵀ per head (for contexts up to 288 rows the attention is
 // split by head as well, and the last split of each head to finish merges it: no merge stage, 6 barriers); o_proj; every block normalises, routes the
 // token itself (the router's two terms come with [q_a | kv_a] and o_proj: PersistentLayer::w_rg), then gate|up +
 // SwiGLU over the chosen experts and the fixed one (shared experts, or the dense MLP) while the down rows are copied
