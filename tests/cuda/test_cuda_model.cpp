@@ -364,8 +364,9 @@ TEST(CudaModel, PersistentDecodeMatchesLaunchPath) {
   }
 }
 
-// Native FP8 decode steps: one token at a time from the first, every product runs as gemv (the routed experts'
-// e4m3 weights, with fp8_dense_native all of them, times their f32 block scales; activations kept in bf16), so a token's logits carry only
+// Native FP8 decode steps: one token at a time from the first, every product runs as a GEMV (per-op launches, or with
+// fp8_dense_native the persistent kernel's e4m3 variant): the routed experts' e4m3 weights (with fp8_dense_native all
+// of them) times their f32 block scales, activations kept in bf16, so a token's logits carry only
 // the bf16 path's roundings: within 2e-2 of the golden. A token whose routing flips at a router near-tie (this
 // path's hidden states differ from the golden's by ~5e-3) is off by much more; such tokens are counted and must
 // stay rare (<= 10%), and the median token within 2e-2.
