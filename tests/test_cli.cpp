@@ -366,12 +366,17 @@ TEST(Cli, DeviceCudaWithoutGpuIsAClearError) {
                            t / "out.safetensors", "--device", "cuda"});
   const Result gen = dsv3({"generate", "--model", tiny_model(), "--prompt-ids", "1,2", "--device", "cuda", "--dtype", "fp32"});
   const Result bad = dsv3({"generate", "--model", tiny_model(), "--prompt-ids", "1,2", "--device", "tpu"});
+  const Result bad8 = dsv3({"generate", "--model", tiny_model(), "--prompt-ids", "1,2", "--device", "cuda", "--fp8-dense", "int4"});
+  const Result gen8 = dsv3({"generate", "--model", tiny_model(), "--prompt-ids", "1,2", "--device", "cuda", "--fp8-dense", "fp8"});
   ::unsetenv("CUDA_VISIBLE_DEVICES");
   expect_one_line_error(fwd, {"no CUDA GPU available"});
   EXPECT_FALSE(fs::exists(t / "out.safetensors"));
   expect_one_line_error(gen, {"no CUDA GPU available"});
   EXPECT_GT(bad.status, 0) << show(bad);
   EXPECT_NE(bad.err.find("tpu"), std::string::npos) << bad.err;
+  EXPECT_GT(bad8.status, 0) << show(bad8);
+  EXPECT_NE(bad8.err.find("fp8-dense"), std::string::npos) << bad8.err;
+  expect_one_line_error(gen8, {"no CUDA GPU available"});
 }
 
 // ----- tokenize -------------------------------------------------------------------------------------------

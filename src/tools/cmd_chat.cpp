@@ -18,7 +18,7 @@ struct ChatArgs : GenArgs {
 
 int run_chat(ChatArgs& a) {
   Tokenizer tok = *find_tokenizer(a, true);
-  const LoadedModel model = LoadedModel::load(a.model, a);
+  const LoadedModel model = LoadedModel::load(a.model, a, true);
   GenerateOptions o = generate_options(a, model.config(), &tok);
   std::vector<ChatMessage> history;
   if (!a.system.empty()) history.push_back({"system", a.system});

@@ -80,7 +80,7 @@ int run_generate(GenerateArgs& a) {
     }
     DSV3_CHECK(!prompts.empty(), "{}: no prompts", a.prompts_file);
   }
-  const LoadedModel model = LoadedModel::load(a.model, a);
+  const LoadedModel model = LoadedModel::load(a.model, a, prompts.size() == 1);
   GenerateOptions o = generate_options(a, model.config(), tok ? &*tok : nullptr);
   Generator gen(model.stepper());
   const bool stream = prompts.size() == 1 && tok;
