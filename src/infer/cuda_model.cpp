@@ -246,6 +246,11 @@ struct CudaModel::Impl {
   };
   mutable Ahead ahead;
   bool step_ahead = true;
+  // DSV3_DEVICE_ADVANCE=1: a step enqueued ahead gets its metadata and sampling counters by one small kernel that
+  // advances the step before's in place (decode_meta_advance) instead of two host-to-device copies and the ids'
+  // widening: two stream operations less between graphs. Opt-in: written 2026-12-03 after the device time was spent
+  // (run CudaModel.StepAheadMatchesStepByStep, then bench_cuda_decode --only batch --batch 1 with and without).
+  bool device_advance = false;
   // The persistent batch-1 decode kernel: its per-layer weight table (device), shape and barrier counters; empty
   // `persist_why` when every layer qualifies.
   DBuf<cuda::PersistentLayer> persist_layers;
@@ -495,6 +500,7 @@ struct CudaModel::Impl {
     fp8_rows_e4m3 = env_flag("DSV3_FP8_ROWS_E4M3");
     if (const char* v = std::getenv("DSV3_PINNED_STEP"); v && std::string(v) == "0") pinned_step = false;
     if (const char* v = std::getenv("DSV3_STEP_AHEAD"); v && std::string(v) == "0") step_ahead = false;
+    device_advance = env_flag("DSV3_DEVICE_ADVANCE");
     gemm_attention = env_flag("DSV3_GEMM_ATTENTION");
     route_counter = DBuf<uint32_t>(1);
     cuda::memset_device(route_counter.get(), 0, 4);
@@ -1101,7 +1107,10 @@ struct CudaModel::Impl {
   // Cached steps
   // ---------------------------------------------------------------------------------------------------
   // Uploads the rows' metadata of a cached pass into `ex` and describes the attention calls.
-  RowsInfo cached_rows(Exec& ex, const std::vector<int64_t>& tokens, const Batch& batch, const CudaCache& c, bool bucket) const {
+  // on_device: the metadata buffer holds the step before's, advanced on the device (DSV3_DEVICE_ADVANCE): nothing
+  // is copied in.
+  RowsInfo cached_rows(Exec& ex, const std::vector<int64_t>& tokens, const Batch& batch, const CudaCache& c, bool bucket,
+                       bool on_device = false) const {
     const int64_t M = int64_t(tokens.size()), S = int64_t(batch.seqs.size());
     DSV3_CHECK(M == batch.rows() && M > 0, "step: {} tokens for a batch of {} rows", M, batch.rows());
     for (int64_t i = 0; i < M; ++i)
@@ -1155,7 +1164,8 @@ struct CudaModel::Impl {
       }
     }
     uint8_t* d = static_cast<uint8_t*>(ex.arena.get(S_META, bytes));
-    if (pinned_step && bytes <= (size_t(1) << 16)) {  // each buffer reused every other step, once its copy is done
+    if (on_device) {
+    } else if (pinned_step && bytes <= (size_t(1) << 16)) {  // each buffer reused every other step, once its copy is done
       const int k = meta_turn;
       meta_turn ^= 1;
       if (step_ahead) meta_sent[k].wait();
@@ -1215,6 +1225,7 @@ struct CudaModel::Impl {
   struct Ran {
     Exec* ex;
     int64_t M, out_rows;
+    bool advanced = false;  // metadata and sampling counters advanced on the device (DSV3_DEVICE_ADVANCE)
   };
   // dev_ids (or null): the tokens are these sampled ids on the device (step-ahead), not `tokens`' values.
   Ran run_step(const std::vector<int64_t>& tokens, const Batch& batch, StepCache& sc, bool all_logits,
@@ -1227,8 +1238,16 @@ struct CudaModel::Impl {
     bool decode = !all_logits && M == S && M <= 64 && opt.graphs;
     for (const LayerW& L : layers) decode = decode && (!L.moe || L.moe->use_table);
     Exec& ex = decode ? dec : main;
-    const RowsInfo r = cached_rows(ex, tokens, batch, c, decode);
-    if (dev_ids) cuda::ids_from_sampled(dev_ids, const_cast<int64_t*>(r.ids), M, s());
+    // A step enqueued ahead follows the step just enqueued (same sequences, same metadata layout and buffer, one
+    // position on): with device_advance its metadata and Philox counters are that step's, advanced in place.
+    const bool advance = dev_ids && device_advance && M == S;
+    const RowsInfo r = cached_rows(ex, tokens, batch, c, decode, advance);
+    if (advance) {
+      cuda::decode_meta_advance(dev_ids, const_cast<int64_t*>(r.ids), const_cast<int64_t*>(r.pos64), const_cast<int32_t*>(r.pos32),
+                                const_cast<int32_t*>(r.dst_rows), main.arena.as<uint64_t>(S_RNG, 2 * S), M, s());
+    } else if (dev_ids) {
+      cuda::ids_from_sampled(dev_ids, const_cast<int64_t*>(r.ids), M, s());
+    }
     const int64_t out_rows = all_logits ? M : S;
     if (decode) {
       const auto key = std::make_tuple(S, r.calls[0].max_len, static_cast<const void*>(c.pool.get()));
@@ -1271,7 +1290,7 @@ struct CudaModel::Impl {
       }
       step_body(ex, r, take, out_rows, false);
     }
-    return {&ex, M, out_rows};
+    return {&ex, M, out_rows, advance};
   }
 
   Transformer::Step step(const std::vector<int64_t>& tokens, const Batch& batch, StepCache& sc, bool all_logits) const {
@@ -1319,15 +1338,17 @@ struct CudaModel::Impl {
     const size_t rng_bytes = size_t(S) * 16, out_bytes = size_t(S) * 4;
     auto* pb = static_cast<uint8_t*>(pin_sample[k].get(rng_bytes + out_bytes));
     auto* rng_h = reinterpret_cast<uint64_t*>(pb);
-    for (int64_t b = 0; b < S; ++b) {
-      rng_h[2 * b] = sample_key(p.seed, batch.seqs[size_t(b)].slot);
-      rng_h[2 * b + 1] = draws[size_t(b)];
+    if (!run.advanced) {
+      for (int64_t b = 0; b < S; ++b) {
+        rng_h[2 * b] = sample_key(p.seed, batch.seqs[size_t(b)].slot);
+        rng_h[2 * b + 1] = draws[size_t(b)];
+      }
     }
     auto* rng_d = main.arena.as<uint64_t>(S_RNG, 2 * S);
     auto* out_d = main.arena.as<int32_t>(S_SAMPLED, S);
     const size_t ws_bytes = p.greedy() ? 0 : cuda::sample_workspace_bytes(S, V);
     void* ws = ws_bytes ? main.arena.get(S_SAMPLEWS, ws_bytes) : nullptr;
-    cuda::copy_to_device(rng_d, rng_h, rng_bytes, s());
+    if (!run.advanced) cuda::copy_to_device(rng_d, rng_h, rng_bytes, s());  // else: the step before's, advanced
     cuda::GpuSampling gp;
     gp.temperature = p.temperature, gp.top_k = p.top_k, gp.top_p = p.top_p, gp.min_p = p.min_p;
     cuda::sample_rows(static_cast<const float*>(run.ex->arena.get(S_LOGIT, 0)), V, S, V, gp, rng_d, false, out_d, ws, ws_bytes, s());

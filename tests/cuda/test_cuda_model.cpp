@@ -560,37 +560,45 @@ TEST(CudaModel, DeviceSamplingMatchesHostLogits) {
 TEST(CudaModel, StepAheadMatchesStepByStep) {
   DSV3_REQUIRE_GPU();
   auto host = Transformer::load(test::golden_dir("tiny") + "/model");
-  auto on = gpu_model(*host, DType::BF16);
   setenv("DSV3_STEP_AHEAD", "0", 1);
   auto off = gpu_model(*host, DType::BF16);
   unsetenv("DSV3_STEP_AHEAD");
   const std::vector<std::vector<int64_t>> prompts{{5, 17, 300, 2, 9, 44, 101}, {7, 8}, {400, 3, 3, 3}};
-  for (bool hot : {false, true}) {
-    GenerateOptions o;
-    o.max_new_tokens = 40;
-    o.prefill_chunk = 4;
-    if (hot) o.sampling.temperature = 0.8f, o.sampling.top_k = 20, o.sampling.seed = 5;
-    for (const auto& ps : {prompts, std::vector<std::vector<int64_t>>{prompts[0]}}) {
-      const auto a = Generator(*on).generate(ps, o), b = Generator(*off).generate(ps, o);
-      for (size_t s = 0; s < ps.size(); ++s) EXPECT_EQ(a[s].tokens, b[s].tokens) << (hot ? "sampled" : "greedy") << " batch " << ps.size();
+  // Both ways of preparing the step enqueued ahead: metadata and counters copied in (default), or advanced on the
+  // device from the step before's (DSV3_DEVICE_ADVANCE=1).
+  for (bool advance : {false, true}) {
+    if (advance) setenv("DSV3_DEVICE_ADVANCE", "1", 1);
+    auto on = gpu_model(*host, DType::BF16);
+    unsetenv("DSV3_DEVICE_ADVANCE");
+    const char* how = advance ? "device advance" : "copied metadata";
+    for (bool hot : {false, true}) {
+      GenerateOptions o;
+      o.max_new_tokens = 40;
+      o.prefill_chunk = 4;
+      if (hot) o.sampling.temperature = 0.8f, o.sampling.top_k = 20, o.sampling.seed = 5;
+      for (const auto& ps : {prompts, std::vector<std::vector<int64_t>>{prompts[0]}}) {
+        const auto a = Generator(*on).generate(ps, o), b = Generator(*off).generate(ps, o);
+        for (size_t s = 0; s < ps.size(); ++s)
+          EXPECT_EQ(a[s].tokens, b[s].tokens) << (hot ? "sampled" : "greedy") << " batch " << ps.size() << ", " << how;
+      }
+      o.max_new_tokens = 7;  // stops while a step is enqueued ahead
+      EXPECT_EQ(Generator(*on).generate({prompts[1]}, o)[0].tokens, Generator(*off).generate({prompts[1]}, o)[0].tokens) << how;
     }
-    o.max_new_tokens = 7;  // stops while a step is enqueued ahead
-    EXPECT_EQ(Generator(*on).generate({prompts[1]}, o)[0].tokens, Generator(*off).generate({prompts[1]}, o)[0].tokens);
-  }
-  // Interleaved caches: each call discards the other cache's step enqueued ahead; the ids still follow each cache.
-  const int64_t V = host->config().vocab_size;
-  auto c1 = on->make_cache(1, 32), c2 = on->make_cache(1, 32), r1 = off->make_cache(1, 32), r2 = off->make_cache(1, 32);
-  SamplingParams g;
-  std::vector<int64_t> t1{3, 4, 5}, t2{9, 9};
-  std::vector<Batch::Seq> q1{{0, 0, 3}}, q2{{0, 0, 2}};
-  for (int k = 0; k < 10; ++k) {
-    const std::vector<uint64_t> d{uint64_t(k)};
-    const auto a1 = on->step_sampled(t1, Batch::cached(q1), *c1, g, d), b1 = off->step_sampled(t1, Batch::cached(q1), *r1, g, d);
-    const auto a2 = on->step_sampled(t2, Batch::cached(q2), *c2, g, d), b2 = off->step_sampled(t2, Batch::cached(q2), *r2, g, d);
-    ASSERT_EQ(a1, b1) << "step " << k;
-    ASSERT_EQ(a2, b2) << "step " << k;
-    q1 = {{0, q1[0].start + q1[0].n, 1}}, q2 = {{0, q2[0].start + q2[0].n, 1}};
-    t1 = a1, t2 = {(a2[0] + k) % V};  // cache 2 also gets other tokens than it sampled (from k = 1)
+    // Interleaved caches: each call discards the other cache's step enqueued ahead; the ids still follow each cache.
+    const int64_t V = host->config().vocab_size;
+    auto c1 = on->make_cache(1, 32), c2 = on->make_cache(1, 32), r1 = off->make_cache(1, 32), r2 = off->make_cache(1, 32);
+    SamplingParams g;
+    std::vector<int64_t> t1{3, 4, 5}, t2{9, 9};
+    std::vector<Batch::Seq> q1{{0, 0, 3}}, q2{{0, 0, 2}};
+    for (int k = 0; k < 10; ++k) {
+      const std::vector<uint64_t> d{uint64_t(k)};
+      const auto a1 = on->step_sampled(t1, Batch::cached(q1), *c1, g, d), b1 = off->step_sampled(t1, Batch::cached(q1), *r1, g, d);
+      const auto a2 = on->step_sampled(t2, Batch::cached(q2), *c2, g, d), b2 = off->step_sampled(t2, Batch::cached(q2), *r2, g, d);
+      ASSERT_EQ(a1, b1) << "step " << k << ", " << how;
+      ASSERT_EQ(a2, b2) << "step " << k << ", " << how;
+      q1 = {{0, q1[0].start + q1[0].n, 1}}, q2 = {{0, q2[0].start + q2[0].n, 1}};
+      t1 = a1, t2 = {(a2[0] + k) % V};  // cache 2 also gets other tokens than it sampled (from k = 1)
+    }
   }
 }
 

@@ -107,6 +107,23 @@ void ids_from_sampled(const int32_t* src, int64_t* dst, int64_t n, cudaStream_t 
   DSV3_CUDA_CHECK_LAUNCH("ids_from_sampled kernel");
 }
 
+__global__ void k_decode_meta_advance(const int32_t* __restrict__ sampled, int64_t* __restrict__ ids, int64_t* __restrict__ pos64,
+                                      int32_t* __restrict__ pos32, int32_t* __restrict__ dst_rows, uint64_t* __restrict__ rng, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    ids[i] = sampled[i];
+    pos64[i] += 1;
+    pos32[i] += 1;
+    dst_rows[i] += 1;
+    if (rng) rng[2 * i + 1] += 1;
+  }
+}
+void decode_meta_advance(const int32_t* sampled, int64_t* ids, int64_t* pos64, int32_t* pos32, int32_t* dst_rows, uint64_t* rng,
+                         int64_t n, cudaStream_t stream) {
+  if (n <= 0) return;
+  k_decode_meta_advance<<<grid_for(n, 256), 256, 0, stream>>>(sampled, ids, pos64, pos32, dst_rows, rng, n);
+  DSV3_CUDA_CHECK_LAUNCH("decode_meta_advance kernel");
+}
+
 __device__ __forceinline__ double contract_load(DType t, const void* p, int64_t i) {
   return t == DType::BF16 ? double(bf16_to_f32(static_cast<const uint16_t*>(p)[i])) : double(static_cast<const float*>(p)[i]);
 }

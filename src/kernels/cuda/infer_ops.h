@@ -99,6 +99,13 @@ void mla_decode_fused(const MlaDecodeShape& s, const float* q, int64_t ldq, cons
 // dst[i] = src[i] widened (the sampled ids of one step as the next step's int64 token ids, on the device).
 void ids_from_sampled(const int32_t* src, int64_t* dst, int64_t n, cudaStream_t stream = nullptr);
 
+// A decode step's metadata advanced in place on the device to the next step of the same n sequences, one position
+// on (step-ahead decoding with DSV3_DEVICE_ADVANCE, cuda_model.cpp): ids[i] = sampled[i] (widened); pos64[i],
+// pos32[i] and dst_rows[i] + 1 (a sequence's rows are contiguous in its cache slot); rng (null, or n (key, counter)
+// pairs) counters + 1.
+void decode_meta_advance(const int32_t* sampled, int64_t* ids, int64_t* pos64, int32_t* pos32, int32_t* dst_rows, uint64_t* rng,
+                         int64_t n, cudaStream_t stream = nullptr);
+
 // A strided operand of contract_weights: element (h, d, x) at p[h·sh + d·sd + x·sx], F32 or BF16.
 struct ContractOperand {
   DType type = DType::F32;
