@@ -60,7 +60,8 @@ struct Args {
   uint32_t* bar;
   unsigned long long* trace;  // null, or [gridDim.x][kTraceEvents] globaltimer stamps (DSV3_PERSISTENT_TRACE=1)
   int flags;  // DSV3_PERSISTENT_FLAGS (experiments): 1 barrier arrive by red.release, 2 down rows copied after gate|up,
-             // 4 (with the trace) layer 1's routing run twice
+             // 4 (with the trace) layer 1's routing run twice, 8 (FP8) the FFN's scale grids read from global memory
+             // instead of staged with the rows (16 bulk copies less a MoE layer; written 2026-12-03, not yet run)
   int wb;    // bytes of one weight buffer
   int xmax;  // floats of the input-vector buffer
   int split_rows;
@@ -520,7 +521,7 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
 #pragma unroll 1
       for (int i = fixed ? 0 : has_fix; i < (fixed ? has_fix : n); ++i) {
         const Seg sg = seg_at(Lp, i, seg_gu, seg_dn);
-        if (kFp8) {  // the segment's [2·⌈I/128⌉, ⌈D/128⌉] grid: the fixed one at 0, routed ones after each other
+        if (kFp8 && !(a.flags & 8)) {  // the segment's [2·⌈I/128⌉, ⌈D/128⌉] grid: the fixed one at 0, routed ones after each other
           const int cells = 2 * cdiv128(sg.I) * kbD;
           emit_sc(fixed ? 0 : (i - has_fix) * cells, i < has_fix ? Lp.s_fix_gu : seg_gus[i - has_fix], cells);
         }
@@ -543,7 +544,7 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
 #pragma unroll 1
       for (int i = 0; i < n; ++i) {
         const Seg sg = seg_at(Lp, i, seg_gu, seg_dn);
-        if (kFp8) {  // [⌈D/128⌉, ⌈I/128⌉] grids: the fixed one, then the routed ones
+        if (kFp8 && !(a.flags & 8)) {  // [⌈D/128⌉, ⌈I/128⌉] grids: the fixed one, then the routed ones
           const int fcells = kbD * cdiv128(Lp.fix_I), cells = kbD * cdiv128(sg.I);
           emit_sc(i < has_fix ? 0 : fcells + (i - has_fix) * cells, i < has_fix ? Lp.s_fix_dn : seg_dns[i - has_fix], cells);
         }
@@ -923,7 +924,9 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
 #pragma unroll 1
           while (unit >= sg.start + sg.I && i + 1 < nseg) sg = seg_at(Lp, ++i, seg_gu, seg_dn);
           const int q = int(unit - sg.start), kb2 = cdiv128(sg.I);
-          const float* grid = i < has_fix ? sca[cur] : sca[2] + (i - has_fix) * 2 * kb2 * kbD;
+          const float* grid = (a.flags & 8) ? (i < has_fix ? Lp.s_fix_gu : seg_gus[i - has_fix])  // the same layout
+                              : i < has_fix   ? sca[cur]
+                                              : sca[2] + (i - has_fix) * 2 * kb2 * kbD;
           gsr = grid + (q / 128) * kbD;
           usr = grid + (kb2 + q / 128) * kbD;
         }
@@ -968,7 +971,9 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
           const float* sr = nullptr;
           if constexpr (kFp8) {  // down_rows' grid layout: the fixed expert's, then the routed ones'
             const int kbI = cdiv128(sg.I), fcells = kbD * cdiv128(Lp.fix_I);
-            sr = sca[cur] + (i < has_fix ? 0 : fcells + (i - has_fix) * kbD * kbI) + int((d0 + r) / 128) * kbI;
+            sr = ((a.flags & 8) ? (i < has_fix ? Lp.s_fix_dn : seg_dns[i - has_fix])
+                                : sca[cur] + (i < has_fix ? 0 : fcells + (i - has_fix) * kbD * kbI)) +
+                 int((d0 + r) / 128) * kbI;
           }
           acc = warp_dot_part(o + (d1 - d0) * sg.start + r * sg.I, xs + sg.start, int(sg.I), acc, sr);
         }
