@@ -21,7 +21,7 @@ void add_device_options(CLI::App* sub, DeviceArgs& a) {
       ->capture_default_str();
 }
 
-LoadedModel LoadedModel::load(const std::string& dir, const DeviceArgs& a, bool one_sequence) {
+LoadedModel LoadedModel::load(const std::string& dir, const DeviceArgs& a, [[maybe_unused]] bool one_sequence) {
   LoadedModel m;
 #ifndef DSV3_HAVE_CUDA
   DSV3_CHECK(a.device != "cuda", "no CUDA GPU available: this dsv3 was built without CUDA (no nvcc at configure time)");
