@@ -1164,18 +1164,19 @@ struct CudaModel::Impl {
       }
     }
     uint8_t* d = static_cast<uint8_t*>(ex.arena.get(S_META, bytes));
-    if (on_device) {
-    } else if (pinned_step && bytes <= (size_t(1) << 16)) {  // each buffer reused every other step, once its copy is done
-      const int k = meta_turn;
-      meta_turn ^= 1;
-      if (step_ahead) meta_sent[k].wait();
-      else cuda::synchronize(s());
-      void* pm = pin_meta[k].get(bytes);
-      std::memcpy(pm, h.data(), bytes);
-      cuda::copy_to_device(d, pm, bytes, s());
-      meta_sent[k].record(s());
-    } else {
-      cuda::copy_to_device(d, h.data(), bytes, s());
+    if (!on_device) {
+      if (pinned_step && bytes <= (size_t(1) << 16)) {  // each buffer reused every other step, once its copy is done
+        const int k = meta_turn;
+        meta_turn ^= 1;
+        if (step_ahead) meta_sent[k].wait();
+        else cuda::synchronize(s());
+        void* pm = pin_meta[k].get(bytes);
+        std::memcpy(pm, h.data(), bytes);
+        cuda::copy_to_device(d, pm, bytes, s());
+        meta_sent[k].record(s());
+      } else {
+        cuda::copy_to_device(d, h.data(), bytes, s());
+      }
     }
     r.ids = reinterpret_cast<const int64_t*>(d);
     r.pos64 = r.ids + M;
@@ -1240,7 +1241,7 @@ struct CudaModel::Impl {
     Exec& ex = decode ? dec : main;
     // A step enqueued ahead follows the step just enqueued (same sequences, same metadata layout and buffer, one
     // position on): with device_advance its metadata and Philox counters are that step's, advanced in place.
-    const bool advance = dev_ids && device_advance && M == S;
+    const bool advance = dev_ids && device_advance;
     const RowsInfo r = cached_rows(ex, tokens, batch, c, decode, advance);
     if (advance) {
       cuda::decode_meta_advance(dev_ids, const_cast<int64_t*>(r.ids), const_cast<int64_t*>(r.pos64), const_cast<int32_t*>(r.pos32),
