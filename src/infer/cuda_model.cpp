@@ -246,11 +246,10 @@ struct CudaModel::Impl {
   };
   mutable Ahead ahead;
   bool step_ahead = true;
-  // DSV3_DEVICE_ADVANCE=1: a step enqueued ahead gets its metadata and sampling counters by one small kernel that
-  // advances the step before's in place (decode_meta_advance) instead of two host-to-device copies and the ids'
-  // widening: two stream operations less between graphs. Opt-in: written 2026-12-03 after the device time was spent
-  // (run CudaModel.StepAheadMatchesStepByStep, then bench_cuda_decode --only batch --batch 1 with and without).
-  bool device_advance = false;
+  // A step enqueued ahead gets its metadata and sampling counters by one small kernel that advances the step
+  // before's in place (decode_meta_advance) instead of two host-to-device copies and the ids' widening: two stream
+  // operations less between graphs (H200 batch 1: 0.565-0.566 vs 0.569-0.570 ms per token). DSV3_DEVICE_ADVANCE=0: off.
+  bool device_advance = true;
   // The persistent batch-1 decode kernel: its per-layer weight table (device), shape and barrier counters; empty
   // `persist_why` when every layer qualifies.
   DBuf<cuda::PersistentLayer> persist_layers;
@@ -500,7 +499,7 @@ struct CudaModel::Impl {
     fp8_rows_e4m3 = env_flag("DSV3_FP8_ROWS_E4M3");
     if (const char* v = std::getenv("DSV3_PINNED_STEP"); v && std::string(v) == "0") pinned_step = false;
     if (const char* v = std::getenv("DSV3_STEP_AHEAD"); v && std::string(v) == "0") step_ahead = false;
-    device_advance = env_flag("DSV3_DEVICE_ADVANCE");
+    if (const char* v = std::getenv("DSV3_DEVICE_ADVANCE"); v && std::string(v) == "0") device_advance = false;
     gemm_attention = env_flag("DSV3_GEMM_ATTENTION");
     route_counter = DBuf<uint32_t>(1);
     cuda::memset_device(route_counter.get(), 0, 4);
@@ -1107,7 +1106,7 @@ struct CudaModel::Impl {
   // Cached steps
   // ---------------------------------------------------------------------------------------------------
   // Uploads the rows' metadata of a cached pass into `ex` and describes the attention calls.
-  // on_device: the metadata buffer holds the step before's, advanced on the device (DSV3_DEVICE_ADVANCE): nothing
+  // on_device: the metadata buffer holds the step before's, advanced on the device (step-ahead): nothing
   // is copied in.
   RowsInfo cached_rows(Exec& ex, const std::vector<int64_t>& tokens, const Batch& batch, const CudaCache& c, bool bucket,
                        bool on_device = false) const {
@@ -1226,7 +1225,7 @@ struct CudaModel::Impl {
   struct Ran {
     Exec* ex;
     int64_t M, out_rows;
-    bool advanced = false;  // metadata and sampling counters advanced on the device (DSV3_DEVICE_ADVANCE)
+    bool advanced = false;  // metadata and sampling counters advanced on the device (step-ahead)
   };
   // dev_ids (or null): the tokens are these sampled ids on the device (step-ahead), not `tokens`' values.
   Ran run_step(const std::vector<int64_t>& tokens, const Batch& batch, StepCache& sc, bool all_logits,

@@ -564,10 +564,10 @@ TEST(CudaModel, StepAheadMatchesStepByStep) {
   auto off = gpu_model(*host, DType::BF16);
   unsetenv("DSV3_STEP_AHEAD");
   const std::vector<std::vector<int64_t>> prompts{{5, 17, 300, 2, 9, 44, 101}, {7, 8}, {400, 3, 3, 3}};
-  // Both ways of preparing the step enqueued ahead: metadata and counters copied in (default), or advanced on the
-  // device from the step before's (DSV3_DEVICE_ADVANCE=1).
+  // Both ways of preparing the step enqueued ahead: advanced on the device from the step before's (default), or
+  // metadata and counters copied in (DSV3_DEVICE_ADVANCE=0).
   for (bool advance : {false, true}) {
-    if (advance) setenv("DSV3_DEVICE_ADVANCE", "1", 1);
+    if (!advance) setenv("DSV3_DEVICE_ADVANCE", "0", 1);
     auto on = gpu_model(*host, DType::BF16);
     unsetenv("DSV3_DEVICE_ADVANCE");
     const char* how = advance ? "device advance" : "copied metadata";

@@ -100,7 +100,7 @@ void mla_decode_fused(const MlaDecodeShape& s, const float* q, int64_t ldq, cons
 void ids_from_sampled(const int32_t* src, int64_t* dst, int64_t n, cudaStream_t stream = nullptr);
 
 // A decode step's metadata advanced in place on the device to the next step of the same n sequences, one position
-// on (step-ahead decoding with DSV3_DEVICE_ADVANCE, cuda_model.cpp): ids[i] = sampled[i] (widened); pos64[i],
+// on (step-ahead decoding, cuda_model.cpp; DSV3_DEVICE_ADVANCE=0 off): ids[i] = sampled[i] (widened); pos64[i],
 // pos32[i] and dst_rows[i] + 1 (a sequence's rows are contiguous in its cache slot); rng (null, or n (key, counter)
 // pairs) counters + 1.
 void decode_meta_advance(const int32_t* sampled, int64_t* ids, int64_t* pos64, int32_t* pos32, int32_t* dst_rows, uint64_t* rng,
