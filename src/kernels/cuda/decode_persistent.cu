@@ -29,6 +29,11 @@
 #ifndef DSV3_PERSIST_QC_LATE
 #define DSV3_PERSIST_QC_LATE 0
 #endif
+// DSV3_PERSIST_ATT_MARKS=1: layer 1's attention stage stamps its steps for the trace (DSV3_PERSISTENT_TRACE=1);
+// compiled out by default (the marks cost the kernel a register spill).
+#ifndef DSV3_PERSIST_ATT_MARKS
+#define DSV3_PERSIST_ATT_MARKS 0
+#endif
 
 namespace dsv3::cuda {
 
@@ -36,6 +41,7 @@ using namespace dev;
 
 namespace {
 constexpr int kT = 256, kW = kT / 32;
+constexpr bool kAttMarks = DSV3_PERSIST_ATT_MARKS != 0;
 constexpr int kMaxH = 16;       // heads a block's attention accumulators hold
 constexpr int kTile = 64;       // cache rows staged at a time
 constexpr int kPad = 8;         // bf16 padding per staged cache row (odd 16-byte stride: conflict-free row reads)
@@ -60,8 +66,9 @@ struct Args {
   uint32_t* bar;
   unsigned long long* trace;  // null, or [gridDim.x][kTraceEvents] globaltimer stamps (DSV3_PERSISTENT_TRACE=1)
   int flags;  // DSV3_PERSISTENT_FLAGS (experiments): 1 barrier arrive by red.release, 2 down rows copied after gate|up,
-             // 4 (with the trace) layer 1's routing run twice, 8 (FP8) the FFN's scale grids read from global memory
-             // instead of staged with the rows (16 bulk copies less a MoE layer; written 2026-12-03, not yet run)
+             // 4 (with the trace) layer 1's routing run twice, 8 (FP8) the FFN's scale grids staged with the rows by
+             // bulk copies (the default reads them from global memory in the products: 16 copies less a MoE layer,
+             // H200 graph 0.607 vs 0.637 ms)
   int wb;    // bytes of one weight buffer
   int xmax;  // floats of the input-vector buffer
   int split_rows;
@@ -521,7 +528,7 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
 #pragma unroll 1
       for (int i = fixed ? 0 : has_fix; i < (fixed ? has_fix : n); ++i) {
         const Seg sg = seg_at(Lp, i, seg_gu, seg_dn);
-        if (kFp8 && !(a.flags & 8)) {  // the segment's [2·⌈I/128⌉, ⌈D/128⌉] grid: the fixed one at 0, routed ones after each other
+        if (kFp8 && (a.flags & 8)) {  // the segment's [2·⌈I/128⌉, ⌈D/128⌉] grid: the fixed one at 0, routed ones after each other
           const int cells = 2 * cdiv128(sg.I) * kbD;
           emit_sc(fixed ? 0 : (i - has_fix) * cells, i < has_fix ? Lp.s_fix_gu : seg_gus[i - has_fix], cells);
         }
@@ -544,7 +551,7 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
 #pragma unroll 1
       for (int i = 0; i < n; ++i) {
         const Seg sg = seg_at(Lp, i, seg_gu, seg_dn);
-        if (kFp8 && !(a.flags & 8)) {  // [⌈D/128⌉, ⌈I/128⌉] grids: the fixed one, then the routed ones
+        if (kFp8 && (a.flags & 8)) {  // [⌈D/128⌉, ⌈I/128⌉] grids: the fixed one, then the routed ones
           const int fcells = kbD * cdiv128(Lp.fix_I), cells = kbD * cdiv128(sg.I);
           emit_sc(i < has_fix ? 0 : fcells + (i - has_fix) * cells, i < has_fix ? Lp.s_fix_dn : seg_dns[i - has_fix], cells);
         }
@@ -647,6 +654,7 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
     }
   };
   in_rows(0, a.layers[0]);
+  // Layer 1 (l == 1) carries the trace's marks inside its attention and FFN stages.
   for (int64_t l = 0; l < s.layers; ++l) {
     const PersistentLayer Lp = a.layers[l];
     const bool moe = Lp.gate != nullptr;
@@ -718,6 +726,7 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
       if (gets_uv) emit(buf[cur ^ 1], static_cast<const uint16_t*>(Lp.wuv_t) + int64_t(hm) * kvr * dv, int64_t(kvr) * dv * 2);
     });
     bar.wait();
+    if (kAttMarks && l == 1) bar.mark(10);
     if (sp < nsplit && t < nh) runm[t] = -INFINITY, runl[t] = 0.0f;
     uint16_t* tile = reinterpret_cast<uint16_t*>(buf[cur]);
     float* qs = reinterpret_cast<float*>(buf[cur] + kTile * KS * 2);  // [H][W]
@@ -734,7 +743,9 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
         q[1] = y * c.x + x * c.y;
       }
     }
+    if (kAttMarks && l == 1) bar.mark(11);
     wait_fill(cur);
+    if (kAttMarks && l == 1) bar.mark(12);
     if (a0 < a1) {
       float acc[2][kMaxH];
 #pragma unroll
@@ -829,6 +840,7 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
       bar.arrive();
       cur ^= 1;
     }
+    if (kAttMarks && l == 1) bar.mark(13);
     o_rows(hsplit ? cur : cur ^ 1, Lp, moe);
     int mh = -1;  // the head this block merges
     if (hsplit) {
@@ -846,6 +858,7 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
       if (b < H) mh = b;
     }
     const int uvb = hsplit ? cur ^ 1 : cur;  // W_UV's buffer (its phase is consumed whether used or not)
+    if (kAttMarks && l == 1) bar.mark(14);
     if (mh >= 0) {
       merge_uv(mh, uvb);
     } else {
@@ -853,6 +866,7 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
       __syncthreads();
     }
     if (hsplit && mh >= 0 && t == 0) atomicExch(a.bar + 2 + h0, 0u);  // for the next layer (after a grid barrier)
+    if (kAttMarks && l == 1 && mh >= 0) bar.mark(15);
     bar.arrive();
     if (!hsplit) cur ^= 1;
 
@@ -872,13 +886,12 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
 
     // ---- 6: routing (every block), gate|up + SwiGLU of the chosen experts and the fixed one ----
     bar.wait();
-    const bool marks = l == 1;  // the trace's look inside the FFN stage
-    if (marks) bar.mark(0);
+    if (l == 1) bar.mark(0);
     if (moe) load_vec(lgs, w.logits, w.logits + E, E);  // the router's two terms
     load_vec(xs, w.r1, w.att, D, b == 0 ? w.r2 : nullptr);
     const float rms = norm_in_place(xs, D, Lp.ln2, s.eps, !moe, red);  // dense: the MLP's input in bf16, as mlp_fwd
     wait_fill(cur);  // the fixed rows and (MoE) the routing's tables
-    if (marks) bar.mark(1);
+    if (l == 1) bar.mark(1);
     if (moe) {
       for (int e = t; e < E; e += kT) lgs[e] *= rms;  // gate·norm(h) = rms(h)·(gate·(ln2 ⊙ h_in) + w_lg·o)
       __syncthreads();
@@ -895,19 +908,19 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
       }
       __syncthreads();
     }
-    if (moe && marks && (a.flags & 4)) {  // experiment: the routing again, its code now in the instruction cache
+    if (moe && l == 1 && (a.flags & 4)) {  // experiment: the routing again, its code now in the instruction cache
       bar.mark(6);
       route_block(lgs, E, Lp.bias ? bias_s : nullptr, s.router, rsc, rsc + E, rsc + 2 * E, ridx, rw);
       bar.mark(7);
     }
-    if (marks) bar.mark(2);
+    if (l == 1) bar.mark(2);
     gu_rows(2, Lp, false, buf[cur]);
-    if (marks) bar.mark(8);
+    if (l == 1) bar.mark(8);
     if (!(a.flags & 2)) down_rows(cur ^ 1, Lp);
-    if (marks) bar.mark(9);
-    if (marks) bar.mark(3);
+    if (l == 1) bar.mark(9);
+    if (l == 1) bar.mark(3);
     wait_fill(2);
-    if (marks) bar.mark(4);
+    if (l == 1) bar.mark(4);
     {
       const int64_t U = Lp.fix_I + (moe ? int64_t(K) * Lp.exp_I : 0), cap = (int(U) + nb - 1) / nb;
       int64_t u0, u1;
@@ -924,9 +937,9 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
 #pragma unroll 1
           while (unit >= sg.start + sg.I && i + 1 < nseg) sg = seg_at(Lp, ++i, seg_gu, seg_dn);
           const int q = int(unit - sg.start), kb2 = cdiv128(sg.I);
-          const float* grid = (a.flags & 8) ? (i < has_fix ? Lp.s_fix_gu : seg_gus[i - has_fix])  // the same layout
-                              : i < has_fix   ? sca[cur]
-                                              : sca[2] + (i - has_fix) * 2 * kb2 * kbD;
+          const float* grid = !(a.flags & 8) ? (i < has_fix ? Lp.s_fix_gu : seg_gus[i - has_fix])  // the same layout
+                              : i < has_fix    ? sca[cur]
+                                               : sca[2] + (i - has_fix) * 2 * kb2 * kbD;
           gsr = grid + (q / 128) * kbD;
           usr = grid + (kb2 + q / 128) * kbD;
         }
@@ -942,7 +955,7 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
       __syncthreads();
       down_rows(cur ^ 1, Lp);
     }
-    if (marks) bar.mark(5);
+    if (l == 1) bar.mark(5);
     bar.arrive();
     cur ^= 1;
 
@@ -971,7 +984,7 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
           const float* sr = nullptr;
           if constexpr (kFp8) {  // down_rows' grid layout: the fixed expert's, then the routed ones'
             const int kbI = cdiv128(sg.I), fcells = kbD * cdiv128(Lp.fix_I);
-            sr = ((a.flags & 8) ? (i < has_fix ? Lp.s_fix_dn : seg_dns[i - has_fix])
+            sr = (!(a.flags & 8) ? (i < has_fix ? Lp.s_fix_dn : seg_dns[i - has_fix])
                                 : sca[cur] + (i < has_fix ? 0 : fcells + (i - has_fix) * kbD * kbI)) +
                  int((d0 + r) / 128) * kbI;
           }
@@ -1115,6 +1128,17 @@ void decode_persistent_trace_report() {
     const double m2 = at(0, kTraceSub + 2), m8 = at(0, kTraceSub + 8), m9 = at(0, kTraceSub + 9), m3 = at(0, kTraceSub + 3);
     std::fprintf(stderr, "  layer 1 FFN, block 0: routed gate|up fill issue %.2f us, down fill issue %.2f us, rest %.2f us\n",
                  (m8 - m2) / 1e3, (m9 - m8) / 1e3, (m3 - m9) / 1e3);
+  }
+  // Layer 1's attention stage (marks 10-15); the merge only in the blocks that merge a head.
+  static const char* const att[5] = {"q load + RoPE", "wait for the cache rows", "scores, softmax, values",
+                                     "o_proj fill issue + split count", "merge + W_UV (merging blocks)"};
+  for (int k = 11; k <= 15; ++k) {
+    std::vector<double> d;
+    for (int b = 0; b < nb; ++b)
+      if (at(b, kTraceSub + k) > 0 && at(b, kTraceSub + k) >= at(b, kTraceSub + k - 1))  // (a merge mark of an earlier launch: older)
+        d.push_back((at(b, kTraceSub + k) - at(b, kTraceSub + k - 1)) / 1e3);
+    std::sort(d.begin(), d.end());
+    if (!d.empty()) std::fprintf(stderr, "  layer 1 attention, %-32s median %5.2f us, slowest %5.2f us (%zu blocks)\n", att[k - 11], d[d.size() / 2], d.back(), d.size());
   }
   if (at(0, kTraceSub + 7) > 0)
     std::fprintf(stderr, "  layer 1 FFN, routing again (flag 4; included above):  block 0 %5.2f us\n",
