@@ -3,7 +3,9 @@
 # relinked against an existing CUDA build; CMake's DSV3_PERSIST_DEFS would rebuild a whole tree):
 #   bench/cuda/persist_variant.sh NAME "DSV3_PERSIST_X=1 [DSV3_PERSIST_Y=1 ...]" [BUILD_DIR]
 # writes BUILD_DIR/devpack/bench_cuda_decode.NAME (stripped), for bench/cuda/ab_decode.sh. EXTRA_INC="-I DIR" puts
-# DIR first on the include path (e.g. an older copy of a header, for an A/B of a header change).
+# DIR first on the include path (e.g. an older copy of a header, for an A/B of a header change). CU=FILE compiles
+# FILE in place of src/kernels/cuda/decode_persistent.cu (another kernel source of the library, or an older copy of
+# one: its object replaces the one of the same name).
 set -euo pipefail
 NAME=$1
 DEFS=$2
@@ -11,6 +13,7 @@ B=$(realpath "${3:-build-cuda}")
 SRC=$(realpath "$(dirname "$0")/../..")
 W=$(mktemp -d)
 trap 'rm -rf "$W"' EXIT
+OBJ=$(basename "${CU:-decode_persistent.cu}").o
 D=()
 for d in $DEFS; do D+=("-D$d"); done
 cd "$B"
@@ -18,9 +21,9 @@ FLAGS=$(sed -n 's/^CUDA_FLAGS = //p' CMakeFiles/dsv3cuda.dir/flags.make)
 # shellcheck disable=SC2086
 /usr/local/cuda/bin/nvcc -forward-unknown-to-host-compiler -DFMT_SHARED ${D[@]+"${D[@]}"} ${EXTRA_INC:-} \
   --options-file CMakeFiles/dsv3cuda.dir/includes_CUDA.rsp $FLAGS -lineinfo -x cu \
-  -c "$SRC/src/kernels/cuda/decode_persistent.cu" -o "$W/decode_persistent.cu.o"
+  -c "${CU:-$SRC/src/kernels/cuda/decode_persistent.cu}" -o "$W/$OBJ"
 cp libdsv3cuda.a "$W/"
-(cd "$W" && ar r libdsv3cuda.a decode_persistent.cu.o)
+(cd "$W" && ar r libdsv3cuda.a "$OBJ")
 LINK=$(cat CMakeFiles/bench_cuda_decode.dir/link.txt)
 LINK=${LINK/ libdsv3cuda.a / $W/libdsv3cuda.a }
 LINK=${LINK/-o bench_cuda_decode /-o $W/bench_cuda_decode }

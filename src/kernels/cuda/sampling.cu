@@ -82,12 +82,35 @@ __global__ void __launch_bounds__(kThreads) k_sample(const float* __restrict__ l
   float* p = probs + row * int64_t(V);
 
   // First maximum (greedy answer, and the softmax's shift).
+  // A thread visits its indices in ascending order, so a strict > keeps its first maximum; NaNs never win.
   float bv = -INFINITY;
   int bi = INT32_MAX;
-  for (int i = tid; i < V; i += blockDim.x) {
-    const float v = l[i];
+  auto visit = [&](float v, int i) {
     if (v > bv || (bi == INT32_MAX && !(v != v))) bv = v, bi = i;
+  };
+  int i_tail = 0;  // the indices from here on are read one at a time
+  if ((reinterpret_cast<uintptr_t>(l) & 15) == 0) {
+    // Every load of a thread issued before the first comparison: one round trip for a 32k vocabulary (the greedy
+    // draw is on the critical path of batch-1 decoding, between two steps' graphs).
+    constexpr int U = 8;
+    const int V4 = V / 4;
+    const float4* l4 = reinterpret_cast<const float4*>(l);
+    for (int base = 0; base < V4; base += U * int(blockDim.x)) {
+      float4 x[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int c = base + tid + u * int(blockDim.x);
+        if (c < V4) x[u] = l4[c];
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int c = base + tid + u * int(blockDim.x);
+        if (c < V4) visit(x[u].x, 4 * c), visit(x[u].y, 4 * c + 1), visit(x[u].z, 4 * c + 2), visit(x[u].w, 4 * c + 3);
+      }
+    }
+    i_tail = 4 * V4;
   }
+  for (int i = i_tail + tid; i < V; i += blockDim.x) visit(l[i], i);
   for (int o = 16; o > 0; o >>= 1) {
     const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
     const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
