@@ -250,6 +250,8 @@ struct CudaModel::Impl {
   // before's in place (decode_meta_advance) instead of two host-to-device copies and the ids' widening: two stream
   // operations less between graphs (H200 batch 1: 0.565-0.566 vs 0.569-0.570 ms per token). DSV3_DEVICE_ADVANCE=0: off.
   bool device_advance = true;
+  // The persistent kernel reads the token's embedding row itself (no embedding launch); DSV3_PERSIST_EMBED=0: off.
+  bool persist_embeds = true;
   // The persistent batch-1 decode kernel: its per-layer weight table (device), shape and barrier counters; empty
   // `persist_why` when every layer qualifies.
   DBuf<cuda::PersistentLayer> persist_layers;
@@ -500,6 +502,7 @@ struct CudaModel::Impl {
     if (const char* v = std::getenv("DSV3_PINNED_STEP"); v && std::string(v) == "0") pinned_step = false;
     if (const char* v = std::getenv("DSV3_STEP_AHEAD"); v && std::string(v) == "0") step_ahead = false;
     if (const char* v = std::getenv("DSV3_DEVICE_ADVANCE"); v && std::string(v) == "0") device_advance = false;
+    if (const char* v = std::getenv("DSV3_PERSIST_EMBED"); v && std::string(v) == "0") persist_embeds = false;
     gemm_attention = env_flag("DSV3_GEMM_ATTENTION");
     route_counter = DBuf<uint32_t>(1);
     cuda::memset_device(route_counter.get(), 0, 4);
@@ -1191,16 +1194,21 @@ struct CudaModel::Impl {
     const int64_t M = r.M;
     float* h = ex.arena.as<float>(S_H, M * D);
     uint32_t* err = ex.arena.as<uint32_t>(S_ERR, 1);
-    cuda::embedding_reset_error(err, s());
-    cuda::embedding(DType::I64, r.ids, M, act, embed.get(), V, D, h, D, err, s());
-    if (no_sync && M == 1 && persist_why.empty() && r.calls.size() == 1 && r.calls[0].s_q == 1 && !r.fresh) {
-      // One new token of one sequence: the whole stack in one persistent kernel, then the head's GEMV.
+    const bool persistent = no_sync && M == 1 && persist_why.empty() && r.calls.size() == 1 && r.calls[0].s_q == 1 && !r.fresh;
+    if (!persistent || !persist_embeds) {
+      cuda::embedding_reset_error(err, s());
+      cuda::embedding(DType::I64, r.ids, M, act, embed.get(), V, D, h, D, err, s());
+    }
+    if (persistent) {
+      // One new token of one sequence: the whole stack in one persistent kernel (which reads the token's embedding
+      // row itself), then the head's GEMV.
       float* fin = ex.arena.as<float>(S_FINAL, D);
       void* xa = ex.arena.get(S_ROWSACT, size_t(D) * dtype_size(act));
       const size_t wsb = cuda::decode_persistent_workspace_bytes(persist_shape, opt.persistent_blocks);
       cuda::PersistentShape sh = persist_shape;
       sh.max_blocks = r.cache->max_blocks;
       cuda::PersistentIO io;
+      if (persist_embeds) io.embed = reinterpret_cast<const uint16_t*>(embed.get()), io.ids = r.ids, io.vocab = V;
       io.h = h, io.pos = r.pos64, io.table = r.table, io.dst_row = r.dst_rows, io.rope = rope_table.get();
       io.pool = r.cache->pool.get(), io.pool_layer_bytes = int64_t(r.cache->layer_bytes());
       io.final_norm = norm.get(), io.fin = fin, io.xa = xa;
@@ -1226,11 +1234,17 @@ struct CudaModel::Impl {
     Exec* ex;
     int64_t M, out_rows;
     bool advanced = false;  // metadata and sampling counters advanced on the device (step-ahead)
+    RowsInfo rows;
   };
+  // The last draw (enqueue_sampled) advanced its step's metadata and sampling counters to the next step's, for a
+  // step enqueued ahead; any other step clears it.
+  mutable bool meta_advanced = false;
   // dev_ids (or null): the tokens are these sampled ids on the device (step-ahead), not `tokens`' values.
   Ran run_step(const std::vector<int64_t>& tokens, const Batch& batch, StepCache& sc, bool all_logits,
                const int32_t* dev_ids = nullptr) const {
     if (!dev_ids) ahead.valid = false;  // any other step: the one enqueued ahead no longer follows
+    const bool pre_advanced = meta_advanced && dev_ids;
+    meta_advanced = false;
     auto* cp = dynamic_cast<CudaCache*>(&sc);
     DSV3_CHECK(cp != nullptr, "internal error: a cache of another device was given to the CUDA model");
     const CudaCache& c = *cp;
@@ -1242,7 +1256,7 @@ struct CudaModel::Impl {
     // position on): with device_advance its metadata and Philox counters are that step's, advanced in place.
     const bool advance = dev_ids && device_advance;
     const RowsInfo r = cached_rows(ex, tokens, batch, c, decode, advance);
-    if (advance) {
+    if (advance && !pre_advanced) {  // (normally the step before's draw advanced them)
       cuda::decode_meta_advance(dev_ids, const_cast<int64_t*>(r.ids), const_cast<int64_t*>(r.pos64), const_cast<int32_t*>(r.pos32),
                                 const_cast<int32_t*>(r.dst_rows), main.arena.as<uint64_t>(S_RNG, 2 * S), M, s());
     } else if (dev_ids) {
@@ -1290,7 +1304,7 @@ struct CudaModel::Impl {
       }
       step_body(ex, r, take, out_rows, false);
     }
-    return {&ex, M, out_rows, advance};
+    return {&ex, M, out_rows, advance, r};
   }
 
   Transformer::Step step(const std::vector<int64_t>& tokens, const Batch& batch, StepCache& sc, bool all_logits) const {
@@ -1329,6 +1343,10 @@ struct CudaModel::Impl {
                       const std::vector<uint64_t>& draws, const int32_t* dev_ids) const {
     const Ran run = run_step(tokens, batch, sc, false, dev_ids);
     const int64_t S = run.out_rows;
+    // A decode step (one new token per sequence) also advances its metadata to the next step's in the draw, for the
+    // step that step_sampled may enqueue ahead (speculative: any other next step uploads its own).
+    bool decode_step = step_ahead && device_advance && run.M == S;
+    for (const auto& q : batch.seqs) decode_step = decode_step && q.n == 1;
     // Per row (key, counter) for the Philox draw, and the ids back, through a small page-locked buffer (one of two,
     // free once the step that used it before is done). Scratch from `main`, not the decode context: a grown buffer
     // there would invalidate the captured graphs.
@@ -1351,8 +1369,16 @@ struct CudaModel::Impl {
     if (!run.advanced) cuda::copy_to_device(rng_d, rng_h, rng_bytes, s());  // else: the step before's, advanced
     cuda::GpuSampling gp;
     gp.temperature = p.temperature, gp.top_k = p.top_k, gp.top_p = p.top_p, gp.min_p = p.min_p;
-    cuda::sample_rows(static_cast<const float*>(run.ex->arena.get(S_LOGIT, 0)), V, S, V, gp, rng_d, false, out_d, ws, ws_bytes, s());
-    cuda::copy_to_host(pb + rng_bytes, out_d, out_bytes, s());
+    cuda::SampleOutputs also;
+    // The ids straight into the page-locked buffer (no copy after the draw: one stream operation less a token).
+    also.host = static_cast<int32_t*>(cuda::host_pinned_device_pointer(pb + rng_bytes));
+    if (decode_step) {
+      also.ids = const_cast<int64_t*>(run.rows.ids), also.pos64 = const_cast<int64_t*>(run.rows.pos64);
+      also.pos32 = const_cast<int32_t*>(run.rows.pos32), also.dst_rows = const_cast<int32_t*>(run.rows.dst_rows);
+    }
+    cuda::sample_rows(static_cast<const float*>(run.ex->arena.get(S_LOGIT, 0)), V, S, V, gp, rng_d, decode_step, out_d, ws, ws_bytes,
+                      s(), also);
+    meta_advanced = decode_step;
     sample_done[k].record(s());
     return k;
   }

@@ -53,6 +53,9 @@ void synchronize(cudaStream_t stream = nullptr);  // waits and reports any async
 // driver's bounce buffer. Grow-only: get(n) returns at least n bytes (what it held before is lost on a grow).
 void* host_pinned_alloc(size_t bytes);
 void host_pinned_free(void* p) noexcept;
+// The device's address of page-locked host memory (kernels write there directly; the host reads it after a stream
+// synchronisation). The same address under unified addressing.
+void* host_pinned_device_pointer(void* p);
 class PinnedBuffer {
  public:
   PinnedBuffer() = default;

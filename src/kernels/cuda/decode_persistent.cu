@@ -68,7 +68,8 @@ struct Args {
   int flags;  // DSV3_PERSISTENT_FLAGS (experiments): 1 barrier arrive by red.release, 2 down rows copied after gate|up,
              // 4 (with the trace) layer 1's routing run twice, 8 (FP8) the FFN's scale grids staged with the rows by
              // bulk copies (the default reads them from global memory in the products: 16 copies less a MoE layer,
-             // H200 graph 0.607 vs 0.637 ms)
+             // H200 graph 0.607 vs 0.637 ms), 16 (with DSV3_PERSIST_ATT_MARKS=1 and the trace) layer 1's attention
+             // scores and values run twice
   int wb;    // bytes of one weight buffer
   int xmax;  // floats of the input-vector buffer
   int split_rows;
@@ -327,6 +328,22 @@ __device__ __noinline__ void load_vec(float* dst, const float* a, const float* b
         if (also) reinterpret_cast<float4*>(also)[c] = v;
       }
     }
+  }
+  __syncthreads();
+}
+
+// dst[0, n) = the bf16 row as f32 (n % 8 == 0, 16-byte aligned); `also` (global, or null) gets the same values.
+// Ends with __syncthreads.
+__device__ __noinline__ void embed_row(float* dst, const uint16_t* row, int n, float* also) {
+  for (int c = threadIdx.x; c < n / 8; c += kT) {
+    const uint4 v = __ldg(reinterpret_cast<const uint4*>(row) + c);
+    const float4 a = make_float4(__uint_as_float(v.x << 16), __uint_as_float(v.x & 0xffff0000u), __uint_as_float(v.y << 16),
+                                 __uint_as_float(v.y & 0xffff0000u));
+    const float4 b = make_float4(__uint_as_float(v.z << 16), __uint_as_float(v.z & 0xffff0000u), __uint_as_float(v.w << 16),
+                                 __uint_as_float(v.w & 0xffff0000u));
+    reinterpret_cast<float4*>(dst)[2 * c] = a;
+    reinterpret_cast<float4*>(dst)[2 * c + 1] = b;
+    if (also) reinterpret_cast<float4*>(also)[2 * c] = a, reinterpret_cast<float4*>(also)[2 * c + 1] = b;
   }
   __syncthreads();
 }
@@ -591,6 +608,13 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
   // Head h's splits merged (exp(m_s - max) / Σ exp(m_s - max)·l_s weights), then ·W_UVᵀ with head h's W_UV once
   // buffer `which` has it (waited for here); o_h rounded to bf16. Called by every thread of a block.
   auto merge_uv = [&](int h, int which) {
+    // A thread's first column of partials is loaded before the split statistics are reduced (one L2 round trip
+    // for both, not one after the other; head-split merges have at most 8 splits).
+    float pv0[8];
+    const bool pre = t < kvr && nsplit <= 8;
+    if (pre)
+#pragma unroll
+      for (int i = 0; i < 8; ++i) pv0[i] = i < nsplit ? __ldcg(w.part + (i * H + h) * kvr + t) : 0.0f;
     if (warp == 0) {  // every lane's loads issued at once
       float m[kMaxSplitsPerLane], lsum[kMaxSplitsPerLane];
 #pragma unroll
@@ -618,6 +642,13 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
     const float inv = red[0];
     for (int j = t; j < kvr; j += kT) {
       float v = 0.0f;
+      if (pre && j == t) {
+#pragma unroll
+        for (int i = 0; i < 8; ++i)
+          if (i < nsplit) v = fmaf(wsp[i], pv0[i], v);
+        xs[j] = v * inv;
+        continue;
+      }
       for (int sp0 = 0; sp0 < nsplit; sp0 += 8) {
         float pv[8];
 #pragma unroll
@@ -669,7 +700,12 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
     if (!DSV3_PERSIST_QC_LATE) stage2_rows();
     if (l > 0) bar.wait();
     if (DSV3_PERSIST_QC_LATE) stage2_rows();
-    if (l == 0) load_vec(xs, a.io.h, nullptr, D, b == 0 ? w.r1 : nullptr);
+    if (l == 0 && a.io.embed) {  // the embedding row itself (one launch less a token than an embedding kernel)
+      const int64_t id = min(max(a.io.ids[0], int64_t(0)), a.io.vocab - 1);  // (ids are checked before the launch)
+      embed_row(xs, a.io.embed + id * D, D, b == 0 ? w.r1 : nullptr);
+    } else if (l == 0) {
+      load_vec(xs, a.io.h, nullptr, D, b == 0 ? w.r1 : nullptr);
+    }
     else load_vec(xs, w.r2, w.ffn, D, b == 0 ? w.r1 : nullptr);
     wait_fill(cur);
     if (moe) {
@@ -746,6 +782,15 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
     if (kAttMarks && l == 1) bar.mark(11);
     wait_fill(cur);
     if (kAttMarks && l == 1) bar.mark(12);
+    // (Trace experiment, DSV3_PERSIST_ATT_MARKS=1 with DSV3_PERSISTENT_FLAGS=16: layer 1's scores and values run a
+    // second time, its code and operands on chip: marks 6-7. The output is then wrong; timing only.)
+    for (int rep = 0; rep < (kAttMarks && l == 1 && (a.flags & 16) ? 2 : 1); ++rep) {
+    if (rep == 1) {
+      __syncthreads();
+      if (sp < nsplit && t < nh) runm[t] = -INFINITY, runl[t] = 0.0f;
+      __syncthreads();
+      bar.mark(6);
+    }
     if (a0 < a1) {
       float acc[2][kMaxH];
 #pragma unroll
@@ -764,6 +809,18 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
             reinterpret_cast<uint4*>(tile + (pos - c0) * KS)[c] =
                 __ldcg(reinterpret_cast<const uint4*>(pool + int64_t(a.io.dst_row[0]) * W) + c);
         __syncthreads();
+        // One head (the head split): a warp per cache row, the lanes along it (a thread per row kept 16 of the
+        // block's threads busy: H200 0.532-0.534 -> with the values' four chains below 0.522-0.524 ms per token).
+        if (nh == 1) {
+          for (int j = warp; j < n; j += kW) {
+            const uint16_t* kr = tile + j * KS;
+            float s0 = 0.0f;
+            for (int c = lane; c < W / 4; c += 32)
+              s0 = dot4(*reinterpret_cast<const uint2*>(kr + c * 4), *reinterpret_cast<const float4*>(qs + c * 4), s0);
+            s0 = warp_sum(s0);
+            if (lane == 0) sc[j] = s0 * s.scale;
+          }
+        } else
         for (int p = t; p < nh * n; p += kT) {
           const int h = p / n, j = p % n;
           const uint16_t* kr = tile + j * KS;
@@ -797,7 +854,21 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
 #pragma unroll
         for (int u = 0; u < 2; ++u) {
           const int j = t + u * kT;
-          if (j < kvr) {
+          if (u == 0 && nh == 1 && j < kvr) {  // one head: four chains over the rows
+            float a4[4] = {acc[u][0] * alph[0], 0.0f, 0.0f, 0.0f};
+            int r = 0;
+#pragma unroll 2
+            for (; r + 4 <= n; r += 4) {
+              const float4 p4 = *reinterpret_cast<const float4*>(sc + r);
+              a4[0] = fmaf(p4.x, bf16_to_f32(tile[r * KS + j]), a4[0]);
+              a4[1] = fmaf(p4.y, bf16_to_f32(tile[(r + 1) * KS + j]), a4[1]);
+              a4[2] = fmaf(p4.z, bf16_to_f32(tile[(r + 2) * KS + j]), a4[2]);
+              a4[3] = fmaf(p4.w, bf16_to_f32(tile[(r + 3) * KS + j]), a4[3]);
+            }
+            #pragma unroll 1
+            for (; r < n; ++r) a4[0] = fmaf(sc[r], bf16_to_f32(tile[r * KS + j]), a4[0]);
+            acc[u][0] = (a4[0] + a4[1]) + (a4[2] + a4[3]);
+          } else if (j < kvr) {
 #pragma unroll
             for (int h = 0; h < kMaxH; ++h)
               if (h < nh) acc[u][h] *= alph[h];
@@ -829,6 +900,11 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
       #pragma unroll 1
       for (int i = t; i < nh * kvr; i += kT) w.part[(sp * H + h0) * kvr + i] = 0.0f;
     }
+    if (rep == 1) {
+      __syncthreads();
+      bar.mark(7);
+    }
+    }
     if (sp < nsplit && t < nh) w.ml[(sp * H + h0 + t) * 2] = runm[t], w.ml[(sp * H + h0 + t) * 2 + 1] = runl[t];
     // Without the head split: stage 4, the splits merged and ·W_UVᵀ per head (block h), after a grid barrier. With
     // it, no stage 4: the last split of head h0 to be done merges the head's splits (the others' partials are
@@ -844,15 +920,15 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
     o_rows(hsplit ? cur : cur ^ 1, Lp, moe);
     int mh = -1;  // the head this block merges
     if (hsplit) {
+      // One acq_rel atomic after the block's barrier releases this block's partials and, for the last split,
+      // acquires the others' (fences around a relaxed atomic: 0.522-0.524 vs 0.517 ms per token, H200).
       if (t == 0) {
-        __threadfence();
-        ridx[0] = sp < nsplit && atomicAdd(a.bar + 2 + h0, 1u) == uint32_t(nsplit - 1);
+        uint32_t old = 0;
+        if (sp < nsplit) asm volatile("atom.add.acq_rel.gpu.global.u32 %0, [%1], 1;" : "=r"(old) : "l"(a.bar + 2 + h0) : "memory");
+        ridx[0] = sp < nsplit && old == uint32_t(nsplit - 1);
       }
       __syncthreads();
-      if (ridx[0]) {
-        __threadfence();
-        mh = h0;
-      }
+      if (ridx[0]) mh = h0;
     } else {
       bar.wait();
       if (b < H) mh = b;
@@ -1140,7 +1216,10 @@ void decode_persistent_trace_report() {
     std::sort(d.begin(), d.end());
     if (!d.empty()) std::fprintf(stderr, "  layer 1 attention, %-32s median %5.2f us, slowest %5.2f us (%zu blocks)\n", att[k - 11], d[d.size() / 2], d.back(), d.size());
   }
-  if (at(0, kTraceSub + 7) > 0)
+  if (at(0, kTraceSub + 7) > 0 && (env_flags() & 16))
+    std::fprintf(stderr, "  layer 1 attention, scores and values again (flag 16): block 0 %5.2f us\n",
+                 (at(0, kTraceSub + 7) - at(0, kTraceSub + 6)) / 1e3);
+  else if (at(0, kTraceSub + 7) > 0)
     std::fprintf(stderr, "  layer 1 FFN, routing again (flag 4; included above):  block 0 %5.2f us\n",
                  (at(0, kTraceSub + 7) - at(0, kTraceSub + 6)) / 1e3);
 }

@@ -82,6 +82,11 @@ void* host_pinned_alloc(size_t bytes) {
 void host_pinned_free(void* p) noexcept {
   if (p) (void)cudaFreeHost(p);
 }
+void* host_pinned_device_pointer(void* p) {
+  void* d = nullptr;
+  DSV3_CUDA_CHECK(cudaHostGetDevicePointer(&d, p, 0));
+  return d;
+}
 void copy_to_device(void* dst, const void* src, size_t bytes, cudaStream_t s) {
   DSV3_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, s));
   if (!s) DSV3_CUDA_CHECK(cudaStreamSynchronize(s));

@@ -183,6 +183,16 @@ struct GpuSampling {
   float min_p = 0.0f;        // 0: off
 };
 size_t sample_workspace_bytes(int64_t B, int64_t V);
+// What a draw also writes (each optional): host, the ids into page-locked host memory (its device address; no copy
+// after the kernel); ids..dst_rows, a decode step's metadata advanced to the next step of the same B sequences, one
+// position on, the drawn id as its token (step-ahead decoding, as decode_meta_advance).
+struct SampleOutputs {
+  int32_t* host = nullptr;
+  int64_t* ids = nullptr;
+  int64_t* pos64 = nullptr;
+  int32_t* pos32 = nullptr;
+  int32_t* dst_rows = nullptr;
+};
 // logits f32 [B, V] (row stride ld); rng: device uint64 [B, 2] = (seed, step) per row; out int32 [B]. With
 // advance_step the kernel increments each row's step after its draw (so a captured graph replays new draws).
 // Probabilities are compared in a fixed-point form (p · 2^52 truncated to an integer) so that sums are exact
@@ -190,7 +200,7 @@ size_t sample_workspace_bytes(int64_t B, int64_t V);
 // floor(u · total), u = philox_uniform(seed, step, row).
 void sample_rows(const float* logits, int64_t ld, int64_t B, int64_t V, const GpuSampling& p, uint64_t* rng,
                  bool advance_step, int32_t* out, void* workspace, size_t workspace_bytes,
-                 cudaStream_t stream = nullptr);
+                 cudaStream_t stream = nullptr, const SampleOutputs& also = {});
 
 // Philox-4x32-10 (Salmon et al. 2011) on counter (row, step_lo, step_hi, 0) with key (seed_lo, seed_hi): the same
 // function on host and device. philox_uniform returns a double in [0, 1) with 53 random bits.

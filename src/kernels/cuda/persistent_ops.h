@@ -77,7 +77,10 @@ struct PersistentShape {
 
 // One step's inputs and outputs (device pointers).
 struct PersistentIO {
-  const float* h = nullptr;         // [D] the embedded token (f32)
+  const float* h = nullptr;         // [D] the embedded token (f32), unless `embed` is set
+  const uint16_t* embed = nullptr;  // or: the bf16 embedding table [vocab, D], the token's row read by the kernel
+  const int64_t* ids = nullptr;     // (with embed) the token's id, in [0, vocab)
+  int64_t vocab = 0;
   const int64_t* pos = nullptr;     // the token's position
   const int32_t* table = nullptr;   // the sequence's block table [max_blocks]
   const int32_t* dst_row = nullptr;  // the pool row of the new token

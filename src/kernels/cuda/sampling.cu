@@ -69,7 +69,7 @@ __device__ void radix_select(const float* __restrict__ p, int V, unsigned long l
 
 __global__ void __launch_bounds__(kThreads) k_sample(const float* __restrict__ logits, int64_t ld, int V, GpuSampling sp,
                                                      unsigned long long* __restrict__ rng, bool advance,
-                                                     int32_t* __restrict__ out, float* __restrict__ probs) {
+                                                     int32_t* __restrict__ out, float* __restrict__ probs, SampleOutputs also) {
   __shared__ SelectShared sel;
   __shared__ float redf[32];
   __shared__ double redd[32];
@@ -131,11 +131,19 @@ __global__ void __launch_bounds__(kThreads) k_sample(const float* __restrict__ l
   const int best = s_best;
   const unsigned long long seed = rng[2 * row], step = rng[2 * row + 1];
   __syncthreads();
-  if (!(sp.temperature > 0.0f)) {
-    if (tid == 0) {
-      out[row] = best;
-      if (advance) rng[2 * row + 1] = step + 1;
+  auto finish = [&](int id) {  // thread 0
+    out[row] = id;
+    if (also.host) also.host[row] = id;
+    if (also.ids) {
+      also.ids[row] = id;
+      also.pos64[row] += 1;
+      also.pos32[row] += 1;
+      also.dst_rows[row] += 1;
     }
+    if (advance) rng[2 * row + 1] = step + 1;
+  };
+  if (!(sp.temperature > 0.0f)) {
+    if (tid == 0) finish(best);
     return;
   }
 
@@ -245,10 +253,7 @@ __global__ void __launch_bounds__(kThreads) k_sample(const float* __restrict__ l
     }
   }
   __syncthreads();
-  if (tid == 0) {
-    out[row] = s_best >= 0 ? s_best : best;
-    if (advance) rng[2 * row + 1] = step + 1;
-  }
+  if (tid == 0) finish(s_best >= 0 ? s_best : best);
 }
 
 }  // namespace
@@ -256,15 +261,16 @@ __global__ void __launch_bounds__(kThreads) k_sample(const float* __restrict__ l
 size_t sample_workspace_bytes(int64_t B, int64_t V) { return size_t(B) * size_t(V) * sizeof(float); }
 
 void sample_rows(const float* logits, int64_t ld, int64_t B, int64_t V, const GpuSampling& p, uint64_t* rng, bool advance,
-                 int32_t* out, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+                 int32_t* out, void* workspace, size_t workspace_bytes, cudaStream_t stream, const SampleOutputs& also) {
   DSV3_CHECK(p.top_k >= 0 && p.top_p > 0.0f && p.top_p <= 1.0f && p.min_p >= 0.0f && p.min_p <= 1.0f,
              "sample_rows: bad parameters (top-k {}, top-p {}, min-p {})", p.top_k, p.top_p, p.min_p);
   DSV3_CHECK(V > 0 && V < (int64_t(1) << 31) && ld >= V, "sample_rows: V {} / ld {}", V, ld);
+  DSV3_CHECK(!also.ids || (also.pos64 && also.pos32 && also.dst_rows), "sample_rows: metadata to advance without its positions");
   if (B <= 0) return;
   DSV3_CHECK(p.temperature <= 0.0f || workspace_bytes >= sample_workspace_bytes(B, V),
              "sample_rows: workspace of {} bytes, needs {}", workspace_bytes, sample_workspace_bytes(B, V));
   k_sample<<<unsigned(B), kThreads, 0, stream>>>(logits, ld, int(V), p, reinterpret_cast<unsigned long long*>(rng), advance, out,
-                                                 static_cast<float*>(workspace));
+                                                 static_cast<float*>(workspace), also);
   DSV3_CUDA_CHECK_LAUNCH("sample_rows kernel");
 }
 
