@@ -212,6 +212,9 @@ struct CudaModel::Impl {
   // golden FP8 forward's 40 rows then quantize every dense product and its MTP logits leave the test's bound
   // (0.29 vs 0.15; GoldenForwardFp8Native).
   bool fp8_rows_e4m3 = false;
+  // bf16 MoE prefill reads the tokens through the permutation instead of a gathered copy (moe_prefill's no_gather;
+  // H200 prefill T 4096: 298,892-300,459 vs 289,205-292,055 tokens/s). DSV3_MOE_NO_GATHER=0: the gathered copy.
+  bool moe_no_gather = true;
   // bf16 prefill attention: the flash kernel (flash_prefill.cu) for its head dims (H200, small.json, T 4096 prefill:
   // 142.9k -> 285.6k tokens/s); DSV3_GEMM_ATTENTION=1 runs per-head cuBLASLt GEMMs around a row softmax instead
   // (from 256 tokens), for A/B runs.
@@ -499,6 +502,7 @@ struct CudaModel::Impl {
     moe_decode_kernel = env_flag("DSV3_MOE_DECODE_KERNEL");
     fp8_expert_acts = !env_flag("DSV3_FP8_BF16_EXPERT_ACTS");
     fp8_rows_e4m3 = env_flag("DSV3_FP8_ROWS_E4M3");
+    if (const char* v = std::getenv("DSV3_MOE_NO_GATHER"); v && std::string(v) == "0") moe_no_gather = false;
     if (const char* v = std::getenv("DSV3_PINNED_STEP"); v && std::string(v) == "0") pinned_step = false;
     if (const char* v = std::getenv("DSV3_STEP_AHEAD"); v && std::string(v) == "0") step_ahead = false;
     if (const char* v = std::getenv("DSV3_DEVICE_ADVANCE"); v && std::string(v) == "0") device_advance = false;
@@ -822,7 +826,7 @@ struct CudaModel::Impl {
     if (e.use_table) {  // grouped (no host synchronisation) when supported, else a per-expert cuBLASLt loop
       const size_t wsb = cuda::moe_prefill_workspace_bytes(M, K, E, D, e.table.I);
       void* ws = ex.arena.get(S_MOEWS, wsb);
-      cuda::moe_prefill(ex.gemm, e.table, x2, D, idx, wts, M, K, y, D, acc, ws, wsb, s(), fp8_expert_acts);
+      cuda::moe_prefill(ex.gemm, e.table, x2, D, idx, wts, M, K, y, D, acc, ws, wsb, s(), fp8_expert_acts, moe_no_gather);
       return;
     }
     // F32 experts: group the slots by expert on the host, then per-expert cuBLASLt GEMMs.

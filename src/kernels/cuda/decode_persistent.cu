@@ -785,125 +785,125 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
     // (Trace experiment, DSV3_PERSIST_ATT_MARKS=1 with DSV3_PERSISTENT_FLAGS=16: layer 1's scores and values run a
     // second time, its code and operands on chip: marks 6-7. The output is then wrong; timing only.)
     for (int rep = 0; rep < (kAttMarks && l == 1 && (a.flags & 16) ? 2 : 1); ++rep) {
-    if (rep == 1) {
-      __syncthreads();
-      if (sp < nsplit && t < nh) runm[t] = -INFINITY, runl[t] = 0.0f;
-      __syncthreads();
-      bar.mark(6);
-    }
-    if (a0 < a1) {
-      float acc[2][kMaxH];
+      if (rep == 1) {
+        __syncthreads();
+        if (sp < nsplit && t < nh) runm[t] = -INFINITY, runl[t] = 0.0f;
+        __syncthreads();
+        bar.mark(6);
+      }
+      if (a0 < a1) {
+        float acc[2][kMaxH];
 #pragma unroll
-      for (int u = 0; u < 2; ++u)
+        for (int u = 0; u < 2; ++u)
 #pragma unroll
-        for (int h = 0; h < kMaxH; ++h) acc[u][h] = 0.0f;
-      for (int c0 = a0; c0 < a1; c0 += kTile) {
-        const int n = min(kTile, a1 - c0);
-        if (c0 > a0) {  // later tiles: once every thread is done with the previous one
+          for (int h = 0; h < kMaxH; ++h) acc[u][h] = 0.0f;
+        for (int c0 = a0; c0 < a1; c0 += kTile) {
+          const int n = min(kTile, a1 - c0);
+          if (c0 > a0) {  // later tiles: once every thread is done with the previous one
+            __syncthreads();
+            tile_rows(cur, pool, c0, c0 + n);
+            wait_fill(cur);
+          }
+          if (pos >= c0 && pos < c0 + n)  // the row stage 2 wrote
+            for (int c = t; c < W / 8; c += kT)
+              reinterpret_cast<uint4*>(tile + (pos - c0) * KS)[c] =
+                  __ldcg(reinterpret_cast<const uint4*>(pool + int64_t(a.io.dst_row[0]) * W) + c);
           __syncthreads();
-          tile_rows(cur, pool, c0, c0 + n);
-          wait_fill(cur);
-        }
-        if (pos >= c0 && pos < c0 + n)  // the row stage 2 wrote
-          for (int c = t; c < W / 8; c += kT)
-            reinterpret_cast<uint4*>(tile + (pos - c0) * KS)[c] =
-                __ldcg(reinterpret_cast<const uint4*>(pool + int64_t(a.io.dst_row[0]) * W) + c);
-        __syncthreads();
-        // One head (the head split): a warp per cache row, the lanes along it (a thread per row kept 16 of the
-        // block's threads busy: H200 0.532-0.534 -> with the values' four chains below 0.522-0.524 ms per token).
-        if (nh == 1) {
-          for (int j = warp; j < n; j += kW) {
-            const uint16_t* kr = tile + j * KS;
-            float s0 = 0.0f;
-            for (int c = lane; c < W / 4; c += 32)
-              s0 = dot4(*reinterpret_cast<const uint2*>(kr + c * 4), *reinterpret_cast<const float4*>(qs + c * 4), s0);
-            s0 = warp_sum(s0);
-            if (lane == 0) sc[j] = s0 * s.scale;
-          }
-        } else
-        for (int p = t; p < nh * n; p += kT) {
-          const int h = p / n, j = p % n;
-          const uint16_t* kr = tile + j * KS;
-          const float* qv = qs + h * W;
-          float s0 = 0.0f, s1 = 0.0f;  // two chains: the loop is latency-bound at 8 warps per SM
-          int c = 0;
-          for (; c + 2 <= W / 8; c += 2) {
-            s0 += dot8(*reinterpret_cast<const uint4*>(kr + c * 8), qv + c * 8);
-            s1 += dot8(*reinterpret_cast<const uint4*>(kr + c * 8 + 8), qv + c * 8 + 8);
-          }
-          if (c < W / 8) s0 += dot8(*reinterpret_cast<const uint4*>(kr + c * 8), qv + c * 8);
-          sc[h * kTile + j] = (s0 + s1) * s.scale;
-        }
-        __syncthreads();
-        for (int h = warp; h < nh; h += kW) {
-          const float v0 = lane < n ? sc[h * kTile + lane] : -INFINITY;
-          const float v1 = lane + 32 < n ? sc[h * kTile + lane + 32] : -INFINITY;
-          const float m_old = runm[h], m_new = fmaxf(m_old, warp_max(fmaxf(v0, v1)));
-          const float p0 = lane < n ? expf(v0 - m_new) : 0.0f, p1 = lane + 32 < n ? expf(v1 - m_new) : 0.0f;
-          sc[h * kTile + lane] = p0;
-          sc[h * kTile + lane + 32] = p1;
-          const float sum = warp_sum(p0 + p1);
-          if (lane == 0) {
-            const float al = expf(m_old - m_new);  // 0 on the first tile
-            runm[h] = m_new;
-            runl[h] = runl[h] * al + sum;
-            alph[h] = al;
-          }
-        }
-        __syncthreads();
-#pragma unroll
-        for (int u = 0; u < 2; ++u) {
-          const int j = t + u * kT;
-          if (u == 0 && nh == 1 && j < kvr) {  // one head: four chains over the rows
-            float a4[4] = {acc[u][0] * alph[0], 0.0f, 0.0f, 0.0f};
-            int r = 0;
-#pragma unroll 2
-            for (; r + 4 <= n; r += 4) {
-              const float4 p4 = *reinterpret_cast<const float4*>(sc + r);
-              a4[0] = fmaf(p4.x, bf16_to_f32(tile[r * KS + j]), a4[0]);
-              a4[1] = fmaf(p4.y, bf16_to_f32(tile[(r + 1) * KS + j]), a4[1]);
-              a4[2] = fmaf(p4.z, bf16_to_f32(tile[(r + 2) * KS + j]), a4[2]);
-              a4[3] = fmaf(p4.w, bf16_to_f32(tile[(r + 3) * KS + j]), a4[3]);
+          // One head (the head split): a warp per cache row, the lanes along it (a thread per row kept 16 of the
+          // block's threads busy: H200 0.532-0.534 -> with the values' four chains below 0.522-0.524 ms per token).
+          if (nh == 1) {
+            for (int j = warp; j < n; j += kW) {
+              const uint16_t* kr = tile + j * KS;
+              float s0 = 0.0f;
+              for (int c = lane; c < W / 4; c += 32)
+                s0 = dot4(*reinterpret_cast<const uint2*>(kr + c * 4), *reinterpret_cast<const float4*>(qs + c * 4), s0);
+              s0 = warp_sum(s0);
+              if (lane == 0) sc[j] = s0 * s.scale;
             }
-            #pragma unroll 1
-            for (; r < n; ++r) a4[0] = fmaf(sc[r], bf16_to_f32(tile[r * KS + j]), a4[0]);
-            acc[u][0] = (a4[0] + a4[1]) + (a4[2] + a4[3]);
-          } else if (j < kvr) {
+          } else
+          for (int p = t; p < nh * n; p += kT) {
+            const int h = p / n, j = p % n;
+            const uint16_t* kr = tile + j * KS;
+            const float* qv = qs + h * W;
+            float s0 = 0.0f, s1 = 0.0f;  // two chains: the loop is latency-bound at 8 warps per SM
+            int c = 0;
+            for (; c + 2 <= W / 8; c += 2) {
+              s0 += dot8(*reinterpret_cast<const uint4*>(kr + c * 8), qv + c * 8);
+              s1 += dot8(*reinterpret_cast<const uint4*>(kr + c * 8 + 8), qv + c * 8 + 8);
+            }
+            if (c < W / 8) s0 += dot8(*reinterpret_cast<const uint4*>(kr + c * 8), qv + c * 8);
+            sc[h * kTile + j] = (s0 + s1) * s.scale;
+          }
+          __syncthreads();
+          for (int h = warp; h < nh; h += kW) {
+            const float v0 = lane < n ? sc[h * kTile + lane] : -INFINITY;
+            const float v1 = lane + 32 < n ? sc[h * kTile + lane + 32] : -INFINITY;
+            const float m_old = runm[h], m_new = fmaxf(m_old, warp_max(fmaxf(v0, v1)));
+            const float p0 = lane < n ? expf(v0 - m_new) : 0.0f, p1 = lane + 32 < n ? expf(v1 - m_new) : 0.0f;
+            sc[h * kTile + lane] = p0;
+            sc[h * kTile + lane + 32] = p1;
+            const float sum = warp_sum(p0 + p1);
+            if (lane == 0) {
+              const float al = expf(m_old - m_new);  // 0 on the first tile
+              runm[h] = m_new;
+              runl[h] = runl[h] * al + sum;
+              alph[h] = al;
+            }
+          }
+          __syncthreads();
 #pragma unroll
-            for (int h = 0; h < kMaxH; ++h)
-              if (h < nh) acc[u][h] *= alph[h];
-            for (int r = 0; r < n; r += 4) {
-              float v[4];
+          for (int u = 0; u < 2; ++u) {
+            const int j = t + u * kT;
+            if (u == 0 && nh == 1 && j < kvr) {  // one head: four chains over the rows
+              float a4[4] = {acc[u][0] * alph[0], 0.0f, 0.0f, 0.0f};
+              int r = 0;
+#pragma unroll 2
+              for (; r + 4 <= n; r += 4) {
+                const float4 p4 = *reinterpret_cast<const float4*>(sc + r);
+                a4[0] = fmaf(p4.x, bf16_to_f32(tile[r * KS + j]), a4[0]);
+                a4[1] = fmaf(p4.y, bf16_to_f32(tile[(r + 1) * KS + j]), a4[1]);
+                a4[2] = fmaf(p4.z, bf16_to_f32(tile[(r + 2) * KS + j]), a4[2]);
+                a4[3] = fmaf(p4.w, bf16_to_f32(tile[(r + 3) * KS + j]), a4[3]);
+              }
+              #pragma unroll 1
+              for (; r < n; ++r) a4[0] = fmaf(sc[r], bf16_to_f32(tile[r * KS + j]), a4[0]);
+              acc[u][0] = (a4[0] + a4[1]) + (a4[2] + a4[3]);
+            } else if (j < kvr) {
 #pragma unroll
-              for (int q = 0; q < 4; ++q) v[q] = r + q < n ? bf16_to_f32(tile[(r + q) * KS + j]) : 0.0f;
+              for (int h = 0; h < kMaxH; ++h)
+                if (h < nh) acc[u][h] *= alph[h];
+              for (int r = 0; r < n; r += 4) {
+                float v[4];
 #pragma unroll
-              for (int h = 0; h < kMaxH; ++h) {
-                if (h < nh) {
-                  const float4 p4 = *reinterpret_cast<const float4*>(sc + h * kTile + r);
-                  acc[u][h] = fmaf(p4.x, v[0], fmaf(p4.y, v[1], fmaf(p4.z, v[2], fmaf(p4.w, v[3], acc[u][h]))));
+                for (int q = 0; q < 4; ++q) v[q] = r + q < n ? bf16_to_f32(tile[(r + q) * KS + j]) : 0.0f;
+#pragma unroll
+                for (int h = 0; h < kMaxH; ++h) {
+                  if (h < nh) {
+                    const float4 p4 = *reinterpret_cast<const float4*>(sc + h * kTile + r);
+                    acc[u][h] = fmaf(p4.x, v[0], fmaf(p4.y, v[1], fmaf(p4.z, v[2], fmaf(p4.w, v[3], acc[u][h]))));
+                  }
                 }
               }
             }
           }
         }
-      }
 #pragma unroll
-      for (int u = 0; u < 2; ++u) {
-        const int j = t + u * kT;
-        float* pp = w.part + (sp * H + h0) * kvr + j;
-        if (j < kvr)
+        for (int u = 0; u < 2; ++u) {
+          const int j = t + u * kT;
+          float* pp = w.part + (sp * H + h0) * kvr + j;
+          if (j < kvr)
 #pragma unroll
-          for (int h = 0; h < kMaxH; ++h)
-            if (h < nh) pp[h * kvr] = acc[u][h];
+            for (int h = 0; h < kMaxH; ++h)
+              if (h < nh) pp[h * kvr] = acc[u][h];
+        }
+      } else if (sp < nsplit) {  // no rows (cannot happen with these splits, but the merge reads every split)
+        #pragma unroll 1
+        for (int i = t; i < nh * kvr; i += kT) w.part[(sp * H + h0) * kvr + i] = 0.0f;
       }
-    } else if (sp < nsplit) {  // no rows (cannot happen with these splits, but the merge reads every split)
-      #pragma unroll 1
-      for (int i = t; i < nh * kvr; i += kT) w.part[(sp * H + h0) * kvr + i] = 0.0f;
-    }
-    if (rep == 1) {
-      __syncthreads();
-      bar.mark(7);
-    }
+      if (rep == 1) {
+        __syncthreads();
+        bar.mark(7);
+      }
     }
     if (sp < nsplit && t < nh) w.ml[(sp * H + h0 + t) * 2] = runm[t], w.ml[(sp * H + h0 + t) * 2 + 1] = runl[t];
     // Without the head split: stage 4, the splits merged and ·W_UVᵀ per head (block h), after a grid barrier. With

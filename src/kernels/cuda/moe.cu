@@ -686,7 +686,7 @@ size_t moe_prefill_workspace_bytes(int64_t M, int64_t top_k, int64_t E, int64_t 
 
 void moe_prefill(Gemm& gemm, const MoeExperts& w, const float* x, int64_t ldx, const int32_t* idx, const float* wts, int64_t M,
                  int64_t top_k, float* y, int64_t ldy, bool accumulate, void* workspace, size_t workspace_bytes,
-                 cudaStream_t stream, bool fp8_activations) {
+                 cudaStream_t stream, bool fp8_activations, bool no_gather) {
   check_experts(w);
   if (M <= 0) return;
   const PrefillLayout L(M, top_k, w.E, w.D, w.I);
@@ -711,6 +711,13 @@ void moe_prefill(Gemm& gemm, const MoeExperts& w, const float* x, int64_t ldx, c
     moe_grouped_swiglu_fp8(w, xq, xs, fp8_act_scale_ld(M), perm, top_k, offsets, S, hb, stream);
     quantize_fp8_1x128(DType::BF16, hb, I, S, I, hq, hs, stream);
     moe_grouped_down_fp8(w, hq, hs, offsets, S, out, stream);
+    moe_unpermute(out, D, slot_row, idx, wts, M, top_k, D, y, ldy, accumulate, stream);
+    return;
+  }
+  if (no_gather && ldx == D && moe_grouped_supported(w)) {
+    convert(DType::F32, x, DType::BF16, xg, M * D, stream);
+    moe_grouped_swiglu(w, xg, offsets, S, hb, stream, perm, top_k);
+    moe_grouped_down(w, hb, offsets, S, out, stream);
     moe_unpermute(out, D, slot_row, idx, wts, M, top_k, D, y, ldy, accumulate, stream);
     return;
   }

@@ -32,7 +32,9 @@ __host__ __device__ constexpr int grouped_stages() {
 }
 
 struct GroupedArgs {
-  const uint16_t* a;            // [slots, K] bf16, grouped by expert
+  const uint16_t* a;            // [slots, K] bf16, grouped by expert (or, with a_rows, the tokens' rows)
+  const int32_t* a_rows;        // null, or slot p reads row a_rows[p] / a_row_div of a (perm / top_k: no gather)
+  int a_row_div;
   const int32_t* offsets;       // [E + 1]
   const void* const* w;         // [E] -> weights [rows, K] (bf16 or e4m3)
   const float* const* scale;    // [E] -> 128x128 block scales (FP8)
@@ -95,17 +97,24 @@ __global__ void __launch_bounds__(GTHREADS, 2) k_moe_grouped(GroupedArgs g) {
       return n < g.N ? n : -1;
     }
   };
-  const uint16_t* a = g.a;
   const void* wbase = one_group ? g.w1 : g.w[e];
-  const int lda = g.lda;
+  // A: GM rows x 4 chunks of 8 a slice; a thread's chunks keep their rows over the k loop, so their source rows
+  // (through a_rows when set) are found once.
+  constexpr int AC = (GM * 4 + GTHREADS - 1) / GTHREADS;
+  const uint16_t* asrc[AC];
+#pragma unroll
+  for (int j = 0; j < AC; ++j) {
+    const int c = t + j * GTHREADS, row = row0 + (c >> 2);
+    int src = row < row_end ? row : row0;
+    if (g.a_rows) src = g.a_rows[src] / g.a_row_div;
+    asrc[j] = g.a + int64_t(src) * g.lda + (c & 3) * 8;
+  }
   auto load = [&](int kt, int st) {  // kt: slice of this block's range
     const int k0 = (kbeg + kt) * GK;
 #pragma unroll
-    for (int c = t; c < GM * 4; c += GTHREADS) {  // A: GM rows x 4 chunks of 8
-      const int r = c >> 2, ch = c & 3;
-      const int row = row0 + r;
-      const bool ok = row < row_end;
-      cp_async16(as + (st * GM + r) * GSTR + ch * 8, a + int64_t(ok ? row : row0) * lda + k0 + ch * 8, ok);
+    for (int j = 0; j < AC; ++j) {
+      const int c = t + j * GTHREADS, r = c >> 2;
+      if (c < GM * 4) cp_async16(as + (st * GM + r) * GSTR + (c & 3) * 8, asrc[j] + k0, row0 + r < row_end);
     }
     if constexpr (FP8) {  // 128 rows x 2 chunks of 16 e4m3
       const int r = t >> 1, ch = t & 1, wr = weight_row(r);
@@ -252,11 +261,13 @@ bool moe_grouped_supported(const MoeExperts& w) {
 }
 
 void moe_grouped_swiglu(const MoeExperts& w, const uint16_t* xg, const int32_t* offsets, int64_t slots, uint16_t* h,
-                        cudaStream_t s) {
+                        cudaStream_t s, const int32_t* x_rows, int64_t top_k) {
   DSV3_CHECK(moe_grouped_supported(w), "moe_grouped_swiglu: D {} / I {} must be multiples of {}", w.D, w.I, GK);
+  DSV3_CHECK(top_k >= 1, "moe_grouped_swiglu: top_k {}", top_k);
   if (slots <= 0) return;
   GroupedArgs g{};
   g.a = xg;
+  g.a_rows = x_rows, g.a_row_div = int(top_k);
   g.offsets = offsets;
   g.w = w.d_gate_up();
   g.scale = w.d_gate_up_scale();

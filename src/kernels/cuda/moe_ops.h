@@ -134,8 +134,10 @@ void rows_gemm(DType wt, const uint16_t* x, int64_t ldx, int64_t M, const void* 
 bool rows_gemm_fp8_supported(int64_t M, int64_t K, const float* y, int64_t ldy);
 void rows_gemm_fp8(const uint8_t* xq, const float* x_scale, int64_t M, const uint8_t* w, const float* scale, int64_t N, int64_t K,
                    float* y, int64_t ldy, cudaStream_t stream = nullptr);
+// x_rows (or null): slot p reads row x_rows[p] / top_k of xg (moe_permute's perm over the tokens' bf16 rows,
+// [M, D]: no gathered copy).
 void moe_grouped_swiglu(const MoeExperts& w, const uint16_t* xg, const int32_t* offsets, int64_t slots, uint16_t* h,
-                        cudaStream_t stream = nullptr);
+                        cudaStream_t stream = nullptr, const int32_t* x_rows = nullptr, int64_t top_k = 1);
 void moe_grouped_down(const MoeExperts& w, const uint16_t* h, const int32_t* offsets, int64_t slots, float* out,
                       cudaStream_t stream = nullptr);
 // The FP8 checkpoint's grouped GEMMs on e4m3 activations (moe_grouped_fp8.cu): activations quantized per 1x128
@@ -162,9 +164,11 @@ size_t moe_prefill_workspace_bytes(int64_t M, int64_t top_k, int64_t E, int64_t 
 // x/idx/wts/y contract as moe_decode; any M. FP8 experts with fp8_activations (and moe_grouped_fp8_supported):
 // x and h are quantized to e4m3 per 1x128 tile and multiplied by the e4m3 weights as they are (DeepSeek-V3's
 // recipe, moe_grouped_*_fp8); without it the grouped kernels dequantize the weights to bf16 (bf16 activations).
+// no_gather (bf16 activations, ldx == D): x cast to bf16 once and read through the permutation by the gate|up
+// kernel instead of gathered into a [M·top_k, D] copy (the same products).
 void moe_prefill(Gemm& gemm, const MoeExperts& w, const float* x, int64_t ldx, const int32_t* idx, const float* wts,
                  int64_t M, int64_t top_k, float* y, int64_t ldy, bool accumulate, void* workspace,
-                 size_t workspace_bytes, cudaStream_t stream = nullptr, bool fp8_activations = true);
+                 size_t workspace_bytes, cudaStream_t stream = nullptr, bool fp8_activations = true, bool no_gather = false);
 
 
 // ---------------------------------------------------------------------------------------------------------
