@@ -189,5 +189,56 @@ TEST(CudaSampling, DistributionEqualsCpuSampler) {
   }
 }
 
+// What a draw also writes (SampleOutputs): the ids into page-locked host memory through its device address, and a
+// decode step's metadata advanced one position with the drawn id as the next token.
+TEST(CudaSampling, AlsoWritesHostIdsAndNextStep) {
+  DSV3_REQUIRE_GPU();
+  std::mt19937_64 rng(8);
+  const int64_t B = 5, V = 32000;
+  std::vector<float> l(size_t(B * V));
+  for (int64_t b = 0; b < B; ++b) {
+    auto r = logits_row(V, rng, 2.0f);
+    std::copy(r.begin(), r.end(), l.begin() + b * V);
+  }
+  auto dl = upload(l);
+  DeviceBuffer<int32_t> out(static_cast<size_t>(B));
+  DeviceBuffer<uint8_t> ws(sample_workspace_bytes(B, V));
+  std::vector<int64_t> ids(static_cast<size_t>(B), -1), pos64(static_cast<size_t>(B));
+  std::vector<int32_t> pos32(static_cast<size_t>(B)), dst(static_cast<size_t>(B));
+  for (int64_t b = 0; b < B; ++b) pos64[size_t(b)] = 10 * b, pos32[size_t(b)] = int32_t(10 * b), dst[size_t(b)] = int32_t(1000 + b);
+  auto dids = upload(ids);
+  auto dp64 = upload(pos64);
+  auto dp32 = upload(pos32);
+  auto ddst = upload(dst);
+  PinnedBuffer pin;
+  auto* host = static_cast<int32_t*>(pin.get(size_t(B) * 4));
+  for (int64_t b = 0; b < B; ++b) host[b] = -1;
+  for (const Case& c : {kCases[0], kCases[2]}) {
+    std::vector<uint64_t> st(size_t(2 * B));
+    for (int64_t b = 0; b < B; ++b) st[size_t(2 * b)] = 7 + uint64_t(b), st[size_t(2 * b + 1)] = 3;
+    auto drng = upload(st);
+    SampleOutputs also;
+    also.host = static_cast<int32_t*>(host_pinned_device_pointer(host));
+    also.ids = dids.get(), also.pos64 = dp64.get(), also.pos32 = dp32.get(), also.dst_rows = ddst.get();
+    sample_rows(dl.get(), V, B, V, c.p, drng.get(), true, out.get(), ws.get(), ws.bytes(), nullptr, also);
+    synchronize();
+    const auto got = download(out);
+    const auto gi = download(dids);
+    const auto g64 = download(dp64);
+    const auto g32 = download(dp32);
+    const auto gd = download(ddst);
+    for (int64_t b = 0; b < B; ++b) {
+      EXPECT_EQ(got[size_t(b)], twin_sample(l.data() + b * V, V, c.p, 7 + uint64_t(b), 3, uint64_t(b))) << c.what;
+      EXPECT_EQ(host[b], got[size_t(b)]) << c.what << " row " << b;
+      EXPECT_EQ(gi[size_t(b)], int64_t(got[size_t(b)])) << c.what;
+      pos64[size_t(b)] += 1, pos32[size_t(b)] += 1, dst[size_t(b)] += 1;
+      EXPECT_EQ(g64[size_t(b)], pos64[size_t(b)]);
+      EXPECT_EQ(g32[size_t(b)], pos32[size_t(b)]);
+      EXPECT_EQ(gd[size_t(b)], dst[size_t(b)]);
+    }
+    EXPECT_EQ(download(drng)[1], 4u) << "counter not advanced";
+  }
+}
+
 }  // namespace
 }  // namespace dsv3::cuda::test

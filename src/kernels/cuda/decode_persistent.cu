@@ -31,6 +31,11 @@
 #endif
 // DSV3_PERSIST_ATT_MARKS=1: layer 1's attention stage stamps its steps for the trace (DSV3_PERSISTENT_TRACE=1);
 // compiled out by default (the marks cost the kernel a register spill).
+// DSV3_PERSIST_SPLIT_UV=1: with the head split, every split applies W_UV to its own partial (W_UV is linear) and
+// the last split of a head only sums dv-wide vectors, so the product leaves the merge's serial tail.
+#ifndef DSV3_PERSIST_SPLIT_UV
+#define DSV3_PERSIST_SPLIT_UV 0
+#endif
 #ifndef DSV3_PERSIST_ATT_MARKS
 #define DSV3_PERSIST_ATT_MARKS 0
 #endif
@@ -42,6 +47,7 @@ using namespace dev;
 namespace {
 constexpr int kT = 256, kW = kT / 32;
 constexpr bool kAttMarks = DSV3_PERSIST_ATT_MARKS != 0;
+constexpr bool kSplitUv = DSV3_PERSIST_SPLIT_UV != 0;
 constexpr int kMaxH = 16;       // heads a block's attention accumulators hold
 constexpr int kTile = 64;       // cache rows staged at a time
 constexpr int kPad = 8;         // bf16 padding per staged cache row (odd 16-byte stride: conflict-free row reads)
@@ -605,6 +611,76 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
       if (e1 > e0) emit(buf[which] + a.o_rb, Lp.w_lg + e0 * HV, (e1 - e0) * HV * 4);
     });
   };
+  // (kSplitUv) dst[0, dv) = xs[0, kvr) · W_UVᵀ, W_UV in buffer `which` (waited for by the caller), f32; every
+  // thread of the block calls it.
+  auto split_uv = [&](int which, float* dst) {
+    const uint16_t* wuv = reinterpret_cast<const uint16_t*>(buf[which]);
+    float* part = xs + kvr;
+    const int parts = kT / dv, v = t % dv, pp = t / dv;
+    if (pp < parts) {
+      const int chunk = (kvr + parts - 1) / parts, j0 = pp * chunk, j1 = min(kvr, j0 + chunk);
+      float a4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      int j = j0;
+      for (; j + 4 <= j1; j += 4) {
+#pragma unroll
+        for (int u = 0; u < 4; ++u) a4[u] = fmaf(xs[j + u], bf16_to_f32(wuv[(j + u) * dv + v]), a4[u]);
+      }
+      #pragma unroll 1
+      for (; j < j1; ++j) a4[0] = fmaf(xs[j], bf16_to_f32(wuv[j * dv + v]), a4[0]);
+      part[pp * dv + v] = (a4[0] + a4[1]) + (a4[2] + a4[3]);
+    }
+    __syncthreads();
+    if (t < dv) {
+      float o = 0.0f;
+      #pragma unroll 1
+      for (int q = 0; q < parts; ++q) o += part[q * dv + t];
+      dst[t] = o;
+    }
+  };
+  // (kSplitUv) o_h = Σ_s f_s·o_s / Σ_s f_s·l_s, f_s = exp(m_s - max), over head h's splits' dv-wide products; bf16.
+  auto merge_o = [&](int h) {
+    float pv[8];
+    const bool pre = t < dv && nsplit <= 8;
+    if (pre)
+#pragma unroll
+      for (int i = 0; i < 8; ++i) pv[i] = i < nsplit ? __ldcg(w.part + (i * H + h) * kvr + t) : 0.0f;
+    if (warp == 0) {
+      float m[kMaxSplitsPerLane], lsum[kMaxSplitsPerLane];
+#pragma unroll
+      for (int i = 0; i < kMaxSplitsPerLane; ++i) {
+        const int q = lane + 32 * i;
+        m[i] = q < nsplit ? __ldcg(w.ml + (q * H + h) * 2) : -INFINITY;
+        lsum[i] = q < nsplit ? __ldcg(w.ml + (q * H + h) * 2 + 1) : 0.0f;
+      }
+      float mx = -INFINITY;
+#pragma unroll
+      for (int i = 0; i < kMaxSplitsPerLane; ++i) mx = fmaxf(mx, m[i]);
+      mx = warp_max(mx);
+      float tot = 0.0f;
+#pragma unroll
+      for (int i = 0; i < kMaxSplitsPerLane; ++i) {
+        const int q = lane + 32 * i;
+        const float f = m[i] > -INFINITY ? expf(m[i] - mx) : 0.0f;
+        if (q < nsplit) wsp[q] = f;
+        tot += f * lsum[i];
+      }
+      tot = warp_sum(tot);
+      if (lane == 0) red[0] = 1.0f / tot;
+    }
+    __syncthreads();
+    if (t < dv) {
+      float v = 0.0f;
+      if (pre) {
+#pragma unroll
+        for (int i = 0; i < 8; ++i)
+          if (i < nsplit) v = fmaf(wsp[i], pv[i], v);
+      } else {
+        #pragma unroll 1
+        for (int q = 0; q < nsplit; ++q) v = fmaf(wsp[q], __ldcg(w.part + (q * H + h) * kvr + t), v);
+      }
+      w.o[h * dv + t] = round_bf16(v * red[0]);
+    }
+  };
   // Head h's splits merged (exp(m_s - max) / Σ exp(m_s - max)·l_s weights), then ·W_UVᵀ with head h's W_UV once
   // buffer `which` has it (waited for here); o_h rounded to bf16. Called by every thread of a block.
   auto merge_uv = [&](int h, int which) {
@@ -891,14 +967,20 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
         for (int u = 0; u < 2; ++u) {
           const int j = t + u * kT;
           float* pp = w.part + (sp * H + h0) * kvr + j;
-          if (j < kvr)
+          if (kSplitUv && hsplit) {
+            if (j < kvr) xs[j] = acc[u][0];  // this split's partial, multiplied by W_UV below
+          } else if (j < kvr) {
 #pragma unroll
             for (int h = 0; h < kMaxH; ++h)
               if (h < nh) pp[h * kvr] = acc[u][h];
+          }
         }
       } else if (sp < nsplit) {  // no rows (cannot happen with these splits, but the merge reads every split)
         #pragma unroll 1
-        for (int i = t; i < nh * kvr; i += kT) w.part[(sp * H + h0) * kvr + i] = 0.0f;
+        for (int i = t; i < nh * kvr; i += kT) {
+          if (kSplitUv && hsplit) xs[i] = 0.0f;
+          else w.part[(sp * H + h0) * kvr + i] = 0.0f;
+        }
       }
       if (rep == 1) {
         __syncthreads();
@@ -918,6 +1000,11 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
     }
     if (kAttMarks && l == 1) bar.mark(13);
     o_rows(hsplit ? cur : cur ^ 1, Lp, moe);
+    if (kSplitUv && hsplit) {  // this split's partial · W_UVᵀ (W_UV's phase consumed by every block)
+      wait_fill(cur ^ 1);
+      if (sp < nsplit) split_uv(cur ^ 1, w.part + (sp * H + h0) * kvr);
+      __syncthreads();
+    }
     int mh = -1;  // the head this block merges
     if (hsplit) {
       // One acq_rel atomic after the block's barrier releases this block's partials and, for the last split,
@@ -935,7 +1022,10 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
     }
     const int uvb = hsplit ? cur ^ 1 : cur;  // W_UV's buffer (its phase is consumed whether used or not)
     if (kAttMarks && l == 1) bar.mark(14);
-    if (mh >= 0) {
+    if (kSplitUv && hsplit) {
+      if (mh >= 0) merge_o(mh);
+      __syncthreads();
+    } else if (mh >= 0) {
       merge_uv(mh, uvb);
     } else {
       wait_fill(uvb);
@@ -1232,6 +1322,7 @@ std::string decode_persistent_unsupported(const PersistentShape& s, int blocks) 
   if (s.H < 1 || s.H > kMaxH || s.H > nb) return fmt::format("{} heads (at most {} and the grid's {} blocks)", s.H, kMaxH, nb);
   if (s.kvr < 8 || s.kvr > 2 * kT || s.kvr % 8 != 0) return fmt::format("kv_lora_rank {} (a multiple of 8 up to {})", s.kvr, 2 * kT);
   if (s.dv < 1 || s.dv > kT) return fmt::format("v_head_dim {}", s.dv);
+  if (kSplitUv && s.dv > s.kvr) return fmt::format("v_head_dim {} above kv_lora_rank {} (the split products' layout)", s.dv, s.kvr);
   if (s.dr < 2 || s.dr % 2 != 0 || W % 8 != 0) return fmt::format("qk_rope_head_dim {} (latent width {} not a multiple of 8)", s.dr, W);
   if (s.nq < 8 || s.nq % 8 != 0) return fmt::format("q_lora_rank {} (needs a q LoRA, a multiple of 8)", s.nq);
   if (s.D % 8 != 0 || (s.H * s.dv) % 8 != 0 || s.max_units % 8 != 0 || s.max_units < 8)
