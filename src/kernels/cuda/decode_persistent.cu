@@ -611,39 +611,9 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
       if (e1 > e0) emit(buf[which] + a.o_rb, Lp.w_lg + e0 * HV, (e1 - e0) * HV * 4);
     });
   };
-  // (kSplitUv) dst[0, dv) = xs[0, kvr) · W_UVᵀ, W_UV in buffer `which` (waited for by the caller), f32; every
-  // thread of the block calls it.
-  auto split_uv = [&](int which, float* dst) {
-    const uint16_t* wuv = reinterpret_cast<const uint16_t*>(buf[which]);
-    float* part = xs + kvr;
-    const int parts = kT / dv, v = t % dv, pp = t / dv;
-    if (pp < parts) {
-      const int chunk = (kvr + parts - 1) / parts, j0 = pp * chunk, j1 = min(kvr, j0 + chunk);
-      float a4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-      int j = j0;
-      for (; j + 4 <= j1; j += 4) {
-#pragma unroll
-        for (int u = 0; u < 4; ++u) a4[u] = fmaf(xs[j + u], bf16_to_f32(wuv[(j + u) * dv + v]), a4[u]);
-      }
-      #pragma unroll 1
-      for (; j < j1; ++j) a4[0] = fmaf(xs[j], bf16_to_f32(wuv[j * dv + v]), a4[0]);
-      part[pp * dv + v] = (a4[0] + a4[1]) + (a4[2] + a4[3]);
-    }
-    __syncthreads();
-    if (t < dv) {
-      float o = 0.0f;
-      #pragma unroll 1
-      for (int q = 0; q < parts; ++q) o += part[q * dv + t];
-      dst[t] = o;
-    }
-  };
-  // (kSplitUv) o_h = Σ_s f_s·o_s / Σ_s f_s·l_s, f_s = exp(m_s - max), over head h's splits' dv-wide products; bf16.
-  auto merge_o = [&](int h) {
-    float pv[8];
-    const bool pre = t < dv && nsplit <= 8;
-    if (pre)
-#pragma unroll
-      for (int i = 0; i < 8; ++i) pv[i] = i < nsplit ? __ldcg(w.part + (i * H + h) * kvr + t) : 0.0f;
+  // Head h's split weights (warp 0, then the block's barrier): wsp[s] = exp(m_s - max over the splits), red[0] =
+  // 1 / Σ_s wsp[s]·l_s. Every lane's loads are issued at once.
+  auto split_weights = [&](int h) {
     if (warp == 0) {
       float m[kMaxSplitsPerLane], lsum[kMaxSplitsPerLane];
 #pragma unroll
@@ -668,55 +638,46 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
       if (lane == 0) red[0] = 1.0f / tot;
     }
     __syncthreads();
-    if (t < dv) {
-      float v = 0.0f;
-      if (pre) {
-#pragma unroll
-        for (int i = 0; i < 8; ++i)
-          if (i < nsplit) v = fmaf(wsp[i], pv[i], v);
-      } else {
-        #pragma unroll 1
-        for (int q = 0; q < nsplit; ++q) v = fmaf(wsp[q], __ldcg(w.part + (q * H + h) * kvr + t), v);
-      }
-      w.o[h * dv + t] = round_bf16(v * red[0]);
-    }
   };
-  // Head h's splits merged (exp(m_s - max) / Σ exp(m_s - max)·l_s weights), then ·W_UVᵀ with head h's W_UV once
-  // buffer `which` has it (waited for here); o_h rounded to bf16. Called by every thread of a block.
-  auto merge_uv = [&](int h, int which) {
+  // (xs[0, kvr) · W_UVᵀ)[t] for t < dv (0 elsewhere), W_UV in buffer `which` (waited for by the caller): the
+  // threads split it in kT / dv chunks of kvr (part = xs + kvr), summed in a fixed order. Every thread calls it.
+  auto uv_product = [&](int which) {
+    const uint16_t* wuv = reinterpret_cast<const uint16_t*>(buf[which]);
+    float* part = xs + kvr;
+    const int parts = kT / dv, v = t % dv, pp = t / dv;
+    if (pp < parts) {
+      const int chunk = (kvr + parts - 1) / parts, j0 = pp * chunk, j1 = min(kvr, j0 + chunk);
+      float a4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      int j = j0;
+      for (; j + 4 <= j1; j += 4) {
+#pragma unroll
+        for (int u = 0; u < 4; ++u) a4[u] = fmaf(xs[j + u], bf16_to_f32(wuv[(j + u) * dv + v]), a4[u]);
+      }
+      #pragma unroll 1
+      for (; j < j1; ++j) a4[0] = fmaf(xs[j], bf16_to_f32(wuv[j * dv + v]), a4[0]);
+      part[pp * dv + v] = (a4[0] + a4[1]) + (a4[2] + a4[3]);
+    }
+    __syncthreads();
+    float o = 0.0f;
+    if (t < dv) {
+      #pragma unroll 1
+      for (int q = 0; q < parts; ++q) o += part[q * dv + t];
+    }
+    return o;
+  };
+  // xs[j] = Σ_s wsp[s]·part_s[j] / Σ_s wsp[s]·l_s for j < n: head h's splits merged (part_s: split s's row of
+  // w.part, stride kvr). Called by every thread of a block.
+  auto merge_columns = [&](int h, int n) {
     // A thread's first column of partials is loaded before the split statistics are reduced (one L2 round trip
     // for both, not one after the other; head-split merges have at most 8 splits).
     float pv0[8];
-    const bool pre = t < kvr && nsplit <= 8;
+    const bool pre = t < n && nsplit <= 8;
     if (pre)
 #pragma unroll
       for (int i = 0; i < 8; ++i) pv0[i] = i < nsplit ? __ldcg(w.part + (i * H + h) * kvr + t) : 0.0f;
-    if (warp == 0) {  // every lane's loads issued at once
-      float m[kMaxSplitsPerLane], lsum[kMaxSplitsPerLane];
-#pragma unroll
-      for (int i = 0; i < kMaxSplitsPerLane; ++i) {
-        const int q = lane + 32 * i;
-        m[i] = q < nsplit ? __ldcg(w.ml + (q * H + h) * 2) : -INFINITY;
-        lsum[i] = q < nsplit ? __ldcg(w.ml + (q * H + h) * 2 + 1) : 0.0f;
-      }
-      float mx = -INFINITY;
-#pragma unroll
-      for (int i = 0; i < kMaxSplitsPerLane; ++i) mx = fmaxf(mx, m[i]);
-      mx = warp_max(mx);
-      float tot = 0.0f;
-#pragma unroll
-      for (int i = 0; i < kMaxSplitsPerLane; ++i) {
-        const int q = lane + 32 * i;
-        const float f = m[i] > -INFINITY ? expf(m[i] - mx) : 0.0f;
-        if (q < nsplit) wsp[q] = f;
-        tot += f * lsum[i];
-      }
-      tot = warp_sum(tot);
-      if (lane == 0) red[0] = 1.0f / tot;
-    }
-    __syncthreads();
+    split_weights(h);
     const float inv = red[0];
-    for (int j = t; j < kvr; j += kT) {
+    for (int j = t; j < n; j += kT) {
       float v = 0.0f;
       if (pre && j == t) {
 #pragma unroll
@@ -735,30 +696,21 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
       }
       xs[j] = v * inv;
     }
+  };
+  // (kSplitUv) o_h = the merge of head h's splits' dv-wide products (xs · W_UVᵀ each), rounded to bf16.
+  auto merge_o = [&](int h) {
+    merge_columns(h, dv);
+    __syncthreads();
+    if (t < dv) w.o[h * dv + t] = round_bf16(xs[t]);
+  };
+  // Head h's splits merged (exp(m_s - max) / Σ exp(m_s - max)·l_s weights), then ·W_UVᵀ with head h's W_UV once
+  // buffer `which` has it (waited for here); o_h rounded to bf16. Called by every thread of a block.
+  auto merge_uv = [&](int h, int which) {
+    merge_columns(h, kvr);
     wait_fill(which);
     __syncthreads();
-    const uint16_t* wuv = reinterpret_cast<const uint16_t*>(buf[which]);
-    float* part = xs + kvr;
-    const int parts = kT / dv, v = t % dv, pp = t / dv;
-    if (pp < parts) {
-      const int chunk = (kvr + parts - 1) / parts, j0 = pp * chunk, j1 = min(kvr, j0 + chunk);
-      float a4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-      int j = j0;
-      for (; j + 4 <= j1; j += 4) {
-#pragma unroll
-        for (int u = 0; u < 4; ++u) a4[u] = fmaf(xs[j + u], bf16_to_f32(wuv[(j + u) * dv + v]), a4[u]);
-      }
-      #pragma unroll 1
-      for (; j < j1; ++j) a4[0] = fmaf(xs[j], bf16_to_f32(wuv[j * dv + v]), a4[0]);
-      part[pp * dv + v] = (a4[0] + a4[1]) + (a4[2] + a4[3]);
-    }
-    __syncthreads();
-    if (t < dv) {
-      float o = 0.0f;
-      #pragma unroll 1
-      for (int q = 0; q < parts; ++q) o += part[q * dv + t];
-      w.o[h * dv + t] = round_bf16(o);
-    }
+    const float o = uv_product(which);
+    if (t < dv) w.o[h * dv + t] = round_bf16(o);
   };
   in_rows(0, a.layers[0]);
   // Layer 1 (l == 1) carries the trace's marks inside its attention and FFN stages.
@@ -1002,7 +954,10 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
     o_rows(hsplit ? cur : cur ^ 1, Lp, moe);
     if (kSplitUv && hsplit) {  // this split's partial · W_UVᵀ (W_UV's phase consumed by every block)
       wait_fill(cur ^ 1);
-      if (sp < nsplit) split_uv(cur ^ 1, w.part + (sp * H + h0) * kvr);
+      if (sp < nsplit) {
+        const float o = uv_product(cur ^ 1);
+        if (t < dv) w.part[(sp * H + h0) * kvr + t] = o;
+      }
       __syncthreads();
     }
     int mh = -1;  // the head this block merges
