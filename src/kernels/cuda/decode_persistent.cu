@@ -18,17 +18,9 @@
 #include "kernels/cuda/persistent_ops.h"
 #include "kernels/cuda/route_warp.cuh"
 
-// A/B variants, off by default (CMake DSV3_PERSIST_DEFS; written 2026-12-03, not yet measured):
-// DSV3_PERSIST_ROUTE_WARP=1: one warp routes the token (route_warp, registers and shuffles) instead of the whole
-// block's rank sweeps (route_block: 3.6 us of the FFN stage in the seventh session's trace); +22 KB of machine code.
-// DSV3_PERSIST_QC_LATE=1: the absorbed-query rows (54 KB a block) are copied in after stage 1's barrier, not before
-// it (the barrier before stage 1 is the longest, 2.3-3.3 us, and it polls while those copies start).
-#ifndef DSV3_PERSIST_ROUTE_WARP
-#define DSV3_PERSIST_ROUTE_WARP 0
-#endif
-#ifndef DSV3_PERSIST_QC_LATE
-#define DSV3_PERSIST_QC_LATE 0
-#endif
+// Compile-time A/B variants, off by default (CMake DSV3_PERSIST_DEFS, or bench/cuda/persist_variant.sh). Measured
+// slower and removed (2026-12-03): the routing by one warp (route_warp) instead of route_block's rank sweeps
+// (0.613 vs 0.558 ms per token), the absorbed-query copies issued after stage 1's barrier (0.562 vs 0.558).
 // DSV3_PERSIST_ATT_MARKS=1: layer 1's attention stage stamps its steps for the trace (DSV3_PERSISTENT_TRACE=1);
 // compiled out by default (the marks cost the kernel a register spill).
 // DSV3_PERSIST_SPLIT_UV=1: with the head split, every split applies W_UV to its own partial (W_UV is linear) and
@@ -408,12 +400,6 @@ __device__ __noinline__ void gemv_block(const WT* m, int64_t r0, int64_t r1, int
   }
 }
 __device__ __forceinline__ int cdiv128(int64_t n) { return int((n + 127) / 128); }
-#if DSV3_PERSIST_ROUTE_WARP
-__device__ __noinline__ void route_one_warp(const float* lg, int E, const float* bias, const RouterConfig p, float* s, float* c, float* gs,
-                                            int32_t* idx, float* w) {
-  route_warp<false>(lg, E, bias, p, s, c, gs, idx, w);
-}
-#endif
 
 // WT: the projections' weight type, uint16_t (bf16) or uint8_t (e4m3 with 128x128 block scales). W_UK, W_UV and
 // the attention stay bf16, the router f32.
@@ -725,9 +711,8 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
       qc_share(r0, r1);
       qc_rows(cur ^ 1, Lp, r0, min(r1, r0 + qcr));  // stage 2's staged rows
     };
-    if (!DSV3_PERSIST_QC_LATE) stage2_rows();
+    stage2_rows();
     if (l > 0) bar.wait();
-    if (DSV3_PERSIST_QC_LATE) stage2_rows();
     if (l == 0 && a.io.embed) {  // the embedding row itself (one launch less a token than an embedding kernel)
       const int64_t id = min(max(a.io.ids[0], int64_t(0)), a.io.vocab - 1);  // (ids are checked before the launch)
       embed_row(xs, a.io.embed + id * D, D, b == 0 ? w.r1 : nullptr);
@@ -1016,12 +1001,7 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
     if (moe) {
       for (int e = t; e < E; e += kT) lgs[e] *= rms;  // gate·norm(h) = rms(h)·(gate·(ln2 ⊙ h_in) + w_lg·o)
       __syncthreads();
-#if DSV3_PERSIST_ROUTE_WARP
-      if (warp == 0) route_one_warp(lgs, E, Lp.bias ? bias_s : nullptr, s.router, rsc, rsc + E, rsc + 2 * E, ridx, rw);
-      __syncthreads();
-#else
       route_block(lgs, E, Lp.bias ? bias_s : nullptr, s.router, rsc, rsc + E, rsc + 2 * E, ridx, rw);
-#endif
       if (t < K) {  // the chosen experts' weight pointers
         seg_gu[t] = ptab_gu[ridx[t]];
         seg_dn[t] = ptab_dn[ridx[t]];
