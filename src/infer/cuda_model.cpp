@@ -249,9 +249,11 @@ struct CudaModel::Impl {
   };
   mutable Ahead ahead;
   bool step_ahead = true;
-  // A step enqueued ahead gets its metadata and sampling counters by one small kernel that advances the step
-  // before's in place (decode_meta_advance) instead of two host-to-device copies and the ids' widening: two stream
-  // operations less between graphs (H200 batch 1: 0.565-0.566 vs 0.569-0.570 ms per token). DSV3_DEVICE_ADVANCE=0: off.
+  // A step enqueued ahead gets its metadata and sampling counters advanced in place on the device from the step
+  // before's: by that step's draw (sample_rows' SampleOutputs; else decode_meta_advance) instead of two
+  // host-to-device copies and the ids' widening. H200 batch 1, ms per token: an advance kernel 0.565-0.566 vs copies
+  // 0.569-0.570; the draw advancing and writing the ids to the host 0.532-0.534 vs 0.543-0.544. DSV3_DEVICE_ADVANCE=0:
+  // the copies.
   bool device_advance = true;
   // The persistent kernel reads the token's embedding row itself (no embedding launch); DSV3_PERSIST_EMBED=0: off.
   bool persist_embeds = true;
