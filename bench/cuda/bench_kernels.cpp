@@ -1,6 +1,6 @@
 // CUDA kernel benchmark: device-to-device copy bandwidth (the memory ceiling), cuBLASLt bf16 and block-scaled
-// FP8 GEMM rates at DeepSeek-V3 shapes, and the absorbed-MLA decode attention's effective bandwidth at long
-// contexts. Each figure is the median of 20 event-timed runs after 3 warm-ups, on random data.
+// FP8 GEMM rates at DeepSeek-V3 shapes, the absorbed-MLA decode attention's effective bandwidth at long
+// contexts, and our decode GEMV's weight bandwidth. Each figure is the median of 20 event-timed runs after 3 warm-ups, on random data.
 //   build-cuda/bench_cuda_kernels [--quick]
 #include <algorithm>
 #include <cstdio>
@@ -156,6 +156,25 @@ int main(int argc, char** argv) {
         const std::string shape = "batch " + std::to_string(s.batch) + " H " + std::to_string(s.H) + " L " + std::to_string(s.L) +
                                   " W " + std::to_string(W);
         add("MLA decode attention (bf16 cache)", shape, ms, bytes / (ms * 1e-3) / 1e9, "GB/s");
+      }
+    }
+
+    {  // 4. Decode GEMV (one row): weight bytes per second from a cold L2, against the copy ceiling of section 1 (the
+      // batch-1 step's head is 65.5 MB of small.json's ~345 MB a token).
+      struct S { int64_t N, K; const char* name; };
+      std::vector<S> shapes = {{32000, 1024, "small.json head"}, {2816, 1024, "small.json gate|up, 8 experts"},
+                               {129280, 7168, "DeepSeek-V3 head"}};
+      if (quick) shapes.resize(1);
+      DeviceBuffer<uint8_t> flush(size_t(256) << 20);
+      const auto flush_l2 = [&] { memset_device(flush.get(), 0, flush.size()); };
+      for (const S& s : shapes) {
+        auto x = random_device<uint16_t>(size_t(s.K), rng, bf);
+        auto w = random_device<uint16_t>(size_t(s.N * s.K), rng, bf, 0.02f);
+        DeviceBuffer<float> y(static_cast<size_t>(s.N));
+        const float ms = median_ms([&] { gemv(DType::BF16, DType::BF16, x.get(), s.K, 1, w.get(), nullptr, y.get(), s.N, s.N, s.K); },
+                                   20, 3, flush_l2);
+        const std::string shape = std::to_string(s.N) + "x" + std::to_string(s.K) + " " + s.name;
+        add("bf16 GEMV (M 1, ours)", shape, ms, double(s.N) * double(s.K) * 2.0 / (ms * 1e-3) / 1e9, "GB/s");
       }
     }
 
