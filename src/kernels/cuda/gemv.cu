@@ -3,6 +3,9 @@
 // cannot start before the previous kernel ends. This kernel is launched as a programmatic dependent of the kernel
 // before it: it prefetches its weight rows into L2 while that kernel finishes (weights do not depend on it), then
 // waits for it (griddepcontrol.wait) before reading the activations.
+#include <cstdlib>
+#include <string>
+
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/cuda_ops.h"
 
@@ -11,7 +14,7 @@ namespace dsv3::cuda {
 namespace {
 using namespace dev;
 
-constexpr int kWarps = 8, kRows = 2;  // weight rows per warp: two independent load streams
+constexpr int kWarps = 8;  // kRows (template): weight rows per warp, independent load streams (2; 4 with DSV3_GEMV_ROWS=4 for wide products)
 
 __device__ __forceinline__ void load16(const float* p, float (&v)[16]) {
 #pragma unroll
@@ -35,7 +38,7 @@ __device__ __forceinline__ void load16(const uint16_t* p, float (&v)[16]) {
 
 // Warp = kRows consecutive output columns n; lane = 16 consecutive k per step of 512 (inside one 128-wide scale
 // block for FP8). Per-lane partial sums meet by warp shuffles; every output is one warp's fixed-order sum.
-template <class W, class X>
+template <class W, class X, int kRows>
 __global__ void __launch_bounds__(kWarps * 32) k_gemv(const X* __restrict__ x, int64_t ldx, int M, const W* __restrict__ w,
                                                       const float* __restrict__ sc, int split, int N, int K,
                                                       float* __restrict__ y, int64_t ldy) {
@@ -106,10 +109,25 @@ __global__ void __launch_bounds__(kWarps * 32) k_gemv(const X* __restrict__ x, i
   }
 }
 
+// DSV3_GEMV_ROWS=4: four rows a warp for products of 8192+ outputs (the head), half the blocks, twice the loads in
+// flight a lane (written 2026-12-03, not yet measured: bench_cuda_kernels' GEMV rows and batch-1 decode with and
+// without it).
+int wide_rows() {
+  static const int v = [] {
+    const char* e = std::getenv("DSV3_GEMV_ROWS");
+    return e && std::string(e) == "4" ? 4 : 2;
+  }();
+  return v;
+}
 template <class W, class X>
 void launch(const void* x, int64_t ldx, int64_t M, const void* w, const float* sc, int64_t split, float* y, int64_t ldy, int64_t N,
             int64_t K, cudaStream_t s) {
-  launch_dependent(k_gemv<W, X>, dim3(unsigned(ceil_div(N, kWarps * kRows))), dim3(kWarps * 32), 0, s, static_cast<const X*>(x), ldx,
+  if (N >= 8192 && wide_rows() == 4) {
+    launch_dependent(k_gemv<W, X, 4>, dim3(unsigned(ceil_div(N, kWarps * 4))), dim3(kWarps * 32), 0, s, static_cast<const X*>(x), ldx,
+                     int(M), static_cast<const W*>(w), sc, int(split), int(N), int(K), y, ldy);
+    return;
+  }
+  launch_dependent(k_gemv<W, X, 2>, dim3(unsigned(ceil_div(N, kWarps * 2))), dim3(kWarps * 32), 0, s, static_cast<const X*>(x), ldx,
                    int(M), static_cast<const W*>(w), sc, int(split), int(N), int(K), y, ldy);
 }
 }  // namespace
