@@ -57,15 +57,6 @@ void memory_info(size_t* free_bytes, size_t* total_bytes) {
   if (free_bytes) *free_bytes = f;
   if (total_bytes) *total_bytes = t;
 }
-void* host_alloc_pinned(size_t bytes) {
-  require_device();
-  void* p = nullptr;
-  DSV3_CUDA_CHECK(cudaMallocHost(&p, bytes ? bytes : 1));
-  return p;
-}
-void host_free_pinned(void* p) noexcept {
-  if (p) (void)cudaFreeHost(p);
-}
 
 // ---- row ops ----
 

@@ -44,9 +44,6 @@ class Graph {
 
 // Free and total device memory in bytes (cudaMemGetInfo).
 void memory_info(size_t* free_bytes, size_t* total_bytes);
-// Pinned host memory (for asynchronous copies that a graph or a stream can overlap).
-void* host_alloc_pinned(size_t bytes);
-void host_free_pinned(void* p) noexcept;
 
 // y[m, :D] = rmsnorm(x[m, :D]) · gamma (f32 math as rmsnorm), written as F32 or BF16.
 void rmsnorm_to(const float* x, int64_t ldx, const float* gamma, float eps, DType y_type, void* y, int64_t ldy, int64_t M,
