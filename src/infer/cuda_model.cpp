@@ -1218,10 +1218,13 @@ struct CudaModel::Impl {
       io.h = h, io.pos = r.pos64, io.table = r.table, io.dst_row = r.dst_rows, io.rope = rope_table.get();
       io.pool = r.cache->pool.get(), io.pool_layer_bytes = int64_t(r.cache->layer_bytes());
       io.final_norm = norm.get(), io.fin = fin, io.xa = xa;
+      float* lg = ex.arena.as<float>(S_LOGIT, out_rows * V);
+      // A DSV3_PERSIST_HEAD=1 build computes the (bf16) head's logits in the kernel, without a GEMV launch after it.
+      const bool fold = cuda::decode_persistent_folds_head() && head.type == DType::BF16 && head.N == V && head.K == D;
+      if (fold) io.head = reinterpret_cast<const uint16_t*>(head.w.get()), io.logits = lg, io.head_rows = V;
       cuda::decode_persistent(sh, persist_layers.get(), io, persist_bar.get(), ex.arena.get(S_PERSIST, wsb), wsb, s(),
                               opt.persistent_blocks);
-      float* lg = ex.arena.as<float>(S_LOGIT, out_rows * V);
-      lin(ex, head, xa, D, lg, V, out_rows);
+      if (!fold) lin(ex, head, xa, D, lg, V, out_rows);
       return;
     }
     const float* pending = nullptr;

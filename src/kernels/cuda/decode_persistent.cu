@@ -28,6 +28,12 @@
 #ifndef DSV3_PERSIST_SPLIT_UV
 #define DSV3_PERSIST_SPLIT_UV 0
 #endif
+// DSV3_PERSIST_HEAD=1: the kernel computes the head's logits after the final norm (every block its share of the
+// vocabulary rows, streamed through the two weight buffers; the first two chunks copied in while the last layer's
+// blocks meet at the final barrier), instead of a GEMV launch after it.
+#ifndef DSV3_PERSIST_HEAD
+#define DSV3_PERSIST_HEAD 0
+#endif
 #ifndef DSV3_PERSIST_ATT_MARKS
 #define DSV3_PERSIST_ATT_MARKS 0
 #endif
@@ -40,6 +46,7 @@ namespace {
 constexpr int kT = 256, kW = kT / 32;
 constexpr bool kAttMarks = DSV3_PERSIST_ATT_MARKS != 0;
 constexpr bool kSplitUv = DSV3_PERSIST_SPLIT_UV != 0;
+constexpr bool kHeadFold = DSV3_PERSIST_HEAD != 0;
 constexpr int kMaxH = 16;       // heads a block's attention accumulators hold
 constexpr int kTile = 64;       // cache rows staged at a time
 constexpr int kPad = 8;         // bf16 padding per staged cache row (odd 16-byte stride: conflict-free row reads)
@@ -1099,14 +1106,45 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
     cur ^= 1;
   }
 
-  // ---- the final norm: f32 hidden state and its bf16 copy for the head ----
-  bar.wait();
-  if (b == 0) {
+  // ---- the final norm: f32 hidden state and its bf16 copy for the head (with kHeadFold, then the logits) ----
+  if (kHeadFold && a.io.head) {
+    const int hr = a.wb / (D * 2);  // head rows a chunk (the plan's buffers hold at least one bf16 row)
+    int64_t v0, v1;
+    share(a.io.head_rows, b, nb, v0, v1);
+    const int64_t nch = (v1 - v0 + hr - 1) / hr;
+    auto head_fill = [&](int which, int64_t c) {
+      const int64_t r0 = min(v1, v0 + c * hr), r1 = min(v1, r0 + hr);
+      fill(which, [&](auto&& emit, auto&&) {
+        if (r1 > r0) emit(buf[which], a.io.head + r0 * D, (r1 - r0) * D * 2);
+      });
+    };
+    head_fill(cur, 0);  // both buffers are free: the last layer prefetched nothing
+    head_fill(cur ^ 1, 1);
+    bar.wait();
     load_vec(xs, w.r2, w.ffn, D);
     norm_in_place(xs, D, a.io.final_norm, s.eps, false, red);
     for (int j = t; j < D; j += kT) {
-      a.io.fin[j] = xs[j];
-      static_cast<uint16_t*>(a.io.xa)[j] = f32_to_bf16(xs[j]);
+      if (b == 0) a.io.fin[j] = xs[j], static_cast<uint16_t*>(a.io.xa)[j] = f32_to_bf16(xs[j]);
+      xs[j] = round_bf16(xs[j]);  // the head's input, as the GEMV reads xa
+    }
+    __syncthreads();
+    for (int64_t c = 0; c < max(nch, int64_t(2)); ++c) {  // (every issued fill waited for)
+      wait_fill(cur);
+      const int64_t r0 = min(v1, v0 + c * hr), r1 = min(v1, r0 + hr);
+      if (r1 > r0) gemv_block(reinterpret_cast<const uint16_t*>(buf[cur]), r0, r1, D, xs, a.io.logits, nullptr, 0, 0);
+      __syncthreads();
+      if (c + 2 < nch) head_fill(cur, c + 2);
+      cur ^= 1;
+    }
+  } else {
+    bar.wait();
+    if (b == 0) {
+      load_vec(xs, w.r2, w.ffn, D);
+      norm_in_place(xs, D, a.io.final_norm, s.eps, false, red);
+      for (int j = t; j < D; j += kT) {
+        a.io.fin[j] = xs[j];
+        static_cast<uint16_t*>(a.io.xa)[j] = f32_to_bf16(xs[j]);
+      }
     }
   }
   // Every block is past its last wait: the last one out resets the counters for the next launch.
@@ -1248,6 +1286,8 @@ void decode_persistent_trace_report() {
     std::fprintf(stderr, "  layer 1 FFN, routing again (flag 4; included above):  block 0 %5.2f us\n",
                  (at(0, kTraceSub + 7) - at(0, kTraceSub + 6)) / 1e3);
 }
+
+bool decode_persistent_folds_head() { return kHeadFold; }
 
 std::string decode_persistent_unsupported(const PersistentShape& s, int blocks) {
   const int nb = device_blocks(blocks);
