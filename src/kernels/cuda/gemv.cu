@@ -119,16 +119,17 @@ int wide_rows() {
   }();
   return v;
 }
+template <class W, class X, int kRows>
+void launch_rows(const void* x, int64_t ldx, int64_t M, const void* w, const float* sc, int64_t split, float* y, int64_t ldy,
+                 int64_t N, int64_t K, cudaStream_t s) {
+  launch_dependent(k_gemv<W, X, kRows>, dim3(unsigned(ceil_div(N, kWarps * kRows))), dim3(kWarps * 32), 0, s, static_cast<const X*>(x),
+                   ldx, int(M), static_cast<const W*>(w), sc, int(split), int(N), int(K), y, ldy);
+}
 template <class W, class X>
 void launch(const void* x, int64_t ldx, int64_t M, const void* w, const float* sc, int64_t split, float* y, int64_t ldy, int64_t N,
             int64_t K, cudaStream_t s) {
-  if (N >= 8192 && wide_rows() == 4) {
-    launch_dependent(k_gemv<W, X, 4>, dim3(unsigned(ceil_div(N, kWarps * 4))), dim3(kWarps * 32), 0, s, static_cast<const X*>(x), ldx,
-                     int(M), static_cast<const W*>(w), sc, int(split), int(N), int(K), y, ldy);
-    return;
-  }
-  launch_dependent(k_gemv<W, X, 2>, dim3(unsigned(ceil_div(N, kWarps * 2))), dim3(kWarps * 32), 0, s, static_cast<const X*>(x), ldx,
-                   int(M), static_cast<const W*>(w), sc, int(split), int(N), int(K), y, ldy);
+  if (N >= 8192 && wide_rows() == 4) launch_rows<W, X, 4>(x, ldx, M, w, sc, split, y, ldy, N, K, s);
+  else launch_rows<W, X, 2>(x, ldx, M, w, sc, split, y, ldy, N, K, s);
 }
 }  // namespace
 
