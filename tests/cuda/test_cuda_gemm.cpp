@@ -199,7 +199,7 @@ TEST(CudaGemm, GemvMatchesCpu) {
   for (const Case c : {Case{1, 2048, 7168, true, true}, Case{1, 672, 1024, true, true}, Case{8, 1536, 384, true, true},
                        Case{3, 1024, 704, false, true}, Case{5, 100, 208, true, true}, Case{1, 129, 16, false, true},
                        Case{1, 2048, 7168, true, false}, Case{1, 32000, 1024, true, false}, Case{7, 300, 352, false, false},
-                       Case{2, 8264, 512, true, true}}) {  // (8192+ outputs: the wide-product path with DSV3_GEMV_ROWS=4)
+                       Case{2, 8264, 512, true, true}}) {  // (a head-sized product, its last block partial)
     const Fp8Weight w = make_fp8_weight(c.N, c.K, rng);
     const ops::Weight hw8 = host_weight(w);
     std::vector<float> wf = round_bf16(randn(size_t(c.N * c.K), rng, 0.05f));

@@ -20,19 +20,16 @@
 
 // Compile-time A/B variants, off by default (CMake DSV3_PERSIST_DEFS, or bench/cuda/persist_variant.sh). Measured
 // slower and removed (2026-12-03): the routing by one warp (route_warp) instead of route_block's rank sweeps
-// (0.613 vs 0.558 ms per token), the absorbed-query copies issued after stage 1's barrier (0.562 vs 0.558).
+// (0.613 vs 0.558 ms per token), the absorbed-query copies issued after stage 1's barrier (0.562 vs 0.558), every
+// head split applying W_UV to its own partial so the merge only sums dv-wide vectors (0.523 vs 0.517).
 // DSV3_PERSIST_ATT_MARKS=1: layer 1's attention stage stamps its steps for the trace (DSV3_PERSISTENT_TRACE=1);
 // compiled out by default (the marks cost the kernel a register spill).
-// DSV3_PERSIST_SPLIT_UV=1: with the head split, every split applies W_UV to its own partial (W_UV is linear) and
-// the last split of a head only sums dv-wide vectors, so the product leaves the merge's serial tail.
-#ifndef DSV3_PERSIST_SPLIT_UV
-#define DSV3_PERSIST_SPLIT_UV 0
-#endif
-// DSV3_PERSIST_HEAD=1: the kernel computes the head's logits after the final norm (every block its share of the
-// vocabulary rows, streamed through the two weight buffers; the first two chunks copied in while the last layer's
-// blocks meet at the final barrier), instead of a GEMV launch after it.
+// DSV3_PERSIST_HEAD (on; =0 off): the kernel computes the bf16 head's logits after the final norm (every block its
+// share of the vocabulary rows, streamed through the two weight buffers; the first two chunks copied in while the
+// last layer's blocks meet at the final barrier), instead of a GEMV launch after it: H200, small.json, batch 1,
+// 0.513 vs 0.517 ms per token (graph 0.499 vs 0.505).
 #ifndef DSV3_PERSIST_HEAD
-#define DSV3_PERSIST_HEAD 0
+#define DSV3_PERSIST_HEAD 1
 #endif
 #ifndef DSV3_PERSIST_ATT_MARKS
 #define DSV3_PERSIST_ATT_MARKS 0
@@ -45,7 +42,6 @@ using namespace dev;
 namespace {
 constexpr int kT = 256, kW = kT / 32;
 constexpr bool kAttMarks = DSV3_PERSIST_ATT_MARKS != 0;
-constexpr bool kSplitUv = DSV3_PERSIST_SPLIT_UV != 0;
 constexpr bool kHeadFold = DSV3_PERSIST_HEAD != 0;
 constexpr int kMaxH = 16;       // heads a block's attention accumulators hold
 constexpr int kTile = 64;       // cache rows staged at a time
@@ -54,9 +50,10 @@ constexpr int kSplitRows = 16;  // context rows per block before the context is 
                                 // (DSV3_PERSISTENT_SPLIT_ROWS overrides it, for benchmarks)
 // Default context limit of stage 3's head split (DSV3_PERSISTENT_HEAD_SPLIT). H200, small.json, batch 1, ms per token
 // with / without: contexts 64-128 0.577 / 0.594, 160-224 0.580 / 0.594, 224-288 0.592 / 0.601; 448-512 0.636 / 0.633
-// and 960-1024 0.740 / 0.671 (a head's splits grow with the context: only nb / H of them). The limit is the longest
-// context measured faster.
-constexpr int kHeadSplitMax = 288;
+// and 960-1024 0.740 / 0.671 (a head's splits grow with the context: only nb / H of them). Since the one-head scores
+// and value sums (a warp per row, four chains): 448 0.567 / 0.603, 960 0.642 / 0.644. The limit is the longest
+// context measured no slower.
+constexpr int kHeadSplitMax = 1024;
 constexpr int kMaxSplitsPerLane = 8;  // the merge's warp holds the split statistics: at most 256 blocks
 static_assert(2 + kMaxH <= kDecodePersistentBarrierWords, "the head-split counters follow the grid barrier's two words");
 
@@ -690,12 +687,6 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
       xs[j] = v * inv;
     }
   };
-  // (kSplitUv) o_h = the merge of head h's splits' dv-wide products (xs · W_UVᵀ each), rounded to bf16.
-  auto merge_o = [&](int h) {
-    merge_columns(h, dv);
-    __syncthreads();
-    if (t < dv) w.o[h * dv + t] = round_bf16(xs[t]);
-  };
   // Head h's splits merged (exp(m_s - max) / Σ exp(m_s - max)·l_s weights), then ·W_UVᵀ with head h's W_UV once
   // buffer `which` has it (waited for here); o_h rounded to bf16. Called by every thread of a block.
   auto merge_uv = [&](int h, int which) {
@@ -911,9 +902,7 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
         for (int u = 0; u < 2; ++u) {
           const int j = t + u * kT;
           float* pp = w.part + (sp * H + h0) * kvr + j;
-          if (kSplitUv && hsplit) {
-            if (j < kvr) xs[j] = acc[u][0];  // this split's partial, multiplied by W_UV below
-          } else if (j < kvr) {
+          if (j < kvr) {
 #pragma unroll
             for (int h = 0; h < kMaxH; ++h)
               if (h < nh) pp[h * kvr] = acc[u][h];
@@ -922,8 +911,7 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
       } else if (sp < nsplit) {  // no rows (cannot happen with these splits, but the merge reads every split)
         #pragma unroll 1
         for (int i = t; i < nh * kvr; i += kT) {
-          if (kSplitUv && hsplit) xs[i] = 0.0f;
-          else w.part[(sp * H + h0) * kvr + i] = 0.0f;
+          w.part[(sp * H + h0) * kvr + i] = 0.0f;
         }
       }
       if (rep == 1) {
@@ -944,14 +932,6 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
     }
     if (kAttMarks && l == 1) bar.mark(13);
     o_rows(hsplit ? cur : cur ^ 1, Lp, moe);
-    if (kSplitUv && hsplit) {  // this split's partial · W_UVᵀ (W_UV's phase consumed by every block)
-      wait_fill(cur ^ 1);
-      if (sp < nsplit) {
-        const float o = uv_product(cur ^ 1);
-        if (t < dv) w.part[(sp * H + h0) * kvr + t] = o;
-      }
-      __syncthreads();
-    }
     int mh = -1;  // the head this block merges
     if (hsplit) {
       // One acq_rel atomic after the block's barrier releases this block's partials and, for the last split,
@@ -969,10 +949,7 @@ __global__ void __launch_bounds__(kT, 1) k_decode_persistent(const Args a) {
     }
     const int uvb = hsplit ? cur ^ 1 : cur;  // W_UV's buffer (its phase is consumed whether used or not)
     if (kAttMarks && l == 1) bar.mark(14);
-    if (kSplitUv && hsplit) {
-      if (mh >= 0) merge_o(mh);
-      __syncthreads();
-    } else if (mh >= 0) {
+    if (mh >= 0) {
       merge_uv(mh, uvb);
     } else {
       wait_fill(uvb);
@@ -1297,7 +1274,6 @@ std::string decode_persistent_unsupported(const PersistentShape& s, int blocks) 
   if (s.H < 1 || s.H > kMaxH || s.H > nb) return fmt::format("{} heads (at most {} and the grid's {} blocks)", s.H, kMaxH, nb);
   if (s.kvr < 8 || s.kvr > 2 * kT || s.kvr % 8 != 0) return fmt::format("kv_lora_rank {} (a multiple of 8 up to {})", s.kvr, 2 * kT);
   if (s.dv < 1 || s.dv > kT) return fmt::format("v_head_dim {}", s.dv);
-  if (kSplitUv && s.dv > s.kvr) return fmt::format("v_head_dim {} above kv_lora_rank {} (the split products' layout)", s.dv, s.kvr);
   if (s.dr < 2 || s.dr % 2 != 0 || W % 8 != 0) return fmt::format("qk_rope_head_dim {} (latent width {} not a multiple of 8)", s.dr, W);
   if (s.nq < 8 || s.nq % 8 != 0) return fmt::format("q_lora_rank {} (needs a q LoRA, a multiple of 8)", s.nq);
   if (s.D % 8 != 0 || (s.H * s.dv) % 8 != 0 || s.max_units % 8 != 0 || s.max_units < 8)

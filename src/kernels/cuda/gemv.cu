@@ -3,9 +3,6 @@
 // cannot start before the previous kernel ends. This kernel is launched as a programmatic dependent of the kernel
 // before it: it prefetches its weight rows into L2 while that kernel finishes (weights do not depend on it), then
 // waits for it (griddepcontrol.wait) before reading the activations.
-#include <cstdlib>
-#include <string>
-
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/cuda_ops.h"
 
@@ -14,7 +11,8 @@ namespace dsv3::cuda {
 namespace {
 using namespace dev;
 
-constexpr int kWarps = 8;  // kRows (template): weight rows per warp, independent load streams (2; 4 with DSV3_GEMV_ROWS=4 for wide products)
+constexpr int kWarps = 8;  // kRows (template): weight rows per warp, independent load streams (2; 4 measured no faster on the
+                           // 32000-row head, 2026-12-03)
 
 __device__ __forceinline__ void load16(const float* p, float (&v)[16]) {
 #pragma unroll
@@ -109,16 +107,6 @@ __global__ void __launch_bounds__(kWarps * 32) k_gemv(const X* __restrict__ x, i
   }
 }
 
-// DSV3_GEMV_ROWS=4: four rows a warp for products of 8192+ outputs (the head), half the blocks, twice the loads in
-// flight a lane (written 2026-12-03, not yet measured: bench_cuda_kernels' GEMV rows and batch-1 decode with and
-// without it).
-int wide_rows() {
-  static const int v = [] {
-    const char* e = std::getenv("DSV3_GEMV_ROWS");
-    return e && std::string(e) == "4" ? 4 : 2;
-  }();
-  return v;
-}
 template <class W, class X, int kRows>
 void launch_rows(const void* x, int64_t ldx, int64_t M, const void* w, const float* sc, int64_t split, float* y, int64_t ldy,
                  int64_t N, int64_t K, cudaStream_t s) {
@@ -128,8 +116,7 @@ void launch_rows(const void* x, int64_t ldx, int64_t M, const void* w, const flo
 template <class W, class X>
 void launch(const void* x, int64_t ldx, int64_t M, const void* w, const float* sc, int64_t split, float* y, int64_t ldy, int64_t N,
             int64_t K, cudaStream_t s) {
-  if (N >= 8192 && wide_rows() == 4) launch_rows<W, X, 4>(x, ldx, M, w, sc, split, y, ldy, N, K, s);
-  else launch_rows<W, X, 2>(x, ldx, M, w, sc, split, y, ldy, N, K, s);
+  launch_rows<W, X, 2>(x, ldx, M, w, sc, split, y, ldy, N, K, s);
 }
 }  // namespace
 

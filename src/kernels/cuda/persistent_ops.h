@@ -90,7 +90,7 @@ struct PersistentIO {
   const float* final_norm = nullptr;  // [D]
   float* fin = nullptr;             // [D] final hidden state (f32)
   void* xa = nullptr;               // [D] the same in bf16 (the head's input)
-  // With DSV3_PERSIST_HEAD=1 builds (decode_persistent_folds_head()): the head's bf16 weight [head_rows, D], and
+  // With DSV3_PERSIST_HEAD builds (the default; decode_persistent_folds_head()): the head's bf16 weight [head_rows, D], and
   // the logits [head_rows] (f32) the kernel writes after the final norm (no head GEMV launch); null: not folded.
   const uint16_t* head = nullptr;
   float* logits = nullptr;
