@@ -828,7 +828,9 @@ struct CudaModel::Impl {
     if (e.use_table) {  // grouped (no host synchronisation) when supported, else a per-expert cuBLASLt loop
       const size_t wsb = cuda::moe_prefill_workspace_bytes(M, K, E, D, e.table.I);
       void* ws = ex.arena.get(S_MOEWS, wsb);
-      cuda::moe_prefill(ex.gemm, e.table, x2, D, idx, wts, M, K, y, D, acc, ws, wsb, s(), fp8_expert_acts, moe_no_gather);
+      // (xa: the norm's bf16 copy of x2, the same rounding as the cast the no-gather path would make)
+      const auto* xb = act == DType::BF16 ? static_cast<const uint16_t*>(xa) : nullptr;
+      cuda::moe_prefill(ex.gemm, e.table, x2, D, idx, wts, M, K, y, D, acc, ws, wsb, s(), fp8_expert_acts, moe_no_gather, xb);
       return;
     }
     // F32 experts: group the slots by expert on the host, then per-expert cuBLASLt GEMMs.
@@ -933,7 +935,10 @@ struct CudaModel::Impl {
       cuda::head_matmul(ol, H * kvr, kvr, kvr, act, a.wuv_t.get(), kvr * dv, dv, dv, act, o, H * dv, dv, M, H, s());
       oa = o;
     } else {  // expanded: keys and values per head, causal prefill kernel
-      cuda::rope(q + dn, ldq, dqk, M, H, dr, r.pos64, rope_table.get(), s());
+      // The flash kernel reads the query's RoPE dims unrotated (it rotates them as it packs) and the keys as kv_b's
+      // k_nope next to the one roped k_rope (no expanded key tensor); the other kernels get both written out first.
+      const bool flash = act == DType::BF16 && !gemm_attention && cuda::attention_causal_flash_supported(dqk, dv);
+      if (!flash) cuda::rope(q + dn, ldq, dqk, M, H, dr, r.pos64, rope_table.get(), s());
       cuda::rope(kva + kvr, nin, 0, M, 1, dr, r.pos64, rope_table.get(), s());
       float* cnf = nullptr;
       if (r.cached) {  // append [kv_a_layernorm(c_kv) | roped k_rope] of the new tokens to the latent cache
@@ -948,23 +953,32 @@ struct CudaModel::Impl {
       }
       float* kv = ex.arena.as<float>(S_KV, M * H * hd);
       lin(ex, a.kv_b, cn, kvr, kv, H * hd, M);
-      float* k = ex.arena.as<float>(S_K, M * H * dqk);
-      cuda::mla_expand_k(kv, H, dn, dv, kva + kvr, nin, dr, k, M, s());
       const int64_t T = r.T;
-      const cuda::Strides3 sq{T * ldq, ldq, dqk}, sk{T * H * dqk, H * dqk, dqk}, sv{T * H * hd, H * hd, hd}, so{T * H * dv, H * dv, dv};
-      float* o = ex.arena.as<float>(S_O, M * H * dv);
-      if (act == DType::BF16 && !gemm_attention && cuda::attention_causal_flash_supported(dqk, dv)) {  // flash, tensor cores
+      const cuda::Strides3 sq{T * ldq, ldq, dqk}, sv{T * H * hd, H * hd, hd}, so{T * H * dv, H * dv, dv};
+      if (flash) {  // tensor cores; RoPE, the key's two pieces and the bf16 output in the kernels' own passes
+        cuda::FlashMla fm;
+        fm.k_rope = kva + kvr, fm.skr = cuda::Strides3{T * nin, nin, 0}, fm.kr = dr;
+        fm.rope_table = rope_table.get(), fm.pos = r.pos64, fm.q_rope = dr;
+        fm.out_type = act;
+        void* o = ex.arena.get(S_OACT, size_t(M * H * dv) * dtype_size(act));
         const size_t wsb = cuda::attention_causal_flash_workspace(r.B, T, H, dqk, dv);
-        cuda::attention_causal_flash(q, sq, k, sk, kv + dn, sv, o, so, r.B, T, H, dqk, dv, scale, ex.arena.get(S_AWS, wsb), wsb,
-                                     s());
-      } else if (act == DType::BF16 && T >= kGemmAttentionFrom) {  // long prefill: tensor-core GEMMs around a row softmax
-        const size_t wsb = cuda::attention_causal_gemm_workspace(r.B, T, H, dqk, dv);
-        cuda::attention_causal_gemm(ex.gemm, q, sq, k, sk, kv + dn, sv, o, so, r.B, T, H, dqk, dv, scale, ex.arena.get(S_AWS, wsb),
-                                    wsb, s());
-      } else {
-        cuda::attention_causal(q, sq, k, sk, kv + dn, sv, o, so, r.B, T, H, dqk, dv, scale, s());
+        cuda::attention_causal_flash(q, sq, kv, sv, kv + dn, sv, o, so, r.B, T, H, dqk, dv, scale, ex.arena.get(S_AWS, wsb), wsb, s(),
+                                     fm);
+        oa = o;
+      } else {  // f32 kernels: the roped query and the expanded key written out first
+        float* k = ex.arena.as<float>(S_K, M * H * dqk);
+        cuda::mla_expand_k(kv, H, dn, dv, kva + kvr, nin, dr, k, M, s());
+        const cuda::Strides3 sk{T * H * dqk, H * dqk, dqk};
+        float* o = ex.arena.as<float>(S_O, M * H * dv);
+        if (act == DType::BF16 && T >= kGemmAttentionFrom) {  // long prefill: tensor-core GEMMs around a row softmax
+          const size_t wsb = cuda::attention_causal_gemm_workspace(r.B, T, H, dqk, dv);
+          cuda::attention_causal_gemm(ex.gemm, q, sq, k, sk, kv + dn, sv, o, so, r.B, T, H, dqk, dv, scale, ex.arena.get(S_AWS, wsb),
+                                      wsb, s());
+        } else {
+          cuda::attention_causal(q, sq, k, sk, kv + dn, sv, o, so, r.B, T, H, dqk, dv, scale, s());
+        }
+        oa = to_act(ex, o, H * dv, M, H * dv, S_OACT, &ldo);
       }
-      oa = to_act(ex, o, H * dv, M, H * dv, S_OACT, &ldo);
     }
     lin(ex, a.o, oa, ldo, out, D, M);
   }
@@ -1219,7 +1233,7 @@ struct CudaModel::Impl {
       io.pool = r.cache->pool.get(), io.pool_layer_bytes = int64_t(r.cache->layer_bytes());
       io.final_norm = norm.get(), io.fin = fin, io.xa = xa;
       float* lg = ex.arena.as<float>(S_LOGIT, out_rows * V);
-      // A DSV3_PERSIST_HEAD=1 build computes the (bf16) head's logits in the kernel, without a GEMV launch after it.
+      // The default build (DSV3_PERSIST_HEAD on) computes the (bf16) head's logits in the kernel, without a GEMV launch after it.
       const bool fold = cuda::decode_persistent_folds_head() && head.type == DType::BF16 && head.N == V && head.K == D;
       if (fold) io.head = reinterpret_cast<const uint16_t*>(head.w.get()), io.logits = lg, io.head_rows = V;
       cuda::decode_persistent(sh, persist_layers.get(), io, persist_bar.get(), ex.arena.get(S_PERSIST, wsb), wsb, s(),

@@ -53,6 +53,69 @@ TEST(CudaFlashPrefill, CausalFlashAttentionMatchesCpu) {
   }
 }
 
+// MLA's pieces folded into the packing (FlashMla): the key as kv_b's k_nope next to one k_rope shared by the heads,
+// RoPE on the query's last dims from a table and per-row positions, a bf16 output; against the CPU twin on the
+// expanded, rotated tensors. The bf16 output's own rounding (2^-9 relative) adds to the bf16 inputs' error: 1e-2.
+TEST(CudaFlashPrefill, MlaPiecesRopeAndBf16OutputMatchCpu) {
+  DSV3_REQUIRE_GPU();
+  std::mt19937_64 rng(44);
+  struct C {
+    int64_t B, T, H, dn, dr, dv;
+  };
+  for (const C c : {C{2, 300, 3, 64, 32, 64}, C{1, 1029, 2, 64, 32, 64}, C{2, 77, 2, 128, 64, 128}, C{1, 130, 2, 32, 32, 64}}) {
+    const int64_t B = c.B, T = c.T, H = c.H, dn = c.dn, dr = c.dr, dv = c.dv, D = dn + dr, hd = dn + dv, half = dr / 2;
+    const std::vector<float> qh = randn(size_t(B * T * H * D), rng), kvh = randn(size_t(B * T * H * hd), rng),
+                             krh = randn(size_t(B * T * dr), rng);
+    // Positions 3.. within each sequence (a prompt after a cached prefix), a table of 3 + T positions.
+    std::vector<int64_t> pos(size_t(B * T));
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t t = 0; t < T; ++t) pos[size_t(b * T + t)] = 3 + t;
+    std::vector<float> table(size_t((T + 3) * half * 2));
+    for (int64_t p = 0; p < T + 3; ++p)
+      for (int64_t i = 0; i < half; ++i) {
+        const double a = double(p) * std::pow(10000.0, -2.0 * double(i) / double(dr));
+        table[size_t((p * half + i) * 2)] = float(std::cos(a));
+        table[size_t((p * half + i) * 2 + 1)] = float(std::sin(a));
+      }
+    std::vector<float> qr = qh, kx(size_t(B * T * H * D)), vx(size_t(B * T * H * dv));
+    for (int64_t m = 0; m < B * T; ++m)
+      for (int64_t h = 0; h < H; ++h) {
+        float* qv = qr.data() + (m * H + h) * D + dn;
+        for (int64_t i = 0; i < half; ++i) {
+          const float cs = table[size_t((pos[size_t(m)] * half + i) * 2)], sn = table[size_t((pos[size_t(m)] * half + i) * 2 + 1)];
+          const float a = qv[2 * i], bb = qv[2 * i + 1];
+          qv[2 * i] = a * cs - bb * sn;
+          qv[2 * i + 1] = bb * cs + a * sn;
+        }
+        for (int64_t d = 0; d < dn; ++d) kx[size_t((m * H + h) * D + d)] = kvh[size_t((m * H + h) * hd + d)];
+        for (int64_t d = 0; d < dr; ++d) kx[size_t((m * H + h) * D + dn + d)] = krh[size_t(m * dr + d)];
+        for (int64_t d = 0; d < dv; ++d) vx[size_t((m * H + h) * dv + d)] = kvh[size_t((m * H + h) * hd + dn + d)];
+      }
+    const float scale = 1.0f / std::sqrt(float(D)) * 1.7f;
+    Tensor ref = Tensor::empty(DType::F32, {B, T, H, dv});
+    ops::attention_causal(Tensor::from_vector(qr, {B, T, H, D}), Tensor::from_vector(kx, {B, T, H, D}),
+                          Tensor::from_vector(vx, {B, T, H, dv}), scale, ref);
+    ASSERT_TRUE(attention_causal_flash_supported(D, dv));
+    auto dq = upload(qh), dkv = upload(kvh), dkr = upload(krh), dtab = upload(table);
+    auto dpos = upload(pos);
+    auto out = poisoned<uint16_t>(size_t(B * T * H * dv));
+    FlashMla fm;
+    fm.k_rope = dkr.get(), fm.skr = Strides3{T * dr, dr, 0}, fm.kr = dr;
+    fm.rope_table = dtab.get(), fm.pos = dpos.get(), fm.q_rope = dr, fm.out_type = DType::BF16;
+    const Strides3 sq{T * H * D, H * D, D}, skv{T * H * hd, H * hd, hd}, so{T * H * dv, H * dv, dv};
+    const size_t wsb = attention_causal_flash_workspace(B, T, H, D, dv);
+    DeviceBuffer<uint8_t> ws(wsb);
+    attention_causal_flash(dq.get(), sq, dkv.get(), skv, dkv.get() + dn, skv, out.get(), so, B, T, H, D, dv, scale, ws.get(), wsb,
+                           nullptr, fm);
+    const std::vector<float> got = from_bf16(download(out));
+    ASSERT_TRUE(all_finite(got));
+    const double e = rel_l2(got, vec(ref));
+    std::printf("  flash attention (MLA pieces, bf16 out) B %lld T %lld H %lld D %lld Dv %lld: rel L2 %.3g\n", (long long)B,
+                (long long)T, (long long)H, (long long)D, (long long)dv, e);
+    EXPECT_LT(e, 1e-2) << B << "x" << T << "x" << H << " D " << D;
+  }
+}
+
 // Head dims without a kernel and a short workspace are one-line errors, before anything runs.
 TEST(CudaFlashPrefill, RejectsUnsupportedDimsAndShortWorkspace) {
   DSV3_REQUIRE_GPU();
@@ -68,6 +131,11 @@ TEST(CudaFlashPrefill, RejectsUnsupportedDimsAndShortWorkspace) {
                dsv3::Error);
   EXPECT_THROW(attention_causal_flash(buf.get(), s, buf.get() + 192, s, buf.get() + 384, s, buf.get(), s, B, T, H, 192, 128,
                                       0.1f, ws.get(), wsb - 1),
+               dsv3::Error);
+  FlashMla odd;  // a k_rope width off the packing's 4-value steps
+  odd.k_rope = buf.get(), odd.kr = 30;
+  EXPECT_THROW(attention_causal_flash(buf.get(), s, buf.get() + 192, s, buf.get() + 384, s, buf.get(), s, B, T, H, 192, 128,
+                                      0.1f, ws.get(), wsb, nullptr, odd),
                dsv3::Error);
   synchronize();
 }

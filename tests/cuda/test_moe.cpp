@@ -183,7 +183,9 @@ TEST(CudaMoe, PermutationIsExactAndStable) {
     int64_t M, k, E;
     bool skew;
   };
-  for (const C c : {C{1, 6, 64, false}, C{300, 6, 64, false}, C{1000, 8, 256, true}, C{37, 3, 1000, false}}) {
+  // (40000 x 8: 157 chunks of 2048 slots, eight steps of 256 each; 30000 x 9: 1024 experts, the largest tables)
+  for (const C c : {C{1, 6, 64, false}, C{300, 6, 64, false}, C{1000, 8, 256, true}, C{37, 3, 1000, false},
+                    C{40000, 8, 64, true}, C{30000, 9, 1024, false}}) {
     std::vector<int32_t> idx;
     std::vector<float> w;
     make_routing(c.M, c.k, c.E, c.skew, rng, idx, w);
@@ -191,7 +193,8 @@ TEST(CudaMoe, PermutationIsExactAndStable) {
     auto didx = upload(idx);
     auto counts = poisoned<int32_t>(size_t(c.E)), offsets = poisoned<int32_t>(size_t(c.E + 1));
     auto perm = poisoned<int32_t>(size_t(S)), slot_row = poisoned<int32_t>(size_t(S));
-    moe_permute(didx.get(), c.M, c.k, c.E, counts.get(), offsets.get(), perm.get(), slot_row.get());
+    DeviceBuffer<int32_t> scratch(size_t(moe_permute_chunks(c.M, c.k) * c.E));
+    moe_permute(didx.get(), c.M, c.k, c.E, counts.get(), offsets.get(), perm.get(), slot_row.get(), scratch.get());
     // Host: stable sort of slots by expert.
     std::vector<int32_t> hp(static_cast<size_t>(S));
     std::iota(hp.begin(), hp.end(), 0);
@@ -218,8 +221,8 @@ TEST(CudaMoe, GatherAndUnpermuteMatchCpu) {
   auto didx = upload(idx);
   auto dw = upload(w);
   auto dx = upload(x);
-  DeviceBuffer<int32_t> counts(E), offsets(E + 1), perm(M * k), slot_row(M * k);
-  moe_permute(didx.get(), M, k, E, counts.get(), offsets.get(), perm.get(), slot_row.get());
+  DeviceBuffer<int32_t> counts(E), offsets(E + 1), perm(M * k), slot_row(M * k), scratch(moe_permute_chunks(M, k) * E);
+  moe_permute(didx.get(), M, k, E, counts.get(), offsets.get(), perm.get(), slot_row.get(), scratch.get());
   auto g32 = poisoned<float>(size_t(M * k * D));
   moe_gather(dx.get(), D, perm.get(), M * k, k, D, DType::F32, g32.get(), D);
   const auto hp = download(perm);
@@ -245,7 +248,15 @@ TEST(CudaMoe, GatherAndUnpermuteMatchCpu) {
     }
   }
   // Same order of f32 operations; only FMA contraction (nvcc fuses, the host build may not) can differ.
-  EXPECT_LT(rel_l2(download(dy), ref), 1e-6);
+  const auto got = download(dy);
+  EXPECT_LT(rel_l2(got, ref), 1e-6);
+  // An output off 16 bytes takes the one-column-a-thread path: the same sums, bit for bit.
+  std::vector<float> y1(size_t(M * D + 1), 0.0f);
+  std::copy(y0.begin(), y0.end(), y1.begin() + 1);
+  auto dy1 = upload(y1);
+  moe_unpermute(deo.get(), D, slot_row.get(), didx.get(), dw.get(), M, k, D, dy1.get() + 1, D, true);
+  const auto got1 = download(dy1);
+  EXPECT_TRUE(std::equal(got.begin(), got.end(), got1.begin() + 1));
 }
 
 struct DecodeCase {

@@ -8,6 +8,8 @@
 // P·V summed. Precision as attention_causal_gemm: q, k, v and P in bf16, f32 accumulation.
 #include <algorithm>
 #include <climits>
+#include <cstdlib>
+#include <string>
 
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/infer_ops.h"
@@ -17,27 +19,41 @@ namespace dsv3::cuda {
 namespace {
 using namespace dev;
 
-constexpr int FQ = 64, FK = 64, FW = FQ / 16, FT = FW * 32;  // query rows per block, keys per tile, warps, threads
-static_assert(FQ == FK, "key tile qt is the diagonal tile of query tile qt");
+constexpr int FK = 64, FW = 4, FT = FW * 32;  // keys per tile, warps, threads
 
-template <int D, int DV>
+// MT: m16 tiles of query rows a warp owns (block of FQ = 16·MT·FW rows). With two, every K and V fragment read by
+// ldmatrix feeds four mma instead of two: one ldmatrix.x4 per two m16n8k16 keeps the SM's shared-memory port
+// (128 B/clk) as busy as its tensor cores, so MT 2 halves the fragment traffic per product (FlashAttention-2's
+// 128-row blocks). D 192 keeps MT 1 (its Q and O fragments alone fill the register file).
+template <int D, int DV, int MT>
 struct Flash {
+  static constexpr int FQ = 16 * MT * FW;
   // Padded rows: an odd number of 16-byte chunks puts the 8 rows of an ldmatrix in 8 distinct bank groups.
   static constexpr int ks = D + 8, vs = DV + 8;
-  static constexpr size_t smem = size_t(2 * FK * (ks + vs)) * 2;  // [2 stages][FK][ks] K, then [2][FK][vs] V
+  // [2 stages][FK][ks] K, then [2][FK][vs] V, then (MT > 1) [FQ][ks] Q; with MT 1 Q borrows K's stage 1
+  static constexpr int q_elems = MT > 1 ? FQ * ks : 0;
+  static constexpr size_t smem = size_t(2 * FK * (ks + vs) + q_elems) * 2;
   static_assert(D % 16 == 0 && DV % 16 == 0, "D in k16 steps, DV in pairs of n8 tiles");
   static_assert(((ks / 8) & 1) && ((vs / 8) & 1), "odd 16-byte chunks per padded row");
-  static_assert(FK % (FT / 4) == 0, "whole passes of FT / 4 rows");
+  static_assert(FK % (FT / 4) == 0 && FQ % FK == 0, "whole passes of FT / 4 rows; Q in whole key-tile loads");
 };
 
 // dst[b, h, t, :D] = bf16(src[b·s.b + t·s.t + h·s.h + :D]), 4 values per thread; blockIdx: (b·T + t, chunk of the
-// token's H·D/4 quads, tensor q/k/v). vec: the source is 16-byte aligned for every quad (float4 loads).
+// token's H·D/4 quads, tensor q/k/v). vec: the source is 16-byte aligned for every quad (float4 loads). MLA's
+// pieces (FlashMla): k's dims from k_split on read from kr (head stride 0 for the shared k_rope), q's dims from
+// q_rope0 on rotated by RoPE (pairs (2p, 2p + 1), cos/sin of the row's position from table) before rounding.
 struct PackArgs {
   const float* src[3];
   Strides3 s[3];
   uint16_t* dst[3];
   int dim[3];
   bool vec[3];
+  const float* kr = nullptr;
+  Strides3 skr;
+  bool vec_kr = false;
+  int k_split = 0, q_rope0 = 0, rope_half = 0;
+  const float2* table = nullptr;
+  const int64_t* pos = nullptr;
 };
 __global__ void __launch_bounds__(256) k_flash_pack(PackArgs a, int T, int H) {
   const int z = blockIdx.z;  // selects rather than indexes the parameter arrays (no local-memory copy)
@@ -50,8 +66,14 @@ __global__ void __launch_bounds__(256) k_flash_pack(PackArgs a, int T, int H) {
   if (idx >= H * D4) return;
   const int64_t bt = blockIdx.x, b = bt / T, t = bt % T;
   const int h = idx / D4, d = (idx % D4) * 4;
-  const float* p = src + b * s.b + t * s.t + h * s.h + d;
-  const float4 x = vec ? *reinterpret_cast<const float4*>(p) : make_float4(p[0], p[1], p[2], p[3]);
+  const bool from_kr = z == 1 && d >= a.k_split;
+  const float* p = from_kr ? a.kr + b * a.skr.b + t * a.skr.t + h * a.skr.h + (d - a.k_split) : src + b * s.b + t * s.t + h * s.h + d;
+  float4 x = (from_kr ? a.vec_kr : vec) ? *reinterpret_cast<const float4*>(p) : make_float4(p[0], p[1], p[2], p[3]);
+  if (z == 0 && d >= a.q_rope0) {
+    const int pr = (d - a.q_rope0) / 2;
+    const float2 c0 = a.table[a.pos[bt] * a.rope_half + pr], c1 = a.table[a.pos[bt] * a.rope_half + pr + 1];
+    x = make_float4(x.x * c0.x - x.y * c0.y, x.y * c0.x + x.x * c0.y, x.z * c1.x - x.w * c1.y, x.w * c1.x + x.z * c1.y);
+  }
   const uint2 o = make_uint2(uint32_t(f32_to_bf16(x.x)) | uint32_t(f32_to_bf16(x.y)) << 16,
                              uint32_t(f32_to_bf16(x.z)) | uint32_t(f32_to_bf16(x.w)) << 16);
   *reinterpret_cast<uint2*>(dst + ((b * H + h) * T + t) * D + d) = o;
@@ -84,45 +106,54 @@ __device__ __forceinline__ void load_rows(uint16_t* dst, const uint16_t* __restr
   }
 }
 
-template <int D, int DV>
+template <int D, int DV, int MT, class O>
 __global__ void __launch_bounds__(FT) k_flash_causal(const uint16_t* __restrict__ qp, const uint16_t* __restrict__ kp,
-                                                     const uint16_t* __restrict__ vp, float* __restrict__ out, Strides3 so, int T,
+                                                     const uint16_t* __restrict__ vp, O* __restrict__ out, Strides3 so, int T,
                                                      int H, float sl2) {
-  using F = Flash<D, DV>;
-  constexpr int KS = F::ks, VS = F::vs, KT = D / 16, NO = DV / 8, NS = FK / 8;
+  using F = Flash<D, DV, MT>;
+  constexpr int KS = F::ks, VS = F::vs, KT = D / 16, NO = DV / 8, NS = FK / 8, FQ = F::FQ;
   extern __shared__ __align__(16) unsigned char smraw[];
   uint16_t* kbuf = reinterpret_cast<uint16_t*>(smraw);  // [2][FK][KS]
   uint16_t* vbuf = kbuf + 2 * FK * KS;                   // [2][FK][VS]
+  uint16_t* qbuf = MT > 1 ? vbuf + 2 * FK * VS : kbuf + FK * KS;
   const int qt = int(gridDim.x) - 1 - int(blockIdx.x);   // the longest rows (most key tiles) start first
   const int h = blockIdx.y, b = blockIdx.z;
-  const int q0 = qt * FQ, ntiles = qt + 1;  // key tiles 0..qt; keys past the block's rows lie only in tile qt
+  const int q0 = qt * FQ, ntiles = (min(q0 + FQ, T) + FK - 1) / FK;  // keys 0 .. the block's last row
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, g = lane >> 2, tq = lane & 3;
   const int64_t head = (int64_t(b) * H + h) * T;
   const uint16_t* qh = qp + head * D;
   const uint16_t* kh = kp + head * D;
   const uint16_t* vh = vp + head * DV;
 
-  // Q borrows K's stage 1 until its fragments are in registers (tile 1 is issued after the loop's first barrier).
-  load_rows<D, KS>(kbuf + FK * KS, qh, q0, T);
+  // (MT 1: Q borrows K's stage 1 until its fragments are in registers; tile 1 is issued after the loop's first barrier.)
+#pragma unroll
+  for (int r = 0; r < FQ; r += FK) load_rows<D, KS>(qbuf + r * KS, qh, q0 + r, T);
   load_rows<D, KS>(kbuf, kh, 0, T);
   load_rows<DV, VS>(vbuf, vh, 0, T);
   cp_async_commit();
   cp_async_wait<0>();
   __syncthreads();
-  uint32_t qf[KT][4];
-  {
-    const uint16_t* qa = kbuf + FK * KS + (16 * w + (lane & 15)) * KS + 8 * (lane >> 4);
+  // Warp w owns m16 tiles MT·w .. MT·w + MT - 1 of the block's rows.
+  uint32_t qf[MT][KT][4];
 #pragma unroll
-    for (int kk = 0; kk < KT; ++kk) ldsm_x4(qf[kk], qa + 16 * kk);
+  for (int mt = 0; mt < MT; ++mt) {
+    const uint16_t* qa = qbuf + (16 * (MT * w + mt) + (lane & 15)) * KS + 8 * (lane >> 4);
+#pragma unroll
+    for (int kk = 0; kk < KT; ++kk) ldsm_x4(qf[mt][kk], qa + 16 * kk);
   }
-  float o[NO][4];
+  float o[MT][NO][4];
 #pragma unroll
-  for (int n = 0; n < NO; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
-  // This thread's rows i0 (C elements 0, 1) and i1 = i0 + 8 (elements 2, 3). m: running max of the scores in
-  // log2 units (quad-uniform); l: this thread's part of the row sum (reduced over the quad at the end; the
-  // rescaling by alpha is quad-uniform, so the parts stay consistent).
-  const int i0 = q0 + 16 * w + g, i1 = i0 + 8;
-  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int n = 0; n < NO; ++n) o[mt][n][0] = o[mt][n][1] = o[mt][n][2] = o[mt][n][3] = 0.0f;
+  // This thread's rows i0 (C elements 0, 1) and i1 = i0 + 8 (elements 2, 3) of each m tile. m: running max of the
+  // raw scores (quad-uniform; the scale sl2 > 0 is applied inside exp2's argument, one fma a score); l: this thread's
+  // part of the row sum (reduced over the quad at the end; the rescaling by alpha is quad-uniform, so the parts stay
+  // consistent).
+  const int wrow0 = q0 + 16 * MT * w;  // the warp's first row
+  float m0[MT], m1[MT], l0[MT], l1[MT];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) m0[mt] = m1[mt] = -INFINITY, l0[mt] = l1[mt] = 0.0f;
 
   const uint16_t* kb_off = kbuf + ((lane & 7) + 8 * (lane >> 4)) * KS + 8 * ((lane >> 3) & 1);
   const uint16_t* vb_off = vbuf + ((lane & 7) + 8 * ((lane >> 3) & 1)) * VS + 8 * (lane >> 4);
@@ -135,10 +166,13 @@ __global__ void __launch_bounds__(FT) k_flash_causal(const uint16_t* __restrict_
       load_rows<DV, VS>(vbuf + (st ^ 1) * FK * VS, vh, j0 + FK, T);
       cp_async_commit();
     }
+    if (j0 > wrow0 + 16 * MT - 1) continue;  // every key past every row of this warp (warp-uniform)
     // S = Q·Kᵀ: n8 tile nt holds keys j0 + 8 nt ..; K rows are B's n, so ldmatrix without .trans.
-    float s[NS][4];
+    float s[MT][NS][4];
 #pragma unroll
-    for (int n = 0; n < NS; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int n = 0; n < NS; ++n) s[mt][n][0] = s[mt][n][1] = s[mt][n][2] = s[mt][n][3] = 0.0f;
     const uint16_t* kb = kb_off + st * FK * KS;
 #pragma unroll
     for (int kk = 0; kk < KT; ++kk)
@@ -146,57 +180,65 @@ __global__ void __launch_bounds__(FT) k_flash_causal(const uint16_t* __restrict_
       for (int np = 0; np < NS / 2; ++np) {
         uint32_t bf[4];
         ldsm_x4(bf, kb + np * 16 * KS + kk * 16);
-        mma_bf16(s[2 * np], qf[kk], bf[0], bf[1]);
-        mma_bf16(s[2 * np + 1], qf[kk], bf[2], bf[3]);
-      }
-    // Scale into log2 units; mask j > i (and j >= T, for the rows past T) on the diagonal tile, the only one with
-    // such keys. Every row sees key 0 in tile 0, so m is finite after it; the -inf guards are for robustness only.
-    const bool diag = it == ntiles - 1;
-    float mx0 = -INFINITY, mx1 = -INFINITY;
 #pragma unroll
-    for (int n = 0; n < NS; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float x = s[n][e] * sl2;
-        if (diag) {
-          const int j = j0 + 8 * n + 2 * tq + (e & 1);
-          if (j > (e < 2 ? i0 : i1) || j >= T) x = -INFINITY;
+        for (int mt = 0; mt < MT; ++mt) {
+          mma_bf16(s[mt][2 * np], qf[mt][kk], bf[0], bf[1]);
+          mma_bf16(s[mt][2 * np + 1], qf[mt][kk], bf[2], bf[3]);
         }
-        s[n][e] = x;
-        if (e < 2)
-          mx0 = fmaxf(mx0, x);
-        else
-          mx1 = fmaxf(mx1, x);
       }
-    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-    const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
-    const float mu0 = mn0 == -INFINITY ? 0.0f : mn0, mu1 = mn1 == -INFINITY ? 0.0f : mn1;  // no -inf - -inf
-    const float al0 = exp2f(m0 - mu0), al1 = exp2f(m1 - mu1);  // 0 while m was -inf (O and l still 0)
-    m0 = mn0;
-    m1 = mn1;
-    l0 *= al0;
-    l1 *= al1;
+    // Mask j > i (and j >= T, for the rows past T) on the tiles reaching the block's rows, the only ones with such
+    // keys. Every row sees key 0 in tile 0, so m is finite after it; the -inf guards are for robustness only.
+    const bool diag = j0 + FK > q0;
+    uint32_t pf[MT][NS / 2][4];
 #pragma unroll
-    for (int n = 0; n < NO; ++n) {
-      o[n][0] *= al0;
-      o[n][1] *= al0;
-      o[n][2] *= al1;
-      o[n][3] *= al1;
-    }
-    // P in bf16 as A fragments of the k16 steps: step kk takes n8 tiles 2 kk (k 0..7) and 2 kk + 1 (k 8..15);
-    // {c0, c1} is (row g, k 2 tq ..), {c2, c3} is row g + 8.
-    uint32_t pf[NS / 2][4];
+    for (int mt = 0; mt < MT; ++mt) {
+      const int i0 = wrow0 + 16 * mt + g, i1 = i0 + 8;
+      float mx0 = -INFINITY, mx1 = -INFINITY;
 #pragma unroll
-    for (int n = 0; n < NS; ++n) {
-      const uint32_t u01 = pack_bf16x2(exp2f(s[n][0] - mu0), exp2f(s[n][1] - mu0));
-      const uint32_t u23 = pack_bf16x2(exp2f(s[n][2] - mu1), exp2f(s[n][3] - mu1));
-      l0 += __uint_as_float(u01 << 16) + __uint_as_float(u01 & 0xffff0000u);
-      l1 += __uint_as_float(u23 << 16) + __uint_as_float(u23 & 0xffff0000u);
-      pf[n >> 1][2 * (n & 1)] = u01;
-      pf[n >> 1][2 * (n & 1) + 1] = u23;
+      for (int n = 0; n < NS; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          float x = s[mt][n][e];
+          if (diag) {
+            const int j = j0 + 8 * n + 2 * tq + (e & 1);
+            if (j > (e < 2 ? i0 : i1) || j >= T) x = -INFINITY;
+          }
+          s[mt][n][e] = x;
+          if (e < 2)
+            mx0 = fmaxf(mx0, x);
+          else
+            mx1 = fmaxf(mx1, x);
+        }
+      mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+      mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+      const float mn0 = fmaxf(m0[mt], mx0), mn1 = fmaxf(m1[mt], mx1);
+      const float mu0 = mn0 == -INFINITY ? 0.0f : mn0, mu1 = mn1 == -INFINITY ? 0.0f : mn1;  // no -inf - -inf
+      const float al0 = exp2f((m0[mt] - mu0) * sl2), al1 = exp2f((m1[mt] - mu1) * sl2);  // 0 while m was -inf
+      const float nb0 = -mu0 * sl2, nb1 = -mu1 * sl2;
+      m0[mt] = mn0;
+      m1[mt] = mn1;
+      l0[mt] *= al0;
+      l1[mt] *= al1;
+#pragma unroll
+      for (int n = 0; n < NO; ++n) {
+        o[mt][n][0] *= al0;
+        o[mt][n][1] *= al0;
+        o[mt][n][2] *= al1;
+        o[mt][n][3] *= al1;
+      }
+      // P in bf16 as A fragments of the k16 steps: step kk takes n8 tiles 2 kk (k 0..7) and 2 kk + 1 (k 8..15);
+      // {c0, c1} is (row g, k 2 tq ..), {c2, c3} is row g + 8.
+#pragma unroll
+      for (int n = 0; n < NS; ++n) {
+        const uint32_t u01 = pack_bf16x2(exp2f(fmaf(s[mt][n][0], sl2, nb0)), exp2f(fmaf(s[mt][n][1], sl2, nb0)));
+        const uint32_t u23 = pack_bf16x2(exp2f(fmaf(s[mt][n][2], sl2, nb1)), exp2f(fmaf(s[mt][n][3], sl2, nb1)));
+        l0[mt] += __uint_as_float(u01 << 16) + __uint_as_float(u01 & 0xffff0000u);
+        l1[mt] += __uint_as_float(u23 << 16) + __uint_as_float(u23 & 0xffff0000u);
+        pf[mt][n >> 1][2 * (n & 1)] = u01;
+        pf[mt][n >> 1][2 * (n & 1) + 1] = u23;
+      }
     }
     // O += P·V: V rows are B's k, so ldmatrix.trans; (bf[0], bf[1]) columns 16 np .., (bf[2], bf[3]) 16 np + 8 ..
     const uint16_t* vb = vb_off + st * FK * VS;
@@ -206,45 +248,72 @@ __global__ void __launch_bounds__(FT) k_flash_causal(const uint16_t* __restrict_
       for (int np = 0; np < NO / 2; ++np) {
         uint32_t bf[4];
         ldsm_x4_t(bf, vb + kk * 16 * VS + np * 16);
-        mma_bf16(o[2 * np], pf[kk], bf[0], bf[1]);
-        mma_bf16(o[2 * np + 1], pf[kk], bf[2], bf[3]);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          mma_bf16(o[mt][2 * np], pf[mt][kk], bf[0], bf[1]);
+          mma_bf16(o[mt][2 * np + 1], pf[mt][kk], bf[2], bf[3]);
+        }
       }
   }
-  l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
-  l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
-  l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
-  l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
-  // l >= 1 for every row < T: its max key contributes exp2(0) = 1 exactly. Rows >= T are not written.
-  const float inv0 = 1.0f / l0, inv1 = 1.0f / l1;
-  float* ob = out + int64_t(b) * so.b + int64_t(h) * so.h + 2 * tq;
-  if (i0 < T) {
-    float* r = ob + int64_t(i0) * so.t;
 #pragma unroll
-    for (int n = 0; n < NO; ++n) {
-      r[8 * n] = o[n][0] * inv0;
-      r[8 * n + 1] = o[n][1] * inv0;
+  for (int mt = 0; mt < MT; ++mt) {
+    float s0 = l0[mt], s1 = l1[mt];
+    s0 += __shfl_xor_sync(0xffffffffu, s0, 1);
+    s0 += __shfl_xor_sync(0xffffffffu, s0, 2);
+    s1 += __shfl_xor_sync(0xffffffffu, s1, 1);
+    s1 += __shfl_xor_sync(0xffffffffu, s1, 2);
+    // l >= 1 for every row < T: its max key contributes exp2(0) = 1 exactly. Rows >= T are not written.
+    const float inv0 = 1.0f / s0, inv1 = 1.0f / s1;
+    const int i0 = wrow0 + 16 * mt + g, i1 = i0 + 8;
+    O* ob = out + int64_t(b) * so.b + int64_t(h) * so.h + 2 * tq;
+    auto put = [&](O* r, float x, float y) {
+      if constexpr (sizeof(O) == 4) {
+        r[0] = x;
+        r[1] = y;
+      } else {  // a bf16 pair (the output's rows and columns are even: 4-byte aligned)
+        *reinterpret_cast<uint32_t*>(r) = pack_bf16x2(x, y);
+      }
+    };
+    if (i0 < T) {
+      O* r = ob + int64_t(i0) * so.t;
+#pragma unroll
+      for (int n = 0; n < NO; ++n) put(r + 8 * n, o[mt][n][0] * inv0, o[mt][n][1] * inv0);
     }
-  }
-  if (i1 < T) {
-    float* r = ob + int64_t(i1) * so.t;
+    if (i1 < T) {
+      O* r = ob + int64_t(i1) * so.t;
 #pragma unroll
-    for (int n = 0; n < NO; ++n) {
-      r[8 * n] = o[n][2] * inv1;
-      r[8 * n + 1] = o[n][3] * inv1;
+      for (int n = 0; n < NO; ++n) put(r + 8 * n, o[mt][n][2] * inv1, o[mt][n][3] * inv1);
     }
   }
 }
 
-template <int D, int DV>
-void launch_flash(const uint16_t* qp, const uint16_t* kp, const uint16_t* vp, float* out, Strides3 so, int64_t B, int64_t T,
-                  int64_t H, float scale, cudaStream_t s) {
-  using F = Flash<D, DV>;
+// DSV3_FLASH_MT=1: one m16 tile a warp for every head dim (64-row blocks, the kernel before 2026-12-03), for A/B.
+int env_flash_mt() {
+  static const int v = [] {
+    const char* e = std::getenv("DSV3_FLASH_MT");
+    return e && std::string(e) == "1" ? 1 : 2;
+  }();
+  return v;
+}
+
+template <int D, int DV, int MT, class O>
+void launch_flash_out(const uint16_t* qp, const uint16_t* kp, const uint16_t* vp, O* out, Strides3 so, int64_t B, int64_t T,
+                      int64_t H, float scale, cudaStream_t s) {
+  using F = Flash<D, DV, MT>;
   if (F::smem > 48 * 1024)
-    DSV3_CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(&k_flash_causal<D, DV>),
+    DSV3_CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(&k_flash_causal<D, DV, MT, O>),
                                          cudaFuncAttributeMaxDynamicSharedMemorySize, int(F::smem)));
-  const dim3 grid(unsigned(ceil_div(T, FQ)), unsigned(H), unsigned(B));
-  k_flash_causal<D, DV><<<grid, FT, F::smem, s>>>(qp, kp, vp, out, so, int(T), int(H), scale * 1.4426950408889634f);
+  const dim3 grid(unsigned(ceil_div(T, F::FQ)), unsigned(H), unsigned(B));
+  k_flash_causal<D, DV, MT, O><<<grid, FT, F::smem, s>>>(qp, kp, vp, out, so, int(T), int(H), scale * 1.4426950408889634f);
   DSV3_CUDA_CHECK_LAUNCH("attention_causal_flash kernel");
+}
+template <int D, int DV, int MT>
+void launch_flash(const uint16_t* qp, const uint16_t* kp, const uint16_t* vp, void* out, DType ot, Strides3 so, int64_t B, int64_t T,
+                  int64_t H, float scale, cudaStream_t s) {
+  if (ot == DType::BF16)
+    launch_flash_out<D, DV, MT>(qp, kp, vp, static_cast<uint16_t*>(out), so, B, T, H, scale, s);
+  else
+    launch_flash_out<D, DV, MT>(qp, kp, vp, static_cast<float*>(out), so, B, T, H, scale, s);
 }
 
 bool aligned16(const float* p, Strides3 s) {
@@ -261,10 +330,18 @@ size_t attention_causal_flash_workspace(int64_t B, int64_t T, int64_t H, int64_t
   return size_t(B * T * H * (2 * D + Dv)) * 2 + 256 * 3;
 }
 
-void attention_causal_flash(const float* q, Strides3 sq, const float* k, Strides3 sk, const float* v, Strides3 sv, float* out,
+void attention_causal_flash(const float* q, Strides3 sq, const float* k, Strides3 sk, const float* v, Strides3 sv, void* out,
                             Strides3 so, int64_t B, int64_t T, int64_t H, int64_t D, int64_t Dv, float scale, void* ws,
-                            size_t ws_bytes, cudaStream_t s) {
+                            size_t ws_bytes, cudaStream_t s, const FlashMla& mla) {
   DSV3_CHECK(attention_causal_flash_supported(D, Dv), "attention_causal_flash: head dims {} / {} have no kernel", D, Dv);
+  DSV3_CHECK(mla.out_type == DType::F32 || mla.out_type == DType::BF16, "attention_causal_flash: output {} (F32 or BF16)",
+             dtype_name(mla.out_type));
+  DSV3_CHECK(mla.out_type == DType::F32 || (so.b % 2 == 0 && so.t % 2 == 0 && so.h % 2 == 0 && (reinterpret_cast<uintptr_t>(out) & 3) == 0),
+             "attention_causal_flash: a bf16 output needs even strides and a 4-byte aligned base");
+  DSV3_CHECK(mla.kr >= 0 && mla.kr < D && (D - mla.kr) % 4 == 0 && (mla.kr == 0 || mla.k_rope),
+             "attention_causal_flash: k_rope of {} dims (a multiple of 4 below D {}, with its tensor)", mla.kr, D);
+  DSV3_CHECK(mla.q_rope >= 0 && mla.q_rope <= D && mla.q_rope % 4 == 0 && (mla.q_rope == 0 || (mla.rope_table && mla.pos)),
+             "attention_causal_flash: RoPE on {} query dims (a multiple of 4 up to D {}, with a table and positions)", mla.q_rope, D);
   DSV3_CHECK(H <= 65535 && B <= 65535 && B * T <= INT_MAX,
              "attention_causal_flash: {} sequences x {} tokens x {} heads is too many", B, T, H);
   if (B * T * H == 0) return;
@@ -288,17 +365,29 @@ void attention_causal_flash(const float* q, Strides3 sq, const float* k, Strides
   a.vec[0] = aligned16(q, sq);
   a.vec[1] = aligned16(k, sk);
   a.vec[2] = aligned16(v, sv);
+  a.k_split = int(D - mla.kr);
+  if (mla.kr > 0) a.kr = mla.k_rope, a.skr = mla.skr, a.vec_kr = aligned16(mla.k_rope, mla.skr);
+  a.q_rope0 = int(D - mla.q_rope);
+  if (mla.q_rope > 0) {
+    a.table = reinterpret_cast<const float2*>(mla.rope_table);
+    a.pos = mla.pos;
+    a.rope_half = int(mla.q_rope / 2);
+  }
   const int64_t quads = H * std::max(D, Dv) / 4;  // per token and tensor
   const int threads = int(std::min<int64_t>(256, round_up(quads, 32)));
   const dim3 pgrid(unsigned(B * T), unsigned(ceil_div(quads, threads)), 3);
   k_flash_pack<<<pgrid, threads, 0, s>>>(a, int(T), int(H));
   DSV3_CUDA_CHECK_LAUNCH("attention_causal_flash pack kernel");
+  const bool mt2 = env_flash_mt() == 2;
+  const DType ot = mla.out_type;
   if (D == 64)
-    launch_flash<64, 64>(qp, kp, vp, out, so, B, T, H, scale, s);
+    mt2 ? launch_flash<64, 64, 2>(qp, kp, vp, out, ot, so, B, T, H, scale, s)
+        : launch_flash<64, 64, 1>(qp, kp, vp, out, ot, so, B, T, H, scale, s);
   else if (D == 96)
-    launch_flash<96, 64>(qp, kp, vp, out, so, B, T, H, scale, s);
+    mt2 ? launch_flash<96, 64, 2>(qp, kp, vp, out, ot, so, B, T, H, scale, s)
+        : launch_flash<96, 64, 1>(qp, kp, vp, out, ot, so, B, T, H, scale, s);
   else
-    launch_flash<192, 128>(qp, kp, vp, out, so, B, T, H, scale, s);
+    launch_flash<192, 128, 1>(qp, kp, vp, out, ot, so, B, T, H, scale, s);
 }
 
 }  // namespace dsv3::cuda

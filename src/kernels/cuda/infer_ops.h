@@ -139,13 +139,27 @@ void attention_causal_gemm(Gemm& g, const float* q, Strides3 sq, const float* k,
                            float* out, Strides3 so, int64_t B, int64_t T, int64_t H, int64_t D, int64_t Dv, float scale, void* ws,
                            size_t ws_bytes, cudaStream_t stream = nullptr);
 // The same attention as one flash kernel (mma.sync, online softmax in registers; no [T, T] matrix): one block per
-// 64 queries of a (sequence, head) walks the key tiles up to its diagonal. Same precision (bf16 q, k, v and P, f32
+// 64 or 128 queries of a (sequence, head) walks the key tiles up to its diagonal. Same precision (bf16 q, k, v and P, f32
 // accumulation) and layouts. Head dims (D, Dv) with a kernel, as attention_causal_flash_supported says: (64, 64),
 // (96, 64), (192, 128). Workspace: attention_causal_flash_workspace bytes (bf16 copies of q, k, v).
+// MLA's prefill layout folded into the bf16 packing (DeepSeek-V3 §2.1.1), so that no expanded key or roped query is
+// written first: with kr > 0, k holds each head's first D - kr dims (k_nope, inside kv_b's output) and k_rope
+// (strides skr, a head stride of 0 for the one decoupled key shared by the heads) its last kr; with q_rope > 0 the
+// query's last q_rope dims are rotated by RoPE (pairs (2p, 2p + 1); rope_table [positions][q_rope / 2] cos/sin pairs,
+// pos[b·T + t]) as they are read. out_type BF16: out is bf16 (the o_proj GEMM's input, no cast pass).
+struct FlashMla {
+  const float* k_rope = nullptr;
+  Strides3 skr;
+  int64_t kr = 0;
+  const float* rope_table = nullptr;
+  const int64_t* pos = nullptr;
+  int64_t q_rope = 0;
+  DType out_type = DType::F32;
+};
 bool attention_causal_flash_supported(int64_t D, int64_t Dv);
 size_t attention_causal_flash_workspace(int64_t B, int64_t T, int64_t H, int64_t D, int64_t Dv);
-void attention_causal_flash(const float* q, Strides3 sq, const float* k, Strides3 sk, const float* v, Strides3 sv, float* out,
+void attention_causal_flash(const float* q, Strides3 sq, const float* k, Strides3 sk, const float* v, Strides3 sv, void* out,
                             Strides3 so, int64_t B, int64_t T, int64_t H, int64_t D, int64_t Dv, float scale, void* ws,
-                            size_t ws_bytes, cudaStream_t stream = nullptr);
+                            size_t ws_bytes, cudaStream_t stream = nullptr, const FlashMla& mla = {});
 
 }  // namespace dsv3::cuda

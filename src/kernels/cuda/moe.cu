@@ -384,26 +384,52 @@ __global__ void __launch_bounds__(kThreadsB) k_moe_decode_down_grouped(const int
 
 // ---- prefill: permutation ----
 
-// One block per expert: the slots routed to it, in ascending order, by ballot compaction; counts[e].
-__global__ void k_moe_count(const int32_t* __restrict__ idx, int slots, int32_t* __restrict__ counts) {
-  __shared__ int part[32];
-  const int e = blockIdx.x;
-  int c = 0;
-  for (int s = threadIdx.x; s < slots; s += blockDim.x) c += idx[s] == e;
-  c = __reduce_add_sync(0xffffffffu, c);
-  if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = c;
+// Three passes over chunks of the slots (one block a chunk; moe_permute_chunks): each chunk's slots ranked among the
+// chunk's slots of the same expert, in slot order (the rank parked in slot_row), and the chunk's count per expert;
+// one block turns the counts into offsets and each chunk's first row per expert; each chunk places its slots. A
+// chunk walks its slots 256 at a time: a warp's peers of one expert by match.any, the warps before it by an [8][E]
+// table in shared memory (entries reset after use, so E up to 1024 costs no per-step clearing).
+constexpr int kPermThreads = 256, kPermChunk = 1024;
+__global__ void __launch_bounds__(kPermThreads) k_moe_rank(const int32_t* __restrict__ idx, int slots, int chunk, int E,
+                                                           int32_t* __restrict__ rank, int32_t* __restrict__ hist) {
+  extern __shared__ int psm[];
+  int* running = psm;     // [E] this chunk's slots per expert so far
+  int* wc = psm + E;      // [8][E] the current step's slots per warp and expert
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  for (int i = tid; i < 9 * E; i += kPermThreads) psm[i] = 0;
   __syncthreads();
-  if (threadIdx.x == 0) {
-    int t = 0;
-    for (int w = 0; w < int(blockDim.x >> 5); ++w) t += part[w];
-    counts[e] = t;
+  const int c0 = blockIdx.x * chunk, c1 = min(slots, c0 + chunk);
+  for (int base = c0; base < c1; base += kPermThreads) {
+    const int s = base + tid;
+    const int e = s < c1 ? idx[s] : -1;
+    const bool ok = e >= 0 && e < E;
+    const unsigned peers = __match_any_sync(0xffffffffu, ok ? e : -1);
+    const bool leader = ok && (peers & ((1u << lane) - 1u)) == 0;
+    if (leader) wc[warp * E + e] = __popc(peers);
+    __syncthreads();
+    if (ok) {
+      int r = running[e] + __popc(peers & ((1u << lane) - 1u));
+      for (int w2 = 0; w2 < warp; ++w2) r += wc[w2 * E + e];
+      rank[s] = r;
+    }
+    __syncthreads();
+    if (leader) {
+      atomicAdd(&running[e], __popc(peers));
+      wc[warp * E + e] = 0;
+    }
+    __syncthreads();
   }
+  for (int i = tid; i < E; i += kPermThreads) hist[int64_t(blockIdx.x) * E + i] = running[i];
 }
-// Exclusive scan of E <= 1024 counts in one block of 1024 threads.
-__global__ void k_moe_offsets(const int32_t* __restrict__ counts, int E, int32_t* __restrict__ offsets) {
+// One block of 1024 threads, thread e: counts[e] = Σ_c hist[c][e]; offsets by an exclusive scan over e (E <= 1024);
+// hist[c][e] becomes chunk c's first row of expert e.
+__global__ void __launch_bounds__(1024) k_moe_offsets(int32_t* __restrict__ hist, int chunks, int E, int32_t* __restrict__ counts,
+                                                      int32_t* __restrict__ offsets) {
   __shared__ int wsum[32];
   const int t = threadIdx.x, lane = t & 31, w = t >> 5;
-  const int c = t < E ? counts[t] : 0;
+  int c = 0;
+  if (t < E)
+    for (int k = 0; k < chunks; ++k) c += hist[int64_t(k) * E + t];
   int incl = c;
 #pragma unroll
   for (int o = 1; o < 32; o <<= 1) {
@@ -423,32 +449,29 @@ __global__ void k_moe_offsets(const int32_t* __restrict__ counts, int E, int32_t
   }
   __syncthreads();
   const int excl = wsum[w] + incl - c;
-  if (t < E) offsets[t] = excl;
+  if (t < E) {
+    counts[t] = c;
+    offsets[t] = excl;
+    int run = excl;
+    for (int k = 0; k < chunks; ++k) {
+      const int n = hist[int64_t(k) * E + t];
+      hist[int64_t(k) * E + t] = run;
+      run += n;
+    }
+  }
   if (t == E - 1) offsets[E] = excl + c;
 }
-__global__ void k_moe_place(const int32_t* __restrict__ idx, int slots, const int32_t* __restrict__ offsets,
-                            int32_t* __restrict__ perm, int32_t* __restrict__ slot_row) {
-  __shared__ int wcnt[32];
-  const int e = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nw = blockDim.x >> 5;
-  int n = offsets[e];
-  for (int base = 0; base < slots; base += blockDim.x) {
-    const int s = base + tid;
-    const bool p = s < slots && idx[s] == e;
-    const unsigned m = __ballot_sync(0xffffffffu, p);
-    if (lane == 0) wcnt[warp] = __popc(m);
-    __syncthreads();
-    int off = n, tot = 0;
-    for (int w2 = 0; w2 < nw; ++w2) {
-      if (w2 < warp) off += wcnt[w2];
-      tot += wcnt[w2];
-    }
-    if (p) {
-      const int r = off + __popc(m & ((1u << lane) - 1u));
-      perm[r] = s;
-      slot_row[s] = r;
-    }
-    n += tot;
-    __syncthreads();
+__global__ void __launch_bounds__(kPermThreads) k_moe_place(const int32_t* __restrict__ idx, int slots, int chunk, int E,
+                                                            const int32_t* __restrict__ hist, int32_t* __restrict__ perm,
+                                                            int32_t* __restrict__ slot_row) {
+  const int c0 = blockIdx.x * chunk, c1 = min(slots, c0 + chunk);
+  const int32_t* first = hist + int64_t(blockIdx.x) * E;
+  for (int s = c0 + int(threadIdx.x); s < c1; s += kPermThreads) {
+    const int e = idx[s];
+    if (e < 0 || e >= E) continue;
+    const int r = first[e] + slot_row[s];
+    perm[r] = s;
+    slot_row[s] = r;
   }
 }
 
@@ -464,13 +487,18 @@ __global__ void k_moe_gather(const float* __restrict__ x, int64_t ldx, const int
   }
 }
 
+// Block per token; kV4: 4 columns a thread with 16-byte loads (D, ld, ldy multiples of 4, aligned bases). Each
+// column's sum runs over the token's slots in ascending expert order either way (the same bits).
+template <bool kV4>
 __global__ void k_moe_unpermute(const float* __restrict__ eo, int64_t ld, const int32_t* __restrict__ slot_row,
                                 const int32_t* __restrict__ idx, const float* __restrict__ wts, int k, int D,
                                 float* __restrict__ y, int64_t ldy, bool accumulate) {
   __shared__ int order[64];
+  __shared__ int64_t rows[64];
+  __shared__ float ws[64];
   const int64_t m = blockIdx.x;
+  const int kk = min(k, 64);
   if (threadIdx.x == 0) {  // ascending expert order (insertion sort of <= 64 entries)
-    const int kk = min(k, 64);
     for (int j = 0; j < kk; ++j) {
       int t = j;
       while (t > 0 && idx[m * k + order[t - 1]] > idx[m * k + j]) {
@@ -481,14 +509,35 @@ __global__ void k_moe_unpermute(const float* __restrict__ eo, int64_t ld, const 
     }
   }
   __syncthreads();
-  for (int d = threadIdx.x; d < D; d += blockDim.x) {
-    float a = 0.0f;
-    for (int jj = 0; jj < k; ++jj) {
-      const int j = jj < 64 ? order[jj] : jj;
-      a += eo[int64_t(slot_row[m * k + j]) * ld + d] * wts[m * k + j];
+  if (int(threadIdx.x) < kk) {
+    const int j = order[threadIdx.x];
+    rows[threadIdx.x] = int64_t(slot_row[m * k + j]) * ld;
+    ws[threadIdx.x] = wts[m * k + j];
+  }
+  __syncthreads();
+  if constexpr (kV4) {
+    for (int d = 4 * int(threadIdx.x); d < D; d += 4 * int(blockDim.x)) {
+      float4 a = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      for (int jj = 0; jj < k; ++jj) {
+        const float4 e = *reinterpret_cast<const float4*>(eo + (jj < 64 ? rows[jj] : int64_t(slot_row[m * k + jj]) * ld) + d);
+        const float w = jj < 64 ? ws[jj] : wts[m * k + jj];
+        a.x += e.x * w, a.y += e.y * w, a.z += e.z * w, a.w += e.w * w;
+      }
+      float4* yp = reinterpret_cast<float4*>(y + m * ldy + d);
+      if (accumulate) {
+        const float4 o = *yp;
+        a.x += o.x, a.y += o.y, a.z += o.z, a.w += o.w;
+      }
+      *yp = a;
     }
-    float* yp = y + m * ldy + d;
-    *yp = accumulate ? a + *yp : a;
+  } else {
+    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+      float a = 0.0f;
+      for (int jj = 0; jj < k; ++jj)
+        a += eo[(jj < 64 ? rows[jj] : int64_t(slot_row[m * k + jj]) * ld) + d] * (jj < 64 ? ws[jj] : wts[m * k + jj]);
+      float* yp = y + m * ldy + d;
+      *yp = accumulate ? a + *yp : a;
+    }
   }
 }
 
@@ -617,8 +666,18 @@ void moe_decode(const MoeExperts& w, const float* x, int64_t ldx, const int32_t*
 
 // ---- prefill ----
 
+namespace {
+// Chunks of whole 1024-slot pieces, at most 256 of them (the offsets block walks them serially).
+int64_t perm_chunk(int64_t slots) { return round_up(std::max<int64_t>(1, ceil_div(slots, 256)), kPermChunk); }
+}  // namespace
+
+int64_t moe_permute_chunks(int64_t M, int64_t top_k) {
+  const int64_t slots = M * top_k;
+  return slots <= 0 ? 0 : ceil_div(slots, perm_chunk(slots));
+}
+
 void moe_permute(const int32_t* idx, int64_t M, int64_t top_k, int64_t E, int32_t* counts, int32_t* offsets, int32_t* perm,
-                 int32_t* slot_row, cudaStream_t stream) {
+                 int32_t* slot_row, int32_t* chunk_first, cudaStream_t stream) {
   DSV3_CHECK(E > 0 && E <= kMaxE, "moe_permute: E = {} outside [1, {}]", E, kMaxE);
   const int64_t slots = M * top_k;
   DSV3_CHECK(slots < (int64_t(1) << 31), "moe_permute: {} slots", slots);
@@ -627,11 +686,14 @@ void moe_permute(const int32_t* idx, int64_t M, int64_t top_k, int64_t E, int32_
     memset_device(offsets, 0, size_t(E + 1) * 4, stream);
     return;
   }
-  k_moe_count<<<unsigned(E), 256, 0, stream>>>(idx, int(slots), counts);
-  DSV3_CUDA_CHECK_LAUNCH("moe_permute count kernel");
-  k_moe_offsets<<<1, 1024, 0, stream>>>(counts, int(E), offsets);
+  const int64_t chunk = perm_chunk(slots), chunks = ceil_div(slots, chunk);
+  const size_t smem = size_t(9 * E) * 4;  // under 48 KB for E <= kMaxE
+  static_assert(9 * kMaxE * 4 <= 48 * 1024, "k_moe_rank's tables in the default shared memory");
+  k_moe_rank<<<unsigned(chunks), kPermThreads, smem, stream>>>(idx, int(slots), int(chunk), int(E), slot_row, chunk_first);
+  DSV3_CUDA_CHECK_LAUNCH("moe_permute rank kernel");
+  k_moe_offsets<<<1, 1024, 0, stream>>>(chunk_first, int(chunks), int(E), counts, offsets);
   DSV3_CUDA_CHECK_LAUNCH("moe_permute offsets kernel");
-  k_moe_place<<<unsigned(E), 1024, 0, stream>>>(idx, int(slots), offsets, perm, slot_row);
+  k_moe_place<<<unsigned(chunks), kPermThreads, 0, stream>>>(idx, int(slots), int(chunk), int(E), chunk_first, perm, slot_row);
   DSV3_CUDA_CHECK_LAUNCH("moe_permute place kernel");
 }
 
@@ -650,14 +712,19 @@ void moe_gather(const float* x, int64_t ldx, const int32_t* perm, int64_t rows, 
 void moe_unpermute(const float* eo, int64_t ld, const int32_t* slot_row, const int32_t* idx, const float* wts, int64_t M,
                    int64_t top_k, int64_t D, float* y, int64_t ldy, bool accumulate, cudaStream_t stream) {
   if (M <= 0) return;
-  const int threads = D >= 1024 ? 256 : 128;
-  k_moe_unpermute<<<unsigned(M), threads, 0, stream>>>(eo, ld, slot_row, idx, wts, int(top_k), int(D), y, ldy, accumulate);
+  const bool v4 = D % 4 == 0 && ld % 4 == 0 && ldy % 4 == 0 && (reinterpret_cast<uintptr_t>(eo) & 15) == 0 &&
+                 (reinterpret_cast<uintptr_t>(y) & 15) == 0;
+  const int threads = v4 ? int(std::min<int64_t>(256, round_up(std::max<int64_t>(D / 4, 64), 32))) : D >= 1024 ? 256 : 128;
+  if (v4)
+    k_moe_unpermute<true><<<unsigned(M), threads, 0, stream>>>(eo, ld, slot_row, idx, wts, int(top_k), int(D), y, ldy, accumulate);
+  else
+    k_moe_unpermute<false><<<unsigned(M), threads, 0, stream>>>(eo, ld, slot_row, idx, wts, int(top_k), int(D), y, ldy, accumulate);
   DSV3_CUDA_CHECK_LAUNCH("moe_unpermute kernel");
 }
 
 namespace {
 struct PrefillLayout {
-  size_t counts, offsets, perm, slot_row, xg, gu, hb, out, xq, xs, hq, hs, total;
+  size_t counts, offsets, perm, slot_row, chunk_first, xg, gu, hb, out, xq, xs, hq, hs, total;
   PrefillLayout(int64_t M, int64_t k, int64_t E, int64_t D, int64_t I) {
     const int64_t S = M * k;
     auto al = [](size_t b) { return (b + 255) / 256 * 256; };
@@ -666,6 +733,7 @@ struct PrefillLayout {
     offsets = o, o += al(size_t(E + 1) * 4);
     perm = o, o += al(size_t(S) * 4);
     slot_row = o, o += al(size_t(S) * 4);
+    chunk_first = o, o += al(size_t(moe_permute_chunks(M, k) * E) * 4);
     xg = o, o += al(size_t(S) * size_t(D) * 2);
     gu = o, o += al(size_t(S) * size_t(2 * I) * 4);
     hb = o, o += al(size_t(S) * size_t(I) * 2);
@@ -686,7 +754,7 @@ size_t moe_prefill_workspace_bytes(int64_t M, int64_t top_k, int64_t E, int64_t 
 
 void moe_prefill(Gemm& gemm, const MoeExperts& w, const float* x, int64_t ldx, const int32_t* idx, const float* wts, int64_t M,
                  int64_t top_k, float* y, int64_t ldy, bool accumulate, void* workspace, size_t workspace_bytes,
-                 cudaStream_t stream, bool fp8_activations, bool no_gather) {
+                 cudaStream_t stream, bool fp8_activations, bool no_gather, const uint16_t* x_bf16) {
   check_experts(w);
   if (M <= 0) return;
   const PrefillLayout L(M, top_k, w.E, w.D, w.I);
@@ -696,12 +764,13 @@ void moe_prefill(Gemm& gemm, const MoeExperts& w, const float* x, int64_t ldx, c
   auto* offsets = reinterpret_cast<int32_t*>(base + L.offsets);
   auto* perm = reinterpret_cast<int32_t*>(base + L.perm);
   auto* slot_row = reinterpret_cast<int32_t*>(base + L.slot_row);
+  auto* chunk_first = reinterpret_cast<int32_t*>(base + L.chunk_first);
   auto* xg = reinterpret_cast<uint16_t*>(base + L.xg);
   auto* gu = reinterpret_cast<float*>(base + L.gu);
   auto* hb = reinterpret_cast<uint16_t*>(base + L.hb);
   auto* out = reinterpret_cast<float*>(base + L.out);
   const int64_t S = M * top_k, D = w.D, I = w.I;
-  moe_permute(idx, M, top_k, w.E, counts, offsets, perm, slot_row, stream);
+  moe_permute(idx, M, top_k, w.E, counts, offsets, perm, slot_row, chunk_first, stream);
   if (fp8_activations && moe_grouped_fp8_supported(w)) {  // e4m3 x e4m3 (moe_grouped_fp8.cu)
     auto* xq = reinterpret_cast<uint8_t*>(base + L.xq);
     auto* xs = reinterpret_cast<float*>(base + L.xs);
@@ -715,8 +784,8 @@ void moe_prefill(Gemm& gemm, const MoeExperts& w, const float* x, int64_t ldx, c
     return;
   }
   if (no_gather && ldx == D && moe_grouped_supported(w)) {
-    convert(DType::F32, x, DType::BF16, xg, M * D, stream);
-    moe_grouped_swiglu(w, xg, offsets, S, hb, stream, perm, top_k);
+    if (!x_bf16) convert(DType::F32, x, DType::BF16, xg, M * D, stream);
+    moe_grouped_swiglu(w, x_bf16 ? x_bf16 : xg, offsets, S, hb, stream, perm, top_k);
     moe_grouped_down(w, hb, offsets, S, out, stream);
     moe_unpermute(out, D, slot_row, idx, wts, M, top_k, D, y, ldy, accumulate, stream);
     return;

@@ -101,9 +101,11 @@ void moe_decode(const MoeExperts& w, const float* x, int64_t ldx, const int32_t*
 //   counts[e] = #slots routed to e; offsets[e] = Σ_{e' < e} counts[e'] (E + 1 entries, offsets[E] = M·top_k);
 //   perm[p] = the slot at permuted row p (slots of expert e at rows offsets[e].., in ascending slot order);
 //   slot_row[s] = the permuted row of slot s (inverse of perm). Requires E <= 1024. idx out of [0, E) -> the
-//   slot is counted nowhere and a later moe_unpermute reads garbage: route with moe_route.
+//   slot is counted nowhere and a later moe_unpermute reads garbage: route with moe_route. chunk_first: scratch of
+//   moe_permute_chunks(M, top_k) · E ints.
+int64_t moe_permute_chunks(int64_t M, int64_t top_k);
 void moe_permute(const int32_t* idx, int64_t M, int64_t top_k, int64_t E, int32_t* counts, int32_t* offsets,
-                 int32_t* perm, int32_t* slot_row, cudaStream_t stream = nullptr);
+                 int32_t* perm, int32_t* slot_row, int32_t* chunk_first, cudaStream_t stream = nullptr);
 // out[p, :] = x[perm[p] / top_k, :] converted to out_type (F32 or BF16); rows = M·top_k.
 void moe_gather(const float* x, int64_t ldx, const int32_t* perm, int64_t rows, int64_t top_k, int64_t D,
                 DType out_type, void* out, int64_t ldo, cudaStream_t stream = nullptr);
@@ -165,10 +167,12 @@ size_t moe_prefill_workspace_bytes(int64_t M, int64_t top_k, int64_t E, int64_t 
 // x and h are quantized to e4m3 per 1x128 tile and multiplied by the e4m3 weights as they are (DeepSeek-V3's
 // recipe, moe_grouped_*_fp8); without it the grouped kernels dequantize the weights to bf16 (bf16 activations).
 // no_gather (bf16 activations, ldx == D): x cast to bf16 once and read through the permutation by the gate|up
-// kernel instead of gathered into a [M·top_k, D] copy (the same products).
+// kernel instead of gathered into a [M·top_k, D] copy (the same products); x_bf16 (or null): that cast already made
+// (bf16(x), rows of D), e.g. by the norm that wrote x.
 void moe_prefill(Gemm& gemm, const MoeExperts& w, const float* x, int64_t ldx, const int32_t* idx, const float* wts,
                  int64_t M, int64_t top_k, float* y, int64_t ldy, bool accumulate, void* workspace,
-                 size_t workspace_bytes, cudaStream_t stream = nullptr, bool fp8_activations = true, bool no_gather = false);
+                 size_t workspace_bytes, cudaStream_t stream = nullptr, bool fp8_activations = true, bool no_gather = false,
+                 const uint16_t* x_bf16 = nullptr);
 
 
 // ---------------------------------------------------------------------------------------------------------
