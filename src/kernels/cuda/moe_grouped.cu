@@ -13,6 +13,8 @@
 // columns, and each warp holds gate columns and the matching up columns, so the epilogue writes
 // h = silu(gate)·up (bf16) directly: the f32 [slots, 2I] intermediate is never stored.
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/moe_ops.h"
@@ -26,9 +28,11 @@ constexpr int GN = 128, GK = 32, GTHREADS = 256, GSTR = GK + 8;
 
 // Ring stages of k slices. An e4m3 slice is half a bf16 one's bytes, so FP8 with 32-row tiles (decode batches,
 // where the weights' stream is the cost) keeps 8 in flight to have as many bytes outstanding as bf16's 4.
-template <bool FP8, int GM>
+// BK 64 (bf16 prefill tiles, K a multiple of 64): half the barriers and ring waits per product, 3 stages (two
+// blocks an SM still fit).
+template <bool FP8, int GM, int BK = GK>
 __host__ __device__ constexpr int grouped_stages() {
-  return FP8 && GM <= 32 ? 8 : 4;
+  return BK == 64 ? 3 : FP8 && GM <= 32 ? 8 : 4;
 }
 
 struct GroupedArgs {
@@ -49,10 +53,10 @@ struct GroupedArgs {
   const float* scale1;
 };
 
-template <bool FP8, int GM>
+template <bool FP8, int GM, int BK = GK>
 constexpr size_t grouped_smem_bytes() {
-  constexpr int GST = grouped_stages<FP8, GM>();
-  return size_t(GST * GM * GSTR) * 2 + (FP8 ? size_t(GST * GN * GK) + size_t(2 * GN * GSTR) * 2 : size_t(GST * GN * GSTR) * 2);
+  constexpr int GST = grouped_stages<FP8, GM, BK>(), BSTR = BK + 8;
+  return size_t(GST * GM * BSTR) * 2 + (FP8 ? size_t(GST * GN * GK) + size_t(2 * GN * GSTR) * 2 : size_t(GST * GN * BSTR) * 2);
 }
 
 // Two floats rounded to bf16 (nearest even) and packed, a low: one cvt.rn.bf16x2.f32, the same bits as two
@@ -63,10 +67,13 @@ __device__ __forceinline__ uint32_t bf16x2_rn(float a, float b) {
 }
 
 // WARPS_M warps along M with MT m16 tiles each (BM = 16 MT WARPS_M); 8 / WARPS_M warps along N with NT n8 tiles.
-template <bool FP8, bool SWIGLU, int WARPS_M, int MT>
+// BK: the k slice (32, or 64 for bf16); BSTR its padded row (an odd number of 16-byte chunks, for ldmatrix).
+template <bool FP8, bool SWIGLU, int WARPS_M, int MT, int BK = GK>
 __global__ void __launch_bounds__(GTHREADS, 2) k_moe_grouped(GroupedArgs g) {
   constexpr int GM = 16 * MT * WARPS_M, WARPS_N = 8 / WARPS_M, NT = GN / 8 / WARPS_N;
-  constexpr int GST = grouped_stages<FP8, GM>();
+  constexpr int GST = grouped_stages<FP8, GM, BK>(), BSTR = BK + 8, CH = BK / 8;
+  static_assert(!FP8 || BK == GK, "FP8 weights are dequantized in 32-wide slices");
+  static_assert(BK == 32 || BK == 64, "k slices of 32 or 64");
   static_assert(NT % 2 == 0, "n8 tiles go in pairs (one ldmatrix.x4); SwiGLU splits them gate / up");
   dependent_kernel_begin();
   extern __shared__ __align__(16) unsigned char smraw[];
@@ -82,10 +89,10 @@ __global__ void __launch_bounds__(GTHREADS, 2) k_moe_grouped(GroupedArgs g) {
   const int nj = blockIdx.x, K = g.K;
   // Split K (one-group products only): block z of the cluster runs slices [kbeg, kbeg + nk) and the cluster sums.
   const int splits = int(gridDim.z), z = int(blockIdx.z);
-  const int kbeg = (K / GK) * z / splits, nk = (K / GK) * (z + 1) / splits - kbeg;
-  uint16_t* as = reinterpret_cast<uint16_t*>(smraw);  // [GST][GM][GSTR]
-  uint16_t* bs = as + GST * GM * GSTR;                 // bf16: [GST][GN][GSTR]; FP8: converted [2][GN][GSTR]
-  uint8_t* braw = reinterpret_cast<uint8_t*>(bs + (FP8 ? 2 * GN * GSTR : GST * GN * GSTR));  // FP8: [GST][GN][GK]
+  const int kbeg = (K / BK) * z / splits, nk = (K / BK) * (z + 1) / splits - kbeg;
+  uint16_t* as = reinterpret_cast<uint16_t*>(smraw);  // [GST][GM][BSTR]
+  uint16_t* bs = as + GST * GM * BSTR;                 // bf16: [GST][GN][BSTR]; FP8: converted [2][GN][GSTR]
+  uint8_t* braw = reinterpret_cast<uint8_t*>(bs + (FP8 ? 2 * GN * GSTR : GST * GN * BSTR));  // FP8: [GST][GN][GK]
 
   // Weight row of tile row r (-1: beyond the projection; zero-filled).
   auto weight_row = [&](int r) {
@@ -98,23 +105,23 @@ __global__ void __launch_bounds__(GTHREADS, 2) k_moe_grouped(GroupedArgs g) {
     }
   };
   const void* wbase = one_group ? g.w1 : g.w[e];
-  // A: GM rows x 4 chunks of 8 a slice; a thread's chunks keep their rows over the k loop, so their source rows
+  // A: GM rows x CH chunks of 8 a slice; a thread's chunks keep their rows over the k loop, so their source rows
   // (through a_rows when set) are found once.
-  constexpr int AC = (GM * 4 + GTHREADS - 1) / GTHREADS;
+  constexpr int AC = (GM * CH + GTHREADS - 1) / GTHREADS;
   const uint16_t* asrc[AC];
 #pragma unroll
   for (int j = 0; j < AC; ++j) {
-    const int c = t + j * GTHREADS, row = row0 + (c >> 2);
+    const int c = t + j * GTHREADS, row = row0 + c / CH;
     int src = row < row_end ? row : row0;
     if (g.a_rows) src = g.a_rows[src] / g.a_row_div;
-    asrc[j] = g.a + int64_t(src) * g.lda + (c & 3) * 8;
+    asrc[j] = g.a + int64_t(src) * g.lda + (c % CH) * 8;
   }
   auto load = [&](int kt, int st) {  // kt: slice of this block's range
-    const int k0 = (kbeg + kt) * GK;
+    const int k0 = (kbeg + kt) * BK;
 #pragma unroll
     for (int j = 0; j < AC; ++j) {
-      const int c = t + j * GTHREADS, r = c >> 2;
-      if (c < GM * 4) cp_async16(as + (st * GM + r) * GSTR + (c & 3) * 8, asrc[j] + k0, row0 + r < row_end);
+      const int c = t + j * GTHREADS, r = c / CH;
+      if (c < GM * CH) cp_async16(as + (st * GM + r) * BSTR + (c % CH) * 8, asrc[j] + k0, row0 + r < row_end);
     }
     if constexpr (FP8) {  // 128 rows x 2 chunks of 16 e4m3
       const int r = t >> 1, ch = t & 1, wr = weight_row(r);
@@ -122,10 +129,10 @@ __global__ void __launch_bounds__(GTHREADS, 2) k_moe_grouped(GroupedArgs g) {
       cp_async16(braw + (st * GN + r) * GK + ch * 16, src, wr >= 0);
     } else {
 #pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        const int c = t + i * GTHREADS, r = c >> 2, ch = c & 3, wr = weight_row(r);
+      for (int i = 0; i < GN * CH / GTHREADS; ++i) {
+        const int c = t + i * GTHREADS, r = c / CH, ch = c % CH, wr = weight_row(r);
         const uint16_t* src = static_cast<const uint16_t*>(wbase) + int64_t(wr < 0 ? 0 : wr) * K + k0 + ch * 8;
-        cp_async16(bs + (st * GN + r) * GSTR + ch * 8, src, wr >= 0);
+        cp_async16(bs + (st * GN + r) * BSTR + ch * 8, src, wr >= 0);
       }
     }
     cp_async_commit();
@@ -148,17 +155,18 @@ __global__ void __launch_bounds__(GTHREADS, 2) k_moe_grouped(GroupedArgs g) {
     if constexpr (SWIGLU) return i < NT / 2 ? wn * (GN / 2 / WARPS_N) + 8 * i : GN / 2 + wn * (GN / 2 / WARPS_N) + 8 * (i - NT / 2);
     else return wn * (GN / WARPS_N) + 8 * i;
   };
-  // The MMAs of one 32-wide k slice from A stage `at` and bf16 weight rows `bt`.
+  // The MMAs of one BK-wide k slice from A stage `at` and bf16 weight rows `bt` (row stride BSTR; FP8's converted
+  // rows have GSTR, the same for its BK of 32).
   auto mma_slice = [&](const uint16_t* at, const uint16_t* bt) {
 #pragma unroll
-    for (int k16 = 0; k16 < GK / 16; ++k16) {
+    for (int k16 = 0; k16 < BK / 16; ++k16) {
       uint32_t af[MT][4], bf[NT / 2][4];
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt)
-        ldsm_x4(af[mt], at + (wm * 16 * MT + mt * 16 + (lane & 15)) * GSTR + k16 * 16 + 8 * (lane >> 4));
+        ldsm_x4(af[mt], at + (wm * 16 * MT + mt * 16 + (lane & 15)) * BSTR + k16 * 16 + 8 * (lane >> 4));
 #pragma unroll
       for (int p = 0; p < NT / 2; ++p)  // lanes 0-15 address tile 2p, lanes 16-31 tile 2p + 1
-        ldsm_x4(bf[p], bt + (col0(2 * p + (lane >> 4)) + (lane & 7)) * GSTR + k16 * 16 + 8 * ((lane >> 3) & 1));
+        ldsm_x4(bf[p], bt + (col0(2 * p + (lane >> 4)) + (lane & 7)) * BSTR + k16 * 16 + 8 * ((lane >> 3) & 1));
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -175,7 +183,7 @@ __global__ void __launch_bounds__(GTHREADS, 2) k_moe_grouped(GroupedArgs g) {
       if (kt + GST - 1 < nk) load(kt + GST - 1, (kt + GST - 1) % GST);
       else cp_async_commit();
       const int st = kt % GST;
-      mma_slice(as + st * GM * GSTR, bs + st * GN * GSTR);
+      mma_slice(as + st * GM * BSTR, bs + st * GN * BSTR);
     }
   } else {
     // FP8: thread t dequantizes 16 values of tile row t / 2 per slice into one of two bf16 buffers, slice kt + 1
@@ -224,7 +232,7 @@ __global__ void __launch_bounds__(GTHREADS, 2) k_moe_grouped(GroupedArgs g) {
       if (kt + GST - 1 < nk) load(kt + GST - 1, (kt + GST - 1) % GST);
       else cp_async_commit();
       if (kt + 1 < nk) convert(kt + 1, bs + ((kt + 1) & 1) * GN * GSTR);
-      mma_slice(as + (kt % GST) * GM * GSTR, bs + (kt & 1) * GN * GSTR);
+      mma_slice(as + (kt % GST) * GM * BSTR, bs + (kt & 1) * GN * GSTR);
     }
   }
   cp_async_wait<0>();
@@ -232,11 +240,11 @@ __global__ void __launch_bounds__(GTHREADS, 2) k_moe_grouped(GroupedArgs g) {
   store_tile<SWIGLU, GM, GN, MT, NT, GTHREADS>(acc, col0, wm, splits, smraw, row0, row_end, nj, g.N, g.out, g.ldo);
 }
 
-template <bool FP8, bool SWIGLU, int WARPS_M, int MT>
+template <bool FP8, bool SWIGLU, int WARPS_M, int MT, int BK = GK>
 void launch_shape(const GroupedArgs& g, int64_t slots, int64_t n_tiles, cudaStream_t s) {
   constexpr int GM = 16 * MT * WARPS_M;
-  constexpr size_t smem = grouped_smem_bytes<FP8, GM>();
-  auto* k = &k_moe_grouped<FP8, SWIGLU, WARPS_M, MT>;
+  constexpr size_t smem = grouped_smem_bytes<FP8, GM, BK>();
+  auto* k = &k_moe_grouped<FP8, SWIGLU, WARPS_M, MT, BK>;
   static const bool attr = [&] {
     if (smem > 48 * 1024) DSV3_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
     return true;
@@ -248,11 +256,25 @@ void launch_shape(const GroupedArgs& g, int64_t slots, int64_t n_tiles, cudaStre
   launch_dependent(k, dim3(unsigned(n_tiles), unsigned(m_tiles)), dim3(GTHREADS), smem, s, g);
   DSV3_CUDA_CHECK_LAUNCH("moe_grouped kernel");
 }
+// DSV3_GROUPED_BK=32: the bf16 prefill tiles in 32-wide k slices too (the kernel before 2026-12-03), for A/B.
+bool env_bk32() {
+  static const bool v = [] {
+    const char* e = std::getenv("DSV3_GROUPED_BK");
+    return e && std::string(e) == "32";
+  }();
+  return v;
+}
 // 128-row tiles once the groups average 64 rows; 32-row tiles below (decode batches).
 template <bool FP8, bool SWIGLU>
 void launch_grouped(const GroupedArgs& g, int64_t slots, int64_t n_tiles, cudaStream_t s) {
-  if (slots >= 64 * int64_t(g.E)) launch_shape<FP8, SWIGLU, 2, 4>(g, slots, n_tiles, s);
-  else launch_shape<FP8, SWIGLU, 1, 2>(g, slots, n_tiles, s);
+  if (slots >= 64 * int64_t(g.E)) {
+    if constexpr (!FP8) {
+      if (g.K % 64 == 0 && !env_bk32()) return launch_shape<FP8, SWIGLU, 2, 4, 64>(g, slots, n_tiles, s);
+    }
+    launch_shape<FP8, SWIGLU, 2, 4>(g, slots, n_tiles, s);
+  } else {
+    launch_shape<FP8, SWIGLU, 1, 2>(g, slots, n_tiles, s);
+  }
 }
 }  // namespace
 
