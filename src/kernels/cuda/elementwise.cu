@@ -98,15 +98,32 @@ __global__ void k_rope(float* __restrict__ x, int64_t s0, int64_t s1, int64_t M,
   }
 }
 
-template <class O>
+// kV4: four columns a thread, 16-byte loads (I, ldg, ldo multiples of 4 and aligned bases): the elementwise form
+// spent its time on 64-bit index divisions (26 us for 4096 x 704 on an H200, a third of the copy rate).
+template <class O, bool kV4>
 __global__ void k_silu_mul(const float* __restrict__ gu, int64_t ldg, O* __restrict__ out, int64_t ldo, int64_t M, int64_t I) {
   dependent_kernel_begin();
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < M * I; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t m = i / I, j = i % I;
-    const float g = gu[m * ldg + j], u = gu[m * ldg + I + j];
-    const float r = g / (1.0f + expf(-g)) * u;
-    if constexpr (sizeof(O) == 4) out[m * ldo + j] = r;
-    else out[m * ldo + j] = f32_to_bf16(r);
+  const auto silu_mul1 = [](float g, float u) { return g / (1.0f + expf(-g)) * u; };
+  if constexpr (kV4) {
+    const int64_t q = I / 4;
+    for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < M * q; i += int64_t(gridDim.x) * blockDim.x) {
+      const int64_t m = i / q, j = (i - m * q) * 4;
+      const float4 g = *reinterpret_cast<const float4*>(gu + m * ldg + j), u = *reinterpret_cast<const float4*>(gu + m * ldg + I + j);
+      const float r[4] = {silu_mul1(g.x, u.x), silu_mul1(g.y, u.y), silu_mul1(g.z, u.z), silu_mul1(g.w, u.w)};
+      if constexpr (sizeof(O) == 4) {
+        *reinterpret_cast<float4*>(out + m * ldo + j) = make_float4(r[0], r[1], r[2], r[3]);
+      } else {
+        *reinterpret_cast<uint2*>(out + m * ldo + j) = make_uint2(uint32_t(f32_to_bf16(r[0])) | uint32_t(f32_to_bf16(r[1])) << 16,
+                                                                  uint32_t(f32_to_bf16(r[2])) | uint32_t(f32_to_bf16(r[3])) << 16);
+      }
+    }
+  } else {
+    for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < M * I; i += int64_t(gridDim.x) * blockDim.x) {
+      const int64_t m = i / I, j = i % I;
+      const float r = silu_mul1(gu[m * ldg + j], gu[m * ldg + I + j]);
+      if constexpr (sizeof(O) == 4) out[m * ldo + j] = r;
+      else out[m * ldo + j] = f32_to_bf16(r);
+    }
   }
 }
 
@@ -250,9 +267,19 @@ void rope(float* x, int64_t s0, int64_t s1, int64_t M, int64_t H, int64_t R, con
 void silu_mul(const float* gu, int64_t ldg, DType ot, void* out, int64_t ldo, int64_t M, int64_t I, cudaStream_t s) {
   check_float_type(ot, "silu_mul output");
   if (M * I <= 0) return;
-  const dim3 grid(grid_1d(M * I, 256)), block(256);
-  if (ot == DType::F32) launch_dependent(k_silu_mul<float>, grid, block, 0, s, gu, ldg, static_cast<float*>(out), ldo, M, I);
-  else launch_dependent(k_silu_mul<uint16_t>, grid, block, 0, s, gu, ldg, static_cast<uint16_t*>(out), ldo, M, I);
+  const size_t oa = ot == DType::F32 ? 16 : 8;  // a quad's output bytes
+  const bool v4 = I % 4 == 0 && ldg % 4 == 0 && ldo % 4 == 0 && (reinterpret_cast<uintptr_t>(gu) & 15) == 0 &&
+                  (reinterpret_cast<uintptr_t>(out) & (oa - 1)) == 0;
+  const dim3 grid(grid_1d(v4 ? M * I / 4 : M * I, 256)), block(256);
+  if (ot == DType::F32) {
+    auto* o = static_cast<float*>(out);
+    if (v4) launch_dependent(k_silu_mul<float, true>, grid, block, 0, s, gu, ldg, o, ldo, M, I);
+    else launch_dependent(k_silu_mul<float, false>, grid, block, 0, s, gu, ldg, o, ldo, M, I);
+  } else {
+    auto* o = static_cast<uint16_t*>(out);
+    if (v4) launch_dependent(k_silu_mul<uint16_t, true>, grid, block, 0, s, gu, ldg, o, ldo, M, I);
+    else launch_dependent(k_silu_mul<uint16_t, false>, grid, block, 0, s, gu, ldg, o, ldo, M, I);
+  }
   DSV3_CUDA_CHECK_LAUNCH("silu_mul kernel");
 }
 

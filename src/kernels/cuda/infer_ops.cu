@@ -141,29 +141,58 @@ void contract_weights(const ContractOperand& A, const ContractOperand& B, const 
   DSV3_CUDA_CHECK_LAUNCH("contract_weights kernel");
 }
 
-template <class A>
+// R: the row's values a thread keeps in registers between the sum and the scaling (D <= R · blockDim.x; the
+// second pass re-read h, a round trip to L2). Thread t owns elements t, t + blockDim.x, ... as rmsnorm_to's threads
+// do, and sums them in that order: the same bits (tested).
+template <class A, int R>
 __global__ void k_residual_rmsnorm(float* __restrict__ h, int64_t ldh, const float* __restrict__ d, int64_t ldd,
                                    const float* __restrict__ gamma, float eps, int64_t D, float* __restrict__ yf, int64_t ldyf,
                                    A* __restrict__ ya, int64_t ldya) {
   dependent_kernel_begin();
   __shared__ float red[32];
   float* hr = h + blockIdx.x * ldh;
+  const float* dr = d ? d + blockIdx.x * ldd : nullptr;
+  float v[R];
+#pragma unroll
+  for (int i = 0; i < R; ++i) {
+    const int64_t j = threadIdx.x + int64_t(i) * blockDim.x;
+    v[i] = j < D ? hr[j] : 0.0f;
+  }
   float ss = 0.0f;
-  for (int64_t j = threadIdx.x; j < D; j += blockDim.x) {
-    float v = hr[j];
-    if (d) {
-      v += d[blockIdx.x * ldd + j];
-      hr[j] = v;
+#pragma unroll
+  for (int i = 0; i < R; ++i) {
+    const int64_t j = threadIdx.x + int64_t(i) * blockDim.x;
+    if (j < D) {
+      if (dr) {
+        v[i] += dr[j];
+        hr[j] = v[i];
+      }
+      ss += v[i] * v[i];
     }
-    ss += v * v;
   }
   ss = block_sum(ss, red);
   const float r = 1.0f / sqrtf(ss / float(D) + eps);
-  for (int64_t j = threadIdx.x; j < D; j += blockDim.x) {
-    const float v = gamma[j] * (hr[j] * r);
-    if (yf) yf[blockIdx.x * ldyf + j] = v;
-    if (ya) store(ya + blockIdx.x * ldya + j, v);
+#pragma unroll
+  for (int i = 0; i < R; ++i) {
+    const int64_t j = threadIdx.x + int64_t(i) * blockDim.x;
+    if (j < D) {
+      const float y = gamma[j] * (v[i] * r);
+      if (yf) yf[blockIdx.x * ldyf + j] = y;
+      if (ya) store(ya + blockIdx.x * ldya + j, y);
+    }
   }
+}
+template <class A>
+void launch_residual_rmsnorm(dim3 grid, dim3 block, cudaStream_t s, float* h, int64_t ldh, const float* d, int64_t ldd, const float* gamma,
+                             float eps, int64_t D, float* yf, int64_t ldyf, A* ya, int64_t ldya) {
+  const int64_t per = ceil_div(D, int64_t(block.x));
+  auto go = [&](auto k) { launch_dependent(k, grid, block, 0, s, h, ldh, d, ldd, gamma, eps, D, yf, ldyf, ya, ldya); };
+  if (per <= 2) go(k_residual_rmsnorm<A, 2>);
+  else if (per <= 4) go(k_residual_rmsnorm<A, 4>);
+  else if (per <= 8) go(k_residual_rmsnorm<A, 8>);
+  else if (per <= 16) go(k_residual_rmsnorm<A, 16>);
+  else if (per <= 32) go(k_residual_rmsnorm<A, 32>);
+  else DSV3_CHECK(false, "residual_rmsnorm: hidden size {} above {}", D, 32 * block.x);
 }
 void residual_rmsnorm(float* h, int64_t ldh, const float* d, int64_t ldd, const float* gamma, float eps, int64_t M, int64_t D,
                       float* yf, int64_t ldyf, DType yt, void* ya, int64_t ldya, cudaStream_t s) {
@@ -173,11 +202,9 @@ void residual_rmsnorm(float* h, int64_t ldh, const float* d, int64_t ldd, const 
   const int threads = D >= 1024 ? 512 : D >= 256 ? 256 : 128;
   const dim3 grid(static_cast<unsigned>(M)), block(threads);
   if (ya && yt == DType::F32)
-    launch_dependent(k_residual_rmsnorm<float>, grid, block, 0, s, h, ldh, d, ldd, gamma, eps, D, yf, ldyf, static_cast<float*>(ya),
-                     ldya);
+    launch_residual_rmsnorm(grid, block, s, h, ldh, d, ldd, gamma, eps, D, yf, ldyf, static_cast<float*>(ya), ldya);
   else
-    launch_dependent(k_residual_rmsnorm<uint16_t>, grid, block, 0, s, h, ldh, d, ldd, gamma, eps, D, yf, ldyf,
-                     static_cast<uint16_t*>(ya), ldya);
+    launch_residual_rmsnorm(grid, block, s, h, ldh, d, ldd, gamma, eps, D, yf, ldyf, static_cast<uint16_t*>(ya), ldya);
   DSV3_CUDA_CHECK_LAUNCH("residual_rmsnorm kernel");
 }
 
