@@ -19,6 +19,7 @@
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/moe_ops.h"
 #include "kernels/cuda/moe_tiles.cuh"
+#include "kernels/cuda/wgmma.cuh"
 
 namespace dsv3::cuda {
 namespace {
@@ -240,6 +241,117 @@ __global__ void __launch_bounds__(GTHREADS, 2) k_moe_grouped(GroupedArgs g) {
   store_tile<SWIGLU, GM, GN, MT, NT, GTHREADS>(acc, col0, wm, splits, smraw, row0, row_end, nj, g.N, g.out, g.ldo);
 }
 
+// The bf16 prefill tile on Hopper's warpgroup MMA (DSV3_GROUPED_WGMMA=1; K a multiple of 64): the same 128 x 128
+// tiles, rows and epilogue as k_moe_grouped, the operands copied by cp.async into 128-byte-swizzled K-major tiles
+// (3 stages of 64-wide k slices, 32 KB each; two blocks an SM) and multiplied by wgmma m64n128k16 from shared
+// memory, each warpgroup 64 of the rows (no ldmatrix: the fragment traffic of mma.sync is what held the tensor
+// pipe at ~41%). A stage is refilled only after every warpgroup waited for the products that read it (the slice
+// before's wgmma are complete at the loop's barrier).
+constexpr int WG_BK = 64, WG_ST = 3, WG_TILE = 128 * WG_BK * 2;  // a 128-row x 64-k bf16 tile: 16 KB
+constexpr size_t wgmma_smem_bytes() { return size_t(WG_ST) * 2 * WG_TILE + 1024; }  // + the 1024-byte alignment
+
+template <bool SWIGLU>
+__global__ void __launch_bounds__(GTHREADS, 2) k_moe_grouped_wgmma(GroupedArgs g) {
+  constexpr int GM = 128;
+  dependent_kernel_begin();
+  extern __shared__ __align__(16) unsigned char smraw[];
+  __shared__ int e_s, mt_s;
+  const int t = threadIdx.x, w = t >> 5, wg = w >> 2;
+  if (w == 0) find_tile<GM>(g.offsets, g.E, &e_s, &mt_s);
+  __syncthreads();
+  const int e = e_s;
+  if (e < 0) return;
+  const int row0 = g.offsets[e] + mt_s * GM, row_end = g.offsets[e + 1];
+  const int nj = blockIdx.x, K = g.K, nk = K / WG_BK;
+  const uint32_t base = (smem_u32(smraw) + 1023u) & ~1023u;  // stage s: A at base + 2 s WG_TILE, B one tile later
+  unsigned char* const base_ptr = smraw + (base - smem_u32(smraw));
+  auto weight_row = [&](int r) {
+    if constexpr (SWIGLU) {
+      const int n = nj * (GN / 2) + (r & (GN / 2 - 1));
+      return n < g.N ? (r < GN / 2 ? n : g.up_row0 + n) : -1;
+    } else {
+      const int n = nj * GN + r;
+      return n < g.N ? n : -1;
+    }
+  };
+  const auto* wbase = static_cast<const uint16_t*>(g.w[e]);
+  // A and B tiles: 128 rows x 8 chunks of 16 bytes each, four chunks a thread; a chunk keeps its rows (and so its
+  // swizzled place) over the k loop.
+  constexpr int CH = 4;
+  const uint16_t* asrc[CH];
+  const uint16_t* bsrc[CH];
+  uint32_t soff[CH];
+  uint32_t aval = 0, bval = 0;
+#pragma unroll
+  for (int j = 0; j < CH; ++j) {
+    const int c = t + j * GTHREADS, r = c >> 3, ch = c & 7, row = row0 + r;
+    int src = row < row_end ? row : row0;
+    if (g.a_rows) src = g.a_rows[src] / g.a_row_div;
+    asrc[j] = g.a + int64_t(src) * g.lda + ch * 8;
+    const int wr = weight_row(r);
+    bsrc[j] = wbase + int64_t(wr < 0 ? 0 : wr) * K + ch * 8;
+    aval |= uint32_t(row < row_end) << j;
+    bval |= uint32_t(wr >= 0) << j;
+    soff[j] = swizzle128(r, ch);
+  }
+  auto load = [&](int kt, int st) {
+    const int k0 = kt * WG_BK;
+    unsigned char* a_st = base_ptr + size_t(2 * st) * WG_TILE;
+#pragma unroll
+    for (int j = 0; j < CH; ++j) {
+      cp_async16(a_st + soff[j], asrc[j] + k0, (aval >> j) & 1);
+      cp_async16(a_st + WG_TILE + soff[j], bsrc[j] + k0, (bval >> j) & 1);
+    }
+    cp_async_commit();
+  };
+#pragma unroll
+  for (int st = 0; st < WG_ST - 1; ++st) {
+    if (st < nk) load(st, st);
+    else cp_async_commit();
+  }
+  float d[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) d[i] = 0.0f;
+  for (int kt = 0; kt < nk; ++kt) {
+    cp_async_wait<WG_ST - 2>();
+    fence_proxy_async_smem();  // this thread's copies of slice kt, visible to the async proxy
+    __syncthreads();           // everyone's; and every warpgroup's products of slice kt - 1 are done
+    if (kt + WG_ST - 1 < nk) load(kt + WG_ST - 1, (kt + WG_ST - 1) % WG_ST);
+    else cp_async_commit();
+    const uint32_t a_addr = base + uint32_t(2 * (kt % WG_ST)) * WG_TILE + uint32_t(wg) * 64 * 128, b_addr = a_addr - uint32_t(wg) * 64 * 128 + WG_TILE;
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < WG_BK / 16; ++kk)
+      wgmma_m64n128k16_bf16(d, wgmma_desc_k128(a_addr + 32 * kk), wgmma_desc_k128(b_addr + 32 * kk), true);
+    wgmma_commit();
+    wgmma_wait<0>();
+  }
+  cp_async_wait<0>();
+  float acc[1][16][4];
+#pragma unroll
+  for (int j = 0; j < 16; ++j)
+#pragma unroll
+    for (int q = 0; q < 4; ++q) acc[0][j][q] = d[4 * j + q];
+  // Warp w's 16 rows are 16 w .. of the tile (warpgroup w / 4, its warp w % 4); n8 tile j at column 8 j (gate | up
+  // halves for SwiGLU, as k_moe_grouped's single warp column).
+  store_tile<SWIGLU, GM, GN, 1, 16, GTHREADS>(acc, [](int i) { return 8 * i; }, w, 1, smraw, row0, row_end, nj, g.N, g.out, g.ldo);
+}
+
+template <bool SWIGLU>
+void launch_wgmma(const GroupedArgs& g, int64_t slots, int64_t n_tiles, cudaStream_t s) {
+  constexpr size_t smem = wgmma_smem_bytes();
+  auto* k = &k_moe_grouped_wgmma<SWIGLU>;
+  static const bool attr = [&] {
+    DSV3_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    return true;
+  }();
+  (void)attr;
+  const int64_t m_tiles = ceil_div(slots, int64_t(128)) + g.E;
+  DSV3_CHECK(m_tiles <= 65535, "moe_grouped: {} row tiles exceed the grid", m_tiles);
+  launch_dependent(k, dim3(unsigned(n_tiles), unsigned(m_tiles)), dim3(GTHREADS), smem, s, g);
+  DSV3_CUDA_CHECK_LAUNCH("moe_grouped wgmma kernel");
+}
+
 template <bool FP8, bool SWIGLU, int WARPS_M, int MT, int BK = GK>
 void launch_shape(const GroupedArgs& g, int64_t slots, int64_t n_tiles, cudaStream_t s) {
   constexpr int GM = 16 * MT * WARPS_M;
@@ -256,6 +368,12 @@ void launch_shape(const GroupedArgs& g, int64_t slots, int64_t n_tiles, cudaStre
   launch_dependent(k, dim3(unsigned(n_tiles), unsigned(m_tiles)), dim3(GTHREADS), smem, s, g);
   DSV3_CUDA_CHECK_LAUNCH("moe_grouped kernel");
 }
+// DSV3_GROUPED_WGMMA=1: the bf16 prefill tiles on wgmma (k_moe_grouped_wgmma; written 2026-12-03 without a GPU,
+// off until tested and measured). Read at every launch, so a test can compare both paths in one process.
+bool env_wgmma() {
+  const char* e = std::getenv("DSV3_GROUPED_WGMMA");
+  return e && std::string(e) == "1";
+}
 // DSV3_GROUPED_BK=32: the bf16 prefill tiles in 32-wide k slices too (the kernel before 2026-12-03), for A/B.
 bool env_bk32() {
   static const bool v = [] {
@@ -269,6 +387,7 @@ template <bool FP8, bool SWIGLU>
 void launch_grouped(const GroupedArgs& g, int64_t slots, int64_t n_tiles, cudaStream_t s) {
   if (slots >= 64 * int64_t(g.E)) {
     if constexpr (!FP8) {
+      if (g.K % 64 == 0 && g.offsets && env_wgmma()) return launch_wgmma<SWIGLU>(g, slots, n_tiles, s);
       if (g.K % 64 == 0 && !env_bk32()) return launch_shape<FP8, SWIGLU, 2, 4, 64>(g, slots, n_tiles, s);
     }
     launch_shape<FP8, SWIGLU, 2, 4>(g, slots, n_tiles, s);
