@@ -513,6 +513,57 @@ TEST(CudaRowsGemm, Fp8ActivationsMatchCpuTwin) {
 // flips): relative L2 < 2e-3 for all three. Against the exact twin: < 1e-2 for bf16 activations; e4m3
 // activations lose ~2.6e-2 per product (test_cuda_gemm's measurement for cuBLASLt's FP8 GEMM), two in a chain:
 // < 6e-2. The FP8 path gives the same bits twice (no atomics, fixed order).
+// The wgmma tiles (DSV3_GROUPED_WGMMA=1) on the smallest products that take them (K a multiple of 64; the others
+// run the mma.sync tiles) against a float64 host loop, one expert: 128 rows, down K 64 (one k slice: descriptors and
+// swizzle) and gate|up K 128; 300 rows (a partial row tile), down K 192 (the stage ring) into N 224 (a partial
+// column tile); gate|up K 256 into I 160 (a partial SwiGLU tile). 1e-5 for f32 out, 4e-3 for bf16 h.
+TEST(CudaMoe, GroupedWgmmaTilesMatchHost) {
+  DSV3_REQUIRE_GPU();
+  std::mt19937_64 rng(79);
+  struct Case { int64_t rows, D, I; };
+  for (const Case c : {Case{128, 128, 64}, Case{300, 224, 192}, Case{300, 256, 160}}) {
+    const int64_t R = c.rows, D = c.D, I = c.I;
+    const HostExperts h = make_experts(1, D, I, false, rng);
+    auto dev = upload_experts(h);
+    const std::vector<float> hd = round_bf16(randn(size_t(R * I), rng)), xd = round_bf16(randn(size_t(R * D), rng));
+    auto dh = upload(to_bf16(hd));
+    auto dxx = upload(to_bf16(xd));
+    auto doff = upload(std::vector<int32_t>{0, int32_t(R)});
+    auto out = poisoned<float>(size_t(R * D));
+    auto hgu = poisoned<uint16_t>(size_t(R * I));
+    setenv("DSV3_GROUPED_WGMMA", "1", 1);
+    moe_grouped_down(dev->view, dh.get(), doff.get(), R, out.get());
+    moe_grouped_swiglu(dev->view, dxx.get(), doff.get(), R, hgu.get());
+    unsetenv("DSV3_GROUPED_WGMMA");
+    std::vector<float> ref(size_t(R * D)), refh(size_t(R * I));
+    const std::vector<float>& dn = h.dn[0];
+    const std::vector<float>& gu = h.gu[0];
+    for (int64_t r = 0; r < R; ++r) {
+      for (int64_t n = 0; n < D; ++n) {
+        double a = 0;
+        for (int64_t k = 0; k < I; ++k) a += double(hd[size_t(r * I + k)]) * dn[size_t(n * I + k)];
+        ref[size_t(r * D + n)] = float(a);
+      }
+      for (int64_t n = 0; n < I; ++n) {
+        double g = 0, u = 0;
+        for (int64_t k = 0; k < D; ++k) {
+          g += double(xd[size_t(r * D + k)]) * gu[size_t(n * D + k)];
+          u += double(xd[size_t(r * D + k)]) * gu[size_t((I + n) * D + k)];
+        }
+        refh[size_t(r * I + n)] = float(g / (1.0 + std::exp(-g)) * u);
+      }
+    }
+    const auto got = download(out);
+    const auto goth = from_bf16(download(hgu));
+    ASSERT_TRUE(all_finite(got) && all_finite(goth));
+    const double e = rel_l2(got, ref), eh = rel_l2(goth, refh);
+    std::printf("  wgmma tiles rows %lld D %lld I %lld: down rel L2 %.2e, gate|up + SwiGLU (bf16 h) %.2e\n", (long long)R,
+                (long long)D, (long long)I, e, eh);
+    EXPECT_LT(e, 1e-5) << R << " " << D << " " << I;
+    EXPECT_LT(eh, 4e-3) << R << " " << D << " " << I;  // h rounded to bf16
+  }
+}
+
 TEST(CudaMoe, PrefillMatchesCpuTwinAndDecode) {
   DSV3_REQUIRE_GPU();
   struct Case { int64_t M, E, D, I; };
