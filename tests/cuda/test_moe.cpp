@@ -513,11 +513,11 @@ TEST(CudaRowsGemm, Fp8ActivationsMatchCpuTwin) {
 // flips): relative L2 < 2e-3 for all three. Against the exact twin: < 1e-2 for bf16 activations; e4m3
 // activations lose ~2.6e-2 per product (test_cuda_gemm's measurement for cuBLASLt's FP8 GEMM), two in a chain:
 // < 6e-2. The FP8 path gives the same bits twice (no atomics, fixed order).
-// The wgmma tiles (DSV3_GROUPED_WGMMA=1) on the smallest products that take them (K a multiple of 64; the others
-// run the mma.sync tiles) against a float64 host loop, one expert: 128 rows, down K 64 (one k slice: descriptors and
-// swizzle) and gate|up K 128; 300 rows (a partial row tile), down K 192 (every stage once) into N 224 (a partial
-// column tile); gate|up K 256 (four slices: a stage refilled) into I 160 (a partial SwiGLU tile). 1e-5 for f32 out,
-// 4e-3 for bf16 h. (ptxas reports no serialised wgmma for these kernels.)
+// The wgmma tiles (DSV3_GROUPED_WGMMA=1) against a float64 host loop, one expert: 128 rows, down K 64 (one k slice:
+// descriptors and swizzle) and gate|up K 128; 300 rows (a partial row tile), down K 192 (every stage once) into N 224
+// (a partial column tile), gate|up K 224 (a half last slice); gate|up K 256 (four slices: a stage refilled) into
+// I 160 (a partial SwiGLU tile) and down K 160 (a half last slice). 1e-5 for f32 out, 4e-3 for bf16 h. (ptxas
+// reports no serialised wgmma for these kernels.)
 TEST(CudaMoe, GroupedWgmmaTilesMatchHost) {
   DSV3_REQUIRE_GPU();
   std::mt19937_64 rng(79);
@@ -597,8 +597,8 @@ TEST(CudaMoe, PrefillMatchesCpuTwinAndDecode) {
       moe_prefill(gemm, dev->view, dx.get(), D, didx.get(), dw.get(), M, k, dy_ng.get(), D, true, ws.get(), wsb, nullptr, false, true);
       EXPECT_EQ(std::memcmp(got.data(), download(dy_ng).data(), got.size() * 4), 0) << "no_gather differs, mode " << mode;
     }
-    // The wgmma tiles (DSV3_GROUPED_WGMMA=1: prefill-sized groups, here the cases with 64+ slots an expert, K a
-    // multiple of 64; the first case's 32-row tiles compare with themselves) vs mma.sync's: each k16 step's
+    // The wgmma tiles (DSV3_GROUPED_WGMMA=1: prefill-sized groups, here the cases with 64+ slots an expert; the
+    // first case's 32-row tiles compare with themselves) vs mma.sync's: each k16 step's
     // sum is the tensor core's own, so an h value can round to bf16 the other way at a boundary; 1e-4 (the kernels
     // are 2e-3 from the exact twin).
     if (mode == 0) {

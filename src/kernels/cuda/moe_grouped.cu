@@ -241,7 +241,8 @@ __global__ void __launch_bounds__(GTHREADS, 2) k_moe_grouped(GroupedArgs g) {
   store_tile<SWIGLU, GM, GN, MT, NT, GTHREADS>(acc, col0, wm, splits, smraw, row0, row_end, nj, g.N, g.out, g.ldo);
 }
 
-// The bf16 prefill tile on Hopper's warpgroup MMA (DSV3_GROUPED_WGMMA=1; K a multiple of 64): the same 128 x 128
+// The bf16 prefill tile on Hopper's warpgroup MMA (DSV3_GROUPED_WGMMA=1; K a multiple of 32, a last half slice
+// zero-filled past K): the same 128 x 128
 // tiles, rows and epilogue as k_moe_grouped, the operands copied by cp.async into 128-byte-swizzled K-major tiles
 // (3 stages of 64-wide k slices, 32 KB each; two blocks an SM) and multiplied by wgmma m64n128k16 from shared
 // memory, each warpgroup 64 of the rows (no ldmatrix: the fragment traffic of mma.sync is what held the tensor
@@ -262,7 +263,7 @@ __global__ void __launch_bounds__(GTHREADS, 2) k_moe_grouped_wgmma(GroupedArgs g
   const int e = e_s;
   if (e < 0) return;
   const int row0 = g.offsets[e] + mt_s * GM, row_end = g.offsets[e + 1];
-  const int nj = blockIdx.x, K = g.K, nk = K / WG_BK;
+  const int nj = blockIdx.x, K = g.K, nk = (K + WG_BK - 1) / WG_BK;
   const uint32_t base = (smem_u32(smraw) + 1023u) & ~1023u;  // stage s: A at base + 2 s WG_TILE, B one tile later
   unsigned char* const base_ptr = smraw + (base - smem_u32(smraw));
   auto weight_row = [&](int r) {
@@ -294,13 +295,16 @@ __global__ void __launch_bounds__(GTHREADS, 2) k_moe_grouped_wgmma(GroupedArgs g
     bval |= uint32_t(wr >= 0) << j;
     soff[j] = swizzle128(r, ch);
   }
+  const int kch = (t & 7) * 8;  // this thread's chunks' first k in a slice (the same for its four)
   auto load = [&](int kt, int st) {
     const int k0 = kt * WG_BK;
+    const bool in_k = k0 + kch < K;  // past K (a half last slice): zeros, which add nothing
+    const int kk0 = in_k ? k0 : 0;
     unsigned char* a_st = base_ptr + size_t(2 * st) * WG_TILE;
 #pragma unroll
     for (int j = 0; j < CH; ++j) {
-      cp_async16(a_st + soff[j], asrc[j] + k0, (aval >> j) & 1);
-      cp_async16(a_st + WG_TILE + soff[j], bsrc[j] + k0, (bval >> j) & 1);
+      cp_async16(a_st + soff[j], asrc[j] + kk0, in_k && ((aval >> j) & 1));
+      cp_async16(a_st + WG_TILE + soff[j], bsrc[j] + kk0, in_k && ((bval >> j) & 1));
     }
     cp_async_commit();
   };
@@ -387,7 +391,7 @@ template <bool FP8, bool SWIGLU>
 void launch_grouped(const GroupedArgs& g, int64_t slots, int64_t n_tiles, cudaStream_t s) {
   if (slots >= 64 * int64_t(g.E)) {
     if constexpr (!FP8) {
-      if (g.K % 64 == 0 && g.offsets && env_wgmma()) return launch_wgmma<SWIGLU>(g, slots, n_tiles, s);
+      if (g.offsets && env_wgmma()) return launch_wgmma<SWIGLU>(g, slots, n_tiles, s);  // (K % 32 == 0: supported)
       if (g.K % 64 == 0 && !env_bk32()) return launch_shape<FP8, SWIGLU, 2, 4, 64>(g, slots, n_tiles, s);
     }
     launch_shape<FP8, SWIGLU, 2, 4>(g, slots, n_tiles, s);
