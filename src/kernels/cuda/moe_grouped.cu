@@ -54,6 +54,19 @@ struct GroupedArgs {
   const float* scale1;
 };
 
+// Weight row of tile row r of column tile nj (-1: beyond the projection; zero-filled). SwiGLU: the tile's 64 gate
+// rows, then the 64 up rows of the same output columns.
+template <bool SWIGLU>
+__device__ __forceinline__ int tile_weight_row(const GroupedArgs& g, int nj, int r) {
+  if constexpr (SWIGLU) {
+    const int n = nj * (GN / 2) + (r & (GN / 2 - 1));
+    return n < g.N ? (r < GN / 2 ? n : g.up_row0 + n) : -1;
+  } else {
+    const int n = nj * GN + r;
+    return n < g.N ? n : -1;
+  }
+}
+
 template <bool FP8, int GM, int BK = GK>
 constexpr size_t grouped_smem_bytes() {
   constexpr int GST = grouped_stages<FP8, GM, BK>(), BSTR = BK + 8;
@@ -95,16 +108,7 @@ __global__ void __launch_bounds__(GTHREADS, 2) k_moe_grouped(GroupedArgs g) {
   uint16_t* bs = as + GST * GM * BSTR;                 // bf16: [GST][GN][BSTR]; FP8: converted [2][GN][GSTR]
   uint8_t* braw = reinterpret_cast<uint8_t*>(bs + (FP8 ? 2 * GN * GSTR : GST * GN * BSTR));  // FP8: [GST][GN][GK]
 
-  // Weight row of tile row r (-1: beyond the projection; zero-filled).
-  auto weight_row = [&](int r) {
-    if constexpr (SWIGLU) {
-      const int n = nj * (GN / 2) + (r & (GN / 2 - 1));
-      return n < g.N ? (r < GN / 2 ? n : g.up_row0 + n) : -1;
-    } else {
-      const int n = nj * GN + r;
-      return n < g.N ? n : -1;
-    }
-  };
+  auto weight_row = [&](int r) { return tile_weight_row<SWIGLU>(g, nj, r); };
   const void* wbase = one_group ? g.w1 : g.w[e];
   // A: GM rows x CH chunks of 8 a slice; a thread's chunks keep their rows over the k loop, so their source rows
   // (through a_rows when set) are found once.
@@ -266,15 +270,7 @@ __global__ void __launch_bounds__(GTHREADS, 2) k_moe_grouped_wgmma(GroupedArgs g
   const int nj = blockIdx.x, K = g.K, nk = (K + WG_BK - 1) / WG_BK;
   const uint32_t base = (smem_u32(smraw) + 1023u) & ~1023u;  // stage s: A at base + 2 s WG_TILE, B one tile later
   unsigned char* const base_ptr = smraw + (base - smem_u32(smraw));
-  auto weight_row = [&](int r) {
-    if constexpr (SWIGLU) {
-      const int n = nj * (GN / 2) + (r & (GN / 2 - 1));
-      return n < g.N ? (r < GN / 2 ? n : g.up_row0 + n) : -1;
-    } else {
-      const int n = nj * GN + r;
-      return n < g.N ? n : -1;
-    }
-  };
+  auto weight_row = [&](int r) { return tile_weight_row<SWIGLU>(g, nj, r); };
   const auto* wbase = static_cast<const uint16_t*>(g.w[e]);
   // A and B tiles: 128 rows x 8 chunks of 16 bytes each, four chunks a thread; a chunk keeps its rows (and so its
   // swizzled place) over the k loop.
