@@ -513,7 +513,7 @@ TEST(CudaRowsGemm, Fp8ActivationsMatchCpuTwin) {
 // flips): relative L2 < 2e-3 for all three. Against the exact twin: < 1e-2 for bf16 activations; e4m3
 // activations lose ~2.6e-2 per product (test_cuda_gemm's measurement for cuBLASLt's FP8 GEMM), two in a chain:
 // < 6e-2. The FP8 path gives the same bits twice (no atomics, fixed order).
-// The wgmma tiles (DSV3_GROUPED_WGMMA=1) against a float64 host loop, one expert: 128 rows, down K 64 (one k slice:
+// The wgmma tiles (the default for prefill-sized groups) against a float64 host loop, one expert: 128 rows, down K 64 (one k slice:
 // descriptors and swizzle) and gate|up K 128; 300 rows (a partial row tile), down K 192 (every stage once) into N 224
 // (a partial column tile), gate|up K 224 (a half last slice); gate|up K 256 (four slices: a stage refilled) into
 // I 160 (a partial SwiGLU tile) and down K 160 (a half last slice). 1e-5 for f32 out, 4e-3 for bf16 h. (ptxas
@@ -532,10 +532,8 @@ TEST(CudaMoe, GroupedWgmmaTilesMatchHost) {
     auto doff = upload(std::vector<int32_t>{0, int32_t(R)});
     auto out = poisoned<float>(size_t(R * D));
     auto hgu = poisoned<uint16_t>(size_t(R * I));
-    setenv("DSV3_GROUPED_WGMMA", "1", 1);
     moe_grouped_down(dev->view, dh.get(), doff.get(), R, out.get());
     moe_grouped_swiglu(dev->view, dxx.get(), doff.get(), R, hgu.get());
-    unsetenv("DSV3_GROUPED_WGMMA");
     std::vector<float> ref(size_t(R * D)), refh(size_t(R * I));
     const std::vector<float>& dn = h.dn[0];
     const std::vector<float>& gu = h.gu[0];
@@ -597,21 +595,21 @@ TEST(CudaMoe, PrefillMatchesCpuTwinAndDecode) {
       moe_prefill(gemm, dev->view, dx.get(), D, didx.get(), dw.get(), M, k, dy_ng.get(), D, true, ws.get(), wsb, nullptr, false, true);
       EXPECT_EQ(std::memcmp(got.data(), download(dy_ng).data(), got.size() * 4), 0) << "no_gather differs, mode " << mode;
     }
-    // The wgmma tiles (DSV3_GROUPED_WGMMA=1: prefill-sized groups, here the cases with 64+ slots an expert; the
-    // first case's 32-row tiles compare with themselves) vs mma.sync's: each k16 step's
+    // The wgmma tiles (the default for prefill-sized groups, here the cases with 64+ slots an expert; the first
+    // case's 32-row tiles compare with themselves) vs mma.sync's (DSV3_GROUPED_WGMMA=0): each k16 step's
     // sum is the tensor core's own, so an h value can round to bf16 the other way at a boundary; 1e-4 (the kernels
     // are 2e-3 from the exact twin).
     if (mode == 0) {
-      setenv("DSV3_GROUPED_WGMMA", "1", 1);
-      auto dy_wg = upload(y0);
-      moe_prefill(gemm, dev->view, dx.get(), D, didx.get(), dw.get(), M, k, dy_wg.get(), D, true, ws.get(), wsb, nullptr, false, true);
+      setenv("DSV3_GROUPED_WGMMA", "0", 1);
+      auto dy_mma = upload(y0);
+      moe_prefill(gemm, dev->view, dx.get(), D, didx.get(), dw.get(), M, k, dy_mma.get(), D, true, ws.get(), wsb, nullptr, false, true);
       unsetenv("DSV3_GROUPED_WGMMA");
-      const auto wg = download(dy_wg);
-      ASSERT_TRUE(all_finite(wg));
-      const double e_wg = rel_l2(wg, got);
+      const auto mma = download(dy_mma);
+      ASSERT_TRUE(all_finite(mma));
+      const double e_mma = rel_l2(mma, got);
       std::printf("  prefill bf16 M %lld E %lld D %lld I %lld: wgmma tiles vs mma.sync rel L2 %.2e\n", (long long)M, (long long)E,
-                  (long long)D, (long long)I, e_wg);
-      EXPECT_LT(e_wg, 1e-4) << "wgmma tiles";
+                  (long long)D, (long long)I, e_mma);
+      EXPECT_LT(e_mma, 1e-4) << "wgmma tiles";
     }
     if (fp8_acts) {
       auto dy_again = upload(y0);
