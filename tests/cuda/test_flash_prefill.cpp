@@ -1,7 +1,7 @@
-// The flash prefill attention (kernels/cuda/flash_prefill.cu: mma.sync, online softmax in registers) against the
-// CPU twin ops::attention_causal in f32 on the same inputs: bf16 rounding of q, k, v and P bounds the error
-// (~3e-3, as attention_causal_gemm); stated tolerance 1e-2. Lengths off the 64-row tiles (partial query and key
-// tiles), one token, packed strided q/k/v views (also misaligned for float4), separate tensors, a strided output.
+// The flash prefill attention (kernels/cuda/flash_prefill.cu: mma.sync, online softmax in registers; and the wgmma
+// kernel of flash_wgmma.cuh with 64- and 128-key tiles, where it has the head dims) against the CPU twin ops::attention_causal in f32 on the same inputs: bf16 rounding of q, k, v and P bounds the error
+// (~3e-3, as attention_causal_gemm); stated tolerance 1e-2. Lengths off the 64- and 128-row tiles (partial query
+// and key tiles), one token, packed strided q/k/v views (also misaligned for float4), separate tensors, a strided output.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -17,6 +17,21 @@
 
 namespace dsv3::cuda::test {
 namespace {
+
+// The kernels to run a case on: mma.sync always; the wgmma kernel (DSV3_FLASH_WGMMA, key tiles of 64 and 128)
+// where it has the head dims. FlashKernel sets the variable for its scope.
+std::vector<const char*> wgmma_variants(int64_t D, int64_t Dv) {
+  if ((D == 64 || D == 96) && Dv == 64) return {"", "64", "128"};
+  return {""};
+}
+struct FlashKernel {
+  explicit FlashKernel(const char* v) : v_(v) {
+    if (*v_) setenv("DSV3_FLASH_WGMMA", v_, 1);
+  }
+  ~FlashKernel() { unsetenv("DSV3_FLASH_WGMMA"); }
+  const char* name() const { return !*v_ ? "mma.sync" : v_[0] == '6' ? "wgmma, 64-key tiles" : "wgmma, 128-key tiles"; }
+  const char* v_;
+};
 
 struct FlashCase {
   int64_t B, T, H, D, Dv;
@@ -35,21 +50,24 @@ TEST(CudaFlashPrefill, CausalFlashAttentionMatchesCpu) {
     const auto [B, T, H, D, Dv, packed, pad] = c;
     ASSERT_TRUE(attention_causal_flash_supported(D, Dv));
     const CausalInputs in = causal_inputs(B, T, H, D, Dv, packed, pad, rng);
-    const int64_t orow = Dv + pad;  // a padded output row when pad > 0 (the pad stays poisoned)
-    const Strides3 so{T * H * orow, H * orow, orow};
-    auto out = poisoned<float>(size_t(B * T * H * orow));
-    const size_t wsb = attention_causal_flash_workspace(B, T, H, D, Dv);
-    DeviceBuffer<uint8_t> ws(wsb);
-    attention_causal_flash(in.pq, in.sq, in.pk, in.sk, in.pv, in.sv, out.get(), so, B, T, H, D, Dv, in.scale, ws.get(), wsb);
-    const auto all_out = download(out);
-    std::vector<float> got;
-    got.reserve(size_t(B * T * H * Dv));
-    for (int64_t r = 0; r < B * T * H; ++r) got.insert(got.end(), all_out.begin() + r * orow, all_out.begin() + r * orow + Dv);
-    ASSERT_TRUE(all_finite(got)) << B << "x" << T << "x" << H << " D " << D << " Dv " << Dv;
-    const double e = rel_l2(got, vec(in.o));
-    std::printf("  flash attention B %lld T %lld H %lld D %lld Dv %lld %s: rel L2 %.3g\n", (long long)B, (long long)T,
-                (long long)H, (long long)D, (long long)Dv, packed ? "packed" : "separate", e);
-    EXPECT_LT(e, 1e-2) << B << "x" << T << "x" << H << " D " << D << " Dv " << Dv;
+    for (const char* kernel : wgmma_variants(D, Dv)) {
+      FlashKernel use(kernel);
+      const int64_t orow = Dv + pad;  // a padded output row when pad > 0 (the pad stays poisoned)
+      const Strides3 so{T * H * orow, H * orow, orow};
+      auto out = poisoned<float>(size_t(B * T * H * orow));
+      const size_t wsb = attention_causal_flash_workspace(B, T, H, D, Dv);
+      DeviceBuffer<uint8_t> ws(wsb);
+      attention_causal_flash(in.pq, in.sq, in.pk, in.sk, in.pv, in.sv, out.get(), so, B, T, H, D, Dv, in.scale, ws.get(), wsb);
+      const auto all_out = download(out);
+      std::vector<float> got;
+      got.reserve(size_t(B * T * H * Dv));
+      for (int64_t r = 0; r < B * T * H; ++r) got.insert(got.end(), all_out.begin() + r * orow, all_out.begin() + r * orow + Dv);
+      ASSERT_TRUE(all_finite(got)) << B << "x" << T << "x" << H << " D " << D << " Dv " << Dv;
+      const double e = rel_l2(got, vec(in.o));
+      std::printf("  flash attention (%s) B %lld T %lld H %lld D %lld Dv %lld %s: rel L2 %.3g\n", use.name(), (long long)B,
+                  (long long)T, (long long)H, (long long)D, (long long)Dv, packed ? "packed" : "separate", e);
+      EXPECT_LT(e, 1e-2) << use.name() << " " << B << "x" << T << "x" << H << " D " << D << " Dv " << Dv;
+    }
   }
 }
 
@@ -98,21 +116,24 @@ TEST(CudaFlashPrefill, MlaPiecesRopeAndBf16OutputMatchCpu) {
     ASSERT_TRUE(attention_causal_flash_supported(D, dv));
     auto dq = upload(qh), dkv = upload(kvh), dkr = upload(krh), dtab = upload(table);
     auto dpos = upload(pos);
-    auto out = poisoned<uint16_t>(size_t(B * T * H * dv));
     FlashMla fm;
     fm.k_rope = dkr.get(), fm.skr = Strides3{T * dr, dr, 0}, fm.kr = dr;
     fm.rope_table = dtab.get(), fm.pos = dpos.get(), fm.q_rope = dr, fm.out_type = DType::BF16;
     const Strides3 sq{T * H * D, H * D, D}, skv{T * H * hd, H * hd, hd}, so{T * H * dv, H * dv, dv};
     const size_t wsb = attention_causal_flash_workspace(B, T, H, D, dv);
     DeviceBuffer<uint8_t> ws(wsb);
-    attention_causal_flash(dq.get(), sq, dkv.get(), skv, dkv.get() + dn, skv, out.get(), so, B, T, H, D, dv, scale, ws.get(), wsb,
-                           nullptr, fm);
-    const std::vector<float> got = from_bf16(download(out));
-    ASSERT_TRUE(all_finite(got));
-    const double e = rel_l2(got, vec(ref));
-    std::printf("  flash attention (MLA pieces, bf16 out) B %lld T %lld H %lld D %lld Dv %lld: rel L2 %.3g\n", (long long)B,
-                (long long)T, (long long)H, (long long)D, (long long)dv, e);
-    EXPECT_LT(e, 1e-2) << B << "x" << T << "x" << H << " D " << D;
+    for (const char* kernel : wgmma_variants(D, dv)) {
+      FlashKernel use(kernel);
+      auto out = poisoned<uint16_t>(size_t(B * T * H * dv));
+      attention_causal_flash(dq.get(), sq, dkv.get(), skv, dkv.get() + dn, skv, out.get(), so, B, T, H, D, dv, scale, ws.get(), wsb,
+                             nullptr, fm);
+      const std::vector<float> got = from_bf16(download(out));
+      ASSERT_TRUE(all_finite(got)) << use.name();
+      const double e = rel_l2(got, vec(ref));
+      std::printf("  flash attention (%s; MLA pieces, bf16 out) B %lld T %lld H %lld D %lld Dv %lld: rel L2 %.3g\n", use.name(),
+                  (long long)B, (long long)T, (long long)H, (long long)D, (long long)dv, e);
+      EXPECT_LT(e, 1e-2) << use.name() << " " << B << "x" << T << "x" << H << " D " << D;
+    }
   }
 }
 

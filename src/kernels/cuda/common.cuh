@@ -112,6 +112,14 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
+// Two f32 rounded to bf16 (nearest even) and packed, lo in the low half: one cvt.rn.bf16x2.f32 (an A-fragment
+// register of mma.sync / wgmma, or two adjacent bf16 outputs).
+__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
+  uint32_t r;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+
 // ---- tensor cores (mma.sync m16n8k16, bf16 in, f32 accumulate) and their shared-memory fragment loads ----
 __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"

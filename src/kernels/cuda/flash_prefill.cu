@@ -4,14 +4,16 @@
 // registers and walks the 64-key tiles 0..diagonal (K and V double-buffered in shared memory by cp.async):
 // S = Q·Kᵀ (mma.sync m16n8k16) into f32 registers, an online softmax per row (a row lives in the 4 threads of a
 // quad), P rounded to bf16 straight into A fragments (the C fragments of two adjacent n8 tiles are the A fragment of
-// one k16 step), O += P·V with V read by ldmatrix.trans. l sums the rounded P, so the normalisation matches what
-// P·V summed. Precision as attention_causal_gemm: q, k, v and P in bf16, f32 accumulation.
+// one k16 step), O += P·V with V read by ldmatrix.trans (online_softmax, flash_softmax.cuh, shared with the wgmma
+// kernel of flash_wgmma.cuh). Precision as attention_causal_gemm: q, k, v and P in bf16, f32 accumulation.
 #include <algorithm>
 #include <climits>
 #include <cstdlib>
 #include <string>
 
 #include "kernels/cuda/common.cuh"
+#include "kernels/cuda/flash_softmax.cuh"
+#include "kernels/cuda/flash_wgmma.cuh"
 #include "kernels/cuda/infer_ops.h"
 
 namespace dsv3::cuda {
@@ -79,13 +81,6 @@ __global__ void __launch_bounds__(256) k_flash_pack(PackArgs a, int T, int H) {
   *reinterpret_cast<uint2*>(dst + ((b * H + h) * T + t) * D + d) = o;
 }
 
-// Two f32 to a packed bf16 pair (round to nearest even), lo in the low half: one A-fragment register.
-__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
-  uint32_t r;
-  asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
-  return r;
-}
-
 // Rows r0 .. r0 + FK - 1 of a packed [T, W] bf16 head into dst (row stride S); rows >= T zero-filled (their
 // scores are masked and their V rows must be finite: 0 · NaN would poison O). 4 threads per row, 16-byte chunks
 // 4 apart, so a thread's addresses are one base plus constants (no per-chunk registers). Thread pairs of a row
@@ -149,10 +144,8 @@ __global__ void __launch_bounds__(FT) k_flash_causal(const uint16_t* __restrict_
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
     for (int n = 0; n < NO; ++n) o[mt][n][0] = o[mt][n][1] = o[mt][n][2] = o[mt][n][3] = 0.0f;
-  // This thread's rows i0 (C elements 0, 1) and i1 = i0 + 8 (elements 2, 3) of each m tile. m: running max of the
-  // raw scores (quad-uniform; the scale sl2 > 0 is applied inside exp2's argument, one fma a score); l: this thread's
-  // part of the row sum (reduced over the quad at the end; the rescaling by alpha is quad-uniform, so the parts stay
-  // consistent).
+  // This thread's rows i0 (C elements 0, 1) and i1 = i0 + 8 (elements 2, 3) of each m tile; m and l as
+  // online_softmax keeps them.
   const int wrow0 = q0 + 16 * MT * w;  // the warp's first row
   float m0[MT], m1[MT], l0[MT], l1[MT];
 #pragma unroll
@@ -189,59 +182,15 @@ __global__ void __launch_bounds__(FT) k_flash_causal(const uint16_t* __restrict_
           mma_bf16(s[mt][2 * np + 1], qf[mt][kk], bf[2], bf[3]);
         }
       }
-    // Mask j > i (and j >= T, for the rows past T) on the tiles reaching the block's rows, the only ones with such
-    // keys. Every row sees key 0 in tile 0, so m is finite after it; the -inf guards are for robustness only.
-    const bool diag = j0 + FK > q0;
+    // The key tiles reaching the block's rows are masked (j > i, j >= T).
     uint32_t pf[MT][NS / 2][4];
+    const bool diag = j0 + FK > q0;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
-      const int i0 = wrow0 + 16 * mt + g, i1 = i0 + 8;
-      float mx0 = -INFINITY, mx1 = -INFINITY;
-#pragma unroll
-      for (int n = 0; n < NS; ++n)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          float x = s[mt][n][e];
-          if (diag) {
-            const int j = j0 + 8 * n + 2 * tq + (e & 1);
-            if (j > (e < 2 ? i0 : i1) || j >= T) x = -INFINITY;
-          }
-          s[mt][n][e] = x;
-          if (e < 2)
-            mx0 = fmaxf(mx0, x);
-          else
-            mx1 = fmaxf(mx1, x);
-        }
-      mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-      mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-      const float mn0 = fmaxf(m0[mt], mx0), mn1 = fmaxf(m1[mt], mx1);
-      const float mu0 = mn0 == -INFINITY ? 0.0f : mn0, mu1 = mn1 == -INFINITY ? 0.0f : mn1;  // no -inf - -inf
-      const float al0 = exp2f((m0[mt] - mu0) * sl2), al1 = exp2f((m1[mt] - mu1) * sl2);  // 0 while m was -inf
-      const float nb0 = -mu0 * sl2, nb1 = -mu1 * sl2;
-      m0[mt] = mn0;
-      m1[mt] = mn1;
-      l0[mt] *= al0;
-      l1[mt] *= al1;
-#pragma unroll
-      for (int n = 0; n < NO; ++n) {
-        o[mt][n][0] *= al0;
-        o[mt][n][1] *= al0;
-        o[mt][n][2] *= al1;
-        o[mt][n][3] *= al1;
-      }
-      // P in bf16 as A fragments of the k16 steps: step kk takes n8 tiles 2 kk (k 0..7) and 2 kk + 1 (k 8..15);
-      // {c0, c1} is (row g, k 2 tq ..), {c2, c3} is row g + 8.
-#pragma unroll
-      for (int n = 0; n < NS; ++n) {
-        const uint32_t u01 = pack_bf16x2(exp2f(fmaf(s[mt][n][0], sl2, nb0)), exp2f(fmaf(s[mt][n][1], sl2, nb0)));
-        const uint32_t u23 = pack_bf16x2(exp2f(fmaf(s[mt][n][2], sl2, nb1)), exp2f(fmaf(s[mt][n][3], sl2, nb1)));
-        l0[mt] += __uint_as_float(u01 << 16) + __uint_as_float(u01 & 0xffff0000u);
-        l1[mt] += __uint_as_float(u23 << 16) + __uint_as_float(u23 & 0xffff0000u);
-        pf[mt][n >> 1][2 * (n & 1)] = u01;
-        pf[mt][n >> 1][2 * (n & 1) + 1] = u23;
-      }
+      if (diag)
+        online_softmax<true>(s[mt], o[mt], pf[mt], m0[mt], m1[mt], l0[mt], l1[mt], wrow0 + 16 * mt + g, j0, T, sl2);
+      else
+        online_softmax<false>(s[mt], o[mt], pf[mt], m0[mt], m1[mt], l0[mt], l1[mt], wrow0 + 16 * mt + g, j0, T, sl2);
     }
     // O += P·V: V rows are B's k, so ldmatrix.trans; (bf[0], bf[1]) columns 16 np .., (bf[2], bf[3]) 16 np + 8 ..
     const uint16_t* vb = vb_off + st * FK * VS;
@@ -319,6 +268,49 @@ void launch_flash(const uint16_t* qp, const uint16_t* kp, const uint16_t* vp, vo
     launch_flash_out<D, DV, MT>(qp, kp, vp, static_cast<float*>(out), so, B, T, H, scale, s);
 }
 
+// DSV3_FLASH_WGMMA=64 or 128 (1: 128): the wgmma kernel (flash_wgmma.cuh) with key tiles of that many rows, for
+// D 64 / 96 and Dv 64; written 2026-12-03 without a GPU, off until tested and measured. Read at every launch, so a
+// test can compare both kernels in one process.
+int env_flash_wgmma() {
+  const char* e = std::getenv("DSV3_FLASH_WGMMA");
+  if (!e) return 0;
+  const std::string v(e);
+  return v == "64" ? 64 : v == "1" || v == "128" ? 128 : 0;
+}
+
+template <int D, int NK, class O>
+void launch_flash_wgmma_out(const uint16_t* qp, const uint16_t* kp, const uint16_t* vp, O* out, Strides3 so, int64_t B, int64_t T,
+                            int64_t H, float scale, cudaStream_t s) {
+  using F = FlashWg<D, NK>;
+  auto* k = &k_flash_wgmma<D, NK, O>;
+  static const bool attr = [&] {
+    DSV3_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, int(F::smem)));
+    return true;
+  }();
+  (void)attr;
+  const dim3 grid(unsigned(H), unsigned(ceil_div(T, int64_t(F::BQ))), unsigned(B));
+  k<<<grid, F::THREADS, F::smem, s>>>(qp, kp, vp, out, so, int(T), int(H), scale * 1.4426950408889634f);
+  DSV3_CUDA_CHECK_LAUNCH("attention_causal_flash wgmma kernel");
+}
+template <int D, int NK>
+void launch_flash_wgmma(const uint16_t* qp, const uint16_t* kp, const uint16_t* vp, void* out, DType ot, Strides3 so, int64_t B,
+                        int64_t T, int64_t H, float scale, cudaStream_t s) {
+  if (ot == DType::BF16)
+    launch_flash_wgmma_out<D, NK>(qp, kp, vp, static_cast<uint16_t*>(out), so, B, T, H, scale, s);
+  else
+    launch_flash_wgmma_out<D, NK>(qp, kp, vp, static_cast<float*>(out), so, B, T, H, scale, s);
+}
+// (D, NK) picked at run time.
+void dispatch_flash_wgmma(int nk, const uint16_t* qp, const uint16_t* kp, const uint16_t* vp, void* out, DType ot, Strides3 so,
+                          int64_t B, int64_t T, int64_t H, int64_t D, float scale, cudaStream_t s) {
+  if (D == 64)
+    nk == 64 ? launch_flash_wgmma<64, 64>(qp, kp, vp, out, ot, so, B, T, H, scale, s)
+             : launch_flash_wgmma<64, 128>(qp, kp, vp, out, ot, so, B, T, H, scale, s);
+  else
+    nk == 64 ? launch_flash_wgmma<96, 64>(qp, kp, vp, out, ot, so, B, T, H, scale, s)
+             : launch_flash_wgmma<96, 128>(qp, kp, vp, out, ot, so, B, T, H, scale, s);
+}
+
 bool aligned16(const float* p, Strides3 s) {
   return (reinterpret_cast<uintptr_t>(p) & 15) == 0 && s.b % 4 == 0 && s.t % 4 == 0 && s.h % 4 == 0;
 }
@@ -383,6 +375,8 @@ void attention_causal_flash(const float* q, Strides3 sq, const float* k, Strides
   DSV3_CUDA_CHECK_LAUNCH("attention_causal_flash pack kernel");
   const bool mt2 = env_flash_mt() == 2;
   const DType ot = mla.out_type;
+  if (const int nk = env_flash_wgmma(); nk && (D == 64 || D == 96) && Dv == 64)
+    return dispatch_flash_wgmma(nk, qp, kp, vp, out, ot, so, B, T, H, D, scale, s);
   if (D == 64)
     mt2 ? launch_flash<64, 64, 2>(qp, kp, vp, out, ot, so, B, T, H, scale, s)
         : launch_flash<64, 64, 1>(qp, kp, vp, out, ot, so, B, T, H, scale, s);

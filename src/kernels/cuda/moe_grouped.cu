@@ -73,13 +73,6 @@ constexpr size_t grouped_smem_bytes() {
   return size_t(GST * GM * BSTR) * 2 + (FP8 ? size_t(GST * GN * GK) + size_t(2 * GN * GSTR) * 2 : size_t(GST * GN * BSTR) * 2);
 }
 
-// Two floats rounded to bf16 (nearest even) and packed, a low: one cvt.rn.bf16x2.f32, the same bits as two
-// f32_to_bf16 calls for finite values (the dequantize loop is ALU-bound: the software rounding was most of it).
-__device__ __forceinline__ uint32_t bf16x2_rn(float a, float b) {
-  const __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
-  return *reinterpret_cast<const uint32_t*>(&v);
-}
-
 // WARPS_M warps along M with MT m16 tiles each (BM = 16 MT WARPS_M); 8 / WARPS_M warps along N with NT n8 tiles.
 // BK: the k slice (32, or 64 for bf16); BSTR its padded row (an odd number of 16-byte chunks, for ldmatrix).
 template <bool FP8, bool SWIGLU, int WARPS_M, int MT, int BK = GK>
@@ -220,8 +213,10 @@ __global__ void __launch_bounds__(GTHREADS, 2) k_moe_grouped(GroupedArgs g) {
         const __half2_raw lo = __nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t(u[i] & 0xffffu), __NV_E4M3);
         const __half2_raw hi = __nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t(u[i] >> 16), __NV_E4M3);
         const float2 fl = __half22float2(__half2(lo)), fh = __half22float2(__half2(hi));
-        o[2 * i] = bf16x2_rn(fl.x * s_cur, fl.y * s_cur);
-        o[2 * i + 1] = bf16x2_rn(fh.x * s_cur, fh.y * s_cur);
+        // (pack_bf16x2: the same bits as two f32_to_bf16 for finite values; the dequantize loop is ALU-bound and the
+        // software rounding was most of it)
+        o[2 * i] = pack_bf16x2(fl.x * s_cur, fl.y * s_cur);
+        o[2 * i + 1] = pack_bf16x2(fh.x * s_cur, fh.y * s_cur);
       }
       uint4* dst = reinterpret_cast<uint4*>(dst_rows + r * GSTR + ch * 16);
       dst[0] = make_uint4(o[0], o[1], o[2], o[3]);

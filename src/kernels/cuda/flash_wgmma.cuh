@@ -1,0 +1,182 @@
+// Causal flash attention on Hopper's warpgroup MMA (FlashAttention-3's data flow without its warp specialisation),
+// for MLA's prefill head dims: q·k over D = 64 or 96 (k_nope | k_rope), v of 64. One block per (128 query rows,
+// head, sequence), two warpgroups of 64 rows; Q stays in shared memory for the block's life and each key tile of NK
+// rows (K and V double-buffered by cp.async) goes through
+//   S = Q·Kᵀ   wgmma m64nNKk16, both operands from shared memory (K-major: Q's and K's rows are their d),
+//   online softmax on S in registers (a row in the 4 threads of a quad, as mma.sync's C fragments),
+//   O += P·V   wgmma m64n64k16 with P from registers (two adjacent n8 tiles of S are one k16 A fragment) and V
+//              N-major from shared memory (V's rows are the keys: the product's K).
+// A d row of 96 is two panels: d 0..63 in the 128-byte swizzle, d 64..95 in the 64-byte swizzle. Precision as the
+// mma.sync kernel: q, k, v and P in bf16, f32 accumulation (online_softmax, flash_softmax.cuh).
+#pragma once
+#include <cstdint>
+
+#include "kernels/cuda/common.cuh"
+#include "kernels/cuda/cuda_ops.h"
+#include "kernels/cuda/flash_softmax.cuh"
+#include "kernels/cuda/wgmma.cuh"
+
+namespace dsv3::cuda::dev {
+
+template <int D, int NK>
+struct FlashWg {
+  static constexpr int BQ = 128, DV = 64, THREADS = 256;
+  static constexpr int P1 = D - 64;  // dims in the second panel
+  static_assert(D == 64 || D == 96, "q·k over 64 or 96 dims");
+  static_assert(NK == 64 || NK == 128, "key tiles of 64 or 128");
+  // Bytes from the 1024-aligned base: Q's panels, then two stages of [K panel 0 | K panel 1 | V]; every piece a
+  // multiple of 1024 bytes, so each starts on its swizzle atom (1024 / 512 bytes) as the descriptors assume.
+  static constexpr uint32_t Q0 = BQ * 128, Q1 = BQ * P1 * 2, K0 = NK * 128, K1 = NK * P1 * 2, V = NK * 128;
+  static constexpr uint32_t STAGE = K0 + K1 + V;
+  static constexpr size_t smem = size_t(Q0 + Q1 + 2 * STAGE) + 1024;
+  static_assert(Q1 % 1024 == 0 && K1 % 1024 == 0, "pieces on 1024-byte boundaries");
+};
+
+// The 16-byte chunks of a ROWS x W bf16 tile (W = 64 or 96, one contiguous run of a packed [T, W] head) that this
+// thread copies, 256 apart: their rows, their element offsets in the run and their places in the swizzled panels
+// (chunks 0..7 in the 128-byte-swizzled panel at 0, chunks 8..11 in the 64-byte-swizzled one at p1). Fixed for the
+// block's life: a tile's copy is then an add and a compare a chunk.
+template <int W, int ROWS>
+struct WgChunks {
+  static constexpr int CPR = W / 8, N = ROWS * CPR / 256;
+  static_assert(ROWS * CPR % 256 == 0, "whole passes of the block");
+  int row[N], src[N];
+  uint32_t dst[N];
+  __device__ __forceinline__ explicit WgChunks(uint32_t p1) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      const int idx = int(threadIdx.x) + 256 * i, r = idx / CPR, ch = idx - r * CPR;
+      row[i] = r;
+      src[i] = r * W + ch * 8;
+      dst[i] = ch < 8 ? swizzle128(r, ch) : p1 + swizzle64(r, ch - 8);
+    }
+  }
+  // Rows r0 .. of the head into the panels at smem; rows >= T zero-filled (masked scores; V rows must be finite,
+  // 0 · NaN would poison O).
+  __device__ __forceinline__ void load(unsigned char* smem, const uint16_t* __restrict__ head, int r0, int T) const {
+    const uint16_t* tile = head + int64_t(r0) * W;
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      const bool valid = r0 + row[i] < T;
+      cp_async16(smem + dst[i], valid ? tile + src[i] : head, valid);
+    }
+  }
+};
+
+// S (+)= Q·Kᵀ for NK keys: d NK / 2 floats.
+template <int NK>
+__device__ __forceinline__ void wg_qk(float (&s)[NK / 2], uint64_t da, uint64_t db, bool acc) {
+  if constexpr (NK == 128)
+    wgmma_m64n128k16_bf16(s, da, db, acc);
+  else
+    wgmma_m64n64k16_bf16(s, da, db, acc);
+}
+
+// Key tiles of 64: two blocks an SM (127 registers, no spills); of 128: S alone is 64 registers, one block an SM.
+template <int D, int NK, class O>
+__global__ void __launch_bounds__(256, 2) k_flash_wgmma(const uint16_t* __restrict__ qp, const uint16_t* __restrict__ kp,
+                                                        const uint16_t* __restrict__ vp, O* __restrict__ out, Strides3 so, int T,
+                                                        int H, float sl2) {
+  using F = FlashWg<D, NK>;
+  constexpr int BQ = F::BQ, NS = NK / 8, KQ = D / 16;
+  extern __shared__ __align__(16) unsigned char smraw[];
+  const uint32_t base = (smem_u32(smraw) + 1023u) & ~1023u;
+  unsigned char* const bp = smraw + (base - smem_u32(smraw));
+  // Heads along x, query tiles in reverse along y: the longest blocks start first (as k_flash_causal).
+  const int qt = int(gridDim.y) - 1 - int(blockIdx.y), h = blockIdx.x, b = blockIdx.z;
+  const int q0 = qt * BQ, ntiles = (min(q0 + BQ, T) + NK - 1) / NK;
+  const int t = threadIdx.x, lane = t & 31, w = t >> 5, wg = w >> 2, g = lane >> 2, tq = lane & 3;
+  const int64_t head = (int64_t(b) * H + h) * T;
+  const uint16_t* qh = qp + head * D;
+  const uint16_t* kh = kp + head * D;
+  const uint16_t* vh = vp + head * F::DV;
+  auto stage = [&](int st) { return F::Q0 + F::Q1 + uint32_t(st) * F::STAGE; };
+  const WgChunks<D, NK> kc(F::K0);
+  const WgChunks<64, NK> vc(0);
+  auto load_kv = [&](int tile, int st) {
+    unsigned char* k0 = bp + stage(st);
+    kc.load(k0, kh, tile * NK, T);
+    vc.load(k0 + F::K0 + F::K1, vh, tile * NK, T);
+    cp_async_commit();
+  };
+  WgChunks<D, BQ>(F::Q0).load(bp, qh, q0, T);
+  load_kv(0, 0);
+
+  float o[8][4];  // wgmma's d for P·V
+  auto& od = reinterpret_cast<float(&)[32]>(o);
+#pragma unroll
+  for (int i = 0; i < 32; ++i) od[i] = 0.0f;
+  // This thread's rows i0 = wrow0 + g (C elements 0, 1 of each n8 tile) and i1 = i0 + 8 (elements 2, 3); m and l
+  // as online_softmax keeps them.
+  const int wrow0 = q0 + 64 * wg + 16 * (w & 3), wg_last = q0 + 64 * wg + 63;
+  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;
+  // Descriptors: a k16 step or a stage further is the start address plus its offset >> 4 (the sum stays inside the
+  // 14-bit field: shared memory ends below 2^18 bytes).
+  const uint64_t dq0 = wgmma_desc_k128(base + uint32_t(wg) * 64 * 128), dq1 = wgmma_desc_k64(base + F::Q0 + uint32_t(wg) * 64 * (F::P1 * 2));
+  const uint64_t dk0 = wgmma_desc_k128(base + stage(0)), dk1 = wgmma_desc_k64(base + stage(0) + F::K0);
+  const uint64_t dv = wgmma_desc_mn128(base + stage(0) + F::K0 + F::K1, F::V);
+  for (int it = 0; it < ntiles; ++it) {
+    const int st = it & 1, j0 = it * NK;
+    cp_async_wait<0>();
+    fence_proxy_async_smem();  // this thread's copies, visible to wgmma's reads
+    __syncthreads();           // everyone's; and tile it - 1's products (stage st ^ 1) are complete in every warpgroup
+    if (it + 1 < ntiles) load_kv(it + 1, st ^ 1);
+    if (j0 > wg_last) continue;  // every key past every row of this warpgroup (warpgroup-uniform)
+    const uint64_t soff = uint64_t(st * (F::STAGE >> 4));
+    float s[NS][4];  // wgmma's d: n8 tile n in s[n]
+    auto& sd = reinterpret_cast<float(&)[NK / 2]>(s);
+#pragma unroll
+    for (int i = 0; i < NK / 2; ++i) sd[i] = 0.0f;
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < KQ; ++kk) {
+      if (kk < 4)
+        wg_qk<NK>(sd, dq0 + 2 * kk, dk0 + soff + 2 * kk, kk > 0);
+      else
+        wg_qk<NK>(sd, dq1 + 2 * (kk - 4), dk1 + soff + 2 * (kk - 4), true);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    // The key tiles reaching this warp's rows are masked (j > i, j >= T).
+    uint32_t pf[NS / 2][4];
+    if (j0 + NK > wrow0)
+      online_softmax<true>(s, o, pf, m0, m1, l0, l1, wrow0 + g, j0, T, sl2);
+    else
+      online_softmax<false>(s, o, pf, m0, m1, l0, l1, wrow0 + g, j0, T, sl2);
+    wgmma_fence();  // o and pf were written by this thread: ordered before the products that read them
+#pragma unroll
+    for (int kk = 0; kk < NS / 2; ++kk) wgmma_m64n64k16_bf16_rs_nmajor(od, pf[kk], dv + soff + 128 * kk);
+    wgmma_commit();
+    wgmma_wait<0>();
+  }
+  cp_async_wait<0>();
+  float s0 = l0, s1 = l1;
+  s0 += __shfl_xor_sync(0xffffffffu, s0, 1);
+  s0 += __shfl_xor_sync(0xffffffffu, s0, 2);
+  s1 += __shfl_xor_sync(0xffffffffu, s1, 1);
+  s1 += __shfl_xor_sync(0xffffffffu, s1, 2);
+  // l >= 1 for every row < T: its max key contributes exp2(0) = 1 exactly. Rows >= T are not written.
+  const float inv0 = 1.0f / s0, inv1 = 1.0f / s1;
+  const int i0 = wrow0 + g, i1 = i0 + 8;
+  O* ob = out + int64_t(b) * so.b + int64_t(h) * so.h + 2 * tq;
+  auto put = [&](O* r, float x, float y) {
+    if constexpr (sizeof(O) == 4) {
+      r[0] = x;
+      r[1] = y;
+    } else {  // a bf16 pair (the output's rows and columns are even: 4-byte aligned)
+      *reinterpret_cast<uint32_t*>(r) = pack_bf16x2(x, y);
+    }
+  };
+  if (i0 < T) {
+    O* r = ob + int64_t(i0) * so.t;
+#pragma unroll
+    for (int n = 0; n < 8; ++n) put(r + 8 * n, o[n][0] * inv0, o[n][1] * inv0);
+  }
+  if (i1 < T) {
+    O* r = ob + int64_t(i1) * so.t;
+#pragma unroll
+    for (int n = 0; n < 8; ++n) put(r + 8 * n, o[n][2] * inv1, o[n][3] * inv1);
+  }
+}
+
+}  // namespace dsv3::cuda::dev
