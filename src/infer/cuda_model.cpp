@@ -219,6 +219,10 @@ struct CudaModel::Impl {
   // 142.9k -> 285.6k tokens/s); DSV3_GEMM_ATTENTION=1 runs per-head cuBLASLt GEMMs around a row softmax instead
   // (from 256 tokens), for A/B runs.
   bool gemm_attention = false;
+  // Prefill attention on q_b's and kv_b's bf16 outputs in place (attention_causal_flash_direct) where the dims allow;
+  // DSV3_FLASH_DIRECT=0 (or DSV3_FLASH_WGMMA=0): f32 outputs packed to bf16 by attention_causal_flash (the path
+  // before 2026-12-03).
+  bool flash_direct = true;
   // DSV3_UNFUSED_SHARED=1: decode steps run the shared experts as their own MLP (three launches), for A/B runs.
   bool fused_shared = true;
   // A cached step's small metadata and outputs (decode steps of a few rows) go through page-locked host buffers
@@ -510,6 +514,8 @@ struct CudaModel::Impl {
     if (const char* v = std::getenv("DSV3_DEVICE_ADVANCE"); v && std::string(v) == "0") device_advance = false;
     if (const char* v = std::getenv("DSV3_PERSIST_EMBED"); v && std::string(v) == "0") persist_embeds = false;
     gemm_attention = env_flag("DSV3_GEMM_ATTENTION");
+    for (const char* e : {"DSV3_FLASH_DIRECT", "DSV3_FLASH_WGMMA"})  // (the direct path is the wgmma kernel's)
+      if (const char* v = std::getenv(e); v && std::string(v) == "0") flash_direct = false;
     route_counter = DBuf<uint32_t>(1);
     cuda::memset_device(route_counter.get(), 0, 4);
     const ops::RopeTable rt = make_rope_table(c);
@@ -766,6 +772,29 @@ struct CudaModel::Impl {
     }
     ex.gemm.matmul(L.type, x, ldx, L.w.get(), L.K, DType::F32, y, ldy, M, L.N, L.K, s());
   }
+  // y = x·Wᵀ written as yt: F32 through lin; BF16 straight from the large-M GEMMs (cuBLASLt rounds its f32 sums once),
+  // for products whose only reader wants bf16.
+  void lin_to(Exec& ex, const Lin& L, const void* x, int64_t ldx, DType yt, void* y, int64_t ldy, int64_t M) const {
+    if (yt == DType::F32) return lin(ex, L, x, ldx, static_cast<float*>(y), ldy, M);
+    DSV3_CHECK(yt == DType::BF16, "internal error: lin_to {}", dtype_name(yt));
+    if (M <= 0) return;
+    auto* yb = static_cast<uint16_t*>(y);
+    if (L.type == DType::F8_E4M3) {
+      const int64_t kb = cuda::ceil_div(L.K, 128);
+      auto run = [&](const uint8_t* w, const float* sc, uint16_t* yy, int64_t N) {
+        ex.gemm.linear_fp8(act, x, ldx, w, sc, DType::BF16, yy, ldy, M, N, L.K, s());
+      };
+      if (L.split % 128 != 0) {
+        run(L.w.get(), L.scale.get(), yb, L.split);
+        run(L.w.get() + L.split * L.K, L.scale.get() + cuda::ceil_div(L.split, 128) * kb, yb + L.split, L.N - L.split);
+      } else {
+        run(L.w.get(), L.scale.get(), yb, L.N);
+      }
+      return;
+    }
+    DSV3_CHECK(L.type == act, "internal error: {} activations for a {} weight", dtype_name(act), dtype_name(L.type));
+    ex.gemm.matmul(L.type, x, ldx, L.w.get(), L.K, DType::BF16, yb, ldy, M, L.N, L.K, s());
+  }
   // x (f32 rows) in the GEMM input dtype: x itself for F32, else a bf16 copy in `slot`.
   const void* to_act(Exec& ex, const float* x, int64_t ldx, int64_t M, int64_t N, size_t slot, int64_t* ld) const {
     if (act == DType::F32) {
@@ -897,12 +926,22 @@ struct CudaModel::Impl {
     float* kva = qkv + a.nq;  // [c_kv | k_rope], row stride nin
     float* q = qkv;
     int64_t ldq = nin;
+    // A prefill (keys and values expanded per head) on the wgmma flash kernel reads q_b's and kv_b's outputs in
+    // bf16 where they are: both products write bf16, no f32 copies and no packing pass.
+    const bool direct = flash_direct && !(r.cached && !r.fresh) && act == DType::BF16 && !gemm_attention && a.lora &&
+                        cuda::attention_causal_flash_direct_supported(dqk, dv, dr);
+    uint16_t* qb = nullptr;
     if (a.lora) {
       void* qan = ex.arena.get(S_QAN, size_t(M * a.nq) * dtype_size(act));
       cuda::rmsnorm_to(qkv, nin, a.q_a_ln.get(), eps, act, qan, a.nq, M, a.nq, s());
-      q = ex.arena.as<float>(S_Q, M * H * dqk);
       ldq = H * dqk;
-      lin(ex, a.q_b, qan, a.nq, q, ldq, M);
+      if (direct) {
+        qb = static_cast<uint16_t*>(ex.arena.get(S_Q, size_t(M * H * dqk) * 2));
+        lin_to(ex, a.q_b, qan, a.nq, DType::BF16, qb, ldq, M);
+      } else {
+        q = ex.arena.as<float>(S_Q, M * H * dqk);
+        lin(ex, a.q_b, qan, a.nq, q, ldq, M);
+      }
     }
     void* pool = r.cached ? r.cache->layer(cache_layer) : nullptr;
     const void* oa = nullptr;
@@ -938,7 +977,8 @@ struct CudaModel::Impl {
       // The flash kernel reads the query's RoPE dims unrotated (it rotates them as it packs) and the keys as kv_b's
       // k_nope next to the one roped k_rope (no expanded key tensor); the other kernels get both written out first.
       const bool flash = act == DType::BF16 && !gemm_attention && cuda::attention_causal_flash_supported(dqk, dv);
-      if (!flash) cuda::rope(q + dn, ldq, dqk, M, H, dr, r.pos64, rope_table.get(), s());
+      if (direct) cuda::rope(qb + dn, ldq, dqk, M, H, dr, r.pos64, rope_table.get(), s());
+      else if (!flash) cuda::rope(q + dn, ldq, dqk, M, H, dr, r.pos64, rope_table.get(), s());
       cuda::rope(kva + kvr, nin, 0, M, 1, dr, r.pos64, rope_table.get(), s());
       float* cnf = nullptr;
       if (r.cached) {  // append [kv_a_layernorm(c_kv) | roped k_rope] of the new tokens to the latent cache
@@ -951,10 +991,21 @@ struct CudaModel::Impl {
         cn = ex.arena.get(S_CNA, size_t(M * kvr) * dtype_size(act));
         cuda::rmsnorm_to(kva, nin, a.kv_a_ln.get(), eps, act, cn, kvr, M, kvr, s());
       }
-      float* kv = ex.arena.as<float>(S_KV, M * H * hd);
-      lin(ex, a.kv_b, cn, kvr, kv, H * hd, M);
       const int64_t T = r.T;
       const cuda::Strides3 sq{T * ldq, ldq, dqk}, sv{T * H * hd, H * hd, hd}, so{T * H * dv, H * dv, dv};
+      if (direct) {  // bf16 kv_b output and a bf16 copy of the roped k_rope, read in place by the kernel
+        auto* kvb = static_cast<uint16_t*>(ex.arena.get(S_KV, size_t(M * H * hd) * 2));
+        lin_to(ex, a.kv_b, cn, kvr, DType::BF16, kvb, H * hd, M);
+        auto* krb = static_cast<uint16_t*>(ex.arena.get(S_K, size_t(M * dr) * 2));
+        cuda::cast_rows(kva + kvr, nin, DType::BF16, krb, dr, M, dr, s());
+        void* o = ex.arena.get(S_OACT, size_t(M * H * dv) * 2);
+        cuda::attention_causal_flash_direct(qb, sq, kvb, sv, krb, cuda::Strides3{T * dr, dr, 0}, dr, kvb + dn, sv, o, act, so, r.B, T,
+                                            H, dqk, dv, scale, s());
+        lin(ex, a.o, o, ldo, out, D, M);
+        return;
+      }
+      float* kv = ex.arena.as<float>(S_KV, M * H * hd);
+      lin(ex, a.kv_b, cn, kvr, kv, H * hd, M);
       if (flash) {  // tensor cores; RoPE, the key's two pieces and the bf16 output in the kernels' own passes
         cuda::FlashMla fm;
         fm.k_rope = kva + kvr, fm.skr = cuda::Strides3{T * nin, nin, 0}, fm.kr = dr;

@@ -56,7 +56,8 @@ TEST(CudaOps, RmsnormMatchesCpu) {
   }
 }
 
-// Tolerance: cos/sin of the same f32 angles (CUDA's cosf/sinf are within 2 ulp), relative L2 < 1e-6.
+// Tolerance: cos/sin of the same f32 angles (CUDA's cosf/sinf are within 2 ulp), relative L2 < 1e-6; the bf16
+// form below.
 TEST(CudaOps, RopeMatchesCpu) {
   DSV3_REQUIRE_GPU();
   std::mt19937_64 rng(13);
@@ -88,6 +89,22 @@ TEST(CudaOps, RopeMatchesCpu) {
         want.push_back(static_cast<float*>(xt.raw())[m * ld0 + h * ld1 + j - 128]);
       }
   EXPECT_LT(rel_l2(got, want), 1e-6);
+  // On bf16 x (the prefill's q_b output): each pair rotated in f32 from the bf16 inputs and rounded once, so against
+  // the f32 rotation of the same rounded inputs the only error is the output's rounding: < 4e-3 (2^-9 relative).
+  const std::vector<float> xr = round_bf16(x);
+  Tensor xrt = host_f32(xr, {M, H, ld1}).slice(2, 128, 128 + R);
+  ops::rope(xrt, pos, table);
+  auto dxb = upload(to_bf16(xr));
+  rope(dxb.get() + 128, ld0, ld1, M, H, R, dpos.get(), tab.get());
+  const std::vector<float> outb = from_bf16(download(dxb));
+  std::vector<float> gotb, wantb;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t j = 0; j < ld1; ++j) {
+        gotb.push_back(outb[size_t(m * ld0 + h * ld1 + j)]);
+        wantb.push_back(j < 128 ? xr[size_t(m * ld0 + h * ld1 + j)] : static_cast<float*>(xrt.raw())[m * ld0 + h * ld1 + j - 128]);
+      }
+  EXPECT_LT(rel_l2(gotb, wantb), 4e-3);
 }
 
 // Tolerance: expf vs glibc expf, relative L2 < 1e-6; the bf16 output is the f32 result rounded (< 4e-3). Widths a

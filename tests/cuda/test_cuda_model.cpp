@@ -15,7 +15,9 @@
 #include "infer/cuda_model.h"
 #include "infer/generator.h"
 #include "io/safetensors.h"
+#include "model/init.h"
 #include "model/transformer.h"
+#include "../temp_dir.h"
 #include "../testutil.h"
 
 namespace dsv3 {
@@ -234,6 +236,43 @@ TEST(CudaModel, CachedStepsMatchUncachedForward) {
                   graphs ? " (graphs)" : "", e, (long long)(m->graph_replays() - replays0));
       EXPECT_LT(e, 1e-5);
     }
+  }
+}
+
+// The prefill attention paths of a bf16 model with MLA's flash head dims (qk_nope 64, qk_rope 32, v 64): the wgmma
+// kernel on q_b's and kv_b's bf16 outputs in place (the default), the same kernel on packed bf16 copies of f32
+// outputs (DSV3_FLASH_DIRECT=0), the mma.sync kernel (DSV3_FLASH_WGMMA=0) and the GEMM attention
+// (DSV3_GEMM_ATTENTION=1), each against the CPU model in f32: dense layers only (no routing to flip), bf16's 2e-2.
+// T 300 (partial 128-row and 64-key tiles), two sequences.
+TEST(CudaModel, PrefillAttentionPathsMatchCpu) {
+  DSV3_REQUIRE_GPU();
+  ModelConfig c = ModelConfig::load(test::golden_dir("tiny") + "/model/config.json");
+  c.qk_nope_head_dim = 64, c.qk_rope_head_dim = 32, c.v_head_dim = 64;
+  c.num_attention_heads = c.num_key_value_heads = 2;
+  c.hidden_size = 128, c.q_lora_rank = 64, c.kv_lora_rank = 64;
+  c.num_hidden_layers = c.first_k_dense_replace = 2;
+  c.num_nextn_predict_layers = 0;
+  c.initializer_range = 0.1;  // attention well away from uniform
+  test::TempDir dir("dsv3_flash_paths");
+  write_random_checkpoint(c, dir.path.string(), {.seed = 5});
+  auto host = Transformer::load(dir.path.string());
+  const int64_t B = 2, T = 300, V = c.vocab_size;
+  Tensor ids = Tensor::empty(DType::I64, {B, T});
+  for (int64_t i = 0; i < B * T; ++i) ids.data<int64_t>()[i] = (i * 131 + 7) % V;
+  const Tensor ref = host->forward(ids, {}).logits;
+  struct Path {
+    const char* name;
+    const char* env;
+    const char* value;
+  };
+  for (const Path p : {Path{"wgmma, in place", nullptr, nullptr}, Path{"wgmma, packed", "DSV3_FLASH_DIRECT", "0"},
+                       Path{"mma.sync, packed", "DSV3_FLASH_WGMMA", "0"}, Path{"GEMM attention", "DSV3_GEMM_ATTENTION", "1"}}) {
+    if (p.env) setenv(p.env, p.value, 1);
+    const Tensor got = gpu_model(*host, DType::BF16)->forward(ids, {}).logits;
+    if (p.env) unsetenv(p.env);
+    const double e = test::rel_l2(got, ref);
+    std::printf("  prefill attention %-16s: logits rel L2 %.3g against the CPU model in f32\n", p.name, e);
+    EXPECT_LT(e, 2e-2) << p.name;
   }
 }
 

@@ -137,6 +137,58 @@ TEST(CudaFlashPrefill, MlaPiecesRopeAndBf16OutputMatchCpu) {
   }
 }
 
+// The wgmma kernel straight on bf16 projections (attention_causal_flash_direct): q rows with padding (a row stride
+// past H·D), k_nope and v inside kv_b's rows, one shared k_rope (head stride 0); and D 64 with the whole key in k.
+// Against the CPU twin on the same bf16 values (expanded keys): P in bf16 and the output's rounding, 1e-2 (as above).
+TEST(CudaFlashPrefill, DirectBf16ProjectionsMatchCpu) {
+  DSV3_REQUIRE_GPU();
+  std::mt19937_64 rng(45);
+  struct C {
+    int64_t B, T, H, dn, dr;
+  };
+  for (const C c : {C{2, 300, 3, 64, 32}, C{1, 1029, 2, 64, 32}, C{2, 77, 2, 64, 0}, C{1, 128, 2, 64, 32}})
+    for (const char* nk : {"64", "128"}) {
+      FlashKernel use(nk);
+      const int64_t B = c.B, T = c.T, H = c.H, dn = c.dn, dr = c.dr, dv = 64, D = dn + dr, hd = dn + dv, ldq = H * D + 8;
+      const std::vector<float> qh = round_bf16(randn(size_t(B * T * ldq), rng)), kvh = round_bf16(randn(size_t(B * T * H * hd), rng)),
+                               krh = round_bf16(randn(size_t(B * T * std::max<int64_t>(dr, 8)), rng));
+      std::vector<float> qx(size_t(B * T * H * D)), kx(size_t(B * T * H * D)), vx(size_t(B * T * H * dv));
+      for (int64_t m = 0; m < B * T; ++m)
+        for (int64_t h = 0; h < H; ++h) {
+          for (int64_t d = 0; d < D; ++d) qx[size_t((m * H + h) * D + d)] = qh[size_t(m * ldq + h * D + d)];
+          for (int64_t d = 0; d < dn; ++d) kx[size_t((m * H + h) * D + d)] = kvh[size_t((m * H + h) * hd + d)];
+          for (int64_t d = 0; d < dr; ++d) kx[size_t((m * H + h) * D + dn + d)] = krh[size_t(m * dr + d)];
+          for (int64_t d = 0; d < dv; ++d) vx[size_t((m * H + h) * dv + d)] = kvh[size_t((m * H + h) * hd + dn + d)];
+        }
+      const float scale = 1.0f / std::sqrt(float(D)) * 1.7f;
+      Tensor ref = Tensor::empty(DType::F32, {B, T, H, dv});
+      ops::attention_causal(Tensor::from_vector(qx, {B, T, H, D}), Tensor::from_vector(kx, {B, T, H, D}),
+                            Tensor::from_vector(vx, {B, T, H, dv}), scale, ref);
+      ASSERT_TRUE(attention_causal_flash_direct_supported(D, dv, dr));
+      auto dq = upload(to_bf16(qh)), dkv = upload(to_bf16(kvh)), dkr = upload(to_bf16(krh));
+      auto out = poisoned<uint16_t>(size_t(B * T * H * dv));
+      const Strides3 sq{T * ldq, ldq, D}, skv{T * H * hd, H * hd, hd}, skr{T * dr, dr, 0}, so{T * H * dv, H * dv, dv};
+      attention_causal_flash_direct(dq.get(), sq, dkv.get(), skv, dkr.get(), skr, dr, dkv.get() + dn, skv, out.get(), DType::BF16, so,
+                                    B, T, H, D, dv, scale);
+      const std::vector<float> got = from_bf16(download(out));
+      ASSERT_TRUE(all_finite(got)) << use.name();
+      const double e = rel_l2(got, vec(ref));
+      std::printf("  flash attention direct (%s) B %lld T %lld H %lld D %lld: rel L2 %.3g\n", use.name(), (long long)B, (long long)T,
+                  (long long)H, (long long)D, e);
+      EXPECT_LT(e, 1e-2) << use.name() << " " << B << "x" << T << "x" << H << " D " << D;
+    }
+  // Misaligned strides and unsupported dims are one-line errors.
+  DeviceBuffer<uint16_t> buf(4096);
+  const Strides3 s{96 * 4, 96, 8}, bad{96 * 4, 90, 8};
+  EXPECT_FALSE(attention_causal_flash_direct_supported(96, 64, 16));
+  EXPECT_THROW(attention_causal_flash_direct(buf.get(), bad, buf.get(), s, buf.get(), s, 32, buf.get(), s, buf.get(), DType::BF16, s, 1,
+                                             4, 1, 96, 64, 0.1f),
+               dsv3::Error);
+  EXPECT_THROW(attention_causal_flash_direct(buf.get(), s, buf.get(), s, buf.get(), s, 16, buf.get(), s, buf.get(), DType::BF16, s, 1,
+                                             4, 1, 96, 64, 0.1f),
+               dsv3::Error);
+}
+
 // Head dims without a kernel and a short workspace are one-line errors, before anything runs.
 TEST(CudaFlashPrefill, RejectsUnsupportedDimsAndShortWorkspace) {
   DSV3_REQUIRE_GPU();

@@ -220,6 +220,9 @@ void rope_build_table(const float* inv_freq, int64_t half, float attention_facto
 // the table row of positions[m] (device int64, each in [0, max_pos)).
 void rope(float* x, int64_t s0, int64_t s1, int64_t M, int64_t H, int64_t R, const int64_t* positions,
           const float* table, cudaStream_t stream = nullptr);
+// The same on bf16 x: each pair rotated in f32 and rounded back (a second rounding of values that were bf16 already).
+void rope(uint16_t* x, int64_t s0, int64_t s1, int64_t M, int64_t H, int64_t R, const int64_t* positions,
+          const float* table, cudaStream_t stream = nullptr);
 
 // out[M, I] = silu(gu[:, :I]) * gu[:, I:] (gu f32 [M, 2I] with row stride ldg); out F32 or BF16 (row stride ldo).
 void silu_mul(const float* gu, int64_t ldg, DType out_type, void* out, int64_t ldo, int64_t M, int64_t I,

@@ -85,16 +85,23 @@ __global__ void k_rope_table(const float* __restrict__ inv_freq, int64_t half, f
   }
 }
 
-__global__ void k_rope(float* __restrict__ x, int64_t s0, int64_t s1, int64_t M, int64_t H, int64_t half,
-                       const int64_t* __restrict__ pos, const float* __restrict__ table) {
+template <class T>
+__global__ void k_rope(T* __restrict__ x, int64_t s0, int64_t s1, int64_t M, int64_t H, int64_t half, const int64_t* __restrict__ pos,
+                       const float* __restrict__ table) {
   const int64_t n = M * H * half;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t p = i % half, h = (i / half) % H, m = i / (half * H);
     const float2 cs = reinterpret_cast<const float2*>(table)[pos[m] * half + p];
-    float* v = x + m * s0 + h * s1 + 2 * p;
-    const float a = v[0], b = v[1];
-    v[0] = a * cs.x - b * cs.y;
-    v[1] = b * cs.x + a * cs.y;
+    T* v = x + m * s0 + h * s1 + 2 * p;
+    if constexpr (sizeof(T) == 4) {
+      const float a = v[0], b = v[1];
+      v[0] = a * cs.x - b * cs.y;
+      v[1] = b * cs.x + a * cs.y;
+    } else {  // a bf16 pair, 4-byte aligned (even strides and rope offsets)
+      const uint32_t u = *reinterpret_cast<const uint32_t*>(v);
+      const float a = __uint_as_float(u << 16), b = __uint_as_float(u & 0xffff0000u);
+      *reinterpret_cast<uint32_t*>(v) = pack_bf16x2(a * cs.x - b * cs.y, b * cs.x + a * cs.y);
+    }
   }
 }
 
@@ -259,6 +266,14 @@ void rope_build_table(const float* inv_freq, int64_t half, float af, int64_t max
 
 void rope(float* x, int64_t s0, int64_t s1, int64_t M, int64_t H, int64_t R, const int64_t* pos, const float* table, cudaStream_t s) {
   DSV3_CHECK(R % 2 == 0, "rope: rope dim {} is odd", R);
+  if (M * H * R <= 0) return;
+  k_rope<<<grid_1d(M * H * R / 2, 256), 256, 0, s>>>(x, s0, s1, M, H, R / 2, pos, table);
+  DSV3_CUDA_CHECK_LAUNCH("rope kernel");
+}
+
+void rope(uint16_t* x, int64_t s0, int64_t s1, int64_t M, int64_t H, int64_t R, const int64_t* pos, const float* table, cudaStream_t s) {
+  DSV3_CHECK(R % 2 == 0 && s0 % 2 == 0 && s1 % 2 == 0 && (reinterpret_cast<uintptr_t>(x) & 3) == 0,
+             "rope: bf16 pairs need an even rope dim {}, even strides {} / {} and a 4-byte aligned base", R, s0, s1);
   if (M * H * R <= 0) return;
   k_rope<<<grid_1d(M * H * R / 2, 256), 256, 0, s>>>(x, s0, s1, M, H, R / 2, pos, table);
   DSV3_CUDA_CHECK_LAUNCH("rope kernel");

@@ -10,6 +10,7 @@
 #include <climits>
 #include <cstdlib>
 #include <string>
+#include <type_traits>
 
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/flash_softmax.cuh"
@@ -268,19 +269,18 @@ void launch_flash(const uint16_t* qp, const uint16_t* kp, const uint16_t* vp, vo
     launch_flash_out<D, DV, MT>(qp, kp, vp, static_cast<float*>(out), so, B, T, H, scale, s);
 }
 
-// DSV3_FLASH_WGMMA=64 or 128 (1: 128): the wgmma kernel (flash_wgmma.cuh) with key tiles of that many rows, for
-// D 64 / 96 and Dv 64; written 2026-12-03 without a GPU, off until tested and measured. Read at every launch, so a
-// test can compare both kernels in one process.
+// The wgmma kernel (flash_wgmma.cuh) for D 64 / 96 and Dv 64 by default, key tiles of 64 (T 4096 on an H200: 180 us a
+// layer against the mma.sync kernel's 208, ncu); DSV3_FLASH_WGMMA=128 for key tiles of 128, =0 for the mma.sync
+// kernel. Read at every launch, so a test can compare the kernels in one process.
 int env_flash_wgmma() {
   const char* e = std::getenv("DSV3_FLASH_WGMMA");
-  if (!e) return 0;
+  if (!e) return 64;
   const std::string v(e);
-  return v == "64" ? 64 : v == "1" || v == "128" ? 128 : 0;
+  return v == "0" ? 0 : v == "128" ? 128 : 64;
 }
 
 template <int D, int NK, class O>
-void launch_flash_wgmma_out(const uint16_t* qp, const uint16_t* kp, const uint16_t* vp, O* out, Strides3 so, int64_t B, int64_t T,
-                            int64_t H, float scale, cudaStream_t s) {
+void launch_flash_wgmma_out(const WgArgs& a, O* out, int64_t B, cudaStream_t s) {
   using F = FlashWg<D, NK>;
   auto* k = &k_flash_wgmma<D, NK, O>;
   static const bool attr = [&] {
@@ -288,29 +288,38 @@ void launch_flash_wgmma_out(const uint16_t* qp, const uint16_t* kp, const uint16
     return true;
   }();
   (void)attr;
-  const dim3 grid(unsigned(H), unsigned(ceil_div(T, int64_t(F::BQ))), unsigned(B));
-  k<<<grid, F::THREADS, F::smem, s>>>(qp, kp, vp, out, so, int(T), int(H), scale * 1.4426950408889634f);
+  const dim3 grid(unsigned(a.H), unsigned(ceil_div(int64_t(a.T), int64_t(F::BQ))), unsigned(B));
+  k<<<grid, F::THREADS, F::smem, s>>>(a, out);
   DSV3_CUDA_CHECK_LAUNCH("attention_causal_flash wgmma kernel");
 }
-template <int D, int NK>
-void launch_flash_wgmma(const uint16_t* qp, const uint16_t* kp, const uint16_t* vp, void* out, DType ot, Strides3 so, int64_t B,
-                        int64_t T, int64_t H, float scale, cudaStream_t s) {
-  if (ot == DType::BF16)
-    launch_flash_wgmma_out<D, NK>(qp, kp, vp, static_cast<uint16_t*>(out), so, B, T, H, scale, s);
-  else
-    launch_flash_wgmma_out<D, NK>(qp, kp, vp, static_cast<float*>(out), so, B, T, H, scale, s);
-}
-// (D, NK) picked at run time.
-void dispatch_flash_wgmma(int nk, const uint16_t* qp, const uint16_t* kp, const uint16_t* vp, void* out, DType ot, Strides3 so,
-                          int64_t B, int64_t T, int64_t H, int64_t D, float scale, cudaStream_t s) {
+// (D, NK, the output type) picked at run time.
+void launch_flash_wgmma(int nk, const WgArgs& a, void* out, DType ot, int64_t B, int64_t D, cudaStream_t s) {
+  auto run = [&](auto d, auto n) {
+    constexpr int DD = decltype(d)::value, NN = decltype(n)::value;
+    if (ot == DType::BF16)
+      launch_flash_wgmma_out<DD, NN>(a, static_cast<uint16_t*>(out), B, s);
+    else
+      launch_flash_wgmma_out<DD, NN>(a, static_cast<float*>(out), B, s);
+  };
+  using I64 = std::integral_constant<int, 64>;
+  using I96 = std::integral_constant<int, 96>;
+  using I128 = std::integral_constant<int, 128>;
   if (D == 64)
-    nk == 64 ? launch_flash_wgmma<64, 64>(qp, kp, vp, out, ot, so, B, T, H, scale, s)
-             : launch_flash_wgmma<64, 128>(qp, kp, vp, out, ot, so, B, T, H, scale, s);
+    nk == 64 ? run(I64{}, I64{}) : run(I64{}, I128{});
   else
-    nk == 64 ? launch_flash_wgmma<96, 64>(qp, kp, vp, out, ot, so, B, T, H, scale, s)
-             : launch_flash_wgmma<96, 128>(qp, kp, vp, out, ot, so, B, T, H, scale, s);
+    nk == 64 ? run(I96{}, I64{}) : run(I96{}, I128{});
+}
+// The packed [B, H, T, D] copies as panels.
+WgArgs packed_panels(const uint16_t* qp, const uint16_t* kp, const uint16_t* vp, Strides3 so, int64_t T, int64_t H, int64_t D, float scale) {
+  const WgPanel q{qp, H * T * D, T * D, D}, k{kp, H * T * D, T * D, D}, v{vp, H * T * 64, T * 64, 64};
+  WgPanel q1 = q, k1 = k;
+  q1.p += 64, k1.p += 64;
+  return WgArgs{q, q1, k, k1, v, so, int(T), int(H), scale * 1.4426950408889634f};
 }
 
+bool aligned16(const uint16_t* p, Strides3 s) {
+  return (reinterpret_cast<uintptr_t>(p) & 15) == 0 && s.b % 8 == 0 && s.t % 8 == 0 && s.h % 8 == 0;
+}
 bool aligned16(const float* p, Strides3 s) {
   return (reinterpret_cast<uintptr_t>(p) & 15) == 0 && s.b % 4 == 0 && s.t % 4 == 0 && s.h % 4 == 0;
 }
@@ -376,7 +385,7 @@ void attention_causal_flash(const float* q, Strides3 sq, const float* k, Strides
   const bool mt2 = env_flash_mt() == 2;
   const DType ot = mla.out_type;
   if (const int nk = env_flash_wgmma(); nk && (D == 64 || D == 96) && Dv == 64)
-    return dispatch_flash_wgmma(nk, qp, kp, vp, out, ot, so, B, T, H, D, scale, s);
+    return launch_flash_wgmma(nk, packed_panels(qp, kp, vp, so, T, H, D, scale), out, ot, B, D, s);
   if (D == 64)
     mt2 ? launch_flash<64, 64, 2>(qp, kp, vp, out, ot, so, B, T, H, scale, s)
         : launch_flash<64, 64, 1>(qp, kp, vp, out, ot, so, B, T, H, scale, s);
@@ -385,6 +394,38 @@ void attention_causal_flash(const float* q, Strides3 sq, const float* k, Strides
         : launch_flash<96, 64, 1>(qp, kp, vp, out, ot, so, B, T, H, scale, s);
   else
     launch_flash<192, 128, 1>(qp, kp, vp, out, ot, so, B, T, H, scale, s);
+}
+
+bool attention_causal_flash_direct_supported(int64_t D, int64_t Dv, int64_t kr) {
+  return Dv == 64 && ((D == 96 && kr == 32) || (D == 64 && kr == 0));
+}
+
+void attention_causal_flash_direct(const uint16_t* q, Strides3 sq, const uint16_t* k, Strides3 sk, const uint16_t* k_rope,
+                                   Strides3 skr, int64_t kr, const uint16_t* v, Strides3 sv, void* out, DType out_type, Strides3 so,
+                                   int64_t B, int64_t T, int64_t H, int64_t D, int64_t Dv, float scale, cudaStream_t s) {
+  DSV3_CHECK(attention_causal_flash_direct_supported(D, Dv, kr), "attention_causal_flash_direct: head dims {} / {} with {} k_rope dims have no kernel",
+             D, Dv, kr);
+  DSV3_CHECK(out_type == DType::F32 || out_type == DType::BF16, "attention_causal_flash_direct: output {} (F32 or BF16)",
+             dtype_name(out_type));
+  DSV3_CHECK(out_type == DType::F32 || (so.b % 2 == 0 && so.t % 2 == 0 && so.h % 2 == 0 && (reinterpret_cast<uintptr_t>(out) & 3) == 0),
+             "attention_causal_flash_direct: a bf16 output needs even strides and a 4-byte aligned base");
+  DSV3_CHECK(aligned16(q, sq) && aligned16(k, sk) && aligned16(v, sv) && (kr == 0 || aligned16(k_rope, skr)),
+             "attention_causal_flash_direct: q, k, v{} need 16-byte aligned bases and strides in multiples of 8 elements",
+             kr ? " and k_rope" : "");
+  DSV3_CHECK(T <= 65535 * 128 && B <= 65535 && B * T <= INT_MAX && H <= 65535,
+             "attention_causal_flash_direct: {} sequences x {} tokens x {} heads is too many", B, T, H);
+  if (B * T * H == 0) return;
+  WgArgs a{};
+  a.q0 = WgPanel{q, sq.b, sq.h, sq.t};
+  a.q1 = a.q0;
+  a.q1.p += 64;
+  a.k0 = WgPanel{k, sk.b, sk.h, sk.t};
+  a.k1 = kr ? WgPanel{k_rope, skr.b, skr.h, skr.t} : a.k0;
+  if (!kr) a.k1.p += 64;
+  a.v = WgPanel{v, sv.b, sv.h, sv.t};
+  a.so = so, a.T = int(T), a.H = int(H), a.sl2 = scale * 1.4426950408889634f;
+  const int nk = env_flash_wgmma();
+  launch_flash_wgmma(nk ? nk : 64, a, out, out_type, B, D, s);
 }
 
 }  // namespace dsv3::cuda

@@ -32,33 +32,52 @@ struct FlashWg {
   static_assert(Q1 % 1024 == 0 && K1 % 1024 == 0, "pieces on 1024-byte boundaries");
 };
 
-// The 16-byte chunks of a ROWS x W bf16 tile (W = 64 or 96, one contiguous run of a packed [T, W] head) that this
-// thread copies, 256 apart: their rows, their element offsets in the run and their places in the swizzled panels
-// (chunks 0..7 in the 128-byte-swizzled panel at 0, chunks 8..11 in the 64-byte-swizzled one at p1). Fixed for the
-// block's life: a tile's copy is then an add and a compare a chunk.
+// Where a tensor's rows are: panel 0 (dims 0..63) and panel 1 (dims 64..D-1), each a bf16 pointer with sequence,
+// head and row strides in elements (all multiples of 8: whole 16-byte chunks). The packed copies of
+// attention_causal_flash ([B, H, T, D]) and the projections' own bf16 outputs (MLA: q_b's rows, kv_b's k_nope and
+// v inside one row, the shared k_rope with a head stride of 0) are both such panels.
+struct WgPanel {
+  const uint16_t* p;
+  int64_t sb, sh, st;
+};
+struct WgArgs {
+  WgPanel q0, q1, k0, k1, v;
+  Strides3 so;
+  int T, H;
+  float sl2;
+};
+
+// The 16-byte chunks of a ROWS x W bf16 tile (W = 64 or 96) that this thread copies, 256 apart: their rows, their
+// element offsets from their panel's row r0 and their places in the swizzled shared panels (chunks 0..7 in the
+// 128-byte-swizzled panel at 0, chunks 8..11 in the 64-byte-swizzled one at p1). Fixed for the block's life: a
+// tile's copy is then a select, an add and a compare a chunk.
 template <int W, int ROWS>
 struct WgChunks {
   static constexpr int CPR = W / 8, N = ROWS * CPR / 256;
   static_assert(ROWS * CPR % 256 == 0, "whole passes of the block");
   int row[N], src[N];
-  uint32_t dst[N];
-  __device__ __forceinline__ explicit WgChunks(uint32_t p1) {
+  uint32_t dst[N], in_p1 = 0;  // bit i: chunk i is in panel 1
+  __device__ __forceinline__ WgChunks(uint32_t p1, int64_t ld0, int64_t ld1) {
 #pragma unroll
     for (int i = 0; i < N; ++i) {
       const int idx = int(threadIdx.x) + 256 * i, r = idx / CPR, ch = idx - r * CPR;
       row[i] = r;
-      src[i] = r * W + ch * 8;
+      in_p1 |= uint32_t(ch >= 8) << i;
+      src[i] = ch < 8 ? int(r * ld0) + ch * 8 : int(r * ld1) + (ch - 8) * 8;
       dst[i] = ch < 8 ? swizzle128(r, ch) : p1 + swizzle64(r, ch - 8);
     }
   }
-  // Rows r0 .. of the head into the panels at smem; rows >= T zero-filled (masked scores; V rows must be finite,
-  // 0 · NaN would poison O).
-  __device__ __forceinline__ void load(unsigned char* smem, const uint16_t* __restrict__ head, int r0, int T) const {
-    const uint16_t* tile = head + int64_t(r0) * W;
+  // Rows r0 .. of the two panels (p0, p1: this sequence's and head's row 0) into the panels at smem; rows >= T
+  // zero-filled (masked scores; V rows must be finite, 0 · NaN would poison O).
+  __device__ __forceinline__ void load(unsigned char* smem, const uint16_t* p0, int64_t ld0, const uint16_t* p1, int64_t ld1, int r0,
+                                       int T) const {
+    const uint16_t* t0 = p0 + r0 * ld0;
+    const uint16_t* t1 = p1 + r0 * ld1;
 #pragma unroll
     for (int i = 0; i < N; ++i) {
       const bool valid = r0 + row[i] < T;
-      cp_async16(smem + dst[i], valid ? tile + src[i] : head, valid);
+      const uint16_t* tile = CPR > 8 && ((in_p1 >> i) & 1) ? t1 : t0;
+      cp_async16(smem + dst[i], valid ? tile + src[i] : p0, valid);
     }
   }
 };
@@ -74,32 +93,30 @@ __device__ __forceinline__ void wg_qk(float (&s)[NK / 2], uint64_t da, uint64_t 
 
 // Key tiles of 64: two blocks an SM (127 registers, no spills); of 128: S alone is 64 registers, one block an SM.
 template <int D, int NK, class O>
-__global__ void __launch_bounds__(256, 2) k_flash_wgmma(const uint16_t* __restrict__ qp, const uint16_t* __restrict__ kp,
-                                                        const uint16_t* __restrict__ vp, O* __restrict__ out, Strides3 so, int T,
-                                                        int H, float sl2) {
+__global__ void __launch_bounds__(256, 2) k_flash_wgmma(WgArgs a, O* __restrict__ out) {
   using F = FlashWg<D, NK>;
   constexpr int BQ = F::BQ, NS = NK / 8, KQ = D / 16;
   extern __shared__ __align__(16) unsigned char smraw[];
   const uint32_t base = (smem_u32(smraw) + 1023u) & ~1023u;
   unsigned char* const bp = smraw + (base - smem_u32(smraw));
+  const int T = a.T;
+  const float sl2 = a.sl2;
   // Heads along x, query tiles in reverse along y: the longest blocks start first (as k_flash_causal).
   const int qt = int(gridDim.y) - 1 - int(blockIdx.y), h = blockIdx.x, b = blockIdx.z;
   const int q0 = qt * BQ, ntiles = (min(q0 + BQ, T) + NK - 1) / NK;
   const int t = threadIdx.x, lane = t & 31, w = t >> 5, wg = w >> 2, g = lane >> 2, tq = lane & 3;
-  const int64_t head = (int64_t(b) * H + h) * T;
-  const uint16_t* qh = qp + head * D;
-  const uint16_t* kh = kp + head * D;
-  const uint16_t* vh = vp + head * F::DV;
+  auto at = [&](const WgPanel& p) { return p.p + b * p.sb + h * p.sh; };
+  const uint16_t *k0h = at(a.k0), *k1h = at(a.k1), *vh = at(a.v);
   auto stage = [&](int st) { return F::Q0 + F::Q1 + uint32_t(st) * F::STAGE; };
-  const WgChunks<D, NK> kc(F::K0);
-  const WgChunks<64, NK> vc(0);
+  const WgChunks<D, NK> kc(F::K0, a.k0.st, a.k1.st);
+  const WgChunks<64, NK> vc(0, a.v.st, a.v.st);
   auto load_kv = [&](int tile, int st) {
     unsigned char* k0 = bp + stage(st);
-    kc.load(k0, kh, tile * NK, T);
-    vc.load(k0 + F::K0 + F::K1, vh, tile * NK, T);
+    kc.load(k0, k0h, a.k0.st, k1h, a.k1.st, tile * NK, T);
+    vc.load(k0 + F::K0 + F::K1, vh, a.v.st, vh, a.v.st, tile * NK, T);
     cp_async_commit();
   };
-  WgChunks<D, BQ>(F::Q0).load(bp, qh, q0, T);
+  WgChunks<D, BQ>(F::Q0, a.q0.st, a.q1.st).load(bp, at(a.q0), a.q0.st, at(a.q1), a.q1.st, q0, T);
   load_kv(0, 0);
 
   float o[8][4];  // wgmma's d for P·V
@@ -158,7 +175,7 @@ __global__ void __launch_bounds__(256, 2) k_flash_wgmma(const uint16_t* __restri
   // l >= 1 for every row < T: its max key contributes exp2(0) = 1 exactly. Rows >= T are not written.
   const float inv0 = 1.0f / s0, inv1 = 1.0f / s1;
   const int i0 = wrow0 + g, i1 = i0 + 8;
-  O* ob = out + int64_t(b) * so.b + int64_t(h) * so.h + 2 * tq;
+  O* ob = out + int64_t(b) * a.so.b + int64_t(h) * a.so.h + 2 * tq;
   auto put = [&](O* r, float x, float y) {
     if constexpr (sizeof(O) == 4) {
       r[0] = x;
@@ -168,12 +185,12 @@ __global__ void __launch_bounds__(256, 2) k_flash_wgmma(const uint16_t* __restri
     }
   };
   if (i0 < T) {
-    O* r = ob + int64_t(i0) * so.t;
+    O* r = ob + int64_t(i0) * a.so.t;
 #pragma unroll
     for (int n = 0; n < 8; ++n) put(r + 8 * n, o[n][0] * inv0, o[n][1] * inv0);
   }
   if (i1 < T) {
-    O* r = ob + int64_t(i1) * so.t;
+    O* r = ob + int64_t(i1) * a.so.t;
 #pragma unroll
     for (int n = 0; n < 8; ++n) put(r + 8 * n, o[n][2] * inv1, o[n][3] * inv1);
   }

@@ -161,5 +161,14 @@ size_t attention_causal_flash_workspace(int64_t B, int64_t T, int64_t H, int64_t
 void attention_causal_flash(const float* q, Strides3 sq, const float* k, Strides3 sk, const float* v, Strides3 sv, void* out,
                             Strides3 so, int64_t B, int64_t T, int64_t H, int64_t D, int64_t Dv, float scale, void* ws,
                             size_t ws_bytes, cudaStream_t stream = nullptr, const FlashMla& mla = {});
+// The wgmma flash kernel straight on bf16 projections (no packing pass, no workspace): q [B, T, H, D] already roped
+// (strides sq), each head's key as its first D - kr dims in k (strides sk: kv_b's k_nope) and its last kr in k_rope
+// (strides skr, head stride 0 for MLA's one shared, roped k_rope; kr 0: all D in k), v (strides sv). Every base 16-byte
+// aligned and every stride a multiple of 8 elements (whole 16-byte chunks for cp.async); out as attention_causal_flash.
+// Supported: D 96 with kr 32, or D 64 with kr 0; Dv 64 (MLA's prefill shapes up to small.json's).
+bool attention_causal_flash_direct_supported(int64_t D, int64_t Dv, int64_t kr);
+void attention_causal_flash_direct(const uint16_t* q, Strides3 sq, const uint16_t* k, Strides3 sk, const uint16_t* k_rope,
+                                   Strides3 skr, int64_t kr, const uint16_t* v, Strides3 sv, void* out, DType out_type, Strides3 so,
+                                   int64_t B, int64_t T, int64_t H, int64_t D, int64_t Dv, float scale, cudaStream_t stream = nullptr);
 
 }  // namespace dsv3::cuda
