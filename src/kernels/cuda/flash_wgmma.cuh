@@ -47,40 +47,28 @@ struct WgArgs {
   float sl2;
 };
 
-// The 16-byte chunks of a ROWS x W bf16 tile (W = 64 or 96) that this thread copies, 256 apart: their rows, their
-// element offsets from their panel's row r0 and their places in the swizzled shared panels (chunks 0..7 in the
-// 128-byte-swizzled panel at 0, chunks 8..11 in the 64-byte-swizzled one at p1). Fixed for the block's life: a
-// tile's copy is then a select, an add and a compare a chunk.
+// Rows r0 .. r0 + ROWS - 1 (W = 64 or 96 dims) of a tensor's two panels (p0, p1: this sequence's and head's row 0,
+// row strides ld0, ld1) into the swizzled shared panels at smem (dims 0..63, 128-byte swizzle) and smem + p1_off
+// (dims 64..95, 64-byte swizzle). Four threads a row, thread j its chunks j, j + 4 (and j of panel 1): a warp's copy is
+// 8 rows x 64 contiguous bytes, and a thread's addresses are one row pointer a panel plus constants. Rows >= T are
+// zero-filled (masked scores; V rows must be finite, 0 · NaN would poison O).
 template <int W, int ROWS>
-struct WgChunks {
-  static constexpr int CPR = W / 8, N = ROWS * CPR / 256;
-  static_assert(ROWS * CPR % 256 == 0, "whole passes of the block");
-  int row[N], src[N];
-  uint32_t dst[N], in_p1 = 0;  // bit i: chunk i is in panel 1
-  __device__ __forceinline__ WgChunks(uint32_t p1, int64_t ld0, int64_t ld1) {
+__device__ __forceinline__ void wg_load_tile(unsigned char* smem, uint32_t p1_off, const uint16_t* p0, int64_t ld0, const uint16_t* p1,
+                                             int64_t ld1, int r0, int T) {
+  static_assert(W == 64 || W == 96, "rows of 64 or 96 dims");
+  static_assert(ROWS % 64 == 0, "whole passes of the block's 64 rows");
+  const int j = int(threadIdx.x) & 3, rr = int(threadIdx.x) >> 2;
 #pragma unroll
-    for (int i = 0; i < N; ++i) {
-      const int idx = int(threadIdx.x) + 256 * i, r = idx / CPR, ch = idx - r * CPR;
-      row[i] = r;
-      in_p1 |= uint32_t(ch >= 8) << i;
-      src[i] = ch < 8 ? int(r * ld0) + ch * 8 : int(r * ld1) + (ch - 8) * 8;
-      dst[i] = ch < 8 ? swizzle128(r, ch) : p1 + swizzle64(r, ch - 8);
-    }
+  for (int rp = 0; rp < ROWS / 64; ++rp) {
+    const int row = rr + 64 * rp, r = r0 + row;
+    const bool valid = r < T;
+    const int64_t rs = valid ? r : 0;
+    const uint16_t* s0 = p0 + rs * ld0 + j * 8;
+    cp_async16(smem + swizzle128(row, j), s0, valid);
+    cp_async16(smem + swizzle128(row, j + 4), s0 + 32, valid);
+    if constexpr (W == 96) cp_async16(smem + p1_off + swizzle64(row, j), p1 + rs * ld1 + j * 8, valid);
   }
-  // Rows r0 .. of the two panels (p0, p1: this sequence's and head's row 0) into the panels at smem; rows >= T
-  // zero-filled (masked scores; V rows must be finite, 0 · NaN would poison O).
-  __device__ __forceinline__ void load(unsigned char* smem, const uint16_t* p0, int64_t ld0, const uint16_t* p1, int64_t ld1, int r0,
-                                       int T) const {
-    const uint16_t* t0 = p0 + r0 * ld0;
-    const uint16_t* t1 = p1 + r0 * ld1;
-#pragma unroll
-    for (int i = 0; i < N; ++i) {
-      const bool valid = r0 + row[i] < T;
-      const uint16_t* tile = CPR > 8 && ((in_p1 >> i) & 1) ? t1 : t0;
-      cp_async16(smem + dst[i], valid ? tile + src[i] : p0, valid);
-    }
-  }
-};
+}
 
 // S (+)= Q·Kᵀ for NK keys: d NK / 2 floats.
 template <int NK>
@@ -108,15 +96,13 @@ __global__ void __launch_bounds__(256, 2) k_flash_wgmma(WgArgs a, O* __restrict_
   auto at = [&](const WgPanel& p) { return p.p + b * p.sb + h * p.sh; };
   const uint16_t *k0h = at(a.k0), *k1h = at(a.k1), *vh = at(a.v);
   auto stage = [&](int st) { return F::Q0 + F::Q1 + uint32_t(st) * F::STAGE; };
-  const WgChunks<D, NK> kc(F::K0, a.k0.st, a.k1.st);
-  const WgChunks<64, NK> vc(0, a.v.st, a.v.st);
   auto load_kv = [&](int tile, int st) {
     unsigned char* k0 = bp + stage(st);
-    kc.load(k0, k0h, a.k0.st, k1h, a.k1.st, tile * NK, T);
-    vc.load(k0 + F::K0 + F::K1, vh, a.v.st, vh, a.v.st, tile * NK, T);
+    wg_load_tile<D, NK>(k0, F::K0, k0h, a.k0.st, k1h, a.k1.st, tile * NK, T);
+    wg_load_tile<64, NK>(k0 + F::K0 + F::K1, 0, vh, a.v.st, vh, a.v.st, tile * NK, T);
     cp_async_commit();
   };
-  WgChunks<D, BQ>(F::Q0, a.q0.st, a.q1.st).load(bp, at(a.q0), a.q0.st, at(a.q1), a.q1.st, q0, T);
+  wg_load_tile<D, BQ>(bp, F::Q0, at(a.q0), a.q0.st, at(a.q1), a.q1.st, q0, T);
   load_kv(0, 0);
 
   float o[8][4];  // wgmma's d for P·V
