@@ -489,8 +489,18 @@ __global__ void k_moe_gather(const float* __restrict__ x, int64_t ldx, const int
 
 // Block per token; kV4: 4 columns a thread with 16-byte loads (D, ld, ldy multiples of 4, aligned bases). Each
 // column's sum runs over the token's slots in ascending expert order either way (the same bits).
-template <bool kV4>
-__global__ void k_moe_unpermute(const float* __restrict__ eo, int64_t ld, const int32_t* __restrict__ slot_row,
+// (E: f32, or bf16 expert outputs widened on load; 4 of them a uint2.)
+__device__ __forceinline__ float4 load4(const float* p) { return *reinterpret_cast<const float4*>(p); }
+__device__ __forceinline__ float4 load4(const uint16_t* p) {
+  const uint2 u = *reinterpret_cast<const uint2*>(p);
+  return make_float4(__uint_as_float(u.x << 16), __uint_as_float(u.x & 0xffff0000u), __uint_as_float(u.y << 16),
+                     __uint_as_float(u.y & 0xffff0000u));
+}
+__device__ __forceinline__ float load1(const float* p) { return *p; }
+__device__ __forceinline__ float load1(const uint16_t* p) { return bf16_to_f32(*p); }
+
+template <bool kV4, class E>
+__global__ void k_moe_unpermute(const E* __restrict__ eo, int64_t ld, const int32_t* __restrict__ slot_row,
                                 const int32_t* __restrict__ idx, const float* __restrict__ wts, int k, int D,
                                 float* __restrict__ y, int64_t ldy, bool accumulate) {
   __shared__ int order[64];
@@ -519,7 +529,7 @@ __global__ void k_moe_unpermute(const float* __restrict__ eo, int64_t ld, const 
     for (int d = 4 * int(threadIdx.x); d < D; d += 4 * int(blockDim.x)) {
       float4 a = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
       for (int jj = 0; jj < k; ++jj) {
-        const float4 e = *reinterpret_cast<const float4*>(eo + (jj < 64 ? rows[jj] : int64_t(slot_row[m * k + jj]) * ld) + d);
+        const float4 e = load4(eo + (jj < 64 ? rows[jj] : int64_t(slot_row[m * k + jj]) * ld) + d);
         const float w = jj < 64 ? ws[jj] : wts[m * k + jj];
         a.x += e.x * w, a.y += e.y * w, a.z += e.z * w, a.w += e.w * w;
       }
@@ -534,7 +544,7 @@ __global__ void k_moe_unpermute(const float* __restrict__ eo, int64_t ld, const 
     for (int d = threadIdx.x; d < D; d += blockDim.x) {
       float a = 0.0f;
       for (int jj = 0; jj < k; ++jj)
-        a += eo[(jj < 64 ? rows[jj] : int64_t(slot_row[m * k + jj]) * ld) + d] * (jj < 64 ? ws[jj] : wts[m * k + jj]);
+        a += load1(eo + (jj < 64 ? rows[jj] : int64_t(slot_row[m * k + jj]) * ld) + d) * (jj < 64 ? ws[jj] : wts[m * k + jj]);
       float* yp = y + m * ldy + d;
       *yp = accumulate ? a + *yp : a;
     }
@@ -709,17 +719,29 @@ void moe_gather(const float* x, int64_t ldx, const int32_t* perm, int64_t rows, 
   DSV3_CUDA_CHECK_LAUNCH("moe_gather kernel");
 }
 
-void moe_unpermute(const float* eo, int64_t ld, const int32_t* slot_row, const int32_t* idx, const float* wts, int64_t M,
-                   int64_t top_k, int64_t D, float* y, int64_t ldy, bool accumulate, cudaStream_t stream) {
+namespace {
+template <class E>
+void unpermute(const E* eo, int64_t ld, const int32_t* slot_row, const int32_t* idx, const float* wts, int64_t M, int64_t top_k,
+               int64_t D, float* y, int64_t ldy, bool accumulate, cudaStream_t stream) {
   if (M <= 0) return;
-  const bool v4 = D % 4 == 0 && ld % 4 == 0 && ldy % 4 == 0 && (reinterpret_cast<uintptr_t>(eo) & 15) == 0 &&
-                 (reinterpret_cast<uintptr_t>(y) & 15) == 0;
+  const bool v4 = D % 4 == 0 && ld % 4 == 0 && ldy % 4 == 0 && (reinterpret_cast<uintptr_t>(eo) & (4 * sizeof(E) - 1)) == 0 &&
+                  (reinterpret_cast<uintptr_t>(y) & 15) == 0;
   const int threads = v4 ? int(std::min<int64_t>(256, round_up(std::max<int64_t>(D / 4, 64), 32))) : D >= 1024 ? 256 : 128;
   if (v4)
     k_moe_unpermute<true><<<unsigned(M), threads, 0, stream>>>(eo, ld, slot_row, idx, wts, int(top_k), int(D), y, ldy, accumulate);
   else
     k_moe_unpermute<false><<<unsigned(M), threads, 0, stream>>>(eo, ld, slot_row, idx, wts, int(top_k), int(D), y, ldy, accumulate);
   DSV3_CUDA_CHECK_LAUNCH("moe_unpermute kernel");
+}
+}  // namespace
+
+void moe_unpermute(const float* eo, int64_t ld, const int32_t* slot_row, const int32_t* idx, const float* wts, int64_t M,
+                   int64_t top_k, int64_t D, float* y, int64_t ldy, bool accumulate, cudaStream_t stream) {
+  unpermute(eo, ld, slot_row, idx, wts, M, top_k, D, y, ldy, accumulate, stream);
+}
+void moe_unpermute(const uint16_t* eo, int64_t ld, const int32_t* slot_row, const int32_t* idx, const float* wts, int64_t M,
+                   int64_t top_k, int64_t D, float* y, int64_t ldy, bool accumulate, cudaStream_t stream) {
+  unpermute(eo, ld, slot_row, idx, wts, M, top_k, D, y, ldy, accumulate, stream);
 }
 
 namespace {
@@ -783,18 +805,21 @@ void moe_prefill(Gemm& gemm, const MoeExperts& w, const float* x, int64_t ldx, c
     moe_unpermute(out, D, slot_row, idx, wts, M, top_k, D, y, ldy, accumulate, stream);
     return;
   }
+  // The grouped kernels' expert outputs in bf16 (what a bf16 model's down_proj returns; half the bytes written and
+  // un-permuted of f32's), the weighted sum in f32.
+  auto* outb = reinterpret_cast<uint16_t*>(base + L.out);
   if (no_gather && ldx == D && moe_grouped_supported(w)) {
     if (!x_bf16) convert(DType::F32, x, DType::BF16, xg, M * D, stream);
     moe_grouped_swiglu(w, x_bf16 ? x_bf16 : xg, offsets, S, hb, stream, perm, top_k);
-    moe_grouped_down(w, hb, offsets, S, out, stream);
-    moe_unpermute(out, D, slot_row, idx, wts, M, top_k, D, y, ldy, accumulate, stream);
+    moe_grouped_down(w, hb, offsets, S, outb, DType::BF16, stream);
+    moe_unpermute(outb, D, slot_row, idx, wts, M, top_k, D, y, ldy, accumulate, stream);
     return;
   }
   moe_gather(x, ldx, perm, S, top_k, D, DType::BF16, xg, D, stream);
   if (moe_grouped_supported(w)) {  // two grouped launches, no host round trip (moe_grouped.cu)
     moe_grouped_swiglu(w, xg, offsets, S, hb, stream);
-    moe_grouped_down(w, hb, offsets, S, out, stream);
-    moe_unpermute(out, D, slot_row, idx, wts, M, top_k, D, y, ldy, accumulate, stream);
+    moe_grouped_down(w, hb, offsets, S, outb, DType::BF16, stream);
+    moe_unpermute(outb, D, slot_row, idx, wts, M, top_k, D, y, ldy, accumulate, stream);
     return;
   }
   std::vector<int32_t> off(size_t(w.E + 1));

@@ -46,8 +46,9 @@ struct GroupedArgs {
   int E, K, N;                  // N: output columns (I for gate|up, D for down)
   int up_row0;                  // gate|up: first up row (I); unused for down
   int scale_up0;                // gate|up FP8: offset of up's scale rows (ceil(I/128) * ceil(K/128))
-  void* out;                    // gate|up: h [slots, N] bf16; down: [slots, N] f32
+  void* out;                    // gate|up: h [slots, N] bf16; down: [slots, N] f32, or bf16 with out_bf16
   int lda, ldo;                 // row strides of a and out (elements)
+  bool out_bf16;
   // offsets == nullptr: one group of rows1 rows with weight w1 / scale1 (a dense product, fp8_rows_gemm).
   int rows1;
   const void* w1;
@@ -237,7 +238,7 @@ __global__ void __launch_bounds__(GTHREADS, 2) k_moe_grouped(GroupedArgs g) {
   }
   cp_async_wait<0>();
 
-  store_tile<SWIGLU, GM, GN, MT, NT, GTHREADS>(acc, col0, wm, splits, smraw, row0, row_end, nj, g.N, g.out, g.ldo);
+  store_tile<SWIGLU, GM, GN, MT, NT, GTHREADS>(acc, col0, wm, splits, smraw, row0, row_end, nj, g.N, g.out, g.ldo, g.out_bf16);
 }
 
 // The bf16 prefill tile on Hopper's warpgroup MMA (the default; DSV3_GROUPED_WGMMA=0 for k_moe_grouped; K a multiple of 32, a last half slice
@@ -329,7 +330,8 @@ __global__ void __launch_bounds__(GTHREADS, 2) k_moe_grouped_wgmma(GroupedArgs g
     for (int q = 0; q < 4; ++q) acc[0][j][q] = d[4 * j + q];
   // Warp w's 16 rows are 16 w .. of the tile (warpgroup w / 4, its warp w % 4); n8 tile j at column 8 j (gate | up
   // halves for SwiGLU, as k_moe_grouped's single warp column).
-  store_tile<SWIGLU, GM, GN, 1, 16, GTHREADS>(acc, [](int i) { return 8 * i; }, w, 1, smraw, row0, row_end, nj, g.N, g.out, g.ldo);
+  store_tile<SWIGLU, GM, GN, 1, 16, GTHREADS>(acc, [](int i) { return 8 * i; }, w, 1, smraw, row0, row_end, nj, g.N, g.out, g.ldo,
+                                              g.out_bf16);
 }
 
 template <bool SWIGLU>
@@ -421,7 +423,12 @@ void moe_grouped_swiglu(const MoeExperts& w, const uint16_t* xg, const int32_t* 
 }
 
 void moe_grouped_down(const MoeExperts& w, const uint16_t* h, const int32_t* offsets, int64_t slots, float* out, cudaStream_t s) {
+  moe_grouped_down(w, h, offsets, slots, out, DType::F32, s);
+}
+void moe_grouped_down(const MoeExperts& w, const uint16_t* h, const int32_t* offsets, int64_t slots, void* out, DType out_type,
+                      cudaStream_t s) {
   DSV3_CHECK(moe_grouped_supported(w), "moe_grouped_down: D {} / I {} must be multiples of {}", w.D, w.I, GK);
+  DSV3_CHECK(out_type == DType::F32 || out_type == DType::BF16, "moe_grouped_down: output {} (F32 or BF16)", dtype_name(out_type));
   if (slots <= 0) return;
   GroupedArgs g{};
   g.a = h;
@@ -432,6 +439,7 @@ void moe_grouped_down(const MoeExperts& w, const uint16_t* h, const int32_t* off
   g.K = int(w.I);
   g.N = int(w.D);
   g.out = out;
+  g.out_bf16 = out_type == DType::BF16;
   g.lda = g.K, g.ldo = g.N;
   const int64_t n_tiles = ceil_div(w.D, int64_t(GN));
   if (w.type == DType::F8_E4M3) launch_grouped<true, false>(g, slots, n_tiles, s);

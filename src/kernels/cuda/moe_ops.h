@@ -114,6 +114,10 @@ void moe_gather(const float* x, int64_t ldx, const int32_t* perm, int64_t rows, 
 void moe_unpermute(const float* expert_out, int64_t ld, const int32_t* slot_row, const int32_t* idx, const float* wts,
                    int64_t M, int64_t top_k, int64_t D, float* y, int64_t ldy, bool accumulate,
                    cudaStream_t stream = nullptr);
+// The same on bf16 expert outputs (each widened to f32; the sums and y in f32).
+void moe_unpermute(const uint16_t* expert_out, int64_t ld, const int32_t* slot_row, const int32_t* idx, const float* wts,
+                   int64_t M, int64_t top_k, int64_t D, float* y, int64_t ldy, bool accumulate,
+                   cudaStream_t stream = nullptr);
 
 // Grouped expert GEMMs over rows grouped by expert (offsets from moe_permute, `slots` = offsets[E] known to the
 // host), one launch each, bf16 activations, f32 accumulation on the tensor cores; FP8 weights are dequantized
@@ -142,6 +146,9 @@ void moe_grouped_swiglu(const MoeExperts& w, const uint16_t* xg, const int32_t* 
                         cudaStream_t stream = nullptr, const int32_t* x_rows = nullptr, int64_t top_k = 1);
 void moe_grouped_down(const MoeExperts& w, const uint16_t* h, const int32_t* offsets, int64_t slots, float* out,
                       cudaStream_t stream = nullptr);
+// The same with out_type F32 or BF16 (the expert outputs rounded to bf16, as a bf16 model's down_proj returns them).
+void moe_grouped_down(const MoeExperts& w, const uint16_t* h, const int32_t* offsets, int64_t slots, void* out, DType out_type,
+                      cudaStream_t stream = nullptr);
 // The FP8 checkpoint's grouped GEMMs on e4m3 activations (moe_grouped_fp8.cu): activations quantized per 1x128
 // tile as quantize_fp8_1x128 does, both operands e4m3 on the tensor cores, each 128-wide k block's f32 partial sum
 // times (activation scale x weight block scale) added in f32. Requires moe_grouped_fp8_supported (F8_E4M3,
@@ -159,7 +166,8 @@ void moe_grouped_down_fp8(const MoeExperts& w, const uint8_t* hq, const float* h
 
 size_t moe_prefill_workspace_bytes(int64_t M, int64_t top_k, int64_t E, int64_t D, int64_t I);
 // The whole routed-expert FFN for many tokens: permute, gather x as bf16 rows, then, when D and I are multiples
-// of 32 (moe_grouped_supported), the two grouped kernels below (no host synchronisation); otherwise per expert
+// of 32 (moe_grouped_supported), the two grouped kernels below (no host synchronisation; with bf16 activations the
+// expert outputs are rounded to bf16 before the weighted sum, as in a bf16 model); otherwise per expert
 // one cuBLASLt GEMM for gate|up [n_e, 2I] (f32 out), one SiLU·mul over all rows (bf16 out), per expert one GEMM
 // for down (f32) — that fallback copies the per-expert row counts to the host, so it SYNCHRONIZES `stream` and
 // runs FP8 experts through gemm.linear_fp8 (activations quantized 1x128 on the fly). Then un-permute. Same

@@ -42,12 +42,12 @@ __device__ void find_tile(const int32_t* __restrict__ off, int E, int* e_out, in
 
 // The output of a block's GM x GN tile from its mma accumulators acc[MT][NT] (warp (wm, lane); col0(i): the tile
 // column of the warp's n8 tile i). SWIGLU: gate tiles first, their up tiles NT / 2 later; h = bf16(silu(g)·u)
-// at columns nj·GN/2 + ..; else f32 at nj·GN + ... Rows >= row_end and columns >= N are not stored. With splits > 1
+// at columns nj·GN/2 + ..; else f32 (bf16 with out_bf16) at nj·GN + ... Rows >= row_end and columns >= N are not stored. With splits > 1
 // (K split over a cluster along z; not SWIGLU) the blocks' partial tiles are summed through distributed shared
 // memory in rank order (deterministic), reusing `smem` (>= GM·GN floats) once every warp is done with it.
 template <bool SWIGLU, int GM, int GN, int MT, int NT, int THREADS, class Col0>
 __device__ __forceinline__ void store_tile(float (&acc)[MT][NT][4], Col0 col0, int wm, int splits, void* smem, int row0, int row_end,
-                                           int nj, int N, void* out, int ldo) {
+                                           int nj, int N, void* out, int ldo, bool out_bf16 = false) {
   const int t = threadIdx.x, lane = t & 31, gq = lane >> 2, tq = lane & 3;
   if constexpr (!SWIGLU) {
     if (splits > 1) {
@@ -71,7 +71,10 @@ __device__ __forceinline__ void store_tile(float (&acc)[MT][NT][4], Col0 col0, i
         const int rr = r0 + i / GN, cc = i % GN, row = row0 + rr, col = nj * GN + cc;
         float v = 0.0f;
         for (int q = 0; q < splits; ++q) v += cl.map_shared_rank(part, q)[rr * GN + cc];
-        if (row < row_end && col < N) static_cast<float*>(out)[int64_t(row) * ldo + col] = v;
+        if (row < row_end && col < N) {
+          if (out_bf16) static_cast<uint16_t*>(out)[int64_t(row) * ldo + col] = f32_to_bf16(v);
+          else static_cast<float*>(out)[int64_t(row) * ldo + col] = v;
+        }
       }
       cl.sync();  // no block leaves while another still reads its partial tile
       return;
@@ -96,6 +99,13 @@ __device__ __forceinline__ void store_tile(float (&acc)[MT][NT][4], Col0 col0, i
             r[c] = gv / (1.0f + expf(-gv)) * uv;  // k_silu_mul's expression
           }
           *reinterpret_cast<uint32_t*>(h + j) = uint32_t(f32_to_bf16(r[0])) | (uint32_t(f32_to_bf16(r[1])) << 16);
+        }
+      } else if (out_bf16) {  // (the down product's bf16 expert outputs: half the bytes to write and to un-permute)
+        uint16_t* o = static_cast<uint16_t*>(out) + int64_t(row) * ldo;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          const int j = nj * GN + col0(nt) + 2 * tq;
+          if (j < N) *reinterpret_cast<uint32_t*>(o + j) = pack_bf16x2(acc[mt][nt][2 * half], acc[mt][nt][2 * half + 1]);
         }
       } else {
         float* o = static_cast<float*>(out) + int64_t(row) * ldo;
