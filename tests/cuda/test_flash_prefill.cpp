@@ -33,6 +33,21 @@ struct FlashKernel {
   const char* v_;
 };
 
+// MLA's pieces expanded for the CPU twin: each head's key [k_nope (kv's first dn dims) | the shared k_rope (dr)]
+// and its value (kv's last dv), from kv [B·T, H, dn + dv] and kr [B·T, dr], into k [B·T, H, dn + dr] and v.
+void expand_mla(const std::vector<float>& kv, const std::vector<float>& kr, int64_t BT, int64_t H, int64_t dn, int64_t dr, int64_t dv,
+                std::vector<float>& k, std::vector<float>& v) {
+  const int64_t D = dn + dr, hd = dn + dv;
+  k.assign(size_t(BT * H * D), 0.0f);
+  v.assign(size_t(BT * H * dv), 0.0f);
+  for (int64_t m = 0; m < BT; ++m)
+    for (int64_t h = 0; h < H; ++h) {
+      for (int64_t d = 0; d < dn; ++d) k[size_t((m * H + h) * D + d)] = kv[size_t((m * H + h) * hd + d)];
+      for (int64_t d = 0; d < dr; ++d) k[size_t((m * H + h) * D + dn + d)] = kr[size_t(m * dr + d)];
+      for (int64_t d = 0; d < dv; ++d) v[size_t((m * H + h) * dv + d)] = kv[size_t((m * H + h) * hd + dn + d)];
+    }
+}
+
 struct FlashCase {
   int64_t B, T, H, D, Dv;
   bool packed;  // q, k, v as slices of one [B, T, H, D + D + Dv + pad] buffer; else three contiguous tensors
@@ -105,10 +120,8 @@ TEST(CudaFlashPrefill, MlaPiecesRopeAndBf16OutputMatchCpu) {
           qv[2 * i] = a * cs - bb * sn;
           qv[2 * i + 1] = bb * cs + a * sn;
         }
-        for (int64_t d = 0; d < dn; ++d) kx[size_t((m * H + h) * D + d)] = kvh[size_t((m * H + h) * hd + d)];
-        for (int64_t d = 0; d < dr; ++d) kx[size_t((m * H + h) * D + dn + d)] = krh[size_t(m * dr + d)];
-        for (int64_t d = 0; d < dv; ++d) vx[size_t((m * H + h) * dv + d)] = kvh[size_t((m * H + h) * hd + dn + d)];
       }
+    expand_mla(kvh, krh, B * T, H, dn, dr, dv, kx, vx);
     const float scale = 1.0f / std::sqrt(float(D)) * 1.7f;
     Tensor ref = Tensor::empty(DType::F32, {B, T, H, dv});
     ops::attention_causal(Tensor::from_vector(qr, {B, T, H, D}), Tensor::from_vector(kx, {B, T, H, D}),
@@ -156,10 +169,8 @@ TEST(CudaFlashPrefill, DirectBf16ProjectionsMatchCpu) {
       for (int64_t m = 0; m < B * T; ++m)
         for (int64_t h = 0; h < H; ++h) {
           for (int64_t d = 0; d < D; ++d) qx[size_t((m * H + h) * D + d)] = qh[size_t(m * ldq + h * D + d)];
-          for (int64_t d = 0; d < dn; ++d) kx[size_t((m * H + h) * D + d)] = kvh[size_t((m * H + h) * hd + d)];
-          for (int64_t d = 0; d < dr; ++d) kx[size_t((m * H + h) * D + dn + d)] = krh[size_t(m * dr + d)];
-          for (int64_t d = 0; d < dv; ++d) vx[size_t((m * H + h) * dv + d)] = kvh[size_t((m * H + h) * hd + dn + d)];
         }
+      expand_mla(kvh, krh, B * T, H, dn, dr, dv, kx, vx);
       const float scale = 1.0f / std::sqrt(float(D)) * 1.7f;
       Tensor ref = Tensor::empty(DType::F32, {B, T, H, dv});
       ops::attention_causal(Tensor::from_vector(qx, {B, T, H, D}), Tensor::from_vector(kx, {B, T, H, D}),

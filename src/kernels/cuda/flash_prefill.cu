@@ -210,33 +210,7 @@ __global__ void __launch_bounds__(FT) k_flash_causal(const uint16_t* __restrict_
   }
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
-    float s0 = l0[mt], s1 = l1[mt];
-    s0 += __shfl_xor_sync(0xffffffffu, s0, 1);
-    s0 += __shfl_xor_sync(0xffffffffu, s0, 2);
-    s1 += __shfl_xor_sync(0xffffffffu, s1, 1);
-    s1 += __shfl_xor_sync(0xffffffffu, s1, 2);
-    // l >= 1 for every row < T: its max key contributes exp2(0) = 1 exactly. Rows >= T are not written.
-    const float inv0 = 1.0f / s0, inv1 = 1.0f / s1;
-    const int i0 = wrow0 + 16 * mt + g, i1 = i0 + 8;
-    O* ob = out + int64_t(b) * so.b + int64_t(h) * so.h + 2 * tq;
-    auto put = [&](O* r, float x, float y) {
-      if constexpr (sizeof(O) == 4) {
-        r[0] = x;
-        r[1] = y;
-      } else {  // a bf16 pair (the output's rows and columns are even: 4-byte aligned)
-        *reinterpret_cast<uint32_t*>(r) = pack_bf16x2(x, y);
-      }
-    };
-    if (i0 < T) {
-      O* r = ob + int64_t(i0) * so.t;
-#pragma unroll
-      for (int n = 0; n < NO; ++n) put(r + 8 * n, o[mt][n][0] * inv0, o[mt][n][1] * inv0);
-    }
-    if (i1 < T) {
-      O* r = ob + int64_t(i1) * so.t;
-#pragma unroll
-      for (int n = 0; n < NO; ++n) put(r + 8 * n, o[mt][n][2] * inv1, o[mt][n][3] * inv1);
-    }
+    store_rows(o[mt], l0[mt], l1[mt], out + int64_t(b) * so.b + int64_t(h) * so.h + 2 * tq, so.t, wrow0 + 16 * mt + g, T);
   }
 }
 

@@ -73,4 +73,32 @@ __device__ __forceinline__ void online_softmax(float (&s)[NS][4], float (&o)[NO]
   }
 }
 
+// The end of a row pair: l summed over the quad and O / l written for rows i0 and i0 + 8 below T, f32 or bf16 pairs
+// (the output's rows and columns are even: 4-byte aligned). ob: the output at this (sequence, head) and this
+// thread's columns 2 (lane % 4) ..; ldo its row stride. l >= 1 for every row < T: its max key contributes exp2(0) = 1.
+template <int NO, class O>
+__device__ __forceinline__ void store_rows(const float (&o)[NO][4], float l0, float l1, O* ob, int64_t ldo, int i0, int T) {
+  l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+  l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+  l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+  l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+  const float inv[2] = {1.0f / l0, 1.0f / l1};
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int i = i0 + 8 * half;
+    if (i >= T) continue;
+    O* r = ob + int64_t(i) * ldo;
+#pragma unroll
+    for (int n = 0; n < NO; ++n) {
+      const float x = o[n][2 * half] * inv[half], y = o[n][2 * half + 1] * inv[half];
+      if constexpr (sizeof(O) == 4) {
+        r[8 * n] = x;
+        r[8 * n + 1] = y;
+      } else {
+        *reinterpret_cast<uint32_t*>(r + 8 * n) = pack_bf16x2(x, y);
+      }
+    }
+  }
+}
+
 }  // namespace dsv3::cuda::dev

@@ -153,33 +153,7 @@ __global__ void __launch_bounds__(256, 2) k_flash_wgmma(WgArgs a, O* __restrict_
     wgmma_wait<0>();
   }
   cp_async_wait<0>();
-  float s0 = l0, s1 = l1;
-  s0 += __shfl_xor_sync(0xffffffffu, s0, 1);
-  s0 += __shfl_xor_sync(0xffffffffu, s0, 2);
-  s1 += __shfl_xor_sync(0xffffffffu, s1, 1);
-  s1 += __shfl_xor_sync(0xffffffffu, s1, 2);
-  // l >= 1 for every row < T: its max key contributes exp2(0) = 1 exactly. Rows >= T are not written.
-  const float inv0 = 1.0f / s0, inv1 = 1.0f / s1;
-  const int i0 = wrow0 + g, i1 = i0 + 8;
-  O* ob = out + int64_t(b) * a.so.b + int64_t(h) * a.so.h + 2 * tq;
-  auto put = [&](O* r, float x, float y) {
-    if constexpr (sizeof(O) == 4) {
-      r[0] = x;
-      r[1] = y;
-    } else {  // a bf16 pair (the output's rows and columns are even: 4-byte aligned)
-      *reinterpret_cast<uint32_t*>(r) = pack_bf16x2(x, y);
-    }
-  };
-  if (i0 < T) {
-    O* r = ob + int64_t(i0) * a.so.t;
-#pragma unroll
-    for (int n = 0; n < 8; ++n) put(r + 8 * n, o[n][0] * inv0, o[n][1] * inv0);
-  }
-  if (i1 < T) {
-    O* r = ob + int64_t(i1) * a.so.t;
-#pragma unroll
-    for (int n = 0; n < 8; ++n) put(r + 8 * n, o[n][2] * inv1, o[n][3] * inv1);
-  }
+  store_rows(o, l0, l1, out + int64_t(b) * a.so.b + int64_t(h) * a.so.h + 2 * tq, a.so.t, wrow0 + g, T);
 }
 
 }  // namespace dsv3::cuda::dev
