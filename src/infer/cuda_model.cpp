@@ -235,6 +235,11 @@ struct CudaModel::Impl {
   mutable cuda::PinnedBuffer pin_meta[2], pin_sample[2];
   mutable cuda::Event meta_sent[2], sample_done[2];
   mutable int meta_turn = 0, sample_turn = 0;
+  // Benchmarking (CudaModel::time_steps): the GPU span of each uncaptured step's kernels, event to event on the
+  // stream, against which a bench sets the step's wall time (the difference: host work around the kernels).
+  bool time_steps = false;
+  mutable std::unique_ptr<cuda::EventTimer> step_timer;
+  mutable double last_step_ms = -1.0;
   // Step-ahead decoding (step_sampled): after a decode step is enqueued, the next one (same sequences, one position
   // on, its tokens the ids just sampled, widened on the device) is enqueued too before the host reads this step's
   // ids, so the GPU does not wait for the host between tokens. The next call finds it already running when it asks
@@ -1376,7 +1381,12 @@ struct CudaModel::Impl {
         take = ex.arena.as<int32_t>(S_TAKE, S);  // not S_PERM: the MoE reuses that slot
         cuda::copy_to_device(take, last.data(), last.size() * 4, s());
       }
+      if (time_steps) {
+        if (!step_timer) step_timer = std::make_unique<cuda::EventTimer>();
+        step_timer->start(s());
+      }
       step_body(ex, r, take, out_rows, false);
+      if (time_steps) last_step_ms = double(step_timer->stop_ms(s()));  // (synchronizes: benchmarking only)
     }
     return {&ex, M, out_rows, advance, r};
   }
@@ -1584,6 +1594,9 @@ double CudaModel::time_last_graph_ms(int reps) const {
   for (int i = 0; i < reps; ++i) g.launch(m.s());
   return double(t.stop_ms(m.s())) / reps;
 }
+
+void CudaModel::time_steps(bool on) { impl_->time_steps = on; }
+double CudaModel::last_step_gpu_ms() const { return impl_->last_step_ms; }
 
 std::unique_ptr<StepCache> CudaModel::make_cache(int64_t slots, int64_t max_tokens) const {
   const Impl& m = *impl_;

@@ -73,6 +73,11 @@ class CudaModel final : public StepModel {
   // times back to back, event-timed; it rewrites the same cache rows, so that cache must still exist), or -1
   // when none was captured.
   double time_last_graph_ms(int reps) const;
+  // Benchmarking: with time_steps(true), each step that runs uncaptured (a prefill) records events around its
+  // kernels; last_step_gpu_ms() is the latest span in GPU milliseconds (-1 before any), so that a bench can tell the
+  // GPU's time from the host work around it.
+  void time_steps(bool on);
+  double last_step_gpu_ms() const;
 
   struct Impl;
 
