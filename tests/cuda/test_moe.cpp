@@ -519,7 +519,8 @@ TEST(CudaRowsGemm, Fp8ActivationsMatchCpuTwin) {
 // The wgmma tiles (the default for prefill-sized groups) against a float64 host loop, one expert: 128 rows, down K 64 (one k slice:
 // descriptors and swizzle) and gate|up K 128; 300 rows (a partial row tile), down K 192 (every stage once) into N 224
 // (a partial column tile), gate|up K 224 (a half last slice); gate|up K 256 (four slices: a stage refilled) into
-// I 160 (a partial SwiGLU tile) and down K 160 (a half last slice). 1e-5 for f32 out, 4e-3 for bf16 h. (ptxas
+// I 160 (a partial SwiGLU tile) and down K 160 (a half last slice). 1e-5 for f32 out, 4e-3 for bf16 h. Each case in
+// the three pipelines (DSV3_GROUPED_WGMMA unset, 31, 41). (ptxas
 // reports no serialised wgmma for these kernels.)
 TEST(CudaMoe, GroupedWgmmaTilesMatchHost) {
   DSV3_REQUIRE_GPU();
@@ -533,10 +534,6 @@ TEST(CudaMoe, GroupedWgmmaTilesMatchHost) {
     auto dh = upload(to_bf16(hd));
     auto dxx = upload(to_bf16(xd));
     auto doff = upload(std::vector<int32_t>{0, int32_t(R)});
-    auto out = poisoned<float>(size_t(R * D));
-    auto hgu = poisoned<uint16_t>(size_t(R * I));
-    moe_grouped_down(dev->view, dh.get(), doff.get(), R, out.get());
-    moe_grouped_swiglu(dev->view, dxx.get(), doff.get(), R, hgu.get());
     std::vector<float> ref(size_t(R * D)), refh(size_t(R * I));
     const std::vector<float>& dn = h.dn[0];
     const std::vector<float>& gu = h.gu[0];
@@ -555,14 +552,24 @@ TEST(CudaMoe, GroupedWgmmaTilesMatchHost) {
         refh[size_t(r * I + n)] = float(g / (1.0 + std::exp(-g)) * u);
       }
     }
-    const auto got = download(out);
-    const auto goth = from_bf16(download(hgu));
-    ASSERT_TRUE(all_finite(got) && all_finite(goth));
-    const double e = rel_l2(got, ref), eh = rel_l2(goth, refh);
-    std::printf("  wgmma tiles rows %lld D %lld I %lld: down rel L2 %.2e, gate|up + SwiGLU (bf16 h) %.2e\n", (long long)R,
-                (long long)D, (long long)I, e, eh);
-    EXPECT_LT(e, 1e-5) << R << " " << D << " " << I;
-    EXPECT_LT(eh, 4e-3) << R << " " << D << " " << I;  // h rounded to bf16
+    // The pipelines: the default (3 stages, each slice's products waited for), and one wgmma group left in flight
+    // with 3 or 4 stages (DSV3_GROUPED_WGMMA=31 / 41).
+    for (const char* v : {"", "31", "41"}) {
+      if (*v) setenv("DSV3_GROUPED_WGMMA", v, 1);
+      auto out = poisoned<float>(size_t(R * D));
+      auto hgu = poisoned<uint16_t>(size_t(R * I));
+      moe_grouped_down(dev->view, dh.get(), doff.get(), R, out.get());
+      moe_grouped_swiglu(dev->view, dxx.get(), doff.get(), R, hgu.get());
+      unsetenv("DSV3_GROUPED_WGMMA");
+      const auto got = download(out);
+      const auto goth = from_bf16(download(hgu));
+      ASSERT_TRUE(all_finite(got) && all_finite(goth)) << v;
+      const double e = rel_l2(got, ref), eh = rel_l2(goth, refh);
+      std::printf("  wgmma tiles%s%s rows %lld D %lld I %lld: down rel L2 %.2e, gate|up + SwiGLU (bf16 h) %.2e\n", *v ? " " : "", v,
+                  (long long)R, (long long)D, (long long)I, e, eh);
+      EXPECT_LT(e, 1e-5) << v << " " << R << " " << D << " " << I;
+      EXPECT_LT(eh, 4e-3) << v << " " << R << " " << D << " " << I;  // h rounded to bf16
+    }
   }
 }
 

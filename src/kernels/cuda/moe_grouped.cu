@@ -248,11 +248,18 @@ __global__ void __launch_bounds__(GTHREADS, 2) k_moe_grouped(GroupedArgs g) {
 // memory, each warpgroup 64 of the rows (no ldmatrix: the fragment traffic of mma.sync is what held the tensor
 // pipe at ~41%). A stage is refilled only after every warpgroup waited for the products that read it (the slice
 // before's wgmma are complete at the loop's barrier).
-constexpr int WG_BK = 64, WG_ST = 3, WG_TILE = 128 * WG_BK * 2;  // a 128-row x 64-k bf16 tile: 16 KB
-constexpr size_t wgmma_smem_bytes() { return size_t(WG_ST) * 2 * WG_TILE + 1024; }  // + the 1024-byte alignment
+// ST stages; INFLIGHT: wgmma groups left running across the loop's barrier (0: each slice's products are waited for
+// before the next slice; 1: the next slice's are issued first, so the tensor cores do not idle through the barrier and
+// the copies; a stage is then refilled two slices after it was read, prefetching ST - 2 slices ahead).
+constexpr int WG_BK = 64, WG_TILE = 128 * WG_BK * 2;  // a 128-row x 64-k bf16 tile: 16 KB
+template <int ST>
+constexpr size_t wgmma_smem_bytes() { return size_t(ST) * 2 * WG_TILE + 1024; }  // + the 1024-byte alignment
 
-template <bool SWIGLU>
+template <bool SWIGLU, int WG_ST, int INFLIGHT>
 __global__ void __launch_bounds__(GTHREADS, 2) k_moe_grouped_wgmma(GroupedArgs g) {
+  static_assert(INFLIGHT == 0 || INFLIGHT == 1, "0 or 1 wgmma group in flight");
+  constexpr int PD = WG_ST - 1 - INFLIGHT;  // slices loaded ahead
+  static_assert(PD >= 1, "at least one slice ahead");
   constexpr int GM = 128;
   dependent_kernel_begin();
   extern __shared__ __align__(16) unsigned char smraw[];
@@ -301,7 +308,7 @@ __global__ void __launch_bounds__(GTHREADS, 2) k_moe_grouped_wgmma(GroupedArgs g
     cp_async_commit();
   };
 #pragma unroll
-  for (int st = 0; st < WG_ST - 1; ++st) {
+  for (int st = 0; st < PD; ++st) {
     if (st < nk) load(st, st);
     else cp_async_commit();
   }
@@ -309,10 +316,10 @@ __global__ void __launch_bounds__(GTHREADS, 2) k_moe_grouped_wgmma(GroupedArgs g
 #pragma unroll
   for (int i = 0; i < 64; ++i) d[i] = 0.0f;
   for (int kt = 0; kt < nk; ++kt) {
-    cp_async_wait<WG_ST - 2>();
+    cp_async_wait<PD - 1>();
     fence_proxy_async_smem();  // this thread's copies of slice kt, visible to the async proxy
     __syncthreads();           // everyone's; and every warpgroup's products of slice kt - 1 are done
-    if (kt + WG_ST - 1 < nk) load(kt + WG_ST - 1, (kt + WG_ST - 1) % WG_ST);
+    if (kt + PD < nk) load(kt + PD, (kt + PD) % WG_ST);  // the stage of slice kt - 1 - INFLIGHT: its products are done
     else cp_async_commit();
     const uint32_t a_addr = base + uint32_t(2 * (kt % WG_ST)) * WG_TILE + uint32_t(wg) * 64 * 128, b_addr = a_addr - uint32_t(wg) * 64 * 128 + WG_TILE;
     wgmma_fence();
@@ -320,8 +327,9 @@ __global__ void __launch_bounds__(GTHREADS, 2) k_moe_grouped_wgmma(GroupedArgs g
     for (int kk = 0; kk < WG_BK / 16; ++kk)
       wgmma_m64n128k16_bf16(d, wgmma_desc_k128(a_addr + 32 * kk), wgmma_desc_k128(b_addr + 32 * kk), true);
     wgmma_commit();
-    wgmma_wait<0>();
+    wgmma_wait<INFLIGHT>();
   }
+  wgmma_wait<0>();
   cp_async_wait<0>();
   float acc[1][16][4];
 #pragma unroll
@@ -334,10 +342,10 @@ __global__ void __launch_bounds__(GTHREADS, 2) k_moe_grouped_wgmma(GroupedArgs g
                                               g.out_bf16);
 }
 
-template <bool SWIGLU>
+template <bool SWIGLU, int ST, int INFLIGHT>
 void launch_wgmma(const GroupedArgs& g, int64_t slots, int64_t n_tiles, cudaStream_t s) {
-  constexpr size_t smem = wgmma_smem_bytes();
-  auto* k = &k_moe_grouped_wgmma<SWIGLU>;
+  constexpr size_t smem = wgmma_smem_bytes<ST>();
+  auto* k = &k_moe_grouped_wgmma<SWIGLU, ST, INFLIGHT>;
   static const bool attr = [&] {
     DSV3_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
     return true;
@@ -368,9 +376,13 @@ void launch_shape(const GroupedArgs& g, int64_t slots, int64_t n_tiles, cudaStre
 // The bf16 prefill tiles on wgmma by default (k_moe_grouped_wgmma: prefill T 4096 443,731-450,113 tokens/s against
 // mma.sync's 396,980-407,278, one run, 2026-12-03); DSV3_GROUPED_WGMMA=0 for the mma.sync tiles. Read at every
 // launch, so a test can compare both paths in one process.
-bool env_wgmma() {
+// DSV3_GROUPED_WGMMA=31 / 41: one wgmma group in flight with 3 / 4 stages (written 2026-12-03 after the device time
+// was spent; not yet measured). Returns 0 (mma.sync), 30 (the default), 31 or 41.
+int env_wgmma() {
   const char* e = std::getenv("DSV3_GROUPED_WGMMA");
-  return !(e && std::string(e) == "0");
+  if (!e) return 30;
+  const std::string v(e);
+  return v == "0" ? 0 : v == "31" ? 31 : v == "41" ? 41 : 30;
 }
 // DSV3_GROUPED_BK=32: the bf16 prefill tiles in 32-wide k slices too (the kernel before 2026-12-03), for A/B.
 bool env_bk32() {
@@ -385,7 +397,10 @@ template <bool FP8, bool SWIGLU>
 void launch_grouped(const GroupedArgs& g, int64_t slots, int64_t n_tiles, cudaStream_t s) {
   if (slots >= 64 * int64_t(g.E)) {
     if constexpr (!FP8) {
-      if (g.offsets && env_wgmma()) return launch_wgmma<SWIGLU>(g, slots, n_tiles, s);  // (K % 32 == 0: supported)
+      if (const int v = g.offsets ? env_wgmma() : 0; v)  // (K % 32 == 0: supported)
+        return v == 41 ? launch_wgmma<SWIGLU, 4, 1>(g, slots, n_tiles, s)
+               : v == 31 ? launch_wgmma<SWIGLU, 3, 1>(g, slots, n_tiles, s)
+                         : launch_wgmma<SWIGLU, 3, 0>(g, slots, n_tiles, s);
       if (g.K % 64 == 0 && !env_bk32()) return launch_shape<FP8, SWIGLU, 2, 4, 64>(g, slots, n_tiles, s);
     }
     launch_shape<FP8, SWIGLU, 2, 4>(g, slots, n_tiles, s);
