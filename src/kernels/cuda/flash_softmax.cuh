@@ -21,10 +21,11 @@ __device__ __forceinline__ float ex2_ftz(float x) {
 // code paths, not a select on every score: the mask's compares were most of the kernel's ALU work). m: the running
 // max of the raw scores (quad-uniform; sl2 > 0, the scale in log2 units, applied inside exp2's argument, one fma a
 // score). l: this thread's part of the row sum of P in f32 (reduced over the quad at the end; the rescaling by alpha
-// is quad-uniform, so the parts stay consistent).
-template <bool MASK, int NS, int NO>
-__device__ __forceinline__ void online_softmax(float (&s)[NS][4], float (&o)[NO][4], uint32_t (&pf)[NS / 2][4], float& m0, float& m1,
-                                               float& l0, float& l1, int i0, int j0, int T, float sl2) {
+// is quad-uniform, so the parts stay consistent). al0 / al1: the factors the rows' output accumulators take for the
+// new max (rescale_rows), applied by the caller once nothing else writes them.
+template <bool MASK, int NS>
+__device__ __forceinline__ void softmax_tile(float (&s)[NS][4], uint32_t (&pf)[NS / 2][4], float& m0, float& m1, float& l0, float& l1,
+                                             int i0, int j0, int T, float sl2, float& al0, float& al1) {
   const int i1 = i0 + 8, jt = j0 + 2 * (int(threadIdx.x) & 3);
   float mx0 = -INFINITY, mx1 = -INFINITY;
 #pragma unroll
@@ -47,19 +48,12 @@ __device__ __forceinline__ void online_softmax(float (&s)[NS][4], float (&o)[NO]
   // Every row sees key 0 in tile 0, so m is finite after it; the -inf guards are for robustness only.
   const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
   const float mu0 = mn0 == -INFINITY ? 0.0f : mn0, mu1 = mn1 == -INFINITY ? 0.0f : mn1;  // no -inf - -inf
-  const float al0 = ex2_ftz((m0 - mu0) * sl2), al1 = ex2_ftz((m1 - mu1) * sl2);          // 0 while m was -inf
+  al0 = ex2_ftz((m0 - mu0) * sl2), al1 = ex2_ftz((m1 - mu1) * sl2);                      // 0 while m was -inf
   const float nb0 = -mu0 * sl2, nb1 = -mu1 * sl2;
   m0 = mn0;
   m1 = mn1;
   l0 *= al0;
   l1 *= al1;
-#pragma unroll
-  for (int n = 0; n < NO; ++n) {
-    o[n][0] *= al0;
-    o[n][1] *= al0;
-    o[n][2] *= al1;
-    o[n][3] *= al1;
-  }
   // Step kk of P·V takes n8 tiles 2 kk (k 0..7) and 2 kk + 1 (k 8..15); {c0, c1} is (row g, k 2 (lane % 4) ..),
   // {c2, c3} row g + 8.
 #pragma unroll
@@ -71,6 +65,26 @@ __device__ __forceinline__ void online_softmax(float (&s)[NS][4], float (&o)[NO]
     pf[n >> 1][2 * (n & 1)] = pack_bf16x2(p0, p1);
     pf[n >> 1][2 * (n & 1) + 1] = pack_bf16x2(p2, p3);
   }
+}
+
+template <int NO>
+__device__ __forceinline__ void rescale_rows(float (&o)[NO][4], float al0, float al1) {
+#pragma unroll
+  for (int n = 0; n < NO; ++n) {
+    o[n][0] *= al0;
+    o[n][1] *= al0;
+    o[n][2] *= al1;
+    o[n][3] *= al1;
+  }
+}
+
+// One tile's step with the rescaling of o folded in (the kernels that wait for P·V before the next tile's scores).
+template <bool MASK, int NS, int NO>
+__device__ __forceinline__ void online_softmax(float (&s)[NS][4], float (&o)[NO][4], uint32_t (&pf)[NS / 2][4], float& m0, float& m1,
+                                               float& l0, float& l1, int i0, int j0, int T, float sl2) {
+  float al0, al1;
+  softmax_tile<MASK>(s, pf, m0, m1, l0, l1, i0, j0, T, sl2, al0, al1);
+  rescale_rows(o, al0, al1);
 }
 
 // The end of a row pair: l summed over the quad and O / l written for rows i0 and i0 + 8 below T, f32 or bf16 pairs

@@ -37,6 +37,19 @@ template <int N>
 __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
 // (fence_proxy_async_smem, common.cuh: cp.async's writes made visible to wgmma's reads, by each writing thread
 // before the barrier.)
+// A register operand of products still in flight: after their wait_group, this "redefinition" keeps the compiler
+// from reading accumulators or reusing A-fragment registers before the products are done (its view of the asm is
+// that they were read and written when issued).
+template <int N>
+__device__ __forceinline__ void wgmma_fence_operands(float (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+template <int N>
+__device__ __forceinline__ void wgmma_fence_operands(uint32_t (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+r"(r[i])::"memory");
+}
 
 // d (+)= A[64 x 16] · B[128 x 16]ᵀ, both K-major bf16 in shared memory; accumulate = false zero-initialises d.
 // d's layout is mma.sync's C fragments: warp w of the warpgroup holds rows 16 w .. 16 w + 15, and d[4 j .. 4 j + 3]
