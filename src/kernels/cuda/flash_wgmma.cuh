@@ -1,7 +1,7 @@
 // Causal flash attention on Hopper's warpgroup MMA (FlashAttention-3's data flow without its warp specialisation),
 // for MLA's prefill head dims: q·k over D = 64 or 96 (k_nope | k_rope), v of 64. One block per (128 query rows,
 // head, sequence), two warpgroups of 64 rows; Q stays in shared memory for the block's life and each key tile of NK
-// rows (K and V double-buffered by cp.async) goes through
+// rows (K and V double-buffered by cp.async; three stages in the overlapped loop) goes through
 //   S = Q·Kᵀ   wgmma m64nNKk16, both operands from shared memory (K-major: Q's and K's rows are their d),
 //   online softmax on S in registers (a row in the 4 threads of a quad, as mma.sync's C fragments),
 //   O += P·V   wgmma m64n64k16 with P from registers (two adjacent n8 tiles of S are one k16 A fragment) and V
@@ -89,6 +89,9 @@ __device__ __forceinline__ void wg_qk(float (&s)[NK / 2], uint64_t da, uint64_t 
 template <int D, int NK, class O, bool OV = false>
 __global__ void __launch_bounds__(256, 2) k_flash_wgmma(WgArgs a, O* __restrict__ out) {
   using F = FlashWg<D, NK, OV ? 3 : 2>;
+  // (OV: the final P·V reads the V of a warpgroup's last tile, ntiles - 1 or ntiles - 2 with 128-row blocks of two
+  // 64-row warpgroups and 64-key tiles, so three stages keep it.)
+  static_assert(!OV || (NK == 64 && F::BQ == 128), "the overlapped loop's stage count assumes 64-key tiles, 128-row blocks");
   constexpr int BQ = F::BQ, NS = NK / 8, KQ = D / 16;
   extern __shared__ __align__(16) unsigned char smraw[];
   const uint32_t base = (smem_u32(smraw) + 1023u) & ~1023u;
@@ -199,6 +202,7 @@ __global__ void __launch_bounds__(256, 2) k_flash_wgmma(WgArgs a, O* __restrict_
     pv(stage_off(min(ntiles - 1, wg_last / NK)));
     wgmma_wait<0>();
     wgmma_fence_operands(od);
+    wgmma_fence_operands(ppr);
   } else {
   for (int it = 0; it < ntiles; ++it) {
     const int st = it & 1, j0 = it * NK;
