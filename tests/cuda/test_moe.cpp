@@ -621,10 +621,17 @@ TEST(CudaMoe, PrefillMatchesCpuTwinAndDecode) {
                   (long long)D, (long long)I, e_mma);
       EXPECT_LT(e_mma, 1e-4) << "wgmma tiles";
     }
+    std::vector<float> got_fw;  // e4m3 activations on the wgmma tiles (DSV3_GROUPED_FP8_WGMMA=1), checked below
     if (fp8_acts) {
       auto dy_again = upload(y0);
       moe_prefill(gemm, dev->view, dx.get(), D, didx.get(), dw.get(), M, k, dy_again.get(), D, true, ws.get(), wsb, nullptr, true);
       EXPECT_EQ(std::memcmp(got.data(), download(dy_again).data(), got.size() * 4), 0) << "two runs differ";
+      setenv("DSV3_GROUPED_FP8_WGMMA", "1", 1);
+      auto dy_fw = upload(y0);
+      moe_prefill(gemm, dev->view, dx.get(), D, didx.get(), dw.get(), M, k, dy_fw.get(), D, true, ws.get(), wsb, nullptr, true);
+      unsetenv("DSV3_GROUPED_FP8_WGMMA");
+      got_fw = download(dy_fw);
+      ASSERT_TRUE(all_finite(got_fw));
     }
     const auto exact = reference(h, x, idx, w, M, k, &y0);
     const double e_exact = rel_l2(got, exact);
@@ -638,6 +645,12 @@ TEST(CudaMoe, PrefillMatchesCpuTwinAndDecode) {
                 (long long)M, (long long)E, (long long)D, (long long)I, e_round, e_exact);
     EXPECT_LT(e_round, 2e-3) << what;
     EXPECT_LT(e_exact, fp8_acts ? 6e-2 : 1e-2) << what;
+    if (!got_fw.empty()) {  // the same bounds (only the f32 order of each k block's sum differs from the mma.sync tiles)
+      const double f_round = rel_l2(got_fw, rounded), f_exact = rel_l2(got_fw, exact);
+      std::printf("  prefill %s on the wgmma tiles: rel L2 %.2e vs the rounding twin, %.2e vs the exact twin\n", what, f_round, f_exact);
+      EXPECT_LT(f_round, 2e-3) << what << " (wgmma)";
+      EXPECT_LT(f_exact, 6e-2) << what << " (wgmma)";
+    }
     EXPECT_EQ(gemm.fallbacks(), 0);
     // Against the decode kernels on the first 64 tokens.
     const int64_t Md = 64;

@@ -12,10 +12,12 @@
 // last slice is zero-filled past K (both operands, so the padding adds 0).
 #include <algorithm>
 #include <cstdlib>
+#include <string>
 
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/moe_ops.h"
 #include "kernels/cuda/moe_tiles.cuh"
+#include "kernels/cuda/wgmma.cuh"
 
 namespace dsv3::cuda {
 namespace {
@@ -220,6 +222,147 @@ void launch_shape(const Fp8GroupedArgs& g, int64_t slots, int64_t n_tiles, cudaS
   DSV3_CUDA_CHECK_LAUNCH("moe_grouped_fp8 kernel");
 }
 
+// The prefill tiles on Hopper's warpgroup MMA (DSV3_GROUPED_FP8_WGMMA=1; written 2026-12-03 after the device time
+// was spent, not yet run): 128 x 128 output tiles, two warpgroups of 64 rows, one 128-wide k block a slice (a
+// 128-byte-swizzled K-major row is 128 e4m3, as k_moe_grouped_wgmma's bf16 rows are 64), each slice's four
+// m64n128k32 e4m3 products summed apart (`part`, scale-d 0 on the first) and added to acc times (row scale x weight
+// scale) after their wait, as k_moe_grouped_fp8 promotes per k block. The scales ride in the ring with their
+// slice. part and acc are 64 registers each: one block an SM, four stages.
+constexpr int FW_ST = 4, FW_TILE = 128 * 128;  // a 128-row x 128-byte e4m3 tile: 16 KB
+constexpr size_t fp8_wgmma_smem_bytes() { return size_t(FW_ST) * (2 * FW_TILE + (128 + 2) * 4) + 1024; }
+
+template <bool SWIGLU>
+__global__ void __launch_bounds__(256, 1) k_moe_grouped_fp8_wgmma(Fp8GroupedArgs g) {
+  constexpr int GM = 128;
+  dependent_kernel_begin();
+  extern __shared__ __align__(16) unsigned char smraw[];
+  __shared__ int e_s, mt_s, src_s[GM];
+  const int t = threadIdx.x, w = t >> 5, wg = w >> 2, lane = t & 31, gq = lane >> 2;
+  if (w == 0) find_tile<GM>(g.offsets, g.E, &e_s, &mt_s);
+  __syncthreads();
+  const int e = e_s;
+  if (e < 0) return;
+  const int row0 = g.offsets[e] + mt_s * GM, row_end = g.offsets[e + 1];
+  const int nj = blockIdx.x, K = g.K, nk = (K + 127) / 128;
+  if (t < GM) {
+    const int p = row0 + t < row_end ? row0 + t : row0;
+    src_s[t] = g.a_rows ? g.a_rows[p] / g.a_row_div : p;
+  }
+  const uint32_t base = (smem_u32(smraw) + 1023u) & ~1023u;  // stage s: A at base + 2 s FW_TILE, B one tile later
+  unsigned char* const base_ptr = smraw + (base - smem_u32(smraw));
+  float* const ss = reinterpret_cast<float*>(base_ptr + FW_ST * 2 * FW_TILE);  // [FW_ST][GM + 2]: row, gate, up scales
+  const float* wsc = g.scale[e];
+  const int n_first = SWIGLU ? nj * 64 : nj * 128;
+  const float* gate_sc = wsc + (n_first / 128) * nk;  // (64 gate / 64 up / 128 down columns: one 128-row block each)
+  const float* up_sc = SWIGLU ? wsc + g.scale_up0 + (n_first / 128) * nk : gate_sc;
+  const auto* wbase = static_cast<const uint8_t*>(g.w[e]);
+  auto weight_row = [&](int r) {  // -1: beyond the projection (zero-filled)
+    if constexpr (SWIGLU) {
+      const int n = nj * 64 + (r & 63);
+      return n < g.N ? (r < 64 ? n : g.up_row0 + n) : -1;
+    } else {
+      const int n = nj * 128 + r;
+      return n < g.N ? n : -1;
+    }
+  };
+  __syncthreads();  // src_s
+  // A and B: 128 rows x 8 chunks of 16 bytes each, four chunks a thread (a chunk keeps its row over the k loop).
+  constexpr int CH = 4;
+  const uint8_t* asrc[CH];
+  const uint8_t* bsrc[CH];
+  uint32_t soff[CH];
+  uint32_t aval = 0, bval = 0;
+#pragma unroll
+  for (int j = 0; j < CH; ++j) {
+    const int c = t + j * 256, r = c >> 3, ch = c & 7;
+    asrc[j] = g.a + int64_t(src_s[r]) * K + ch * 16;
+    const int wr = weight_row(r);
+    bsrc[j] = wbase + int64_t(wr < 0 ? 0 : wr) * K + ch * 16;
+    aval |= uint32_t(row0 + r < row_end) << j;
+    bval |= uint32_t(wr >= 0) << j;
+    soff[j] = swizzle128(r, ch);
+  }
+  const int kch = (t & 7) * 16;  // this thread's chunks' first k in a slice
+  auto load = [&](int kt, int st) {
+    const int k0 = kt * 128;
+    const bool in_k = k0 + kch < K;  // past K (a partial last block): zeros, which add nothing
+    const int kk0 = in_k ? k0 : 0;
+    unsigned char* a_st = base_ptr + size_t(2 * st) * FW_TILE;
+#pragma unroll
+    for (int j = 0; j < CH; ++j) {
+      cp_async16(a_st + soff[j], asrc[j] + kk0, in_k && ((aval >> j) & 1));
+      cp_async16(a_st + FW_TILE + soff[j], bsrc[j] + kk0, in_k && ((bval >> j) & 1));
+    }
+    float* sc = ss + st * (GM + 2);
+    if (t < GM) cp_async4(sc + t, g.a_scale + int64_t(kt) * g.a_scale_ld + src_s[t], row0 + t < row_end);
+    else if (t < GM + 2) cp_async4(sc + t, (t == GM ? gate_sc : up_sc) + kt, true);
+    cp_async_commit();
+  };
+#pragma unroll
+  for (int st = 0; st < FW_ST - 1; ++st) {
+    if (st < nk) load(st, st);
+    else cp_async_commit();
+  }
+  float acc[64], part[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) acc[i] = part[i] = 0.0f;
+  const int r_lo = 64 * wg + 16 * (w & 3) + gq;  // this thread's rows r_lo and r_lo + 8 of the tile
+  for (int kt = 0; kt < nk; ++kt) {
+    cp_async_wait<FW_ST - 2>();
+    fence_proxy_async_smem();
+    __syncthreads();  // slice kt everywhere; slice kt - 1's stage (and its scales) no longer read
+    if (kt + FW_ST - 1 < nk) load(kt + FW_ST - 1, (kt + FW_ST - 1) % FW_ST);
+    else cp_async_commit();
+    const int st = kt % FW_ST;
+    const uint32_t a_addr = base + uint32_t(2 * st) * FW_TILE + uint32_t(wg) * 64 * 128, b_addr = base + uint32_t(2 * st + 1) * FW_TILE;
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk)
+      wgmma_m64n128k32_e4m3(part, wgmma_desc_k128(a_addr + 32 * kk), wgmma_desc_k128(b_addr + 32 * kk), kk > 0);
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_fence_operands(part);
+    const float* sc = ss + st * (GM + 2);
+    const float sa0 = sc[r_lo], sa1 = sc[r_lo + 8], s_gate = sc[GM], s_up = sc[GM + 1];
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+      const float sb = SWIGLU && j >= 8 ? s_up : s_gate;
+      acc[4 * j] = fmaf(part[4 * j], sa0 * sb, acc[4 * j]);
+      acc[4 * j + 1] = fmaf(part[4 * j + 1], sa0 * sb, acc[4 * j + 1]);
+      acc[4 * j + 2] = fmaf(part[4 * j + 2], sa1 * sb, acc[4 * j + 2]);
+      acc[4 * j + 3] = fmaf(part[4 * j + 3], sa1 * sb, acc[4 * j + 3]);
+    }
+  }
+  cp_async_wait<0>();
+  float out[1][16][4];
+#pragma unroll
+  for (int j = 0; j < 16; ++j)
+#pragma unroll
+    for (int q = 0; q < 4; ++q) out[0][j][q] = acc[4 * j + q];
+  // Warp w's 16 rows are 16 w .. of the tile; n8 tile j at column 8 j (gate | up halves for SwiGLU).
+  store_tile<SWIGLU, GM, 128, 1, 16, 256>(out, [](int i) { return 8 * i; }, w, 1, smraw, row0, row_end, nj, g.N, g.out, g.ldo);
+}
+
+template <bool SWIGLU>
+void launch_fp8_wgmma(const Fp8GroupedArgs& g, int64_t slots, int64_t n_tiles, cudaStream_t s) {
+  constexpr size_t smem = fp8_wgmma_smem_bytes();
+  auto* k = &k_moe_grouped_fp8_wgmma<SWIGLU>;
+  static const bool attr = [&] {
+    DSV3_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    return true;
+  }();
+  (void)attr;
+  const int64_t m_tiles = ceil_div(slots, int64_t(128)) + g.E;
+  DSV3_CHECK(m_tiles <= 65535, "moe_grouped_fp8: {} row tiles exceed the grid", m_tiles);
+  launch_dependent(k, dim3(unsigned(n_tiles), unsigned(m_tiles)), dim3(256), smem, s, g);
+  DSV3_CUDA_CHECK_LAUNCH("moe_grouped_fp8 wgmma kernel");
+}
+// Read at every launch (a test compares both kernels in one process).
+bool env_fp8_wgmma() {
+  const char* e = std::getenv("DSV3_GROUPED_FP8_WGMMA");
+  return e && std::string(e) == "1";
+}
+
 int env_int(const char* name, int fallback) {
   const char* v = std::getenv(name);
   return v ? std::atoi(v) : fallback;
@@ -235,6 +378,7 @@ void launch_fp8_grouped(const Fp8GroupedArgs& g, int64_t slots, int64_t n_tiles,
   static const bool tile128 = env_int("DSV3_FP8_GROUPED_TILE", 64) == 128;
   static const bool stages8 = env_int("DSV3_FP8_GROUPED_STAGES", 4) == 8;
   if (slots >= 64 * int64_t(g.E)) {
+    if (g.offsets && env_fp8_wgmma()) return launch_fp8_wgmma<SWIGLU>(g, slots, n_tiles, s);  // (K % 16 == 0: supported)
     if (tile128) launch_shape<SWIGLU, 2, 4, 1, 4>(g, slots, n_tiles, s);
     else launch_shape<SWIGLU, 2, 2, 2, 4>(g, slots, n_tiles, s);
   } else if (stages8) {
