@@ -329,8 +329,10 @@ __global__ void __launch_bounds__(GTHREADS, 2) k_moe_grouped_wgmma(GroupedArgs g
     wgmma_commit();
     wgmma_wait<INFLIGHT>();
   }
-  wgmma_wait<0>();
-  if constexpr (INFLIGHT > 0) wgmma_fence_operands(d);  // (d's last products were still running at the loop's end)
+  if constexpr (INFLIGHT > 0) {  // d's last products were still running at the loop's end
+    wgmma_wait<0>();
+    wgmma_fence_operands(d);
+  }
   cp_async_wait<0>();
   float acc[1][16][4];
 #pragma unroll
