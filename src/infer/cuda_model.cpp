@@ -732,10 +732,22 @@ struct CudaModel::Impl {
   // ---------------------------------------------------------------------------------------------------
   // Building blocks
   // ---------------------------------------------------------------------------------------------------
+  // The products of an FP8 linear: run(weights, their scales, first output column, columns) once, or once for each
+  // stacked half when the halves meet off a 128-row boundary (each keeps its own scale grid; stacked at a multiple of
+  // 128 rows the two grids are one).
+  template <class Run>
+  static void fp8_products(const Lin& L, Run&& run) {
+    if (L.split % 128 != 0) {
+      const int64_t kb = cuda::ceil_div(L.K, 128);
+      run(L.w.get(), L.scale.get(), int64_t(0), L.split);
+      run(L.w.get() + L.split * L.K, L.scale.get() + cuda::ceil_div(L.split, 128) * kb, L.split, L.N - L.split);
+    } else {
+      run(L.w.get(), L.scale.get(), int64_t(0), L.N);
+    }
+  }
   void lin(Exec& ex, const Lin& L, const void* x, int64_t ldx, float* y, int64_t ldy, int64_t M) const {
     if (M <= 0) return;
     if (L.type == DType::F8_E4M3) {
-      const int64_t kb = cuda::ceil_div(L.K, 128);
       // Decode-sized rows: one GEMV launch on the e4m3 bytes; larger ones: cuBLASLt's block-scaled GEMM.
       if (cuda::gemv_supported(act, x, ldx, M, L.K)) {  // both stacked weights in one launch
         cuda::gemv(DType::F8_E4M3, act, x, ldx, M, L.w.get(), L.scale.get(), y, ldy, L.N, L.K, s(), L.split);
@@ -760,13 +772,7 @@ struct CudaModel::Impl {
         else if (rows) cuda::rows_gemm(DType::F8_E4M3, static_cast<const uint16_t*>(x), ldx, M, w, sc, N, L.K, yy, ldy, s());
         else ex.gemm.linear_fp8(act, x, ldx, w, sc, DType::F32, yy, ldy, M, N, L.K, s());
       };
-      // Stacked at a multiple of 128 rows, the two scale grids are one grid: one product.
-      if (L.split % 128 != 0) {
-        run(L.w.get(), L.scale.get(), y, L.split);
-        run(L.w.get() + L.split * L.K, L.scale.get() + cuda::ceil_div(L.split, 128) * kb, y + L.split, L.N - L.split);
-      } else {
-        run(L.w.get(), L.scale.get(), y, L.N);
-      }
+      fp8_products(L, [&](const uint8_t* w, const float* sc, int64_t n0, int64_t N) { run(w, sc, y + n0, N); });
       return;
     }
     const DType xt = L.type == DType::F32 && act != DType::F32 ? DType::F32 : act;
@@ -789,16 +795,9 @@ struct CudaModel::Impl {
     if (M <= 0) return;
     auto* yb = static_cast<uint16_t*>(y);
     if (L.type == DType::F8_E4M3) {
-      const int64_t kb = cuda::ceil_div(L.K, 128);
-      auto run = [&](const uint8_t* w, const float* sc, uint16_t* yy, int64_t N) {
-        ex.gemm.linear_fp8(act, x, ldx, w, sc, DType::BF16, yy, ldy, M, N, L.K, s());
-      };
-      if (L.split % 128 != 0) {
-        run(L.w.get(), L.scale.get(), yb, L.split);
-        run(L.w.get() + L.split * L.K, L.scale.get() + cuda::ceil_div(L.split, 128) * kb, yb + L.split, L.N - L.split);
-      } else {
-        run(L.w.get(), L.scale.get(), yb, L.N);
-      }
+      fp8_products(L, [&](const uint8_t* w, const float* sc, int64_t n0, int64_t N) {
+        ex.gemm.linear_fp8(act, x, ldx, w, sc, DType::BF16, yb + n0, ldy, M, N, L.K, s());
+      });
       return;
     }
     DSV3_CHECK(L.type == act, "internal error: {} activations for a {} weight", dtype_name(act), dtype_name(L.type));

@@ -211,6 +211,18 @@ TEST(CudaOps, RouterMatchesCpu) {
   }
 }
 
+// The router's logits in float64: x [M, K] (row stride ldx) times gate [E, K]ᵀ.
+std::vector<float> logits_f64(const std::vector<float>& x, int64_t ldx, const std::vector<float>& g, int64_t M, int64_t E, int64_t K) {
+  std::vector<float> y(size_t(M * E));
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t e = 0; e < E; ++e) {
+      double a = 0;
+      for (int64_t d = 0; d < K; ++d) a += double(x[size_t(m * ldx + d)]) * double(g[size_t(e * K + d)]);
+      y[size_t(m * E + e)] = float(a);
+    }
+  return y;
+}
+
 // The one-launch decode router: its logits against a double-precision host product (relative L2 1e-6), its
 // choices identical to moe_route's on those logits (weights bit for bit), and the block counter left at 0 so that
 // the next launch (a graph replay) works: run twice.
@@ -233,13 +245,7 @@ TEST(CudaOps, GateRouteMatchesProductThenRoute) {
       moe_gate_route(dx.get(), ldx, c.M, dg.get(), c.D, c.E, c.bias ? db.get() : nullptr, p, dl.get(), counter.get(), di.get(), dw.get());
       moe_route(dl.get(), c.E, c.M, c.E, c.bias ? db.get() : nullptr, p, ri.get(), rw.get());
       const auto logits = download(dl);
-      std::vector<float> want(size_t(c.M * c.E));
-      for (int64_t m = 0; m < c.M; ++m)
-        for (int64_t e = 0; e < c.E; ++e) {
-          double a = 0;
-          for (int64_t d = 0; d < c.D; ++d) a += double(x[size_t(m * ldx + d)]) * double(g[size_t(e * c.D + d)]);
-          want[size_t(m * c.E + e)] = float(a);
-        }
+      const std::vector<float> want = logits_f64(x, ldx, g, c.M, c.E, c.D);
       EXPECT_LT(rel_l2(logits, want), 1e-6) << "E " << c.E << " D " << c.D;
       EXPECT_EQ(download(di), download(ri)) << "E " << c.E << " run " << run;
       const auto a = download(dw), b = download(rw);
@@ -264,13 +270,7 @@ TEST(CudaOps, RouterLogitsMatchFloat64) {
     auto dl = poisoned<float>(size_t(c.M * c.E));
     router_logits(dx.get(), ldx, c.M, dg.get(), c.E, c.K, dl.get(), c.E);
     const auto got = download(dl);
-    std::vector<float> want(size_t(c.M * c.E));
-    for (int64_t m = 0; m < c.M; ++m)
-      for (int64_t e = 0; e < c.E; ++e) {
-        double a = 0;
-        for (int64_t d = 0; d < c.K; ++d) a += double(x[size_t(m * ldx + d)]) * double(g[size_t(e * c.K + d)]);
-        want[size_t(m * c.E + e)] = float(a);
-      }
+    const std::vector<float> want = logits_f64(x, ldx, g, c.M, c.E, c.K);
     ASSERT_TRUE(all_finite(got));
     EXPECT_LT(rel_l2(got, want), 1e-6) << "M " << c.M << " E " << c.E << " K " << c.K;
   }
