@@ -118,57 +118,6 @@ __global__ void __launch_bounds__(256) k_route_block(const float* __restrict__ l
   }
 }
 
-// router_logits: a block per (32 tokens, 64 experts), 128 threads of 4 x 4 outputs (rows 4 (t / 16) .., experts
-// 4 (t % 16) ..); k tiles of 32 staged transposed in shared memory (float4 reads of 4 rows / 4 experts a step). Each
-// output is one fma chain over k ascending (deterministic; cuBLAS's f32 GEMM sums in another order, a few ulp apart).
-// At prefill shapes (4096 x 64 x 1024) cuBLAS ran 64 blocks of 64 x 64 on 132 SMs: 26 us a layer on an H200.
-constexpr int RL_M = 32, RL_E = 64, RL_K = 32;
-__global__ void __launch_bounds__(128) k_router_logits(const float* __restrict__ x, int64_t ldx, int M, const float* __restrict__ w, int E,
-                                                       int K, float* __restrict__ y, int64_t ldy) {
-  // (rows padded by 4 floats: the transposing stores spread over 8 banks, not 4; float4 reads stay aligned)
-  __shared__ __align__(16) float xs[RL_K][RL_M + 4];
-  __shared__ __align__(16) float ws[RL_K][RL_E + 4];
-  grid_dependency_wait();
-  grid_dependents_launch();
-  const int t = threadIdx.x, m0 = blockIdx.x * RL_M, e0 = blockIdx.y * RL_E, tr = t >> 4, te = t & 15;
-  float acc[4][4] = {};
-  for (int k0 = 0; k0 < K; k0 += RL_K) {
-    // x: 32 rows x 8 float4 (two a thread); w: 64 rows x 8 float4 (four a thread); stored k-major.
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const int c = t + 128 * i, r = c >> 3, q = (c & 7) * 4, m = m0 + r;
-      const float4 v = m < M && k0 + q < K ? *reinterpret_cast<const float4*>(x + int64_t(m) * ldx + k0 + q) : make_float4(0, 0, 0, 0);
-      xs[q][r] = v.x, xs[q + 1][r] = v.y, xs[q + 2][r] = v.z, xs[q + 3][r] = v.w;
-    }
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int c = t + 128 * i, r = c >> 3, q = (c & 7) * 4, e = e0 + r;
-      const float4 v = e < E && k0 + q < K ? *reinterpret_cast<const float4*>(w + int64_t(e) * K + k0 + q) : make_float4(0, 0, 0, 0);
-      ws[q][r] = v.x, ws[q + 1][r] = v.y, ws[q + 2][r] = v.z, ws[q + 3][r] = v.w;
-    }
-    __syncthreads();
-#pragma unroll 8
-    for (int kk = 0; kk < RL_K; ++kk) {
-      const float4 a = *reinterpret_cast<const float4*>(&xs[kk][4 * tr]);
-      const float4 b = *reinterpret_cast<const float4*>(&ws[kk][4 * te]);
-      const float av[4] = {a.x, a.y, a.z, a.w}, bv[4] = {b.x, b.y, b.z, b.w};
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
-    }
-    __syncthreads();
-  }
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const int m = m0 + 4 * tr + i;
-    if (m >= M) continue;
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
-      if (e0 + 4 * te + j < E) y[int64_t(m) * ldy + e0 + 4 * te + j] = acc[i][j];
-  }
-}
-
 void check_router(int64_t E, const RouterConfig& p, const char* what) {
   DSV3_CHECK(p.n_group >= 1 && E % p.n_group == 0 && p.topk_group >= 1 && p.topk_group <= p.n_group && p.top_k >= 1 &&
                  p.top_k <= p.topk_group * (E / p.n_group),
@@ -214,20 +163,6 @@ void moe_gate_route(const float* x, int64_t ldx, int64_t M, const float* gate, i
   launch_dependent(k_gate_route, dim3(unsigned(ceil_div(E, kRouteWarps))), dim3(kRouteWarps * 32), smem, stream, x, ldx, int(M), gate,
                    int(D), int(E), bias, p, logits, counter, idx, w);
   DSV3_CUDA_CHECK_LAUNCH("moe_gate_route kernel");
-}
-
-bool router_logits_supported(const float* x, int64_t ldx, int64_t M, const float* w, int64_t K) {
-  return M > 0 && M <= INT32_MAX && K > 0 && K % 4 == 0 && K <= INT32_MAX && ldx % 4 == 0 && (reinterpret_cast<uintptr_t>(x) & 15) == 0 &&
-         (reinterpret_cast<uintptr_t>(w) & 15) == 0;
-}
-
-void router_logits(const float* x, int64_t ldx, int64_t M, const float* w, int64_t E, int64_t K, float* y, int64_t ldy,
-                   cudaStream_t stream) {
-  DSV3_CHECK(router_logits_supported(x, ldx, M, w, K) && E > 0 && E <= 65535 * RL_E,
-             "router_logits: M {}, E {}, K {} (a multiple of 4), ldx {} or alignment not supported", M, E, K, ldx);
-  const dim3 grid(unsigned(ceil_div(M, int64_t(RL_M))), unsigned(ceil_div(E, int64_t(RL_E))));
-  launch_dependent(k_router_logits, grid, dim3(128), 0, stream, x, ldx, int(M), w, int(E), int(K), y, ldy);
-  DSV3_CUDA_CHECK_LAUNCH("router_logits kernel");
 }
 
 }  // namespace dsv3::cuda
