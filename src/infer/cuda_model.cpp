@@ -223,9 +223,9 @@ struct CudaModel::Impl {
   // DSV3_FLASH_DIRECT=0 (or DSV3_FLASH_WGMMA=0): f32 outputs packed to bf16 by attention_causal_flash (the path
   // before 2026-12-03).
   bool flash_direct = true;
-  // DSV3_ROUTER_KERNEL=1: the prefill router's logits by router_logits instead of cuBLAS's f32 GEMM (64 blocks on 132
-  // SMs at T 4096: 26 us a layer); written 2026-12-03 after the device time was spent, off until measured.
-  bool router_kernel = false;
+  // DSV3_MLA_PREFILL_PREP=0: the direct prefill path's prologue as six launches (two rmsnorm_to, rope, cast_rows,
+  // rmsnorm_to + latent_append for the cache) instead of mla_prefill_prep, for A/B runs.
+  bool fused_prep = true;
   // DSV3_UNFUSED_SHARED=1: decode steps run the shared experts as their own MLP (three launches), for A/B runs.
   bool fused_shared = true;
   // A cached step's small metadata and outputs (decode steps of a few rows) go through page-locked host buffers
@@ -522,7 +522,7 @@ struct CudaModel::Impl {
     if (const char* v = std::getenv("DSV3_DEVICE_ADVANCE"); v && std::string(v) == "0") device_advance = false;
     if (const char* v = std::getenv("DSV3_PERSIST_EMBED"); v && std::string(v) == "0") persist_embeds = false;
     gemm_attention = env_flag("DSV3_GEMM_ATTENTION");
-    router_kernel = env_flag("DSV3_ROUTER_KERNEL");
+    if (const char* v = std::getenv("DSV3_MLA_PREFILL_PREP"); v && std::string(v) == "0") fused_prep = false;
     for (const char* e : {"DSV3_FLASH_DIRECT", "DSV3_FLASH_WGMMA"})  // (the direct path is the wgmma kernel's)
       if (const char* v = std::getenv(e); v && std::string(v) == "0") flash_direct = false;
     route_counter = DBuf<uint32_t>(1);
@@ -834,11 +834,7 @@ struct CudaModel::Impl {
       cuda::moe_gate_route(x2, D, M, reinterpret_cast<const float*>(e.gate.w.get()), D, E, bias, router, logits, route_counter.get(), idx,
                            wts, s());
     } else {
-      const auto* gw = reinterpret_cast<const float*>(e.gate.w.get());
-      if (router_kernel && e.gate.type == DType::F32 && cuda::router_logits_supported(x2, D, M, gw, D))
-        cuda::router_logits(x2, D, M, gw, E, D, logits, E, s());
-      else
-        lin(ex, e.gate, x2, D, logits, E, M);
+      lin(ex, e.gate, x2, D, logits, E, M);
       cuda::moe_route(logits, E, M, E, bias, router, idx, wts, s());
     }
     // From 9 rows the grouped GEMMs (reading each chosen expert once on the tensor cores) beat moe_decode's kernels.
@@ -942,10 +938,22 @@ struct CudaModel::Impl {
     // bf16 where they are: both products write bf16, no f32 copies and no packing pass.
     const bool direct = flash_direct && !(r.cached && !r.fresh) && act == DType::BF16 && !gemm_attention && a.lora &&
                         cuda::attention_causal_flash_direct_supported(dqk, dv, dr);
-    uint16_t* qb = nullptr;
+    // The direct path's prologue in one kernel: both norms, the key's RoPE and its bf16 copy, and the latent cache
+    // rows (six launches before, 2026-12-03).
+    const bool prep = direct && fused_prep && cuda::mla_prefill_prep_supported(qkv, nin, a.nq, kvr, dr, a.nq, kvr, dr);
+    void* pool = r.cached ? r.cache->layer(cache_layer) : nullptr;
+    uint16_t *qb = nullptr, *cnb = nullptr, *krb = nullptr;
     if (a.lora) {
       void* qan = ex.arena.get(S_QAN, size_t(M * a.nq) * dtype_size(act));
-      cuda::rmsnorm_to(qkv, nin, a.q_a_ln.get(), eps, act, qan, a.nq, M, a.nq, s());
+      if (prep) {
+        cnb = static_cast<uint16_t*>(ex.arena.get(S_CNA, size_t(M * kvr) * 2));
+        krb = static_cast<uint16_t*>(ex.arena.get(S_K, size_t(M * dr) * 2));
+        cuda::mla_prefill_prep(qkv, nin, a.nq, kvr, dr, a.q_a_ln.get(), a.kv_a_ln.get(), eps, r.pos64, rope_table.get(),
+                               static_cast<uint16_t*>(qan), a.nq, cnb, kvr, krb, dr, r.cached ? r.dst_rows : nullptr,
+                               r.cached ? r.cache->type : DType::F32, pool, M, s());
+      } else {
+        cuda::rmsnorm_to(qkv, nin, a.q_a_ln.get(), eps, act, qan, a.nq, M, a.nq, s());
+      }
       ldq = H * dqk;
       if (direct) {
         qb = static_cast<uint16_t*>(ex.arena.get(S_Q, size_t(M * H * dqk) * 2));
@@ -955,7 +963,6 @@ struct CudaModel::Impl {
         lin(ex, a.q_b, qan, a.nq, q, ldq, M);
       }
     }
-    void* pool = r.cached ? r.cache->layer(cache_layer) : nullptr;
     const void* oa = nullptr;
     int64_t ldo = H * dv;
     const std::optional<cuda::MlaDecodeShape> fused = r.cached && !r.fresh ? fused_mla_shape(r) : std::nullopt;
@@ -991,25 +998,30 @@ struct CudaModel::Impl {
       const bool flash = act == DType::BF16 && !gemm_attention && cuda::attention_causal_flash_supported(dqk, dv);
       if (direct) cuda::rope(qb + dn, ldq, dqk, M, H, dr, r.pos64, rope_table.get(), s());
       else if (!flash) cuda::rope(q + dn, ldq, dqk, M, H, dr, r.pos64, rope_table.get(), s());
-      cuda::rope(kva + kvr, nin, 0, M, 1, dr, r.pos64, rope_table.get(), s());
-      float* cnf = nullptr;
-      if (r.cached) {  // append [kv_a_layernorm(c_kv) | roped k_rope] of the new tokens to the latent cache
-        cnf = ex.arena.as<float>(S_CN, M * kvr);
-        cuda::rmsnorm_to(kva, nin, a.kv_a_ln.get(), eps, DType::F32, cnf, kvr, M, kvr, s());
-        cuda::latent_append(cnf, kvr, kvr, kva + kvr, nin, dr, r.dst_rows, M, r.cache->type, pool, s());
-      }
-      void* cn = cnf;
-      if (!cn || act != DType::F32) {
-        cn = ex.arena.get(S_CNA, size_t(M * kvr) * dtype_size(act));
-        cuda::rmsnorm_to(kva, nin, a.kv_a_ln.get(), eps, act, cn, kvr, M, kvr, s());
+      void* cn = cnb;
+      if (!prep) {
+        cuda::rope(kva + kvr, nin, 0, M, 1, dr, r.pos64, rope_table.get(), s());
+        float* cnf = nullptr;
+        if (r.cached) {  // append [kv_a_layernorm(c_kv) | roped k_rope] of the new tokens to the latent cache
+          cnf = ex.arena.as<float>(S_CN, M * kvr);
+          cuda::rmsnorm_to(kva, nin, a.kv_a_ln.get(), eps, DType::F32, cnf, kvr, M, kvr, s());
+          cuda::latent_append(cnf, kvr, kvr, kva + kvr, nin, dr, r.dst_rows, M, r.cache->type, pool, s());
+        }
+        cn = cnf;
+        if (!cn || act != DType::F32) {
+          cn = ex.arena.get(S_CNA, size_t(M * kvr) * dtype_size(act));
+          cuda::rmsnorm_to(kva, nin, a.kv_a_ln.get(), eps, act, cn, kvr, M, kvr, s());
+        }
       }
       const int64_t T = r.T;
       const cuda::Strides3 sq{T * ldq, ldq, dqk}, sv{T * H * hd, H * hd, hd}, so{T * H * dv, H * dv, dv};
       if (direct) {  // bf16 kv_b output and a bf16 copy of the roped k_rope, read in place by the kernel
         auto* kvb = static_cast<uint16_t*>(ex.arena.get(S_KV, size_t(M * H * hd) * 2));
         lin_to(ex, a.kv_b, cn, kvr, DType::BF16, kvb, H * hd, M);
-        auto* krb = static_cast<uint16_t*>(ex.arena.get(S_K, size_t(M * dr) * 2));
-        cuda::cast_rows(kva + kvr, nin, DType::BF16, krb, dr, M, dr, s());
+        if (!prep) {
+          krb = static_cast<uint16_t*>(ex.arena.get(S_K, size_t(M * dr) * 2));
+          cuda::cast_rows(kva + kvr, nin, DType::BF16, krb, dr, M, dr, s());
+        }
         void* o = ex.arena.get(S_OACT, size_t(M * H * dv) * 2);
         cuda::attention_causal_flash_direct(qb, sq, kvb, sv, krb, cuda::Strides3{T * dr, dr, 0}, dr, kvb + dn, sv, o, act, so, r.B, T,
                                             H, dqk, dv, scale, s());

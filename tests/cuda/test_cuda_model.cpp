@@ -265,14 +265,29 @@ TEST(CudaModel, PrefillAttentionPathsMatchCpu) {
     const char* env;
     const char* value;
   };
-  for (const Path p : {Path{"wgmma, in place", nullptr, nullptr}, Path{"wgmma, packed", "DSV3_FLASH_DIRECT", "0"},
-                       Path{"mma.sync, packed", "DSV3_FLASH_WGMMA", "0"}, Path{"GEMM attention", "DSV3_GEMM_ATTENTION", "1"}}) {
+  // The cached prefill of sequence 0 (its latent cache rows written by the prologue) and a decode step reading them,
+  // against the CPU model's rows T - 1 and T of the same T + 1 tokens.
+  Tensor ids1 = Tensor::empty(DType::I64, {1, T + 1});
+  for (int64_t i = 0; i <= T; ++i) ids1.data<int64_t>()[i] = (i * 131 + 7) % V;
+  const Tensor ref1 = host->forward(ids1, {}).logits;
+  const std::vector<int64_t> toks(ids1.data<int64_t>(), ids1.data<int64_t>() + T + 1);
+  auto rows_of = [&](const Tensor& t, int64_t r0, int64_t n) { return Tensor::from_vector(std::vector<float>(t.f32() + r0 * V, t.f32() + (r0 + n) * V), {n, V}); };
+  for (const Path p : {Path{"wgmma, in place", nullptr, nullptr}, Path{"in place, 6 launches", "DSV3_MLA_PREFILL_PREP", "0"},
+                       Path{"wgmma, packed", "DSV3_FLASH_DIRECT", "0"}, Path{"mma.sync, packed", "DSV3_FLASH_WGMMA", "0"},
+                       Path{"GEMM attention", "DSV3_GEMM_ATTENTION", "1"}}) {
     if (p.env) setenv(p.env, p.value, 1);
-    const Tensor got = gpu_model(*host, DType::BF16)->forward(ids, {}).logits;
+    auto m = gpu_model(*host, DType::BF16);
+    const Tensor got = m->forward(ids, {}).logits;
+    auto cache = m->make_cache(1, T + 1);
+    const Tensor pre = m->step({toks.begin(), toks.begin() + T}, Batch::cached({{0, 0, T}}), *cache).logits;
+    const Tensor dec = m->step({toks[size_t(T)]}, Batch::cached({{0, T, 1}}), *cache).logits;
     if (p.env) unsetenv(p.env);
-    const double e = test::rel_l2(got, ref);
-    std::printf("  prefill attention %-16s: logits rel L2 %.3g against the CPU model in f32\n", p.name, e);
+    const double e = test::rel_l2(got, ref), ep = test::rel_l2(pre, rows_of(ref1, T - 1, 1)), ed = test::rel_l2(dec, rows_of(ref1, T, 1));
+    std::printf("  prefill attention %-20s: logits rel L2 %.3g against the CPU model in f32; cached: prefill %.3g, next step %.3g\n",
+                p.name, e, ep, ed);
     EXPECT_LT(e, 2e-2) << p.name;
+    EXPECT_LT(ep, 2e-2) << p.name;
+    EXPECT_LT(ed, 2e-2) << p.name;
   }
 }
 

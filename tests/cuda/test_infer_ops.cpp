@@ -202,6 +202,79 @@ TEST(CudaInferOps, MlaDecodePrepMatchesHost) {
   }
 }
 
+// The direct prefill path's prologue (mla_prefill_prep) against float64 host norms and RoPE: small.json's and
+// DeepSeek-V3's widths and a small odd one, an f32 and a bf16 latent cache and none, rows of 8 tokens a block and
+// a partial last block. bf16 outputs: their rounding, 4e-3 (as the decode prologue's bf16 cache); f32: 1e-6.
+TEST(CudaInferOps, MlaPrefillPrepMatchesHost) {
+  DSV3_REQUIRE_GPU();
+  std::mt19937_64 rng(31);
+  struct Case {
+    int64_t M, nq, kvr, dr;
+    int pool;  // 0 none, 1 F32, 2 BF16
+  };
+  for (const Case c : {Case{37, 384, 256, 32, 2}, Case{16, 1536, 512, 64, 1}, Case{9, 12, 20, 4, 1}, Case{5, 384, 256, 32, 0}}) {
+    const int64_t ldx = c.nq + c.kvr + c.dr + 4, W = c.kvr + c.dr, half = c.dr / 2, max_pos = 64;
+    const auto x = randn(size_t(c.M * ldx), rng), gq = randn(size_t(c.nq), rng, 0.5f, 1.0f), gk = randn(size_t(c.kvr), rng, 0.5f, 1.0f);
+    std::vector<float> inv(static_cast<size_t>(half));
+    for (int64_t p = 0; p < half; ++p) inv[size_t(p)] = std::pow(10000.0f, -2.0f * float(p) / float(c.dr));
+    auto dinv = upload(inv);
+    DeviceBuffer<float> table(size_t(max_pos * c.dr));
+    rope_build_table(dinv.get(), half, 1.1f, max_pos, table.get());
+    const auto tab = download(table);
+    std::vector<int64_t> pos(size_t(c.M));
+    std::vector<int32_t> rows(size_t(c.M));
+    for (int64_t m = 0; m < c.M; ++m) pos[size_t(m)] = (m * 13 + 5) % max_pos, rows[size_t(m)] = int32_t(c.M - 1 - m) * 2 + 1;
+    const int64_t pool_rows = 2 * c.M + 1;
+    auto dx = upload(x), dgq = upload(gq), dgk = upload(gk);
+    auto dpos = upload(pos);
+    auto drows = upload(rows);
+    auto qn = poisoned<uint16_t>(size_t(c.M * c.nq)), cn = poisoned<uint16_t>(size_t(c.M * c.kvr)), kr = poisoned<uint16_t>(size_t(c.M * c.dr));
+    auto pf = poisoned<float>(size_t(pool_rows * W));
+    auto pb = poisoned<uint16_t>(size_t(pool_rows * W));
+    ASSERT_TRUE(mla_prefill_prep_supported(dx.get(), ldx, c.nq, c.kvr, c.dr, c.nq, c.kvr, c.dr));
+    void* pool = c.pool == 0 ? nullptr : c.pool == 1 ? static_cast<void*>(pf.get()) : static_cast<void*>(pb.get());
+    mla_prefill_prep(dx.get(), ldx, c.nq, c.kvr, c.dr, dgq.get(), dgk.get(), 1e-6f, dpos.get(), table.get(), qn.get(), c.nq, cn.get(),
+                     c.kvr, kr.get(), c.dr, drows.get(), c.pool == 2 ? DType::BF16 : DType::F32, pool, c.M);
+    const auto gqn = from_bf16(download(qn)), gcn = from_bf16(download(cn)), gkr = from_bf16(download(kr));
+    const auto gp = c.pool == 2 ? from_bf16(download(pb)) : download(pf);
+    std::vector<float> want_q, want_c, want_k, got_p, want_p;
+    auto norm = [&](const float* v, int64_t n, const std::vector<float>& g, std::vector<float>& out) {
+      double ss = 0;
+      for (int64_t j = 0; j < n; ++j) ss += double(v[j]) * v[j];
+      const double r = 1.0 / std::sqrt(ss / double(n) + 1e-6);
+      for (int64_t j = 0; j < n; ++j) out.push_back(float(g[size_t(j)] * v[j] * r));
+    };
+    for (int64_t m = 0; m < c.M; ++m) {
+      const float* xr = x.data() + m * ldx;
+      norm(xr, c.nq, gq, want_q);
+      const size_t c0 = want_c.size();
+      norm(xr + c.nq, c.kvr, gk, want_c);
+      const size_t k0 = want_k.size();
+      for (int64_t p = 0; p < half; ++p) {
+        const double cs = tab[size_t((pos[size_t(m)] * half + p) * 2)], sn = tab[size_t((pos[size_t(m)] * half + p) * 2 + 1)];
+        const double a = xr[c.nq + c.kvr + 2 * p], b = xr[c.nq + c.kvr + 2 * p + 1];
+        want_k.insert(want_k.end(), {float(a * cs - b * sn), float(b * cs + a * sn)});
+      }
+      if (c.pool) {
+        const float* row = gp.data() + int64_t(rows[size_t(m)]) * W;
+        got_p.insert(got_p.end(), row, row + W);
+        want_p.insert(want_p.end(), want_c.begin() + int64_t(c0), want_c.end());
+        want_p.insert(want_p.end(), want_k.begin() + int64_t(k0), want_k.end());
+      }
+    }
+    const std::string what = "nq " + std::to_string(c.nq) + " pool " + std::to_string(c.pool);
+    EXPECT_LT(rel_l2(gqn, want_q), 4e-3) << what;
+    EXPECT_LT(rel_l2(gcn, want_c), 4e-3) << what;
+    EXPECT_LT(rel_l2(gkr, want_k), 4e-3) << what;
+    if (c.pool) EXPECT_LT(rel_l2(got_p, want_p), c.pool == 2 ? 4e-3 : 1e-6) << what;
+    if (c.pool == 1) {  // the pool rows no token wrote are untouched
+      const auto untouched = download(pf);
+      for (int64_t i = 0; i < pool_rows; i += 2) EXPECT_TRUE(std::isnan(untouched[size_t(i * W)])) << "pool row " << i;
+    }
+  }
+  EXPECT_FALSE(mla_prefill_prep_supported(nullptr, 8, 6, 4, 2, 6, 4, 2));
+}
+
 }  // namespace
 }  // namespace dsv3::cuda::test
 

@@ -259,6 +259,76 @@ void mla_decode_prep(const float* q, int64_t ldq, int64_t H, int64_t dn, int64_t
   DSV3_CUDA_CHECK_LAUNCH("mla_decode_prep kernel");
 }
 
+// A warp per token: rows of a few hundred f32 (q_a 384, c_kv 256 in small.json; 1536 / 512 in V3) need no block
+// reduction, and 4096 one-block rows of 256 threads spent their time in __syncthreads (k_rmsnorm: 14.5 us for a
+// 4096 x 384 row set on an H200, a fifth of the copy rate). Lane l owns the float4s l, l + 32, ...
+template <class P>
+__device__ __forceinline__ void warp_rmsnorm_bf16(const float* __restrict__ x, int n, const float* __restrict__ g, float eps,
+                                                  uint16_t* __restrict__ y, P* __restrict__ also, int lane) {
+  float ss = 0.0f;
+  for (int j = 4 * lane; j < n; j += 128) {
+    const float4 v = *reinterpret_cast<const float4*>(x + j);
+    ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+  }
+  ss = dev::warp_sum(ss);
+  const float r = 1.0f / sqrtf(ss / float(n) + eps);
+  for (int j = 4 * lane; j < n; j += 128) {
+    const float4 v = *reinterpret_cast<const float4*>(x + j), gg = *reinterpret_cast<const float4*>(g + j);
+    const float y0 = gg.x * (v.x * r), y1 = gg.y * (v.y * r), y2 = gg.z * (v.z * r), y3 = gg.w * (v.w * r);
+    *reinterpret_cast<uint2*>(y + j) = make_uint2(pack_bf16x2(y0, y1), pack_bf16x2(y2, y3));
+    if (also) store(also + j, y0), store(also + j + 1, y1), store(also + j + 2, y2), store(also + j + 3, y3);
+  }
+}
+
+template <class P>
+__global__ void __launch_bounds__(256) k_mla_prefill_prep(const float* __restrict__ x, int64_t ldx, int nq, int kvr, int half,
+                                                          const float* __restrict__ gq, const float* __restrict__ gkv, float eps,
+                                                          const int64_t* __restrict__ pos, const float* __restrict__ table,
+                                                          uint16_t* __restrict__ qn, int64_t ldqn, uint16_t* __restrict__ cn,
+                                                          int64_t ldcn, uint16_t* __restrict__ kr, int64_t ldkr,
+                                                          const int32_t* __restrict__ rows, P* __restrict__ pool, int64_t M) {
+  dependent_kernel_begin();
+  const int lane = threadIdx.x & 31;
+  const int64_t m = int64_t(blockIdx.x) * 8 + (threadIdx.x >> 5);
+  if (m >= M) return;
+  const float* xr = x + m * ldx;
+  P* dst = pool ? pool + int64_t(rows[m]) * (kvr + 2 * half) : nullptr;
+  warp_rmsnorm_bf16<P>(xr, nq, gq, eps, qn + m * ldqn, nullptr, lane);
+  warp_rmsnorm_bf16<P>(xr + nq, kvr, gkv, eps, cn + m * ldcn, dst, lane);
+  const float2* cs = reinterpret_cast<const float2*>(table) + pos[m] * half;
+  for (int p = lane; p < half; p += 32) {
+    const float2 v = *reinterpret_cast<const float2*>(xr + nq + kvr + 2 * p), c = cs[p];
+    const float a = v.x * c.x - v.y * c.y, b = v.y * c.x + v.x * c.y;
+    *reinterpret_cast<uint32_t*>(kr + m * ldkr + 2 * p) = pack_bf16x2(a, b);
+    if (dst) store(dst + kvr + 2 * p, a), store(dst + kvr + 2 * p + 1, b);
+  }
+}
+
+bool mla_prefill_prep_supported(const float* x, int64_t ldx, int64_t nq, int64_t kvr, int64_t dr, int64_t ldqn, int64_t ldcn, int64_t ldkr) {
+  auto al = [](const void* p, uintptr_t a) { return (reinterpret_cast<uintptr_t>(p) & (a - 1)) == 0; };
+  return nq > 0 && kvr > 0 && dr > 0 && nq % 4 == 0 && kvr % 4 == 0 && dr % 2 == 0 && ldx % 4 == 0 && ldqn % 4 == 0 && ldcn % 4 == 0 &&
+         ldkr % 2 == 0 && nq <= INT32_MAX / 2 && kvr <= INT32_MAX / 2 && dr <= INT32_MAX / 2 && al(x, 16);
+}
+
+void mla_prefill_prep(const float* x, int64_t ldx, int64_t nq, int64_t kvr, int64_t dr, const float* gq, const float* gkv, float eps,
+                      const int64_t* pos, const float* table, uint16_t* qn, int64_t ldqn, uint16_t* cn, int64_t ldcn, uint16_t* kr,
+                      int64_t ldkr, const int32_t* rows, DType pt, void* pool, int64_t M, cudaStream_t s) {
+  DSV3_CHECK(mla_prefill_prep_supported(x, ldx, nq, kvr, dr, ldqn, ldcn, ldkr),
+             "mla_prefill_prep: widths {} / {} / {} or strides {} / {} / {} / {} not supported", nq, kvr, dr, ldx, ldqn, ldcn, ldkr);
+  auto al = [](const void* p, uintptr_t a) { return (reinterpret_cast<uintptr_t>(p) & (a - 1)) == 0; };
+  DSV3_CHECK(al(gq, 16) && al(gkv, 16) && al(qn, 8) && al(cn, 8) && al(kr, 4), "mla_prefill_prep: misaligned gamma or output");
+  if (pool) check_act(pt, "latent cache");
+  if (M <= 0) return;
+  const dim3 grid(static_cast<unsigned>(ceil_div(M, int64_t(8)))), block(256);
+  if (!pool || pt == DType::F32)
+    launch_dependent(k_mla_prefill_prep<float>, grid, block, 0, s, x, ldx, int(nq), int(kvr), int(dr / 2), gq, gkv, eps, pos, table, qn,
+                     ldqn, cn, ldcn, kr, ldkr, rows, static_cast<float*>(pool), M);
+  else
+    launch_dependent(k_mla_prefill_prep<uint16_t>, grid, block, 0, s, x, ldx, int(nq), int(kvr), int(dr / 2), gq, gkv, eps, pos, table,
+                     qn, ldqn, cn, ldcn, kr, ldkr, rows, static_cast<uint16_t*>(pool), M);
+  DSV3_CUDA_CHECK_LAUNCH("mla_prefill_prep kernel");
+}
+
 __global__ void k_expand_k(const float* __restrict__ kv, int64_t H, int64_t dn, int64_t dv, const float* __restrict__ kr,
                            int64_t ldkr, int64_t dr, float* __restrict__ k, int64_t M) {
   const int64_t dqk = dn + dr, n = M * H * dqk;

@@ -58,6 +58,17 @@ void add_rows(float* h, int64_t ldh, const float* d, int64_t ldd, int64_t M, int
 void residual_rmsnorm(float* h, int64_t ldh, const float* d, int64_t ldd, const float* gamma, float eps, int64_t M, int64_t D,
                       float* yf, int64_t ldyf, DType ya_type, void* ya, int64_t ldya, cudaStream_t stream = nullptr);
 
+// The expanded-MLA prefill prologue of M new tokens in one kernel (a warp per token), for the flash kernel's bf16
+// direct path: from row m of the fused q_a|kv_a product x = [q_a (nq) | c_kv (kvr) | k_rope (dr)],
+//   qn[m, :nq] = rmsnorm(q_a)·gq (q_b's input), cn[m, :kvr] = rmsnorm(c_kv)·gkv (kv_b's input), kr[m, :dr] = RoPE(k_rope),
+//   all bf16, and pool row rows[m] = [rmsnorm(c_kv)·gkv | RoPE(k_rope)] (F32 or BF16; skipped when pool is null).
+// The math of rmsnorm_to (twice) + rope + cast_rows + latent_append, with each norm's sum in another order (ulps).
+// Supported: nq, kvr, ldx, ldqn, ldcn multiples of 4, dr and ldkr even, x 16-byte aligned.
+bool mla_prefill_prep_supported(const float* x, int64_t ldx, int64_t nq, int64_t kvr, int64_t dr, int64_t ldqn, int64_t ldcn, int64_t ldkr);
+void mla_prefill_prep(const float* x, int64_t ldx, int64_t nq, int64_t kvr, int64_t dr, const float* gq, const float* gkv, float eps,
+                      const int64_t* pos, const float* table, uint16_t* qn, int64_t ldqn, uint16_t* cn, int64_t ldcn, uint16_t* kr,
+                      int64_t ldkr, const int32_t* rows, DType pool_type, void* pool, int64_t M, cudaStream_t stream = nullptr);
+
 // Expanded MLA keys: k[m, h] = [kv[m, h·(dn+dv) : +dn] | k_rope[m]] ([M, H, dn+dr] contiguous), k_rope at
 // kr + m·ldkr (dr values, shared by all heads).
 void mla_expand_k(const float* kv, int64_t H, int64_t dn, int64_t dv, const float* kr, int64_t ldkr, int64_t dr, float* k,
