@@ -1,7 +1,8 @@
 #!/bin/bash
 # On the lent GPU machine (bash bench/cuda/devrun.sh bash bench/cuda/prefill_variants.sh): the prefill choices that
 # are switches, in one call: their tests, the T 4096 prefill A/B (interleaved rounds), the GPU span of the step's
-# kernels against its wall time, and the per-kernel times (ncu) of the hot prefill kernels under each choice.
+# kernels against its wall time, and the per-kernel times (ncu) of the hot prefill kernels under the defaults and each
+# of NCU_ENVS ("ENV=V ..." sets separated by ";").
 # VARIANTS overrides the list ("LABEL=[ENV=VALUE...] bench_cuda_decode [ARGS]", as ab_decode.sh takes them).
 set -u
 D=${D:-build-cuda/devpack}
@@ -16,9 +17,7 @@ if [ "${TESTS:-1}" = 1 ]; then
 fi
 echo "== prefill T 4096 A/B"
 if [ -z "${VARIANTS:-}" ]; then
-  VARIANTS=("base= bench_cuda_decode" "fov=DSV3_FLASH_WGMMA=ov bench_cuda_decode" "g31=DSV3_GROUPED_WGMMA=31 bench_cuda_decode"
-            "g41=DSV3_GROUPED_WGMMA=41 bench_cuda_decode" "rk=DSV3_ROUTER_KERNEL=1 bench_cuda_decode"
-            "f8= bench_cuda_decode --fp8" "f8wg=DSV3_GROUPED_FP8_WGMMA=1 bench_cuda_decode --fp8")
+  VARIANTS=("base= bench_cuda_decode" "f8= bench_cuda_decode --fp8")
 else
   eval "VARIANTS=($VARIANTS)"
 fi
@@ -26,8 +25,9 @@ CK=/tmp/ckpt ROUNDS=${ROUNDS:-2} ROW=prefill ARGS="--only prefill --prefill 4096
 echo "== GPU span"
 timeout 120 "$D/bench_cuda_decode" --config "$CFG" --dir /tmp/ckpt --only prefill --prefill 4096 2>&1 | grep -E "^\| prefill"
 if [ "${NCU:-1}" = 1 ] && command -v ncu > /dev/null; then
-  for envs in "" ${NCU_ENVS:-"DSV3_FLASH_WGMMA=ov DSV3_GROUPED_WGMMA=31 DSV3_ROUTER_KERNEL=1" "DSV3_GROUPED_WGMMA=41"}; do
-    echo "== ncu (${envs:-defaults}): us per pass (six passes: three timed, three with events)"
+  IFS=";" read -ra ncu_envs <<< "${NCU_ENVS-}"
+  for envs in "" "${ncu_envs[@]}"; do
+    echo "== ncu (${envs:-defaults}): us per pass (nine passes: six timed, three with events)"
     env $envs timeout 150 ncu --clock-control none --metrics gpu__time_duration.sum --csv "$D/bench_cuda_decode" --config "$CFG" --dir /tmp/ckpt \
       --only prefill --prefill 4096 > "$LOG/ncu.csv" 2>/dev/null
     python3 - "$LOG/ncu.csv" <<'PY'
@@ -40,8 +40,8 @@ for r in rows[1:]:
     try: t[k.split("(")[0].split("<")[0]] += float(r[vi].replace(",", ""))
     except ValueError: pass
 tot = sum(v for k, v in t.items() if not k.endswith(("k_contract_weights", "k_bf16_to_f32")))
-for k, v in t.most_common(16): print(f"{v/6e3:9.1f}  {k}")
-print(f"{tot/6e3:9.1f}  total (load-time kernels left out)")
+for k, v in t.most_common(16): print(f"{v/9e3:9.1f}  {k}")
+print(f"{tot/9e3:9.1f}  total (load-time kernels left out)")
 PY
   done
 fi
