@@ -32,6 +32,9 @@ constexpr int64_t kGemmAttentionFrom = 256;
 // whole context, 32 rows at a time); longer ones split the context over blocks (attention_latent). H200, small.json,
 // batch 1: fused 0.90 vs split 1.04 ms/token at context 64, but 1.16 vs 0.99 at 448 (2026-12-02).
 constexpr int64_t kFusedMlaMaxLen = 256;
+// Above this many rows (prefill, not the GPU-measured decode batches) a bf16 MLP's gate|up product writes bf16 for
+// silu_mul: half the bytes out of the GEMM and into the SwiGLU (written 2026-12-03).
+constexpr int64_t kBf16GateUpFrom = 64;
 
 std::string gib(double bytes) { return fmt::format("{:.2f} GiB", bytes / double(1ull << 30)); }
 
@@ -816,10 +819,16 @@ struct CudaModel::Impl {
   }
 
   void mlp_fwd(Exec& ex, const MlpW& w, const void* x, int64_t ldx, int64_t M, float* y) const {
-    float* gu = ex.arena.as<float>(S_GU, M * 2 * w.I);
-    lin(ex, w.gu, x, ldx, gu, 2 * w.I, M);
     void* a = ex.arena.get(S_A, size_t(M * w.I) * dtype_size(act));
-    cuda::silu_mul(gu, 2 * w.I, act, a, w.I, M, w.I, s());
+    if (act == DType::BF16 && M > kBf16GateUpFrom) {  // prefill: gate and up in bf16, as a bf16 model's projections return them
+      auto* gu = static_cast<uint16_t*>(ex.arena.get(S_GU, size_t(M * 2 * w.I) * 2));
+      lin_to(ex, w.gu, x, ldx, DType::BF16, gu, 2 * w.I, M);
+      cuda::silu_mul(gu, 2 * w.I, act, a, w.I, M, w.I, s());
+    } else {
+      float* gu = ex.arena.as<float>(S_GU, M * 2 * w.I);
+      lin(ex, w.gu, x, ldx, gu, 2 * w.I, M);
+      cuda::silu_mul(gu, 2 * w.I, act, a, w.I, M, w.I, s());
+    }
     lin(ex, w.down, a, w.I, y, D, M);
   }
 

@@ -108,7 +108,7 @@ TEST(CudaOps, RopeMatchesCpu) {
 }
 
 // Tolerance: expf vs glibc expf, relative L2 < 1e-6; the bf16 output is the f32 result rounded (< 4e-3). Widths a
-// multiple of 4 (four columns a thread) and not (one).
+// multiple of 4 (four columns a thread) and not (one); f32 and bf16 gu.
 TEST(CudaOps, SiluMulMatchesCpu) {
   DSV3_REQUIRE_GPU();
   std::mt19937_64 rng(14);
@@ -128,6 +128,16 @@ TEST(CudaOps, SiluMulMatchesCpu) {
     const auto rb = from_bf16(download(outb));
     ASSERT_TRUE(all_finite(rb));
     EXPECT_LT(rel_l2(rb, vec(o)), 4e-3) << I;
+    // A bf16 gu (the prefill MLP's): against the CPU op on the same bf16 values, 1e-6 in f32.
+    const std::vector<float> gub = round_bf16(gu);
+    Tensor ob = Tensor::empty(DType::F32, {M, I});
+    ops::silu_mul(host_f32(gub, {M, ldg}).slice(1, 0, 2 * I), ob);
+    auto db = upload(to_bf16(gub));
+    auto out16 = poisoned<float>(size_t(M * I));
+    silu_mul(db.get(), ldg, DType::F32, out16.get(), I, M, I);
+    const auto r16 = download(out16);
+    ASSERT_TRUE(all_finite(r16));
+    EXPECT_LT(rel_l2(r16, vec(ob)), 1e-6) << I << " (bf16 gu)";
   }
 }
 

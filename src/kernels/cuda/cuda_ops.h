@@ -227,6 +227,9 @@ void rope(uint16_t* x, int64_t s0, int64_t s1, int64_t M, int64_t H, int64_t R, 
 // out[M, I] = silu(gu[:, :I]) * gu[:, I:] (gu f32 [M, 2I] with row stride ldg); out F32 or BF16 (row stride ldo).
 void silu_mul(const float* gu, int64_t ldg, DType out_type, void* out, int64_t ldo, int64_t M, int64_t I,
               cudaStream_t stream = nullptr);
+// The same on a bf16 gu (a bf16 model's gate and up outputs).
+void silu_mul(const uint16_t* gu, int64_t ldg, DType out_type, void* out, int64_t ldo, int64_t M, int64_t I,
+              cudaStream_t stream = nullptr);
 
 // y[i] = table[ids[i]] as f32. ids I32 or I64 (device, M values); table F32 or BF16 [V, D]. An id outside
 // [0, V) writes a zero row and records the smallest such position in *err (device uint32; reset it to
