@@ -345,6 +345,110 @@ __global__ void __launch_bounds__(GTHREADS, 2) k_moe_grouped_wgmma(GroupedArgs g
                                               g.out_bf16);
 }
 
+// The same tiles, warp-specialised (DSV3_GROUPED_WGMMA=ws; written 2026-12-03, measured in CUDA_NOTES): warps 8-9
+// copy every slice's A and B rows by cp.async into the 3-stage ring, each stage completing on its `full` mbarrier
+// (the 64 producer threads' copies landed); the two consumer warpgroups wait on it, issue the slice's wgmma and
+// keep one group in flight, and free the stage before (its `empty` barrier: one arrival per consumer warp) once
+// those products are done. No block-wide barrier in the loop, and the consumers issue no copies. Producer thread p
+// copies chunk p % 8 of rows p / 8 + 8 i of both tiles: the rows' offsets stay in its registers (one producer warp
+// reading them from shared memory each slice measured 2.5x slower than the default tiles).
+constexpr int WS_THREADS = 320, WS_ROWS = 16;  // rows a producer thread copies per operand
+template <bool SWIGLU>
+__global__ void __launch_bounds__(WS_THREADS, 2) k_moe_grouped_ws(GroupedArgs g) {
+  constexpr int GM = 128, ST = 3;
+  dependent_kernel_begin();
+  extern __shared__ __align__(16) unsigned char smraw[];
+  __shared__ int e_s, mt_s;
+  __shared__ __align__(8) uint64_t full[ST], empty[ST];
+  const int t = threadIdx.x, w = t >> 5, wg = w >> 2, lane = t & 31;
+  if (w == 0) find_tile<GM>(g.offsets, g.E, &e_s, &mt_s);
+  if (t == 32) {
+    for (int s = 0; s < ST; ++s) mbar_init(&full[s], 64), mbar_init(&empty[s], 8);
+    mbar_init_fence();
+  }
+  __syncthreads();
+  const int e = e_s;
+  if (e < 0) return;
+  const int row0 = g.offsets[e] + mt_s * GM, row_end = g.offsets[e + 1];
+  const int nj = blockIdx.x, K = g.K, nk = (K + WG_BK - 1) / WG_BK;
+  const uint32_t base = (smem_u32(smraw) + 1023u) & ~1023u;  // stage s: A at base + 2 s WG_TILE, B one tile later
+  unsigned char* const base_ptr = smraw + (base - smem_u32(smraw));
+  if (w >= 8) {  // producer
+    const int p = t - 256, ch = p & 7, rg = p >> 3;
+    const uint16_t* wbase = static_cast<const uint16_t*>(g.w[e]);
+    int32_t aoff[WS_ROWS], boff[WS_ROWS];  // element offsets of the rows' starts; -1: a zero row
+#pragma unroll
+    for (int i = 0; i < WS_ROWS; ++i) {
+      const int r = rg + 8 * i, row = row0 + r;
+      aoff[i] = row < row_end ? (g.a_rows ? g.a_rows[row] / g.a_row_div : row) * g.lda : -1;
+      const int wr = tile_weight_row<SWIGLU>(g, nj, r);
+      boff[i] = wr >= 0 ? wr * K : -1;
+    }
+    const uint32_t soff = uint32_t(rg) * 128u + uint32_t((ch ^ rg) * 16);  // swizzle128(rg + 8 i, ch) - 1024 i
+    for (int kt = 0; kt < nk; ++kt) {
+      const int s = kt % ST;
+      if (kt >= ST) mbar_wait_parity(&empty[s], uint32_t(kt / ST - 1) & 1u);
+      const int k = kt * WG_BK + ch * 8;
+      const bool in_k = k < K;  // past K (a half last slice): zeros, which add nothing
+      unsigned char* a_st = base_ptr + size_t(2 * s) * WG_TILE + soff;
+#pragma unroll
+      for (int i = 0; i < WS_ROWS; ++i) {
+        cp_async16(a_st + 1024 * i, g.a + (aoff[i] >= 0 && in_k ? aoff[i] + k : 0), aoff[i] >= 0 && in_k);
+        cp_async16(a_st + WG_TILE + 1024 * i, wbase + (boff[i] >= 0 && in_k ? boff[i] + k : 0), boff[i] >= 0 && in_k);
+      }
+      cp_async_mbar_arrive(&full[s]);
+    }
+    cp_async_wait<0>();
+    return;
+  }
+  float d[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) d[i] = 0.0f;
+  for (int kt = 0; kt < nk; ++kt) {
+    const int s = kt % ST;
+    mbar_wait_parity(&full[s], uint32_t(kt / ST) & 1u);
+    fence_proxy_async_smem();  // the copies' (generic-proxy) writes, ordered before this thread's wgmma reads
+    const uint32_t a_addr = base + uint32_t(2 * s) * WG_TILE + uint32_t(wg) * 64 * 128, b_addr = base + uint32_t(2 * s + 1) * WG_TILE;
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < WG_BK / 16; ++kk)
+      wgmma_m64n128k16_bf16(d, wgmma_desc_k128(a_addr + 32 * kk), wgmma_desc_k128(b_addr + 32 * kk), true);
+    wgmma_commit();
+    wgmma_wait<1>();  // slice kt - 1's products are done: its stage is free
+    __syncwarp();
+    if (kt > 0 && lane == 0) mbar_arrive(&empty[(kt - 1) % ST]);
+  }
+  wgmma_wait<0>();
+  wgmma_fence_operands(d);
+  float acc[1][16][4];
+#pragma unroll
+  for (int j = 0; j < 16; ++j)
+#pragma unroll
+    for (int q = 0; q < 4; ++q) acc[0][j][q] = d[4 * j + q];
+  store_tile<SWIGLU, GM, GN, 1, 16, GTHREADS>(acc, [](int i) { return 8 * i; }, w, 1, smraw, row0, row_end, nj, g.N, g.out, g.ldo,
+                                              g.out_bf16);
+}
+
+// The producer's row offsets are int32: a's rows (the tokens' with a_rows) times lda, and the weight rows times K.
+bool ws_offsets_fit(const GroupedArgs& g, int64_t slots) {
+  const int64_t a_rows = g.a_rows ? slots / g.a_row_div + 1 : slots;
+  return a_rows * g.lda < INT32_MAX && int64_t(g.up_row0 + g.N) * g.K < INT32_MAX && int64_t(g.N) * g.K < INT32_MAX;
+}
+template <bool SWIGLU>
+void launch_ws(const GroupedArgs& g, int64_t slots, int64_t n_tiles, cudaStream_t s) {
+  constexpr size_t smem = wgmma_smem_bytes<3>();
+  auto* k = &k_moe_grouped_ws<SWIGLU>;
+  static const bool attr = [&] {
+    DSV3_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    return true;
+  }();
+  (void)attr;
+  const int64_t m_tiles = ceil_div(slots, int64_t(128)) + g.E;
+  DSV3_CHECK(m_tiles <= 65535, "moe_grouped: {} row tiles exceed the grid", m_tiles);
+  launch_dependent(k, dim3(unsigned(n_tiles), unsigned(m_tiles)), dim3(WS_THREADS), smem, s, g);
+  DSV3_CUDA_CHECK_LAUNCH("moe_grouped warp-specialised kernel");
+}
+
 template <bool SWIGLU, int ST, int INFLIGHT>
 void launch_wgmma(const GroupedArgs& g, int64_t slots, int64_t n_tiles, cudaStream_t s) {
   constexpr size_t smem = wgmma_smem_bytes<ST>();
@@ -385,7 +489,7 @@ int env_wgmma() {
   const char* e = std::getenv("DSV3_GROUPED_WGMMA");
   if (!e) return 30;
   const std::string v(e);
-  return v == "0" ? 0 : v == "31" ? 31 : v == "41" ? 41 : 30;
+  return v == "0" ? 0 : v == "31" ? 31 : v == "41" ? 41 : v == "ws" ? 99 : 30;
 }
 // DSV3_GROUPED_BK=32: the bf16 prefill tiles in 32-wide k slices too (the kernel before 2026-12-03), for A/B.
 bool env_bk32() {
@@ -401,7 +505,8 @@ void launch_grouped(const GroupedArgs& g, int64_t slots, int64_t n_tiles, cudaSt
   if (slots >= 64 * int64_t(g.E)) {
     if constexpr (!FP8) {
       if (const int v = g.offsets ? env_wgmma() : 0; v)  // (K % 32 == 0: supported)
-        return v == 41 ? launch_wgmma<SWIGLU, 4, 1>(g, slots, n_tiles, s)
+        return v == 99 && ws_offsets_fit(g, slots) ? launch_ws<SWIGLU>(g, slots, n_tiles, s)
+               : v == 41 ? launch_wgmma<SWIGLU, 4, 1>(g, slots, n_tiles, s)
                : v == 31 ? launch_wgmma<SWIGLU, 3, 1>(g, slots, n_tiles, s)
                          : launch_wgmma<SWIGLU, 3, 0>(g, slots, n_tiles, s);
       if (g.K % 64 == 0 && !env_bk32()) return launch_shape<FP8, SWIGLU, 2, 4, 64>(g, slots, n_tiles, s);
