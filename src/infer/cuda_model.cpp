@@ -229,9 +229,6 @@ struct CudaModel::Impl {
   // DSV3_MLA_PREFILL_PREP=0: the direct prefill path's prologue as six launches (two rmsnorm_to, rope, cast_rows,
   // rmsnorm_to + latent_append for the cache) instead of mla_prefill_prep, for A/B runs.
   bool fused_prep = true;
-  // DSV3_ROUTER_KERNEL=1: the prefill router's logits by router_logits instead of cuBLAS's f32 GEMM (an sm80 SGEMM on
-  // 64 of 132 SMs plus a split-K reduction at T 4096: 26 us a layer); off until measured.
-  bool router_kernel = false;
   // DSV3_UNFUSED_SHARED=1: decode steps run the shared experts as their own MLP (three launches), for A/B runs.
   bool fused_shared = true;
   // A cached step's small metadata and outputs (decode steps of a few rows) go through page-locked host buffers
@@ -529,7 +526,6 @@ struct CudaModel::Impl {
     if (const char* v = std::getenv("DSV3_PERSIST_EMBED"); v && std::string(v) == "0") persist_embeds = false;
     gemm_attention = env_flag("DSV3_GEMM_ATTENTION");
     if (const char* v = std::getenv("DSV3_MLA_PREFILL_PREP"); v && std::string(v) == "0") fused_prep = false;
-    router_kernel = env_flag("DSV3_ROUTER_KERNEL");
     for (const char* e : {"DSV3_FLASH_DIRECT", "DSV3_FLASH_WGMMA"})  // (the direct path is the wgmma kernel's)
       if (const char* v = std::getenv(e); v && std::string(v) == "0") flash_direct = false;
     route_counter = DBuf<uint32_t>(1);
@@ -847,11 +843,7 @@ struct CudaModel::Impl {
       cuda::moe_gate_route(x2, D, M, reinterpret_cast<const float*>(e.gate.w.get()), D, E, bias, router, logits, route_counter.get(), idx,
                            wts, s());
     } else {
-      const auto* gw = reinterpret_cast<const float*>(e.gate.w.get());
-      if (router_kernel && e.gate.type == DType::F32 && cuda::router_logits_supported(x2, D, M, gw, D))
-        cuda::router_logits(x2, D, M, gw, E, D, logits, E, s());
-      else
-        lin(ex, e.gate, x2, D, logits, E, M);
+      lin(ex, e.gate, x2, D, logits, E, M);
       cuda::moe_route(logits, E, M, E, bias, router, idx, wts, s());
     }
     // From 9 rows the grouped GEMMs (reading each chosen expert once on the tensor cores) beat moe_decode's kernels.

@@ -262,12 +262,6 @@ void moe_route_block(const float* logits, int64_t ld, int64_t M, int64_t E, cons
 // finish. `counter`: one device uint32 that is 0 before the launch and is 0 again after it. M <= kGateRouteMaxM
 // (the routing runs in one block); D and ldx multiples of 4.
 constexpr int64_t kGateRouteMaxM = 16;
-// The router's logits for many tokens (prefill): y[m, e] = x[m, :] · w[e, :] in f32 (x row stride ldx, w [E, K]
-// contiguous, y row stride ldy), each the sum of four fma chains over quarters of k, added in order. Supported: K and
-// ldx multiples of 4, x and w 16-byte aligned.
-bool router_logits_supported(const float* x, int64_t ldx, int64_t M, const float* w, int64_t K);
-void router_logits(const float* x, int64_t ldx, int64_t M, const float* w, int64_t E, int64_t K, float* y, int64_t ldy,
-                   cudaStream_t stream = nullptr);
 void moe_gate_route(const float* x, int64_t ldx, int64_t M, const float* gate, int64_t D, int64_t E, const float* bias,
                     const RouterConfig& cfg, float* logits, uint32_t* counter, int32_t* idx, float* w, cudaStream_t stream = nullptr);
 

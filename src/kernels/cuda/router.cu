@@ -118,97 +118,6 @@ __global__ void __launch_bounds__(256) k_route_block(const float* __restrict__ l
   }
 }
 
-// router_logits: y[m, e] = x[m, :] · w[e, :] in f32 for prefill-sized M. A block per (32 tokens, 64 experts) of 512
-// threads in four k groups, each a quarter of K in 16-wide tiles (cp.async, double-buffered, rows as they are in
-// memory); a thread owns 4 tokens x 4 experts (experts te + 16 j: the float4 reads of a warp spread over the banks),
-// and the four groups' partial sums are added in group order (deterministic). 16 warps an SM: the first version (one
-// 128-thread block an SM, synchronous transposing loads) ran 9x slower than cuBLAS's f32 GEMM.
-constexpr int RL_M = 32, RL_E = 64, RL_K = 16, RL_G = 4, RL_P = RL_K + 4, RL_T = 128 * RL_G;
-constexpr int RL_STAGE = (RL_M + RL_E) * RL_P;  // floats of one group's stage
-constexpr size_t router_logits_smem() { return size_t(2 * RL_G * RL_STAGE) * 4; }
-__global__ void __launch_bounds__(RL_T) k_router_logits(const float* __restrict__ x, int64_t ldx, int M, const float* __restrict__ w, int E,
-                                                        int K, float* __restrict__ y, int64_t ldy) {
-  extern __shared__ __align__(16) float rl_sm[];
-  grid_dependency_wait();
-  grid_dependents_launch();
-  const int t = threadIdx.x, kg = t >> 7, u = t & 127, tr = u >> 4, te = u & 15;
-  const int m0 = blockIdx.x * RL_M, e0 = blockIdx.y * RL_E;
-  // Every group runs the same tiles (the loop's barriers are the block's); past its range a tile is zeros.
-  const int kq = (K / RL_G + RL_K - 1) / RL_K * RL_K, kb = kg * kq, ke = min(K, kb + kq), nt = kq / RL_K;
-  float* const gs = rl_sm + kg * 2 * RL_STAGE;
-  auto load = [&](int it, int st) {  // tile it of this group into stage st: 32 x rows then 64 w rows, 4 float4 a row
-    float* xs = gs + st * RL_STAGE;
-    const int k0 = kb + it * RL_K;
-#pragma unroll
-    for (int i = 0; i < 3; ++i) {
-      const int c = u + 128 * i, r = c >> 2, q = (c & 3) * 4, k = k0 + q;
-      if (r < RL_M) {
-        const int m = m0 + r;
-        const bool ok = m < M && k < ke;
-        cp_async16(xs + r * RL_P + q, ok ? x + int64_t(m) * ldx + k : x, ok);
-      } else {
-        const int e = e0 + r - RL_M;
-        const bool ok = e < E && k < ke;
-        cp_async16(xs + r * RL_P + q, ok ? w + int64_t(e) * K + k : w, ok);
-      }
-    }
-    cp_async_commit();
-  };
-  float acc[4][4] = {};
-  if (nt > 0) load(0, 0);
-  for (int it = 0; it < nt; ++it) {
-    if (it + 1 < nt) {
-      load(it + 1, (it + 1) & 1);
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();
-    const float* xs = gs + (it & 1) * RL_STAGE;
-    const float* ws = xs + RL_M * RL_P;
-#pragma unroll
-    for (int kk = 0; kk < RL_K; kk += 4) {
-      float4 a[4], b[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) a[i] = *reinterpret_cast<const float4*>(xs + (4 * tr + i) * RL_P + kk);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) b[j] = *reinterpret_cast<const float4*>(ws + (te + 16 * j) * RL_P + kk);
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          acc[i][j] = fmaf(a[i].x, b[j].x, acc[i][j]);
-          acc[i][j] = fmaf(a[i].y, b[j].y, acc[i][j]);
-          acc[i][j] = fmaf(a[i].z, b[j].z, acc[i][j]);
-          acc[i][j] = fmaf(a[i].w, b[j].w, acc[i][j]);
-        }
-    }
-    __syncthreads();  // every group's threads are done with this stage before it is refilled
-  }
-  // The groups' partial sums: groups 1-3 park theirs, group 0 adds them in order and stores.
-  float* red = rl_sm;  // [3][32][64] (the stages are free: the loop ended on a barrier)
-  __syncthreads();
-  if (kg > 0)
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) red[((kg - 1) * RL_M + 4 * tr + i) * RL_E + te + 16 * j] = acc[i][j];
-  __syncthreads();
-  if (kg == 0)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int m = m0 + 4 * tr + i;
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        float v = acc[i][j];
-#pragma unroll
-        for (int g = 0; g < RL_G - 1; ++g) v += red[(g * RL_M + 4 * tr + i) * RL_E + te + 16 * j];
-        const int e = e0 + te + 16 * j;
-        if (m < M && e < E) y[int64_t(m) * ldy + e] = v;
-      }
-    }
-}
-
 void check_router(int64_t E, const RouterConfig& p, const char* what) {
   DSV3_CHECK(p.n_group >= 1 && E % p.n_group == 0 && p.topk_group >= 1 && p.topk_group <= p.n_group && p.top_k >= 1 &&
                  p.top_k <= p.topk_group * (E / p.n_group),
@@ -254,26 +163,6 @@ void moe_gate_route(const float* x, int64_t ldx, int64_t M, const float* gate, i
   launch_dependent(k_gate_route, dim3(unsigned(ceil_div(E, kRouteWarps))), dim3(kRouteWarps * 32), smem, stream, x, ldx, int(M), gate,
                    int(D), int(E), bias, p, logits, counter, idx, w);
   DSV3_CUDA_CHECK_LAUNCH("moe_gate_route kernel");
-}
-
-bool router_logits_supported(const float* x, int64_t ldx, int64_t M, const float* w, int64_t K) {
-  return M > 0 && M <= INT32_MAX && K > 0 && K % 4 == 0 && K <= INT32_MAX && ldx % 4 == 0 && (reinterpret_cast<uintptr_t>(x) & 15) == 0 &&
-         (reinterpret_cast<uintptr_t>(w) & 15) == 0;
-}
-
-void router_logits(const float* x, int64_t ldx, int64_t M, const float* w, int64_t E, int64_t K, float* y, int64_t ldy,
-                   cudaStream_t stream) {
-  DSV3_CHECK(router_logits_supported(x, ldx, M, w, K) && E > 0 && E <= 65535 * RL_E,
-             "router_logits: M {}, E {}, K {} (a multiple of 4), ldx {} or alignment not supported", M, E, K, ldx);
-  constexpr size_t smem = router_logits_smem();
-  static const bool attr = [] {
-    DSV3_CUDA_CHECK(cudaFuncSetAttribute(k_router_logits, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-    return true;
-  }();
-  (void)attr;
-  const dim3 grid(unsigned(ceil_div(M, int64_t(RL_M))), unsigned(ceil_div(E, int64_t(RL_E))));
-  launch_dependent(k_router_logits, grid, dim3(RL_T), smem, stream, x, ldx, int(M), w, int(E), int(K), y, ldy);
-  DSV3_CUDA_CHECK_LAUNCH("router_logits kernel");
 }
 
 }  // namespace dsv3::cuda
