@@ -18,10 +18,10 @@
 namespace dsv3::cuda::test {
 namespace {
 
-// The kernels to run a case on: mma.sync always; the wgmma kernel (DSV3_FLASH_WGMMA, key tiles of 64 and 128, and
-// the overlapped loop) where it has the head dims. FlashKernel sets the variable for its scope.
+// The kernels to run a case on: mma.sync always; the wgmma kernel (DSV3_FLASH_WGMMA, key tiles of 64 and 128) where
+// it has the head dims. FlashKernel sets the variable for its scope.
 std::vector<const char*> wgmma_variants(int64_t D, int64_t Dv) {
-  if ((D == 64 || D == 96) && Dv == 64) return {"", "64", "128", "ov"};
+  if ((D == 64 || D == 96) && Dv == 64) return {"", "64", "128"};
   return {""};
 }
 struct FlashKernel {
@@ -30,7 +30,7 @@ struct FlashKernel {
   }
   ~FlashKernel() { unsetenv("DSV3_FLASH_WGMMA"); }
   const char* name() const {
-    return !*v_ ? "mma.sync" : v_[0] == '6' ? "wgmma, 64-key tiles" : v_[0] == 'o' ? "wgmma, overlapped" : "wgmma, 128-key tiles";
+    return !*v_ ? "mma.sync" : v_[0] == '6' ? "wgmma, 64-key tiles" : "wgmma, 128-key tiles";
   }
   const char* v_;
 };
@@ -162,7 +162,7 @@ TEST(CudaFlashPrefill, DirectBf16ProjectionsMatchCpu) {
     int64_t B, T, H, dn, dr;
   };
   for (const C c : {C{2, 300, 3, 64, 32}, C{1, 1029, 2, 64, 32}, C{2, 77, 2, 64, 0}, C{1, 128, 2, 64, 32}})
-    for (const char* nk : {"64", "128", "ov"}) {
+    for (const char* nk : {"64", "128"}) {
       FlashKernel use(nk);
       const int64_t B = c.B, T = c.T, H = c.H, dn = c.dn, dr = c.dr, dv = 64, D = dn + dr, hd = dn + dv, ldq = H * D + 8;
       const std::vector<float> qh = round_bf16(randn(size_t(B * T * ldq), rng)), kvh = round_bf16(randn(size_t(B * T * H * hd), rng)),

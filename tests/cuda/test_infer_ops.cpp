@@ -138,6 +138,32 @@ TEST(CudaInferOps, ResidualRmsnormEqualsUnfused) {
 
 // The absorbed-decode prologue against a host loop: queries' rotary parts into qc, the normed latent and roped
 // k_rope into the paged pool rows (F32 pool: 1e-6; BF16 pool: one rounding, 4e-3).
+// The prologue tests' RoPE: a table of max_pos positions for dr rope dims (base 10000, attention factor 1.1) built
+// on the device and read back, M tokens' positions, and their cache rows (odd rows in reverse: the even ones stay
+// untouched), all uploaded.
+struct RopeRows {
+  int64_t half, max_pos = 64, pool_rows;
+  DeviceBuffer<float> table;
+  std::vector<float> tab;
+  std::vector<int64_t> pos;
+  std::vector<int32_t> rows;
+  DeviceBuffer<int64_t> dpos;
+  DeviceBuffer<int32_t> drows;
+  RopeRows(int64_t M, int64_t dr) : half(dr / 2), pool_rows(2 * M + 1), table(size_t(64 * dr)), pos(size_t(M)), rows(size_t(M)) {
+    std::vector<float> inv(static_cast<size_t>(half));
+    for (int64_t p = 0; p < half; ++p) inv[size_t(p)] = std::pow(10000.0f, -2.0f * float(p) / float(dr));
+    auto dinv = upload(inv);
+    rope_build_table(dinv.get(), half, 1.1f, max_pos, table.get());
+    tab = download(table);
+    for (int64_t m = 0; m < M; ++m) pos[size_t(m)] = (m * 13 + 5) % max_pos, rows[size_t(m)] = int32_t(M - 1 - m) * 2 + 1;
+    dpos = upload(pos);
+    drows = upload(rows);
+  }
+  // (cos, sin) of token m's position for pair p
+  float cs(int64_t m, int64_t p) const { return tab[size_t((pos[size_t(m)] * half + p) * 2)]; }
+  float sn(int64_t m, int64_t p) const { return tab[size_t((pos[size_t(m)] * half + p) * 2 + 1)]; }
+};
+
 TEST(CudaInferOps, MlaDecodePrepMatchesHost) {
   DSV3_REQUIRE_GPU();
   std::mt19937_64 rng(23);
@@ -146,33 +172,23 @@ TEST(CudaInferOps, MlaDecodePrepMatchesHost) {
     bool bf16;
   };
   for (const Case c : {Case{1, 16, 64, 32, 256, true}, Case{3, 128, 128, 64, 512, true}, Case{5, 3, 8, 4, 40, false}}) {
-    const int64_t dqk = c.dn + c.dr, W = c.kvr + c.dr, half = c.dr / 2, max_pos = 64;
+    const int64_t dqk = c.dn + c.dr, W = c.kvr + c.dr, half = c.dr / 2;
     const int64_t ldq = c.H * dqk + 7, ldkv = W + 384, ldqc = c.H * W;
     const auto q = randn(size_t(c.M * ldq), rng), kv = randn(size_t(c.M * ldkv), rng), g = randn(size_t(c.kvr), rng, 0.5f, 1.0f);
-    std::vector<float> inv(static_cast<size_t>(half));
-    for (int64_t p = 0; p < half; ++p) inv[size_t(p)] = std::pow(10000.0f, -2.0f * float(p) / float(c.dr));
-    auto dinv = upload(inv);
-    DeviceBuffer<float> table(size_t(max_pos * c.dr));
-    rope_build_table(dinv.get(), half, 1.1f, max_pos, table.get());
-    const auto tab = download(table);
-    std::vector<int64_t> pos(size_t(c.M));
-    std::vector<int32_t> rows(size_t(c.M));
-    for (int64_t m = 0; m < c.M; ++m) pos[size_t(m)] = (m * 13 + 5) % max_pos, rows[size_t(m)] = int32_t(c.M - 1 - m) * 2 + 1;
-    const int64_t pool_rows = 2 * c.M + 1;
+    const RopeRows rr(c.M, c.dr);
+    const std::vector<int32_t>& rows = rr.rows;
+    const int64_t pool_rows = rr.pool_rows;
     auto dq = upload(q), dkv = upload(kv), dg = upload(g);
-    auto dpos = upload(pos);
-    auto drows = upload(rows);
     auto qc = poisoned<float>(size_t(c.M * ldqc));
     auto pf = poisoned<float>(size_t(pool_rows * W));
     auto pb = poisoned<uint16_t>(size_t(pool_rows * W));
-    mla_decode_prep(dq.get(), ldq, c.H, c.dn, c.dr, dkv.get(), ldkv, c.kvr, dg.get(), 1e-6f, dpos.get(), table.get(), drows.get(),
+    mla_decode_prep(dq.get(), ldq, c.H, c.dn, c.dr, dkv.get(), ldkv, c.kvr, dg.get(), 1e-6f, rr.dpos.get(), rr.table.get(), rr.drows.get(),
                     c.bf16 ? DType::BF16 : DType::F32, c.bf16 ? static_cast<void*>(pb.get()) : pf.get(), qc.get(), ldqc, c.M);
     const auto gq = download(qc);
     const auto gp = c.bf16 ? from_bf16(download(pb)) : download(pf);
     std::vector<float> got_q, want_q, got_p, want_p;
     auto rot = [&](int64_t m, int64_t p, float a, float b, float* x, float* y) {
-      const float cs = tab[size_t((pos[size_t(m)] * half + p) * 2)], sn = tab[size_t((pos[size_t(m)] * half + p) * 2 + 1)];
-      *x = a * cs - b * sn, *y = b * cs + a * sn;
+      *x = a * rr.cs(m, p) - b * rr.sn(m, p), *y = b * rr.cs(m, p) + a * rr.sn(m, p);
     };
     for (int64_t m = 0; m < c.M; ++m) {
       for (int64_t h = 0; h < c.H; ++h)
@@ -213,28 +229,19 @@ TEST(CudaInferOps, MlaPrefillPrepMatchesHost) {
     int pool;  // 0 none, 1 F32, 2 BF16
   };
   for (const Case c : {Case{37, 384, 256, 32, 2}, Case{16, 1536, 512, 64, 1}, Case{9, 12, 20, 4, 1}, Case{5, 384, 256, 32, 0}}) {
-    const int64_t ldx = c.nq + c.kvr + c.dr + 4, W = c.kvr + c.dr, half = c.dr / 2, max_pos = 64;
+    const int64_t ldx = c.nq + c.kvr + c.dr + 4, W = c.kvr + c.dr, half = c.dr / 2;
     const auto x = randn(size_t(c.M * ldx), rng), gq = randn(size_t(c.nq), rng, 0.5f, 1.0f), gk = randn(size_t(c.kvr), rng, 0.5f, 1.0f);
-    std::vector<float> inv(static_cast<size_t>(half));
-    for (int64_t p = 0; p < half; ++p) inv[size_t(p)] = std::pow(10000.0f, -2.0f * float(p) / float(c.dr));
-    auto dinv = upload(inv);
-    DeviceBuffer<float> table(size_t(max_pos * c.dr));
-    rope_build_table(dinv.get(), half, 1.1f, max_pos, table.get());
-    const auto tab = download(table);
-    std::vector<int64_t> pos(size_t(c.M));
-    std::vector<int32_t> rows(size_t(c.M));
-    for (int64_t m = 0; m < c.M; ++m) pos[size_t(m)] = (m * 13 + 5) % max_pos, rows[size_t(m)] = int32_t(c.M - 1 - m) * 2 + 1;
-    const int64_t pool_rows = 2 * c.M + 1;
+    const RopeRows rr(c.M, c.dr);
+    const std::vector<int32_t>& rows = rr.rows;
+    const int64_t pool_rows = rr.pool_rows;
     auto dx = upload(x), dgq = upload(gq), dgk = upload(gk);
-    auto dpos = upload(pos);
-    auto drows = upload(rows);
     auto qn = poisoned<uint16_t>(size_t(c.M * c.nq)), cn = poisoned<uint16_t>(size_t(c.M * c.kvr)), kr = poisoned<uint16_t>(size_t(c.M * c.dr));
     auto pf = poisoned<float>(size_t(pool_rows * W));
     auto pb = poisoned<uint16_t>(size_t(pool_rows * W));
     ASSERT_TRUE(mla_prefill_prep_supported(dx.get(), ldx, c.nq, c.kvr, c.dr, c.nq, c.kvr, c.dr));
     void* pool = c.pool == 0 ? nullptr : c.pool == 1 ? static_cast<void*>(pf.get()) : static_cast<void*>(pb.get());
-    mla_prefill_prep(dx.get(), ldx, c.nq, c.kvr, c.dr, dgq.get(), dgk.get(), 1e-6f, dpos.get(), table.get(), qn.get(), c.nq, cn.get(),
-                     c.kvr, kr.get(), c.dr, drows.get(), c.pool == 2 ? DType::BF16 : DType::F32, pool, c.M);
+    mla_prefill_prep(dx.get(), ldx, c.nq, c.kvr, c.dr, dgq.get(), dgk.get(), 1e-6f, rr.dpos.get(), rr.table.get(), qn.get(), c.nq,
+                     cn.get(), c.kvr, kr.get(), c.dr, rr.drows.get(), c.pool == 2 ? DType::BF16 : DType::F32, pool, c.M);
     const auto gqn = from_bf16(download(qn)), gcn = from_bf16(download(cn)), gkr = from_bf16(download(kr));
     const auto gp = c.pool == 2 ? from_bf16(download(pb)) : download(pf);
     std::vector<float> want_q, want_c, want_k, got_p, want_p;
@@ -251,7 +258,7 @@ TEST(CudaInferOps, MlaPrefillPrepMatchesHost) {
       norm(xr + c.nq, c.kvr, gk, want_c);
       const size_t k0 = want_k.size();
       for (int64_t p = 0; p < half; ++p) {
-        const double cs = tab[size_t((pos[size_t(m)] * half + p) * 2)], sn = tab[size_t((pos[size_t(m)] * half + p) * 2 + 1)];
+        const double cs = rr.cs(m, p), sn = rr.sn(m, p);
         const double a = xr[c.nq + c.kvr + 2 * p], b = xr[c.nq + c.kvr + 2 * p + 1];
         want_k.insert(want_k.end(), {float(a * cs - b * sn), float(b * cs + a * sn)});
       }

@@ -246,18 +246,17 @@ void launch_flash(const uint16_t* qp, const uint16_t* kp, const uint16_t* vp, vo
 // The wgmma kernel (flash_wgmma.cuh) for D 64 / 96 and Dv 64 by default, key tiles of 64 (T 4096 on an H200: 180 us a
 // layer against the mma.sync kernel's 208, ncu); DSV3_FLASH_WGMMA=128 for key tiles of 128, =0 for the mma.sync
 // kernel. Read at every launch, so a test can compare the kernels in one process.
-// DSV3_FLASH_WGMMA=ov: 64-key tiles with the overlapped loop (k_flash_wgmma's OV; not yet run), returned as -64.
 int env_flash_wgmma() {
   const char* e = std::getenv("DSV3_FLASH_WGMMA");
   if (!e) return 64;
   const std::string v(e);
-  return v == "0" ? 0 : v == "128" ? 128 : v == "ov" ? -64 : 64;
+  return v == "0" ? 0 : v == "128" ? 128 : 64;
 }
 
-template <int D, int NK, class O, bool OV>
+template <int D, int NK, class O>
 void launch_flash_wgmma_out(const WgArgs& a, O* out, int64_t B, cudaStream_t s) {
-  using F = FlashWg<D, NK, OV ? 3 : 2>;
-  auto* k = &k_flash_wgmma<D, NK, O, OV>;
+  using F = FlashWg<D, NK>;
+  auto* k = &k_flash_wgmma<D, NK, O>;
   static const bool attr = [&] {
     DSV3_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, int(F::smem)));
     return true;
@@ -267,25 +266,22 @@ void launch_flash_wgmma_out(const WgArgs& a, O* out, int64_t B, cudaStream_t s) 
   k<<<grid, F::THREADS, F::smem, s>>>(a, out);
   DSV3_CUDA_CHECK_LAUNCH("attention_causal_flash wgmma kernel");
 }
-// (D, NK, the loop, the output type) picked at run time; nk -64: 64-key tiles, overlapped.
+// (D, NK, the output type) picked at run time.
 void launch_flash_wgmma(int nk, const WgArgs& a, void* out, DType ot, int64_t B, int64_t D, cudaStream_t s) {
-  auto run = [&](auto d, auto n, auto ov) {
+  auto run = [&](auto d, auto n) {
     constexpr int DD = decltype(d)::value, NN = decltype(n)::value;
-    constexpr bool OV = decltype(ov)::value;
     if (ot == DType::BF16)
-      launch_flash_wgmma_out<DD, NN, uint16_t, OV>(a, static_cast<uint16_t*>(out), B, s);
+      launch_flash_wgmma_out<DD, NN, uint16_t>(a, static_cast<uint16_t*>(out), B, s);
     else
-      launch_flash_wgmma_out<DD, NN, float, OV>(a, static_cast<float*>(out), B, s);
+      launch_flash_wgmma_out<DD, NN, float>(a, static_cast<float*>(out), B, s);
   };
   using I64 = std::integral_constant<int, 64>;
   using I96 = std::integral_constant<int, 96>;
   using I128 = std::integral_constant<int, 128>;
-  using Plain = std::false_type;
-  using Over = std::true_type;
   if (D == 64)
-    nk == 64 ? run(I64{}, I64{}, Plain{}) : nk == -64 ? run(I64{}, I64{}, Over{}) : run(I64{}, I128{}, Plain{});
+    nk == 64 ? run(I64{}, I64{}) : run(I64{}, I128{});
   else
-    nk == 64 ? run(I96{}, I64{}, Plain{}) : nk == -64 ? run(I96{}, I64{}, Over{}) : run(I96{}, I128{}, Plain{});
+    nk == 64 ? run(I96{}, I64{}) : run(I96{}, I128{});
 }
 // The packed [B, H, T, D] copies as panels.
 WgArgs packed_panels(const uint16_t* qp, const uint16_t* kp, const uint16_t* vp, Strides3 so, int64_t T, int64_t H, int64_t D, float scale) {

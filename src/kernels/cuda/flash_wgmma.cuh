@@ -1,7 +1,7 @@
 // Causal flash attention on Hopper's warpgroup MMA (FlashAttention-3's data flow without its warp specialisation),
 // for MLA's prefill head dims: q·k over D = 64 or 96 (k_nope | k_rope), v of 64. One block per (128 query rows,
 // head, sequence), two warpgroups of 64 rows; Q stays in shared memory for the block's life and each key tile of NK
-// rows (K and V double-buffered by cp.async; three stages in the overlapped loop) goes through
+// rows (K and V double-buffered by cp.async) goes through
 //   S = Q·Kᵀ   wgmma m64nNKk16, both operands from shared memory (K-major: Q's and K's rows are their d),
 //   online softmax on S in registers (a row in the 4 threads of a quad, as mma.sync's C fragments),
 //   O += P·V   wgmma m64n64k16 with P from registers (two adjacent n8 tiles of S are one k16 A fragment) and V
@@ -18,7 +18,7 @@
 
 namespace dsv3::cuda::dev {
 
-// ST: K/V stages (2; 3 for the overlapped loop, whose P·V of a tile still reads its V while the next tile loads).
+// ST: K/V stages.
 template <int D, int NK, int ST = 2>
 struct FlashWg {
   static constexpr int BQ = 128, DV = 64, THREADS = 256;
@@ -81,17 +81,11 @@ __device__ __forceinline__ void wg_qk(float (&s)[NK / 2], uint64_t da, uint64_t 
 }
 
 // Two blocks an SM (key tiles of 64: 113 registers, no spills; of 128: S alone is 64 registers, a few spill).
-// OV (DSV3_FLASH_WGMMA=ov, written 2026-12-03 after the device time was spent, not yet run): FlashAttention-3's
-// intra-warpgroup overlap: tile j's S = Q·Kᵀ and tile j - 1's P·V are issued together and the softmax of S_j runs
-// while P·V still does; O takes S_j's rescaling once P·V is done (O then holds every tile before j, relative to the
-// max through j - 1, which the rescale moves to the max through j). Three K/V stages: a stage is refilled at tile
-// j + 1 only after tile j - 2's P·V, waited for in tile j - 1.
-template <int D, int NK, class O, bool OV = false>
+// (FlashAttention-3's intra-warpgroup overlap, tile j's S = Q·Kᵀ issued with tile j - 1's P·V and three K/V stages,
+// measured slower on an H200, 468,630-491,165 vs 504,703-508,767 tokens/s at T 4096: commit c496139 has it.)
+template <int D, int NK, class O>
 __global__ void __launch_bounds__(256, 2) k_flash_wgmma(WgArgs a, O* __restrict__ out) {
-  using F = FlashWg<D, NK, OV ? 3 : 2>;
-  // (OV: the final P·V reads the V of a warpgroup's last tile, ntiles - 1 or ntiles - 2 with 128-row blocks of two
-  // 64-row warpgroups and 64-key tiles, so three stages keep it.)
-  static_assert(!OV || (NK == 64 && F::BQ == 128), "the overlapped loop's stage count assumes 64-key tiles, 128-row blocks");
+  using F = FlashWg<D, NK>;
   constexpr int BQ = F::BQ, NS = NK / 8, KQ = D / 16;
   extern __shared__ __align__(16) unsigned char smraw[];
   const uint32_t base = (smem_u32(smraw) + 1023u) & ~1023u;
@@ -127,83 +121,6 @@ __global__ void __launch_bounds__(256, 2) k_flash_wgmma(WgArgs a, O* __restrict_
   const uint64_t dq0 = wgmma_desc_k128(base + uint32_t(wg) * 64 * 128), dq1 = wgmma_desc_k64(base + F::Q0 + uint32_t(wg) * 64 * (F::P1 * 2));
   const uint64_t dk0 = wgmma_desc_k128(base + stage(0)), dk1 = wgmma_desc_k64(base + stage(0) + F::K0);
   const uint64_t dv = wgmma_desc_mn128(base + stage(0) + F::K0 + F::K1, F::V);
-  if constexpr (OV) {
-    // Every wgmma here is issued on a path all four warps of the warpgroup take (ptxas serialises products issued
-    // under conditions it cannot see are uniform): tile 0, which every warpgroup's rows see, is peeled off; inside
-    // the loop a tile is either skipped whole or runs S and the previous P·V; the last P·V follows the loop.
-    uint32_t pp[NS / 2][4];  // P of this warpgroup's previous tile, its P·V not yet issued
-    auto& ppr = reinterpret_cast<uint32_t(&)[NS * 2]>(pp);
-    auto qk = [&](float (&sd)[NK / 2], uint64_t soff) {
-#pragma unroll
-      for (int i = 0; i < NK / 2; ++i) sd[i] = 0.0f;
-      wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < KQ; ++kk) {
-        if (kk < 4)
-          wg_qk<NK>(sd, dq0 + 2 * kk, dk0 + soff + 2 * kk, kk > 0);
-        else
-          wg_qk<NK>(sd, dq1 + 2 * (kk - 4), dk1 + soff + 2 * (kk - 4), true);
-      }
-      wgmma_commit();
-    };
-    auto pv = [&](uint64_t voff) {
-#pragma unroll
-      for (int kk = 0; kk < NS / 2; ++kk) wgmma_m64n64k16_bf16_rs_nmajor(od, pp[kk], dv + voff + 128 * kk);
-      wgmma_commit();
-    };
-    auto stage_off = [&](int tile) { return uint64_t((tile % 3) * (F::STAGE >> 4)); };
-    auto softmax = [&](float (&s)[NS][4], uint32_t (&pf)[NS / 2][4], int j0, float& al0, float& al1) {
-      if (j0 + NK > wrow0)
-        softmax_tile<true>(s, pf, m0, m1, l0, l1, wrow0 + g, j0, T, sl2, al0, al1);
-      else
-        softmax_tile<false>(s, pf, m0, m1, l0, l1, wrow0 + g, j0, T, sl2, al0, al1);
-    };
-    {  // tile 0
-      cp_async_wait<0>();
-      fence_proxy_async_smem();
-      __syncthreads();
-      if (1 < ntiles) load_kv(1, 1);
-      float s[NS][4];
-      auto& sd = reinterpret_cast<float(&)[NK / 2]>(s);
-      qk(sd, 0);
-      wgmma_wait<0>();
-      wgmma_fence_operands(sd);
-      float al0, al1;  // (o is still 0)
-      softmax(s, pp, 0, al0, al1);
-    }
-    for (int it = 1; it < ntiles; ++it) {
-      const int j0 = it * NK;
-      cp_async_wait<0>();
-      fence_proxy_async_smem();
-      __syncthreads();  // tile it landed everywhere; tile it - 2's P·V (the stage refilled next) done in every warpgroup
-      if (it + 1 < ntiles) load_kv(it + 1, (it + 1) % 3);
-      if (j0 > wg_last) continue;  // past this warpgroup's rows (warpgroup-uniform)
-      float s[NS][4];
-      auto& sd = reinterpret_cast<float(&)[NK / 2]>(s);
-      qk(sd, stage_off(it));
-      pv(stage_off(it - 1));
-      wgmma_wait<1>();  // S done; P·V may still run
-      wgmma_fence_operands(sd);
-      uint32_t pf[NS / 2][4];
-      float al0, al1;
-      softmax(s, pf, j0, al0, al1);
-      wgmma_wait<0>();
-      wgmma_fence_operands(od);
-      wgmma_fence_operands(ppr);
-      rescale_rows(o, al0, al1);
-#pragma unroll
-      for (int kk = 0; kk < NS / 2; ++kk)
-#pragma unroll
-        for (int q = 0; q < 4; ++q) pp[kk][q] = pf[kk][q];
-    }
-    // The warpgroup's last tile's P·V: that tile is the block's last or the one before (whose iteration after loaded
-    // nothing), so its V is still in its stage.
-    wgmma_fence();
-    pv(stage_off(min(ntiles - 1, wg_last / NK)));
-    wgmma_wait<0>();
-    wgmma_fence_operands(od);
-    wgmma_fence_operands(ppr);
-  } else {
   for (int it = 0; it < ntiles; ++it) {
     const int st = it & 1, j0 = it * NK;
     cp_async_wait<0>();
@@ -237,7 +154,6 @@ __global__ void __launch_bounds__(256, 2) k_flash_wgmma(WgArgs a, O* __restrict_
     for (int kk = 0; kk < NS / 2; ++kk) wgmma_m64n64k16_bf16_rs_nmajor(od, pf[kk], dv + soff + 128 * kk);
     wgmma_commit();
     wgmma_wait<0>();
-  }
   }
   cp_async_wait<0>();
   store_rows(o, l0, l1, out + int64_t(b) * a.so.b + int64_t(h) * a.so.h + 2 * tq, a.so.t, wrow0 + g, T);

@@ -247,19 +247,15 @@ __global__ void __launch_bounds__(GTHREADS, 2) k_moe_grouped(GroupedArgs g) {
 // (3 stages of 64-wide k slices, 32 KB each; two blocks an SM) and multiplied by wgmma m64n128k16 from shared
 // memory, each warpgroup 64 of the rows (no ldmatrix: the fragment traffic of mma.sync is what held the tensor
 // pipe at ~41%). A stage is refilled only after every warpgroup waited for the products that read it (the slice
-// before's wgmma are complete at the loop's barrier).
-// ST stages; INFLIGHT: wgmma groups left running across the loop's barrier (0: each slice's products are waited for
-// before the next slice; 1: the next slice's are issued first, so the tensor cores do not idle through the barrier and
-// the copies; a stage is then refilled two slices after it was read, prefetching ST - 2 slices ahead).
+// before's wgmma are complete at the loop's barrier). (Leaving one wgmma group in flight across the barrier, with 3
+// or 4 stages, measured slower on an H200: 482,898-489,474 and 457,835-472,826 vs 504,703-508,767 tokens/s.)
 constexpr int WG_BK = 64, WG_TILE = 128 * WG_BK * 2;  // a 128-row x 64-k bf16 tile: 16 KB
 template <int ST>
 constexpr size_t wgmma_smem_bytes() { return size_t(ST) * 2 * WG_TILE + 1024; }  // + the 1024-byte alignment
 
-template <bool SWIGLU, int WG_ST, int INFLIGHT>
+template <bool SWIGLU>
 __global__ void __launch_bounds__(GTHREADS, 2) k_moe_grouped_wgmma(GroupedArgs g) {
-  static_assert(INFLIGHT == 0 || INFLIGHT == 1, "0 or 1 wgmma group in flight");
-  constexpr int PD = WG_ST - 1 - INFLIGHT;  // slices loaded ahead
-  static_assert(PD >= 1, "at least one slice ahead");
+  constexpr int WG_ST = 3, PD = WG_ST - 1;  // stages, slices loaded ahead
   constexpr int GM = 128;
   dependent_kernel_begin();
   extern __shared__ __align__(16) unsigned char smraw[];
@@ -319,7 +315,7 @@ __global__ void __launch_bounds__(GTHREADS, 2) k_moe_grouped_wgmma(GroupedArgs g
     cp_async_wait<PD - 1>();
     fence_proxy_async_smem();  // this thread's copies of slice kt, visible to the async proxy
     __syncthreads();           // everyone's; and every warpgroup's products of slice kt - 1 are done
-    if (kt + PD < nk) load(kt + PD, (kt + PD) % WG_ST);  // the stage of slice kt - 1 - INFLIGHT: its products are done
+    if (kt + PD < nk) load(kt + PD, (kt + PD) % WG_ST);  // the stage of slice kt - 1: its products are done
     else cp_async_commit();
     const uint32_t a_addr = base + uint32_t(2 * (kt % WG_ST)) * WG_TILE + uint32_t(wg) * 64 * 128, b_addr = a_addr - uint32_t(wg) * 64 * 128 + WG_TILE;
     wgmma_fence();
@@ -327,11 +323,7 @@ __global__ void __launch_bounds__(GTHREADS, 2) k_moe_grouped_wgmma(GroupedArgs g
     for (int kk = 0; kk < WG_BK / 16; ++kk)
       wgmma_m64n128k16_bf16(d, wgmma_desc_k128(a_addr + 32 * kk), wgmma_desc_k128(b_addr + 32 * kk), true);
     wgmma_commit();
-    wgmma_wait<INFLIGHT>();
-  }
-  if constexpr (INFLIGHT > 0) {  // d's last products were still running at the loop's end
     wgmma_wait<0>();
-    wgmma_fence_operands(d);
   }
   cp_async_wait<0>();
   float acc[1][16][4];
@@ -434,34 +426,20 @@ bool ws_offsets_fit(const GroupedArgs& g, int64_t slots) {
   const int64_t a_rows = g.a_rows ? slots / g.a_row_div + 1 : slots;
   return a_rows * g.lda < INT32_MAX && int64_t(g.up_row0 + g.N) * g.K < INT32_MAX && int64_t(g.N) * g.K < INT32_MAX;
 }
-template <bool SWIGLU>
-void launch_ws(const GroupedArgs& g, int64_t slots, int64_t n_tiles, cudaStream_t s) {
+// A launch of the 128 x 128 wgmma tiles (Kernel: k_moe_grouped_wgmma or k_moe_grouped_ws, THREADS its block): the
+// 3-stage ring's shared memory opted in once, a block per (column tile, row tile) of every expert.
+template <auto Kernel, int THREADS>
+void launch_tiles128(const GroupedArgs& g, int64_t slots, int64_t n_tiles, cudaStream_t s, const char* what) {
   constexpr size_t smem = wgmma_smem_bytes<3>();
-  auto* k = &k_moe_grouped_ws<SWIGLU>;
-  static const bool attr = [&] {
-    DSV3_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  static const bool attr = [] {
+    DSV3_CUDA_CHECK(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
     return true;
   }();
   (void)attr;
   const int64_t m_tiles = ceil_div(slots, int64_t(128)) + g.E;
   DSV3_CHECK(m_tiles <= 65535, "moe_grouped: {} row tiles exceed the grid", m_tiles);
-  launch_dependent(k, dim3(unsigned(n_tiles), unsigned(m_tiles)), dim3(WS_THREADS), smem, s, g);
-  DSV3_CUDA_CHECK_LAUNCH("moe_grouped warp-specialised kernel");
-}
-
-template <bool SWIGLU, int ST, int INFLIGHT>
-void launch_wgmma(const GroupedArgs& g, int64_t slots, int64_t n_tiles, cudaStream_t s) {
-  constexpr size_t smem = wgmma_smem_bytes<ST>();
-  auto* k = &k_moe_grouped_wgmma<SWIGLU, ST, INFLIGHT>;
-  static const bool attr = [&] {
-    DSV3_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-    return true;
-  }();
-  (void)attr;
-  const int64_t m_tiles = ceil_div(slots, int64_t(128)) + g.E;
-  DSV3_CHECK(m_tiles <= 65535, "moe_grouped: {} row tiles exceed the grid", m_tiles);
-  launch_dependent(k, dim3(unsigned(n_tiles), unsigned(m_tiles)), dim3(GTHREADS), smem, s, g);
-  DSV3_CUDA_CHECK_LAUNCH("moe_grouped wgmma kernel");
+  launch_dependent(Kernel, dim3(unsigned(n_tiles), unsigned(m_tiles)), dim3(THREADS), smem, s, g);
+  DSV3_CUDA_CHECK_LAUNCH(what);
 }
 
 template <bool FP8, bool SWIGLU, int WARPS_M, int MT, int BK = GK>
@@ -483,13 +461,13 @@ void launch_shape(const GroupedArgs& g, int64_t slots, int64_t n_tiles, cudaStre
 // The bf16 prefill tiles on wgmma by default (k_moe_grouped_wgmma: prefill T 4096 443,731-450,113 tokens/s against
 // mma.sync's 396,980-407,278, one run, 2026-12-03); DSV3_GROUPED_WGMMA=0 for the mma.sync tiles. Read at every
 // launch, so a test can compare both paths in one process.
-// DSV3_GROUPED_WGMMA=31 / 41: one wgmma group in flight with 3 / 4 stages (written 2026-12-03 after the device time
-// was spent; not yet measured). Returns 0 (mma.sync), 30 (the default), 31 or 41.
+// DSV3_GROUPED_WGMMA=ws: the warp-specialised tiles (k_moe_grouped_ws). Returns 0 (mma.sync), 30 (the default) or
+// 99 (ws).
 int env_wgmma() {
   const char* e = std::getenv("DSV3_GROUPED_WGMMA");
   if (!e) return 30;
   const std::string v(e);
-  return v == "0" ? 0 : v == "31" ? 31 : v == "41" ? 41 : v == "ws" ? 99 : 30;
+  return v == "0" ? 0 : v == "ws" ? 99 : 30;
 }
 // DSV3_GROUPED_BK=32: the bf16 prefill tiles in 32-wide k slices too (the kernel before 2026-12-03), for A/B.
 bool env_bk32() {
@@ -505,10 +483,9 @@ void launch_grouped(const GroupedArgs& g, int64_t slots, int64_t n_tiles, cudaSt
   if (slots >= 64 * int64_t(g.E)) {
     if constexpr (!FP8) {
       if (const int v = g.offsets ? env_wgmma() : 0; v)  // (K % 32 == 0: supported)
-        return v == 99 && ws_offsets_fit(g, slots) ? launch_ws<SWIGLU>(g, slots, n_tiles, s)
-               : v == 41 ? launch_wgmma<SWIGLU, 4, 1>(g, slots, n_tiles, s)
-               : v == 31 ? launch_wgmma<SWIGLU, 3, 1>(g, slots, n_tiles, s)
-                         : launch_wgmma<SWIGLU, 3, 0>(g, slots, n_tiles, s);
+        return v == 99 && ws_offsets_fit(g, slots)
+                   ? launch_tiles128<k_moe_grouped_ws<SWIGLU>, WS_THREADS>(g, slots, n_tiles, s, "moe_grouped warp-specialised kernel")
+                   : launch_tiles128<k_moe_grouped_wgmma<SWIGLU>, GTHREADS>(g, slots, n_tiles, s, "moe_grouped wgmma kernel");
       if (g.K % 64 == 0 && !env_bk32()) return launch_shape<FP8, SWIGLU, 2, 4, 64>(g, slots, n_tiles, s);
     }
     launch_shape<FP8, SWIGLU, 2, 4>(g, slots, n_tiles, s);
