@@ -520,7 +520,7 @@ TEST(CudaRowsGemm, Fp8ActivationsMatchCpuTwin) {
 // descriptors and swizzle) and gate|up K 128; 300 rows (a partial row tile), down K 192 (every stage once) into N 224
 // (a partial column tile), gate|up K 224 (a half last slice); gate|up K 256 (four slices: a stage refilled) into
 // I 160 (a partial SwiGLU tile) and down K 160 (a half last slice). 1e-5 for f32 out, 4e-3 for bf16 h. Each case in
-// both pipelines (DSV3_GROUPED_WGMMA unset, ws). (ptxas
+// each pipeline (DSV3_GROUPED_WGMMA unset, ws, ws256: 128 x 256 tiles, not yet GPU-run). (ptxas
 // reports no serialised wgmma for these kernels.)
 TEST(CudaMoe, GroupedWgmmaTilesMatchHost) {
   DSV3_REQUIRE_GPU();
@@ -552,8 +552,9 @@ TEST(CudaMoe, GroupedWgmmaTilesMatchHost) {
         refh[size_t(r * I + n)] = float(g / (1.0 + std::exp(-g)) * u);
       }
     }
-    // The pipelines: the default (3 stages, each slice's products waited for) and the warp-specialised one (ws).
-    for (const char* v : {"", "ws"}) {
+    // The pipelines: the default (3 stages, each slice's products waited for), the warp-specialised one (ws) and its
+    // 128 x 256 tiles (ws256).
+    for (const char* v : {"", "ws", "ws256"}) {
       if (*v) setenv("DSV3_GROUPED_WGMMA", v, 1);
       auto out = poisoned<float>(size_t(R * D));
       auto hgu = poisoned<uint16_t>(size_t(R * I));
@@ -700,13 +701,15 @@ TEST(CudaMoe, PrefillMatchesCpuTwinAndDecode) {
       std::printf("  prefill bf16 M %lld E %lld D %lld I %lld: wgmma tiles vs mma.sync rel L2 %.2e\n", (long long)M, (long long)E,
                   (long long)D, (long long)I, e_mma);
       EXPECT_LT(e_mma, 1e-4) << "wgmma tiles";
-      // The warp-specialised wgmma tiles (DSV3_GROUPED_WGMMA=ws), reading the tokens through the permutation: the same
-      // products in the same order, the same bits.
-      setenv("DSV3_GROUPED_WGMMA", "ws", 1);
-      auto dy_ws = upload(y0);
-      moe_prefill(gemm, dev->view, dx.get(), D, didx.get(), dw.get(), M, k, dy_ws.get(), D, true, ws.get(), wsb, nullptr, false, true);
-      unsetenv("DSV3_GROUPED_WGMMA");
-      EXPECT_EQ(std::memcmp(got.data(), download(dy_ws).data(), got.size() * 4), 0) << "warp-specialised tiles differ";
+      // The warp-specialised wgmma tiles (DSV3_GROUPED_WGMMA=ws, and ws256: 128 x 256), reading the tokens through the
+      // permutation: the same k16 products in the same order for every output, the same bits.
+      for (const char* v : {"ws", "ws256"}) {
+        setenv("DSV3_GROUPED_WGMMA", v, 1);
+        auto dy_ws = upload(y0);
+        moe_prefill(gemm, dev->view, dx.get(), D, didx.get(), dw.get(), M, k, dy_ws.get(), D, true, ws.get(), wsb, nullptr, false, true);
+        unsetenv("DSV3_GROUPED_WGMMA");
+        EXPECT_EQ(std::memcmp(got.data(), download(dy_ws).data(), got.size() * 4), 0) << v << " tiles differ";
+      }
     }
     std::vector<float> got_fw;  // e4m3 activations on the default (wgmma) tiles, checked below
     if (fp8_acts) {
