@@ -11,13 +11,14 @@ LOG=${OUT:-cuda-run}
 mkdir -p "$LOG"
 if [ "${TESTS:-1}" = 1 ]; then
   echo "== tests of the prefill paths"
-  timeout 240 "$D/dsv3_cuda_tests" --gtest_filter="${TEST_FILTER:-CudaFlashPrefill.*:CudaMoe.*:CudaOps.Router*:CudaModel.Prefill*}" \
+  timeout 240 "$D/dsv3_cuda_tests" --gtest_filter="${TEST_FILTER:-CudaFlashPrefill.*:CudaMoe.*:CudaInferOps.*:CudaOps.*:CudaModel.Prefill*}" \
     > "$LOG/variant_tests.log" 2>&1
   echo "rc=$?"; grep -E "^\[  (FAILED|PASSED) |FAILED|Failure|Expected|Which is|rel L2" "$LOG/variant_tests.log" | head -40
 fi
 echo "== prefill T 4096 A/B"
 if [ -z "${VARIANTS:-}" ]; then
-  VARIANTS=("base= bench_cuda_decode" "f8= bench_cuda_decode --fp8")
+  VARIANTS=("base= bench_cuda_decode" "ws=DSV3_GROUPED_WGMMA=ws bench_cuda_decode" "ws256=DSV3_GROUPED_WGMMA=ws256 bench_cuda_decode"
+            "f8= bench_cuda_decode --fp8")
 else
   eval "VARIANTS=($VARIANTS)"
 fi
