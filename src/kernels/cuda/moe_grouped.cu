@@ -55,15 +55,15 @@ struct GroupedArgs {
   const float* scale1;
 };
 
-// Weight row of tile row r of column tile nj (-1: beyond the projection; zero-filled). SwiGLU: the tile's 64 gate
-// rows, then the 64 up rows of the same output columns.
-template <bool SWIGLU>
+// Weight row of tile row r of column tile nj of BN columns (-1: beyond the projection; zero-filled). SwiGLU: the
+// tile's BN / 2 gate rows, then the BN / 2 up rows of the same output columns.
+template <bool SWIGLU, int BN = GN>
 __device__ __forceinline__ int tile_weight_row(const GroupedArgs& g, int nj, int r) {
   if constexpr (SWIGLU) {
-    const int n = nj * (GN / 2) + (r & (GN / 2 - 1));
-    return n < g.N ? (r < GN / 2 ? n : g.up_row0 + n) : -1;
+    const int n = nj * (BN / 2) + (r & (BN / 2 - 1));
+    return n < g.N ? (r < BN / 2 ? n : g.up_row0 + n) : -1;
   } else {
-    const int n = nj * GN + r;
+    const int n = nj * BN + r;
     return n < g.N ? n : -1;
   }
 }
@@ -337,17 +337,28 @@ __global__ void __launch_bounds__(GTHREADS, 2) k_moe_grouped_wgmma(GroupedArgs g
                                               g.out_bf16);
 }
 
-// The same tiles, warp-specialised (DSV3_GROUPED_WGMMA=ws; written 2026-12-03, measured in CUDA_NOTES): warps 8-9
-// copy every slice's A and B rows by cp.async into the 3-stage ring, each stage completing on its `full` mbarrier
-// (the 64 producer threads' copies landed); the two consumer warpgroups wait on it, issue the slice's wgmma and
-// keep one group in flight, and free the stage before (its `empty` barrier: one arrival per consumer warp) once
-// those products are done. No block-wide barrier in the loop, and the consumers issue no copies. Producer thread p
-// copies chunk p % 8 of rows p / 8 + 8 i of both tiles: the rows' offsets stay in its registers (one producer warp
-// reading them from shared memory each slice measured 2.5x slower than the default tiles).
-constexpr int WS_THREADS = 320, WS_ROWS = 16;  // rows a producer thread copies per operand
-template <bool SWIGLU>
-__global__ void __launch_bounds__(WS_THREADS, 2) k_moe_grouped_ws(GroupedArgs g) {
-  constexpr int GM = 128, ST = 3;
+// The same tiles, warp-specialised (DSV3_GROUPED_WGMMA=ws; H200: bit-identical to the default, 2% slower): warps
+// 8-9 copy every slice's A and B rows by cp.async into the stage ring, each stage completing on its `full` mbarrier
+// (the 64 producer threads' copies landed); the two consumer warpgroups wait on it, issue the slice's wgmma and keep
+// one group in flight, and free the stage before (its `empty` barrier: one arrival per consumer warp) once those
+// products are done. No block-wide barrier in the loop, and the consumers issue no copies. Producer thread p copies
+// chunk p % 8 of rows p / 8 + 8 i of both tiles: the rows' offsets stay in its registers (one producer warp reading
+// them from shared memory each slice measured 2.5x slower than the default tiles).
+// BN 256 (DSV3_GROUPED_WGMMA=ws256; written 2026-12-03 after the device time was spent, not yet run): a 64-wide k
+// slice of a 128 x 128 tile is 32 KB for 2.1 MFLOP (64 FLOP a byte, ~15 TB/s of L2-to-SM traffic at the tensor
+// cores' rate), of a 128 x 256 tile 48 KB for 4.2 MFLOP (85). Each consumer warpgroup owns 64 rows x 256 columns as
+// two m64n128 accumulators (the second B half 16 KB on); gate|up tiles are 128 gate rows then the same 128 up rows.
+// Four 48 KB stages, one block an SM (BN 128: three 32 KB stages, two blocks).
+constexpr int WS_THREADS = 320, WS_ROWS = 16;  // A rows a producer thread copies (B: BN / 8)
+template <int BN>
+constexpr int kWsStages = BN == 128 ? 3 : 4;
+template <int BN>
+constexpr size_t ws_smem_bytes() { return size_t(kWsStages<BN>) * (WG_TILE + BN * WG_BK * 2) + 1024; }
+template <bool SWIGLU, int BN>
+__global__ void __launch_bounds__(WS_THREADS, BN == 128 ? 2 : 1) k_moe_grouped_ws(GroupedArgs g) {
+  static_assert(BN == 128 || BN == 256, "128- or 256-column tiles");
+  constexpr int GM = 128, ST = kWsStages<BN>, NH = BN / 128, BROWS = BN / 8;
+  constexpr int SB = WG_TILE + BN * WG_BK * 2;  // a stage: A, then B
   dependent_kernel_begin();
   extern __shared__ __align__(16) unsigned char smraw[];
   __shared__ int e_s, mt_s;
@@ -363,17 +374,17 @@ __global__ void __launch_bounds__(WS_THREADS, 2) k_moe_grouped_ws(GroupedArgs g)
   if (e < 0) return;
   const int row0 = g.offsets[e] + mt_s * GM, row_end = g.offsets[e + 1];
   const int nj = blockIdx.x, K = g.K, nk = (K + WG_BK - 1) / WG_BK;
-  const uint32_t base = (smem_u32(smraw) + 1023u) & ~1023u;  // stage s: A at base + 2 s WG_TILE, B one tile later
+  const uint32_t base = (smem_u32(smraw) + 1023u) & ~1023u;  // stage s at base + s SB
   unsigned char* const base_ptr = smraw + (base - smem_u32(smraw));
   if (w >= 8) {  // producer
     const int p = t - 256, ch = p & 7, rg = p >> 3;
     const uint16_t* wbase = static_cast<const uint16_t*>(g.w[e]);
-    int32_t aoff[WS_ROWS], boff[WS_ROWS];  // element offsets of the rows' starts; -1: a zero row
+    int32_t aoff[WS_ROWS], boff[BROWS];  // element offsets of the rows' starts; -1: a zero row
 #pragma unroll
-    for (int i = 0; i < WS_ROWS; ++i) {
+    for (int i = 0; i < BROWS; ++i) {
       const int r = rg + 8 * i, row = row0 + r;
-      aoff[i] = row < row_end ? (g.a_rows ? g.a_rows[row] / g.a_row_div : row) * g.lda : -1;
-      const int wr = tile_weight_row<SWIGLU>(g, nj, r);
+      if (i < WS_ROWS) aoff[i] = row < row_end ? (g.a_rows ? g.a_rows[row] / g.a_row_div : row) * g.lda : -1;
+      const int wr = tile_weight_row<SWIGLU, BN>(g, nj, r);
       boff[i] = wr >= 0 ? wr * K : -1;
     }
     const uint32_t soff = uint32_t(rg) * 128u + uint32_t((ch ^ rg) * 16);  // swizzle128(rg + 8 i, ch) - 1024 i
@@ -382,10 +393,10 @@ __global__ void __launch_bounds__(WS_THREADS, 2) k_moe_grouped_ws(GroupedArgs g)
       if (kt >= ST) mbar_wait_parity(&empty[s], uint32_t(kt / ST - 1) & 1u);
       const int k = kt * WG_BK + ch * 8;
       const bool in_k = k < K;  // past K (a half last slice): zeros, which add nothing
-      unsigned char* a_st = base_ptr + size_t(2 * s) * WG_TILE + soff;
+      unsigned char* a_st = base_ptr + size_t(s) * SB + soff;
 #pragma unroll
-      for (int i = 0; i < WS_ROWS; ++i) {
-        cp_async16(a_st + 1024 * i, g.a + (aoff[i] >= 0 && in_k ? aoff[i] + k : 0), aoff[i] >= 0 && in_k);
+      for (int i = 0; i < BROWS; ++i) {
+        if (i < WS_ROWS) cp_async16(a_st + 1024 * i, g.a + (aoff[i] >= 0 && in_k ? aoff[i] + k : 0), aoff[i] >= 0 && in_k);
         cp_async16(a_st + WG_TILE + 1024 * i, wbase + (boff[i] >= 0 && in_k ? boff[i] + k : 0), boff[i] >= 0 && in_k);
       }
       cp_async_mbar_arrive(&full[s]);
@@ -393,130 +404,39 @@ __global__ void __launch_bounds__(WS_THREADS, 2) k_moe_grouped_ws(GroupedArgs g)
     cp_async_wait<0>();
     return;
   }
-  float d[64];
+  float d[NH][64];  // columns 128 h .. of the tile
 #pragma unroll
-  for (int i = 0; i < 64; ++i) d[i] = 0.0f;
+  for (int h = 0; h < NH; ++h)
+#pragma unroll
+    for (int i = 0; i < 64; ++i) d[h][i] = 0.0f;
   for (int kt = 0; kt < nk; ++kt) {
     const int s = kt % ST;
     mbar_wait_parity(&full[s], uint32_t(kt / ST) & 1u);
     fence_proxy_async_smem();  // the copies' (generic-proxy) writes, ordered before this thread's wgmma reads
-    const uint32_t a_addr = base + uint32_t(2 * s) * WG_TILE + uint32_t(wg) * 64 * 128, b_addr = base + uint32_t(2 * s + 1) * WG_TILE;
+    const uint32_t a_addr = base + uint32_t(s) * SB + uint32_t(wg) * 64 * 128, b_addr = base + uint32_t(s) * SB + WG_TILE;
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < WG_BK / 16; ++kk)
-      wgmma_m64n128k16_bf16(d, wgmma_desc_k128(a_addr + 32 * kk), wgmma_desc_k128(b_addr + 32 * kk), true);
+#pragma unroll
+      for (int h = 0; h < NH; ++h)
+        wgmma_m64n128k16_bf16(d[h], wgmma_desc_k128(a_addr + 32 * kk), wgmma_desc_k128(b_addr + 128 * 128 * h + 32 * kk), true);
     wgmma_commit();
     wgmma_wait<1>();  // slice kt - 1's products are done: its stage is free
     __syncwarp();
     if (kt > 0 && lane == 0) mbar_arrive(&empty[(kt - 1) % ST]);
   }
   wgmma_wait<0>();
-  wgmma_fence_operands(d);
-  float acc[1][16][4];
+  float acc[1][BN / 8][4];
 #pragma unroll
-  for (int j = 0; j < 16; ++j)
+  for (int h = 0; h < NH; ++h) {
+    wgmma_fence_operands(d[h]);
 #pragma unroll
-    for (int q = 0; q < 4; ++q) acc[0][j][q] = d[4 * j + q];
-  store_tile<SWIGLU, GM, GN, 1, 16, GTHREADS>(acc, [](int i) { return 8 * i; }, w, 1, smraw, row0, row_end, nj, g.N, g.out, g.ldo,
-                                              g.out_bf16);
-}
-
-// 128 x 256 tiles of the warp-specialised kind (DSV3_GROUPED_WGMMA=ws256; written 2026-12-03 after the device time
-// was spent, not yet run): a 64-wide k slice of a 128 x 128 tile is 32 KB for 2.1 MFLOP (64 FLOP a byte, ~15 TB/s of
-// L2-to-SM traffic at the tensor cores' rate), of a 128 x 256 tile 48 KB for 4.2 MFLOP (85). Each consumer warpgroup
-// owns 64 rows x 256 columns as two m64n128 accumulators (the second B half 16 KB on); gate|up tiles are 128 gate
-// rows then the same 128 up rows. Four 48 KB stages, one block an SM; the producer threads copy 16 A and 32 B rows
-// each a slice.
-constexpr int W2_ST = 4, W2_BN = 256, W2_TILE_B = W2_BN * WG_BK * 2;  // B tile: 256 rows x 64 k bf16, 32 KB
-constexpr size_t ws256_smem_bytes() { return size_t(W2_ST) * (WG_TILE + W2_TILE_B) + 1024; }
-template <bool SWIGLU>
-__global__ void __launch_bounds__(WS_THREADS, 1) k_moe_grouped_ws256(GroupedArgs g) {
-  constexpr int GM = 128, ST = W2_ST, SB = WG_TILE + W2_TILE_B;  // a stage: A, then B
-  dependent_kernel_begin();
-  extern __shared__ __align__(16) unsigned char smraw[];
-  __shared__ int e_s, mt_s;
-  __shared__ __align__(8) uint64_t full[ST], empty[ST];
-  const int t = threadIdx.x, w = t >> 5, wg = w >> 2, lane = t & 31;
-  if (w == 0) find_tile<GM>(g.offsets, g.E, &e_s, &mt_s);
-  if (t == 32) {
-    for (int s = 0; s < ST; ++s) mbar_init(&full[s], 64), mbar_init(&empty[s], 8);
-    mbar_init_fence();
+    for (int j = 0; j < 16; ++j)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) acc[0][16 * h + j][q] = d[h][4 * j + q];
   }
-  __syncthreads();
-  const int e = e_s;
-  if (e < 0) return;
-  const int row0 = g.offsets[e] + mt_s * GM, row_end = g.offsets[e + 1];
-  const int nj = blockIdx.x, K = g.K, nk = (K + WG_BK - 1) / WG_BK;
-  const uint32_t base = (smem_u32(smraw) + 1023u) & ~1023u;
-  unsigned char* const base_ptr = smraw + (base - smem_u32(smraw));
-  if (w >= 8) {  // producer: thread p copies chunk p % 8 of A rows p / 8 + 8 i (i < 16) and B rows p / 8 + 8 i (i < 32)
-    const int p = t - 256, ch = p & 7, rg = p >> 3;
-    const uint16_t* wbase = static_cast<const uint16_t*>(g.w[e]);
-    int32_t aoff[16], boff[32];  // element offsets of the rows' starts; -1: a zero row
-#pragma unroll
-    for (int i = 0; i < 16; ++i) {
-      const int row = row0 + rg + 8 * i;
-      aoff[i] = row < row_end ? (g.a_rows ? g.a_rows[row] / g.a_row_div : row) * g.lda : -1;
-    }
-#pragma unroll
-    for (int i = 0; i < 32; ++i) {
-      const int r = rg + 8 * i;
-      int wr;
-      if constexpr (SWIGLU) {
-        const int n = nj * (W2_BN / 2) + (r & (W2_BN / 2 - 1));
-        wr = n < g.N ? (r < W2_BN / 2 ? n : g.up_row0 + n) : -1;
-      } else {
-        const int n = nj * W2_BN + r;
-        wr = n < g.N ? n : -1;
-      }
-      boff[i] = wr >= 0 ? wr * K : -1;
-    }
-    const uint32_t soff = uint32_t(rg) * 128u + uint32_t((ch ^ rg) * 16);  // swizzle128(rg + 8 i, ch) - 1024 i
-    for (int kt = 0; kt < nk; ++kt) {
-      const int s = kt % ST;
-      if (kt >= ST) mbar_wait_parity(&empty[s], uint32_t(kt / ST - 1) & 1u);
-      const int k = kt * WG_BK + ch * 8;
-      const bool in_k = k < K;
-      unsigned char* st = base_ptr + size_t(s) * SB + soff;
-#pragma unroll
-      for (int i = 0; i < 16; ++i) cp_async16(st + 1024 * i, g.a + (aoff[i] >= 0 && in_k ? aoff[i] + k : 0), aoff[i] >= 0 && in_k);
-#pragma unroll
-      for (int i = 0; i < 32; ++i)
-        cp_async16(st + WG_TILE + 1024 * i, wbase + (boff[i] >= 0 && in_k ? boff[i] + k : 0), boff[i] >= 0 && in_k);
-      cp_async_mbar_arrive(&full[s]);
-    }
-    cp_async_wait<0>();
-    return;
-  }
-  float d0[64], d1[64];  // columns 0..127 and 128..255 of the tile
-#pragma unroll
-  for (int i = 0; i < 64; ++i) d0[i] = 0.0f, d1[i] = 0.0f;
-  for (int kt = 0; kt < nk; ++kt) {
-    const int s = kt % ST;
-    mbar_wait_parity(&full[s], uint32_t(kt / ST) & 1u);
-    fence_proxy_async_smem();
-    const uint32_t a_addr = base + uint32_t(s) * SB + uint32_t(wg) * 64 * 128, b_addr = base + uint32_t(s) * SB + WG_TILE;
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < WG_BK / 16; ++kk) {
-      wgmma_m64n128k16_bf16(d0, wgmma_desc_k128(a_addr + 32 * kk), wgmma_desc_k128(b_addr + 32 * kk), true);
-      wgmma_m64n128k16_bf16(d1, wgmma_desc_k128(a_addr + 32 * kk), wgmma_desc_k128(b_addr + 128 * 128 + 32 * kk), true);
-    }
-    wgmma_commit();
-    wgmma_wait<1>();
-    __syncwarp();
-    if (kt > 0 && lane == 0) mbar_arrive(&empty[(kt - 1) % ST]);
-  }
-  wgmma_wait<0>();
-  wgmma_fence_operands(d0);
-  wgmma_fence_operands(d1);
-  float acc[1][32][4];
-#pragma unroll
-  for (int j = 0; j < 16; ++j)
-#pragma unroll
-    for (int q = 0; q < 4; ++q) acc[0][j][q] = d0[4 * j + q], acc[0][16 + j][q] = d1[4 * j + q];
-  store_tile<SWIGLU, GM, W2_BN, 1, 32, GTHREADS>(acc, [](int i) { return 8 * i; }, w, 1, smraw, row0, row_end, nj, g.N, g.out, g.ldo,
-                                                 g.out_bf16);
+  store_tile<SWIGLU, GM, BN, 1, BN / 8, GTHREADS>(acc, [](int i) { return 8 * i; }, w, 1, smraw, row0, row_end, nj, g.N, g.out, g.ldo,
+                                                  g.out_bf16);
 }
 
 // The producer's row offsets are int32: a's rows (the tokens' with a_rows) times lda, and the weight rows times K.
@@ -524,7 +444,7 @@ bool ws_offsets_fit(const GroupedArgs& g, int64_t slots) {
   const int64_t a_rows = g.a_rows ? slots / g.a_row_div + 1 : slots;
   return a_rows * g.lda < INT32_MAX && int64_t(g.up_row0 + g.N) * g.K < INT32_MAX && int64_t(g.N) * g.K < INT32_MAX;
 }
-// A launch of the 128-row wgmma tiles (Kernel: k_moe_grouped_wgmma, _ws or _ws256, THREADS its block, SMEM its ring):
+// A launch of the 128-row wgmma tiles (Kernel: k_moe_grouped_wgmma or _ws, THREADS its block, SMEM its ring):
 // the shared memory opted in once, a block per (column tile, row tile) of every expert.
 template <auto Kernel, int THREADS, size_t SMEM = wgmma_smem_bytes<3>()>
 void launch_tiles128(const GroupedArgs& g, int64_t slots, int64_t n_tiles, cudaStream_t s, const char* what) {
@@ -559,7 +479,7 @@ void launch_shape(const GroupedArgs& g, int64_t slots, int64_t n_tiles, cudaStre
 // The bf16 prefill tiles on wgmma by default (k_moe_grouped_wgmma: prefill T 4096 443,731-450,113 tokens/s against
 // mma.sync's 396,980-407,278, one run, 2026-12-03); DSV3_GROUPED_WGMMA=0 for the mma.sync tiles. Read at every
 // launch, so a test can compare both paths in one process.
-// DSV3_GROUPED_WGMMA=ws: the warp-specialised tiles (k_moe_grouped_ws); =ws256: their 128 x 256 form (not yet run).
+// DSV3_GROUPED_WGMMA=ws: the warp-specialised tiles (k_moe_grouped_ws<., 128>); =ws256: 128 x 256 (not yet run).
 // Returns 0 (mma.sync), 30 (the default), 99 (ws) or 98 (ws256).
 int env_wgmma() {
   const char* e = std::getenv("DSV3_GROUPED_WGMMA");
@@ -583,10 +503,11 @@ void launch_grouped(const GroupedArgs& g, int64_t slots, int64_t n_tiles, cudaSt
       if (const int v = g.offsets ? env_wgmma() : 0; v)  // (K % 32 == 0: supported)
       {
         if (v == 98 && ws_offsets_fit(g, slots))  // 256-column tiles: gate|up 128 h columns a tile, down 256
-          return launch_tiles128<k_moe_grouped_ws256<SWIGLU>, WS_THREADS, ws256_smem_bytes()>(
-              g, slots, SWIGLU ? ceil_div(g.N, 128) : ceil_div(g.N, W2_BN), s, "moe_grouped 128x256 kernel");
+          return launch_tiles128<k_moe_grouped_ws<SWIGLU, 256>, WS_THREADS, ws_smem_bytes<256>()>(
+              g, slots, SWIGLU ? ceil_div(g.N, 128) : ceil_div(g.N, 256), s, "moe_grouped 128x256 kernel");
         return v == 99 && ws_offsets_fit(g, slots)
-                   ? launch_tiles128<k_moe_grouped_ws<SWIGLU>, WS_THREADS>(g, slots, n_tiles, s, "moe_grouped warp-specialised kernel")
+                   ? launch_tiles128<k_moe_grouped_ws<SWIGLU, 128>, WS_THREADS, ws_smem_bytes<128>()>(g, slots, n_tiles, s,
+                                                                                                   "moe_grouped warp-specialised kernel")
                    : launch_tiles128<k_moe_grouped_wgmma<SWIGLU>, GTHREADS>(g, slots, n_tiles, s, "moe_grouped wgmma kernel");
       }
       if (g.K % 64 == 0 && !env_bk32()) return launch_shape<FP8, SWIGLU, 2, 4, 64>(g, slots, n_tiles, s);
