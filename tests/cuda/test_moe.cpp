@@ -520,8 +520,8 @@ TEST(CudaRowsGemm, Fp8ActivationsMatchCpuTwin) {
 // descriptors and swizzle) and gate|up K 128; 300 rows (a partial row tile), down K 192 (every stage once) into N 224
 // (a partial column tile), gate|up K 224 (a half last slice); gate|up K 256 (four slices: a stage refilled) into
 // I 160 (a partial SwiGLU tile) and down K 160 (a half last slice). 1e-5 for f32 out, 4e-3 for bf16 h. Each case in
-// each pipeline (DSV3_GROUPED_WGMMA unset, ws, ws256: 128 x 256 tiles, not yet GPU-run). (ptxas
-// reports no serialised wgmma for these kernels.)
+// each pipeline (DSV3_GROUPED_WGMMA unset, ws, ws256: 128 x 256 tiles; the persistent ones also on one block).
+// (ptxas reports no serialised wgmma and no injected warpgroup.arrive for these kernels.)
 TEST(CudaMoe, GroupedWgmmaTilesMatchHost) {
   DSV3_REQUIRE_GPU();
   std::mt19937_64 rng(79);
@@ -552,21 +552,26 @@ TEST(CudaMoe, GroupedWgmmaTilesMatchHost) {
         refh[size_t(r * I + n)] = float(g / (1.0 + std::exp(-g)) * u);
       }
     }
-    // The pipelines: the default (3 stages, each slice's products waited for), the warp-specialised one (ws) and its
-    // 128 x 256 tiles (ws256).
-    for (const char* v : {"", "ws", "ws256"}) {
+    // The pipelines: the default (3 stages, each slice's products waited for), the persistent warp-specialised one
+    // (ws) and its 128 x 256 tiles (ws256), each also on one block (every tile of the product in turn, the ring
+    // running on across them).
+    struct Pipe { const char *mode, *grid; };
+    for (const Pipe pp : {Pipe{"", ""}, Pipe{"ws", ""}, Pipe{"ws256", ""}, Pipe{"ws", "1"}, Pipe{"ws256", "1"}}) {
+      const char* v = pp.mode;
       if (*v) setenv("DSV3_GROUPED_WGMMA", v, 1);
+      if (*pp.grid) setenv("DSV3_GROUPED_WS_GRID", pp.grid, 1);
       auto out = poisoned<float>(size_t(R * D));
       auto hgu = poisoned<uint16_t>(size_t(R * I));
       moe_grouped_down(dev->view, dh.get(), doff.get(), R, out.get());
       moe_grouped_swiglu(dev->view, dxx.get(), doff.get(), R, hgu.get());
       unsetenv("DSV3_GROUPED_WGMMA");
+      unsetenv("DSV3_GROUPED_WS_GRID");
       const auto got = download(out);
       const auto goth = from_bf16(download(hgu));
       ASSERT_TRUE(all_finite(got) && all_finite(goth)) << v;
       const double e = rel_l2(got, ref), eh = rel_l2(goth, refh);
-      std::printf("  wgmma tiles%s%s rows %lld D %lld I %lld: down rel L2 %.2e, gate|up + SwiGLU (bf16 h) %.2e\n", *v ? " " : "", v,
-                  (long long)R, (long long)D, (long long)I, e, eh);
+      std::printf("  wgmma tiles%s%s%s rows %lld D %lld I %lld: down rel L2 %.2e, gate|up + SwiGLU (bf16 h) %.2e\n", *v ? " " : "", v,
+                  *pp.grid ? " on one block" : "", (long long)R, (long long)D, (long long)I, e, eh);
       EXPECT_LT(e, 1e-5) << v << " " << R << " " << D << " " << I;
       EXPECT_LT(eh, 4e-3) << v << " " << R << " " << D << " " << I;  // h rounded to bf16
     }
@@ -701,15 +706,19 @@ TEST(CudaMoe, PrefillMatchesCpuTwinAndDecode) {
       std::printf("  prefill bf16 M %lld E %lld D %lld I %lld: wgmma tiles vs mma.sync rel L2 %.2e\n", (long long)M, (long long)E,
                   (long long)D, (long long)I, e_mma);
       EXPECT_LT(e_mma, 1e-4) << "wgmma tiles";
-      // The warp-specialised wgmma tiles (DSV3_GROUPED_WGMMA=ws, and ws256: 128 x 256), reading the tokens through the
-      // permutation: the same k16 products in the same order for every output, the same bits.
-      for (const char* v : {"ws", "ws256"}) {
-        setenv("DSV3_GROUPED_WGMMA", v, 1);
-        auto dy_ws = upload(y0);
-        moe_prefill(gemm, dev->view, dx.get(), D, didx.get(), dw.get(), M, k, dy_ws.get(), D, true, ws.get(), wsb, nullptr, false, true);
-        unsetenv("DSV3_GROUPED_WGMMA");
-        EXPECT_EQ(std::memcmp(got.data(), download(dy_ws).data(), got.size() * 4), 0) << v << " tiles differ";
-      }
+      // The persistent warp-specialised wgmma tiles (DSV3_GROUPED_WGMMA=ws, and ws256: 128 x 256), reading the tokens
+      // through the permutation, on the SMs' resident blocks, on 3 blocks (many tiles each) and a block a tile: the
+      // same k16 products in the same order for every output (those left out add only zeros), the same bits.
+      for (const char* v : {"ws", "ws256"})
+        for (const char* grid : {"", "3", "0"}) {
+          setenv("DSV3_GROUPED_WGMMA", v, 1);
+          if (*grid) setenv("DSV3_GROUPED_WS_GRID", grid, 1);
+          auto dy_ws = upload(y0);
+          moe_prefill(gemm, dev->view, dx.get(), D, didx.get(), dw.get(), M, k, dy_ws.get(), D, true, ws.get(), wsb, nullptr, false, true);
+          unsetenv("DSV3_GROUPED_WGMMA");
+          unsetenv("DSV3_GROUPED_WS_GRID");
+          EXPECT_EQ(std::memcmp(got.data(), download(dy_ws).data(), got.size() * 4), 0) << v << " tiles differ, grid " << grid;
+        }
     }
     std::vector<float> got_fw;  // e4m3 activations on the default (wgmma) tiles, checked below
     if (fp8_acts) {

@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <string>
+#include <type_traits>
 
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/moe_ops.h"
@@ -337,106 +338,138 @@ __global__ void __launch_bounds__(GTHREADS, 2) k_moe_grouped_wgmma(GroupedArgs g
                                               g.out_bf16);
 }
 
-// The same tiles, warp-specialised (DSV3_GROUPED_WGMMA=ws; H200: bit-identical to the default, 2% slower): warps
-// 8-9 copy every slice's A and B rows by cp.async into the stage ring, each stage completing on its `full` mbarrier
-// (the 64 producer threads' copies landed); the two consumer warpgroups wait on it, issue the slice's wgmma and keep
-// one group in flight, and free the stage before (its `empty` barrier: one arrival per consumer warp) once those
-// products are done. No block-wide barrier in the loop, and the consumers issue no copies. Producer thread p copies
-// chunk p % 8 of rows p / 8 + 8 i of both tiles: the rows' offsets stay in its registers (one producer warp reading
-// them from shared memory each slice measured 2.5x slower than the default tiles).
-// BN 256 (DSV3_GROUPED_WGMMA=ws256; written 2026-12-03 after the device time was spent, not yet run): a 64-wide k
-// slice of a 128 x 128 tile is 32 KB for 2.1 MFLOP (64 FLOP a byte, ~15 TB/s of L2-to-SM traffic at the tensor
-// cores' rate), of a 128 x 256 tile 48 KB for 4.2 MFLOP (85). Each consumer warpgroup owns 64 rows x 256 columns as
-// two m64n128 accumulators (the second B half 16 KB on); gate|up tiles are 128 gate rows then the same 128 up rows.
-// Four 48 KB stages, one block an SM (BN 128: three 32 KB stages, two blocks).
+// The same tiles, warp-specialised (DSV3_GROUPED_WGMMA=ws; H200: bit-identical to the default, 2% slower as one
+// tile a block): warps 8-9 copy every slice's A and B rows by cp.async into the stage ring, each stage completing
+// on its `full` mbarrier (the 64 producer threads' copies landed); the two consumer warpgroups wait on it, issue the
+// slice's wgmma and keep one group in flight, and free the stage before (its `empty` barrier: one arrival per
+// consumer warp) once those products are done. No block-wide barrier in the loop, and the consumers issue no copies.
+// Producer thread p copies chunk p % 8 of rows p / 8 + 8 i of both tiles: the rows' offsets stay in its registers
+// (one producer warp reading them from shared memory each slice measured 2.5x slower than the default tiles).
+// BN 256 (DSV3_GROUPED_WGMMA=ws256): a 64-wide k slice of a 128 x 128 tile is 32 KB for 2.1 MFLOP (64 FLOP a byte,
+// ~15 TB/s of L2-to-SM traffic at the tensor cores' rate), of a 128 x 256 tile 48 KB for 4.2 MFLOP (85). Each
+// consumer warpgroup owns 64 rows x 256 columns as two m64n128 accumulators (the second B half 16 KB on); gate|up
+// tiles are 128 gate rows then the same 128 up rows. Four 48 KB stages, one block an SM (BN 128: three 32 KB
+// stages, two blocks). As one tile a block (H200, 2026-12-03) it was slower than BN 128: gate|up 144 vs 116 us a
+// layer, down 84 vs 82: with one block an SM nothing covers a tile's ring fill and epilogue.
+// Persistent (2026-12-03, thirteenth session; not yet run): a block runs tiles blockIdx.x, + gridDim.x, .. of the
+// (row tile, column tile) list, column tiles fastest (neighbouring blocks share the expert's rows and weights in
+// L2); the producer's slice count runs on over the tiles, so the next tile's first slices land while the consumers
+// finish a tile's products and store it. Products that add only zeros are not issued: a consumer warpgroup whose
+// 64 rows are all past the expert's (its tile's second half, at an expert's last tile) and the k16 steps of a half
+// last slice past K (the stored outputs keep their bits).
 constexpr int WS_THREADS = 320, WS_ROWS = 16;  // A rows a producer thread copies (B: BN / 8)
+constexpr int kWsMaxExperts = 256;             // the tile starts kept in shared memory
 template <int BN>
 constexpr int kWsStages = BN == 128 ? 3 : 4;
 template <int BN>
 constexpr size_t ws_smem_bytes() { return size_t(kWsStages<BN>) * (WG_TILE + BN * WG_BK * 2) + 1024; }
 template <bool SWIGLU, int BN>
-__global__ void __launch_bounds__(WS_THREADS, BN == 128 ? 2 : 1) k_moe_grouped_ws(GroupedArgs g) {
+__global__ void __launch_bounds__(WS_THREADS, BN == 128 ? 2 : 1) k_moe_grouped_ws(GroupedArgs g, int n_tiles) {
   static_assert(BN == 128 || BN == 256, "128- or 256-column tiles");
   constexpr int GM = 128, ST = kWsStages<BN>, NH = BN / 128, BROWS = BN / 8;
   constexpr int SB = WG_TILE + BN * WG_BK * 2;  // a stage: A, then B
   dependent_kernel_begin();
   extern __shared__ __align__(16) unsigned char smraw[];
-  __shared__ int e_s, mt_s;
+  __shared__ int ts[kWsMaxExperts + 1];
   __shared__ __align__(8) uint64_t full[ST], empty[ST];
   const int t = threadIdx.x, w = t >> 5, wg = w >> 2, lane = t & 31;
-  if (w == 0) find_tile<GM>(g.offsets, g.E, &e_s, &mt_s);
+  if (w == 0) tile_starts<GM>(g.offsets, g.E, ts);
   if (t == 32) {
     for (int s = 0; s < ST; ++s) mbar_init(&full[s], 64), mbar_init(&empty[s], 8);
     mbar_init_fence();
   }
   __syncthreads();
-  const int e = e_s;
-  if (e < 0) return;
-  const int row0 = g.offsets[e] + mt_s * GM, row_end = g.offsets[e + 1];
-  const int nj = blockIdx.x, K = g.K, nk = (K + WG_BK - 1) / WG_BK;
+  const int n_all = ts[g.E] * n_tiles, K = g.K, nk = (K + WG_BK - 1) / WG_BK;
+  // Tile L: row tile L / n_tiles (expert e, rows [row0, min(row0 + GM, row_end))), column tile nj.
+  auto tile = [&](int L, int& e, int& row0, int& row_end, int& nj) {
+    const int m = L / n_tiles;
+    nj = L - m * n_tiles;
+    e = tile_expert(ts, g.E, m);
+    row0 = g.offsets[e] + (m - ts[e]) * GM;
+    row_end = g.offsets[e + 1];
+  };
   const uint32_t base = (smem_u32(smraw) + 1023u) & ~1023u;  // stage s at base + s SB
   unsigned char* const base_ptr = smraw + (base - smem_u32(smraw));
+  int it = 0;  // slices through the ring so far (this block's tiles, in order)
   if (w >= 8) {  // producer
     const int p = t - 256, ch = p & 7, rg = p >> 3;
-    const uint16_t* wbase = static_cast<const uint16_t*>(g.w[e]);
-    int32_t aoff[WS_ROWS], boff[BROWS];  // element offsets of the rows' starts; -1: a zero row
-#pragma unroll
-    for (int i = 0; i < BROWS; ++i) {
-      const int r = rg + 8 * i, row = row0 + r;
-      if (i < WS_ROWS) aoff[i] = row < row_end ? (g.a_rows ? g.a_rows[row] / g.a_row_div : row) * g.lda : -1;
-      const int wr = tile_weight_row<SWIGLU, BN>(g, nj, r);
-      boff[i] = wr >= 0 ? wr * K : -1;
-    }
     const uint32_t soff = uint32_t(rg) * 128u + uint32_t((ch ^ rg) * 16);  // swizzle128(rg + 8 i, ch) - 1024 i
-    for (int kt = 0; kt < nk; ++kt) {
-      const int s = kt % ST;
-      if (kt >= ST) mbar_wait_parity(&empty[s], uint32_t(kt / ST - 1) & 1u);
-      const int k = kt * WG_BK + ch * 8;
-      const bool in_k = k < K;  // past K (a half last slice): zeros, which add nothing
-      unsigned char* a_st = base_ptr + size_t(s) * SB + soff;
+    for (int L = int(blockIdx.x); L < n_all; L += int(gridDim.x)) {
+      int e, row0, row_end, nj;
+      tile(L, e, row0, row_end, nj);
+      const uint16_t* wbase = static_cast<const uint16_t*>(g.w[e]);
+      int32_t aoff[WS_ROWS], boff[BROWS];  // element offsets of the rows' starts; -1: a zero row
 #pragma unroll
       for (int i = 0; i < BROWS; ++i) {
-        if (i < WS_ROWS) cp_async16(a_st + 1024 * i, g.a + (aoff[i] >= 0 && in_k ? aoff[i] + k : 0), aoff[i] >= 0 && in_k);
-        cp_async16(a_st + WG_TILE + 1024 * i, wbase + (boff[i] >= 0 && in_k ? boff[i] + k : 0), boff[i] >= 0 && in_k);
+        const int r = rg + 8 * i, row = row0 + r;
+        if (i < WS_ROWS) aoff[i] = row < row_end ? (g.a_rows ? g.a_rows[row] / g.a_row_div : row) * g.lda : -1;
+        const int wr = tile_weight_row<SWIGLU, BN>(g, nj, r);
+        boff[i] = wr >= 0 ? wr * K : -1;
       }
-      cp_async_mbar_arrive(&full[s]);
+      for (int kt = 0; kt < nk; ++kt, ++it) {
+        const int s = it % ST;
+        if (it >= ST) mbar_wait_parity(&empty[s], uint32_t(it / ST - 1) & 1u);
+        const int k = kt * WG_BK + ch * 8;
+        const bool in_k = k < K;  // past K (a half last slice): zeros (their products are not issued)
+        unsigned char* a_st = base_ptr + size_t(s) * SB + soff;
+#pragma unroll
+        for (int i = 0; i < BROWS; ++i) {
+          if (i < WS_ROWS) cp_async16(a_st + 1024 * i, g.a + (aoff[i] >= 0 && in_k ? aoff[i] + k : 0), aoff[i] >= 0 && in_k);
+          cp_async16(a_st + WG_TILE + 1024 * i, wbase + (boff[i] >= 0 && in_k ? boff[i] + k : 0), boff[i] >= 0 && in_k);
+        }
+        cp_async_mbar_arrive(&full[s]);
+      }
     }
     cp_async_wait<0>();
     return;
   }
-  float d[NH][64];  // columns 128 h .. of the tile
+  for (int L = int(blockIdx.x); L < n_all; L += int(gridDim.x)) {
+    int e, row0, row_end, nj;
+    tile(L, e, row0, row_end, nj);
+    const bool rows = row0 + 64 * wg < row_end;  // this warpgroup's half of the tile has rows
+    float d[NH][64];  // columns 128 h .. of the tile
 #pragma unroll
-  for (int h = 0; h < NH; ++h)
+    for (int h = 0; h < NH; ++h)
 #pragma unroll
-    for (int i = 0; i < 64; ++i) d[h][i] = 0.0f;
-  for (int kt = 0; kt < nk; ++kt) {
-    const int s = kt % ST;
-    mbar_wait_parity(&full[s], uint32_t(kt / ST) & 1u);
-    fence_proxy_async_smem();  // the copies' (generic-proxy) writes, ordered before this thread's wgmma reads
-    const uint32_t a_addr = base + uint32_t(s) * SB + uint32_t(wg) * 64 * 128, b_addr = base + uint32_t(s) * SB + WG_TILE;
-    wgmma_fence();
+      for (int i = 0; i < 64; ++i) d[h][i] = 0.0f;
+    for (int kt = 0; kt < nk; ++kt, ++it) {
+      const int s = it % ST;
+      mbar_wait_parity(&full[s], uint32_t(it / ST) & 1u);
+      fence_proxy_async_smem();  // the copies' (generic-proxy) writes, ordered before this thread's wgmma reads
+      if (rows) {
+        const uint32_t a_addr = base + uint32_t(s) * SB + uint32_t(wg) * 64 * 128, b_addr = base + uint32_t(s) * SB + WG_TILE;
+        auto products = [&](auto steps) {  // the slice's first `steps` k16 steps
+          wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < WG_BK / 16; ++kk)
+          for (int kk = 0; kk < decltype(steps)::value; ++kk)
 #pragma unroll
-      for (int h = 0; h < NH; ++h)
-        wgmma_m64n128k16_bf16(d[h], wgmma_desc_k128(a_addr + 32 * kk), wgmma_desc_k128(b_addr + 128 * 128 * h + 32 * kk), true);
-    wgmma_commit();
-    wgmma_wait<1>();  // slice kt - 1's products are done: its stage is free
+            for (int h = 0; h < NH; ++h)
+              wgmma_m64n128k16_bf16(d[h], wgmma_desc_k128(a_addr + 32 * kk), wgmma_desc_k128(b_addr + 128 * 128 * h + 32 * kk), true);
+          wgmma_commit();
+        };
+        if (K - kt * WG_BK >= WG_BK) products(std::integral_constant<int, WG_BK / 16>{});
+        else products(std::integral_constant<int, WG_BK / 32>{});  // a half last slice (K is a multiple of 32)
+      }
+      wgmma_wait<1>();  // slice it - 1's products are done: its stage is free
+      __syncwarp();
+      if (kt > 0 && lane == 0) mbar_arrive(&empty[(it - 1) % ST]);
+    }
+    wgmma_wait<0>();
     __syncwarp();
-    if (kt > 0 && lane == 0) mbar_arrive(&empty[(kt - 1) % ST]);
+    if (lane == 0) mbar_arrive(&empty[(it - 1) % ST]);  // the tile's last slice
+    float acc[1][BN / 8][4];
+#pragma unroll
+    for (int h = 0; h < NH; ++h) {
+      wgmma_fence_operands(d[h]);
+#pragma unroll
+      for (int j = 0; j < 16; ++j)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) acc[0][16 * h + j][q] = d[h][4 * j + q];
+    }
+    if (rows)
+      store_tile<SWIGLU, GM, BN, 1, BN / 8, GTHREADS>(acc, [](int i) { return 8 * i; }, w, 1, smraw, row0, row_end, nj, g.N, g.out,
+                                                      g.ldo, g.out_bf16);
   }
-  wgmma_wait<0>();
-  float acc[1][BN / 8][4];
-#pragma unroll
-  for (int h = 0; h < NH; ++h) {
-    wgmma_fence_operands(d[h]);
-#pragma unroll
-    for (int j = 0; j < 16; ++j)
-#pragma unroll
-      for (int q = 0; q < 4; ++q) acc[0][16 * h + j][q] = d[h][4 * j + q];
-  }
-  store_tile<SWIGLU, GM, BN, 1, BN / 8, GTHREADS>(acc, [](int i) { return 8 * i; }, w, 1, smraw, row0, row_end, nj, g.N, g.out, g.ldo,
-                                                  g.out_bf16);
 }
 
 // The producer's row offsets are int32: a's rows (the tokens' with a_rows) times lda, and the weight rows times K.
@@ -444,8 +477,8 @@ bool ws_offsets_fit(const GroupedArgs& g, int64_t slots) {
   const int64_t a_rows = g.a_rows ? slots / g.a_row_div + 1 : slots;
   return a_rows * g.lda < INT32_MAX && int64_t(g.up_row0 + g.N) * g.K < INT32_MAX && int64_t(g.N) * g.K < INT32_MAX;
 }
-// A launch of the 128-row wgmma tiles (Kernel: k_moe_grouped_wgmma or _ws, THREADS its block, SMEM its ring):
-// the shared memory opted in once, a block per (column tile, row tile) of every expert.
+// A launch of the 128-row wgmma tiles (Kernel: k_moe_grouped_wgmma, THREADS its block, SMEM its ring): the shared
+// memory opted in once, a block per (column tile, row tile) of every expert.
 template <auto Kernel, int THREADS, size_t SMEM = wgmma_smem_bytes<3>()>
 void launch_tiles128(const GroupedArgs& g, int64_t slots, int64_t n_tiles, cudaStream_t s, const char* what) {
   constexpr size_t smem = SMEM;
@@ -458,6 +491,31 @@ void launch_tiles128(const GroupedArgs& g, int64_t slots, int64_t n_tiles, cudaS
   DSV3_CHECK(m_tiles <= 65535, "moe_grouped: {} row tiles exceed the grid", m_tiles);
   launch_dependent(Kernel, dim3(unsigned(n_tiles), unsigned(m_tiles)), dim3(THREADS), smem, s, g);
   DSV3_CUDA_CHECK_LAUNCH(what);
+}
+
+// DSV3_GROUPED_WS_GRID=N: the warp-specialised kernels on N blocks (a test's few blocks run many tiles each;
+// 0: a block per tile, as the kernel was first measured); unset, the SMs' resident blocks. Read at every launch.
+int64_t env_ws_grid() {
+  const char* e = std::getenv("DSV3_GROUPED_WS_GRID");
+  return e ? std::max<int64_t>(0, std::atoll(e)) : -1;
+}
+// The persistent warp-specialised tiles of BN columns (n_tiles of them across N; at most ceil(slots / 128) + E row
+// tiles); unused blocks find no tile.
+template <bool SWIGLU, int BN>
+void launch_ws(const GroupedArgs& g, int64_t slots, int64_t n_tiles, cudaStream_t s) {
+  constexpr size_t smem = ws_smem_bytes<BN>();
+  auto* k = &k_moe_grouped_ws<SWIGLU, BN>;
+  static const bool attr = [&] {
+    DSV3_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    return true;
+  }();
+  (void)attr;
+  static const int64_t sms = device_info().sm_count;
+  const int64_t tiles = (ceil_div(slots, int64_t(128)) + g.E) * n_tiles, env = env_ws_grid();
+  DSV3_CHECK(tiles <= INT32_MAX, "moe_grouped: {} tiles", tiles);
+  const int64_t grid = env < 0 ? std::min(tiles, (BN == 128 ? 2 : 1) * sms) : env == 0 ? tiles : std::min(tiles, env);
+  launch_dependent(k, dim3(unsigned(grid)), dim3(WS_THREADS), smem, s, g, int(n_tiles));
+  DSV3_CUDA_CHECK_LAUNCH(BN == 128 ? "moe_grouped warp-specialised kernel" : "moe_grouped 128x256 kernel");
 }
 
 template <bool FP8, bool SWIGLU, int WARPS_M, int MT, int BK = GK>
@@ -479,7 +537,7 @@ void launch_shape(const GroupedArgs& g, int64_t slots, int64_t n_tiles, cudaStre
 // The bf16 prefill tiles on wgmma by default (k_moe_grouped_wgmma: prefill T 4096 443,731-450,113 tokens/s against
 // mma.sync's 396,980-407,278, one run, 2026-12-03); DSV3_GROUPED_WGMMA=0 for the mma.sync tiles. Read at every
 // launch, so a test can compare both paths in one process.
-// DSV3_GROUPED_WGMMA=ws: the warp-specialised tiles (k_moe_grouped_ws<., 128>); =ws256: 128 x 256 (not yet run).
+// DSV3_GROUPED_WGMMA=ws: the persistent warp-specialised tiles (k_moe_grouped_ws<., 128>); =ws256: 128 x 256.
 // Returns 0 (mma.sync), 30 (the default), 99 (ws) or 98 (ws256).
 int env_wgmma() {
   const char* e = std::getenv("DSV3_GROUPED_WGMMA");
@@ -502,13 +560,10 @@ void launch_grouped(const GroupedArgs& g, int64_t slots, int64_t n_tiles, cudaSt
     if constexpr (!FP8) {
       if (const int v = g.offsets ? env_wgmma() : 0; v)  // (K % 32 == 0: supported)
       {
-        if (v == 98 && ws_offsets_fit(g, slots))  // 256-column tiles: gate|up 128 h columns a tile, down 256
-          return launch_tiles128<k_moe_grouped_ws<SWIGLU, 256>, WS_THREADS, ws_smem_bytes<256>()>(
-              g, slots, SWIGLU ? ceil_div(g.N, 128) : ceil_div(g.N, 256), s, "moe_grouped 128x256 kernel");
-        return v == 99 && ws_offsets_fit(g, slots)
-                   ? launch_tiles128<k_moe_grouped_ws<SWIGLU, 128>, WS_THREADS, ws_smem_bytes<128>()>(g, slots, n_tiles, s,
-                                                                                                   "moe_grouped warp-specialised kernel")
-                   : launch_tiles128<k_moe_grouped_wgmma<SWIGLU>, GTHREADS>(g, slots, n_tiles, s, "moe_grouped wgmma kernel");
+        if (v >= 98 && g.E <= kWsMaxExperts && ws_offsets_fit(g, slots))  // ws256: gate|up 128 h columns a tile, down 256
+          return v == 98 ? launch_ws<SWIGLU, 256>(g, slots, SWIGLU ? ceil_div(g.N, 128) : ceil_div(g.N, 256), s)
+                         : launch_ws<SWIGLU, 128>(g, slots, n_tiles, s);
+        return launch_tiles128<k_moe_grouped_wgmma<SWIGLU>, GTHREADS>(g, slots, n_tiles, s, "moe_grouped wgmma kernel");
       }
       if (g.K % 64 == 0 && !env_bk32()) return launch_shape<FP8, SWIGLU, 2, 4, 64>(g, slots, n_tiles, s);
     }

@@ -40,6 +40,38 @@ __device__ void find_tile(const int32_t* __restrict__ off, int E, int* e_out, in
 }
 
 
+// Persistent tile loops: ts[e] = the first row tile of expert e in that numbering, ts[E] = their count (warp 0
+// writes ts[0 .. E]), and the expert of row tile m found by binary search over ts.
+template <int GM>
+__device__ void tile_starts(const int32_t* __restrict__ off, int E, int* ts) {
+  const int lane = threadIdx.x & 31;
+  const int per = (E + 31) / 32, e0 = min(E, lane * per), e1 = min(E, e0 + per);
+  int cnt = 0;
+  for (int e = e0; e < e1; ++e) cnt += (off[e + 1] - off[e] + GM - 1) / GM;
+  int inc = cnt;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int v = __shfl_up_sync(0xffffffffu, inc, o);
+    if (lane >= o) inc += v;
+  }
+  int start = inc - cnt;
+  for (int e = e0; e < e1; ++e) {
+    ts[e] = start;
+    start += (off[e + 1] - off[e] + GM - 1) / GM;
+  }
+  if (lane == 31) ts[E] = inc;
+}
+// The expert of row tile m < ts[E]: the e with ts[e] <= m < ts[e + 1] (experts without rows have ts[e] == ts[e + 1]).
+__device__ __forceinline__ int tile_expert(const int* ts, int E, int m) {
+  int lo = 0, hi = E;  // ts[lo] <= m < ts[hi]
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) >> 1;
+    if (ts[mid] <= m) lo = mid;
+    else hi = mid;
+  }
+  return lo;
+}
+
 // The output of a block's GM x GN tile from its mma accumulators acc[MT][NT] (warp (wm, lane); col0(i): the tile
 // column of the warp's n8 tile i). SWIGLU: gate tiles first, their up tiles NT / 2 later; h = bf16(silu(g)·u)
 // at columns nj·GN/2 + ..; else f32 (bf16 with out_bf16) at nj·GN + ... Rows >= row_end and columns >= N are not stored. With splits > 1
