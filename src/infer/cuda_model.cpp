@@ -833,7 +833,10 @@ struct CudaModel::Impl {
   }
 
   // Routed + shared experts of x2 (f32 [M, D]; xa: the same in the GEMM dtype, ld D) into y.
-  void moe_fwd(Exec& ex, const MoeW& e, const float* x2, const void* xa, int64_t M, float* y, const RowsInfo& r, bool no_sync) const {
+  // defer (or null): the routed experts' weighted sum may be left to the next layer boundary (moe_prefill's defer;
+  // defer->eo stays null when it is not). Returns whether y was written (not when deferred without shared experts).
+  bool moe_fwd(Exec& ex, const MoeW& e, const float* x2, const void* xa, int64_t M, float* y, const RowsInfo& r, bool no_sync,
+               cuda::MoeRowsSum* defer = nullptr) const {
     const int64_t E = cfg.n_routed_experts, K = router.top_k;
     float* logits = ex.arena.as<float>(S_LOGIT, M * E);
     int32_t* idx = ex.arena.as<int32_t>(S_IDX, M * K);
@@ -868,7 +871,7 @@ struct CudaModel::Impl {
       const size_t wsb = cuda::moe_decode_workspace_bytes(M, K, E, e.table.I, fold ? fold->I : 0, D);
       void* ws = ex.arena.get(S_MOEWS, wsb);
       cuda::moe_decode(e.table, x2, D, idx, wts, M, K, y, D, acc, ws, wsb, s(), fold ? &*fold : nullptr);
-      return;
+      return true;
     }
     DSV3_CHECK(!no_sync || grouped, "internal error: a captured step needs the host-synchronising MoE path");
     if (e.use_table) {  // grouped (no host synchronisation) when supported, else a per-expert cuBLASLt loop
@@ -876,8 +879,10 @@ struct CudaModel::Impl {
       void* ws = ex.arena.get(S_MOEWS, wsb);
       // (xa: the norm's bf16 copy of x2, the same rounding as the cast the no-gather path would make)
       const auto* xb = act == DType::BF16 ? static_cast<const uint16_t*>(xa) : nullptr;
-      cuda::moe_prefill(ex.gemm, e.table, x2, D, idx, wts, M, K, y, D, acc, ws, wsb, s(), fp8_expert_acts, moe_no_gather, xb);
-      return;
+      const bool later = defer && cuda::residual_rmsnorm_moe_supported(D, K);
+      cuda::moe_prefill(ex.gemm, e.table, x2, D, idx, wts, M, K, y, D, acc, ws, wsb, s(), fp8_expert_acts, moe_no_gather, xb,
+                        later ? defer : nullptr);
+      return acc || !later;
     }
     // F32 experts: group the slots by expert on the host, then per-expert cuBLASLt GEMMs.
     std::vector<int32_t> hidx(size_t(M * K));
@@ -914,6 +919,7 @@ struct CudaModel::Impl {
     float* slots = ex.arena.as<float>(S_SLOTS, M * K * D);
     cuda::scatter_rows(ye, D, dperm + n, n, D, slots, D, s());
     cuda::moe_combine(slots, idx, wts, M, K, D, y, D, acc, s());
+    return true;
   }
 
   // The fused absorbed decode (mla_decode_fused) when every sequence of the pass brings one new token and the
@@ -1067,13 +1073,21 @@ struct CudaModel::Impl {
     lin(ex, a.o, oa, ldo, out, D, M);
   }
 
-  // One decoder layer on the residual stream h [M, D]. `pending` (when not null) is the previous layer's output, added
-  // to h here in the same pass as the input norm; the layer's own MLP/MoE output is returned, not yet added (the
-  // caller adds it, or hands it to the next layer or the final norm).
-  float* layer_fwd(Exec& ex, const LayerW& L, float* h, const float* pending, const RowsInfo& r, bool no_sync) const {
+  // A layer's FFN output not yet added to the residual stream: d (or null), and the routed experts' rows when their
+  // weighted sum was left to the next layer boundary (moe.eo set; residual_rmsnorm sums them there).
+  struct Pending {
+    const float* d = nullptr;
+    cuda::MoeRowsSum moe;
+    const cuda::MoeRowsSum* rows() const { return moe.eo ? &moe : nullptr; }
+  };
+  // One decoder layer on the residual stream h [M, D]. `pending` is the previous layer's output, added to h here in
+  // the same pass as the input norm; the layer's own MLP/MoE output is returned, not yet added (the caller adds it,
+  // or hands it to the next layer or the final norm). defer_moe: a MoE layer's routed sum may stay pending as rows.
+  Pending layer_fwd(Exec& ex, const LayerW& L, float* h, const Pending& pending, const RowsInfo& r, bool no_sync,
+                    bool defer_moe = false) const {
     const int64_t M = r.M;
     void* xa = ex.arena.get(S_XACT, size_t(M * D) * dtype_size(act));
-    cuda::residual_rmsnorm(h, D, pending, D, L.ln1.get(), eps, M, D, nullptr, 0, act, xa, D, s());
+    cuda::residual_rmsnorm(h, D, pending.d, D, L.ln1.get(), eps, M, D, nullptr, 0, act, xa, D, s(), pending.rows());
     float* att = ex.arena.as<float>(S_ATT, M * D);
     mla_fwd(ex, L.attn, L.cache_layer, xa, D, r, att);
     // The FFN input: f32 for the router and the routed experts, the GEMM dtype for the shared/dense MLP.
@@ -1082,9 +1096,14 @@ struct CudaModel::Impl {
     cuda::residual_rmsnorm(h, D, att, D, L.ln2.get(), eps, M, D, x2, D, act, same ? nullptr : xa, D, s());
     const void* xa2 = same ? static_cast<const void*>(x2) : xa;
     float* y = ex.arena.as<float>(S_FFN, M * D);
-    if (L.moe) moe_fwd(ex, *L.moe, x2, xa2, M, y, r, no_sync);
-    else mlp_fwd(ex, *L.mlp, xa2, D, M, y);
-    return y;
+    Pending out;
+    out.d = y;
+    if (L.moe) {
+      if (!moe_fwd(ex, *L.moe, x2, xa2, M, y, r, no_sync, defer_moe ? &out.moe : nullptr)) out.d = nullptr;
+    } else {
+      mlp_fwd(ex, *L.mlp, xa2, D, M, y);
+    }
+    return out;
   }
 
   // The MTP module k on h_prev [M, D] (device) and the embeddings of the tokens one ahead (device ids).
@@ -1101,7 +1120,7 @@ struct CudaModel::Impl {
     cuda::rmsnorm_to(emb, D, t.enorm.get(), eps, act, cat, 2 * D, M, D, s());
     cuda::rmsnorm_to(h_prev, D, t.hnorm.get(), eps, act, static_cast<uint8_t*>(cat) + size_t(D) * es, 2 * D, M, D, s());
     lin(ex, t.eh, cat, 2 * D, h_out, D, M);
-    const float* y = layer_fwd(ex, t.layer, h_out, nullptr, r, false);
+    const float* y = layer_fwd(ex, t.layer, h_out, {}, r, false).d;
     void* hn = ex.arena.get(S_ROWSACT, size_t(M * D) * es);
     cuda::residual_rmsnorm(h_out, D, y, D, t.head_norm.get(), eps, M, D, nullptr, 0, act, hn, D, s());
     lin(ex, *t.head, hn, D, logits, V, M);
@@ -1156,7 +1175,7 @@ struct CudaModel::Impl {
     for (size_t i = 0; i < layers.size(); ++i) {
       std::vector<int32_t> routing;
       r.routing = opts.routing && layers[i].moe ? &routing : nullptr;
-      cuda::add_rows(h, D, layer_fwd(ex, layers[i], h, nullptr, r, false), D, M, D, s());
+      cuda::add_rows(h, D, layer_fwd(ex, layers[i], h, {}, r, false).d, D, M, D, s());
       if (r.routing) out.routing[int64_t(i)] = routing_tensor(routing, M);
       if (opts.hidden_states && i + 1 < layers.size()) out.hidden_states.push_back(host(h, {B, T, D}));
     }
@@ -1325,11 +1344,11 @@ struct CudaModel::Impl {
       if (!fold) lin(ex, head, xa, D, lg, V, out_rows);
       return;
     }
-    const float* pending = nullptr;
-    for (const LayerW& L : layers) pending = layer_fwd(ex, L, h, pending, r, no_sync);
+    Pending pending;  // (a MoE layer's routed sum summed by the next layer's first norm, 2026-12-03)
+    for (const LayerW& L : layers) pending = layer_fwd(ex, L, h, pending, r, no_sync, true);
     float* fin = ex.arena.as<float>(S_FINAL, M * D);
     void* xa = ex.arena.get(S_ROWSACT, size_t(std::max(out_rows, M) * D) * dtype_size(act));
-    cuda::residual_rmsnorm(h, D, pending, D, norm.get(), eps, M, D, fin, D, act, take ? nullptr : xa, D, s());
+    cuda::residual_rmsnorm(h, D, pending.d, D, norm.get(), eps, M, D, fin, D, act, take ? nullptr : xa, D, s(), pending.rows());
     if (take) cuda::gather_rows(fin, D, take, out_rows, D, act, xa, D, s());
     float* lg = ex.arena.as<float>(S_LOGIT, out_rows * V);
     lin(ex, head, xa, D, lg, V, out_rows);

@@ -291,6 +291,38 @@ TEST(CudaModel, PrefillAttentionPathsMatchCpu) {
   }
 }
 
+// A cached step's MoE layers leave their routed sum to the next layer's first norm (or the final norm), which sums
+// the expert rows itself (residual_rmsnorm with MoeRowsSum); from 256 rows the layer boundaries run a warp a row.
+// Both must give the bits of the un-permute + block-norm path (DSV3_WARP_NORM=0): the golden models (tiny: bf16
+// expert rows; fp8: e4m3 experts with f32 rows), a 300-token prefill, then two sequences' 150-token prefills
+// in one step, then a decode step of both.
+TEST(CudaModel, DeferredMoeSumMatchesUnpermute) {
+  DSV3_REQUIRE_GPU();
+  for (const char* name : {"tiny", "fp8"}) {
+    auto host = Transformer::load(test::golden_dir(name) + "/model");
+    const int64_t V = host->config().vocab_size, T = 300;
+    std::vector<int64_t> toks(size_t(T + 1));
+    for (int64_t i = 0; i <= T; ++i) toks[size_t(i)] = (i * 131 + 7) % V;
+    std::vector<std::vector<float>> runs[2];
+    for (int warp = 0; warp < 2; ++warp) {
+      if (!warp) setenv("DSV3_WARP_NORM", "0", 1);
+      auto m = gpu_model(*host, DType::BF16);
+      auto cache = m->make_cache(3, T + 1);
+      auto keep = [&](const Tensor& t) { runs[warp].emplace_back(t.f32(), t.f32() + t.numel()); };
+      keep(m->step({toks.begin(), toks.begin() + T}, Batch::cached({{0, 0, T}}), *cache, true).logits);
+      std::vector<int64_t> two(toks.begin(), toks.begin() + 150);
+      two.insert(two.end(), toks.begin() + 150, toks.begin() + 300);
+      keep(m->step(two, Batch::cached({{1, 0, 150}, {2, 0, 150}}), *cache, true).logits);
+      keep(m->step({toks[150], toks[0]}, Batch::cached({{1, 150, 1}, {2, 150, 1}}), *cache).logits);
+      unsetenv("DSV3_WARP_NORM");
+    }
+    for (size_t i = 0; i < runs[0].size(); ++i) {
+      ASSERT_EQ(runs[0][i].size(), runs[1][i].size());
+      EXPECT_EQ(0, std::memcmp(runs[0][i].data(), runs[1][i].data(), runs[0][i].size() * 4)) << name << " step " << i;
+    }
+  }
+}
+
 // bf16: the golden rows decoded step by step (prefill of 5, then one token at a time; decode steps as CUDA
 // graphs or eager) against the golden logits within 2e-2, graphs and eager steps within 1e-3 of each other.
 TEST(CudaModel, CachedBf16StepsMatchGoldenWithAndWithoutGraphs) {

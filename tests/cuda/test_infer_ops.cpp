@@ -3,6 +3,7 @@
 // the fused residual + RMSNorm (bit-identical to the unfused kernels) and the absorbed-decode prologue.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -14,6 +15,7 @@
 #include "core/tensor.h"
 #include "kernels/ops.h"
 #include "kernels/cuda/infer_ops.h"
+#include "kernels/cuda/moe_ops.h"
 
 namespace dsv3::cuda::test {
 namespace {
@@ -112,7 +114,9 @@ TEST(CudaInferOps, ContractWeightsMatchesHost) {
 TEST(CudaInferOps, ResidualRmsnormEqualsUnfused) {
   DSV3_REQUIRE_GPU();
   std::mt19937_64 rng(17);
-  for (auto [M, D] : {std::pair<int64_t, int64_t>{1, 1024}, {5, 256}, {64, 7168}, {3, 100}}) {
+  // (From 256 rows, D <= 1024: the warp-per-row kernel, which must give the block kernel's bits too.)
+  for (auto [M, D] : {std::pair<int64_t, int64_t>{1, 1024}, {5, 256}, {64, 7168}, {3, 100}, {300, 1024}, {261, 256}, {257, 100},
+                      {256, 7168}}) {
     for (bool add : {true, false}) {
       const int64_t ldh = D + 3, ldd = D + 1, ldy = D + 2;
       const auto h0 = randn(size_t(M * ldh), rng), d = randn(size_t(M * ldd), rng), g = randn(size_t(D), rng, 0.5f, 1.0f);
@@ -134,6 +138,58 @@ TEST(CudaInferOps, ResidualRmsnormEqualsUnfused) {
         EXPECT_EQ(0, std::memcmp(ab.data() + m * ldy, bb.data() + m * ldy, size_t(D) * 2)) << what << " row " << m;
     }
   }
+}
+
+// A MoE layer's routed sum left to the next layer boundary (MoeRowsSum): residual_rmsnorm summing the expert rows
+// itself must give moe_unpermute-then-residual_rmsnorm's bits, with and without the shared experts' d, for bf16 and
+// f32 expert outputs, decode- and prefill-sized M; the choices of a row are in no particular expert order.
+TEST(CudaInferOps, ResidualRmsnormMoeRowsEqualUnpermute) {
+  DSV3_REQUIRE_GPU();
+  std::mt19937_64 rng(23);
+  for (auto [M, D] : {std::pair<int64_t, int64_t>{7, 1024}, {300, 1024}, {300, 256}, {33, 100}})
+    for (const int64_t k : {int64_t(6), int64_t(1)})
+      for (bool shared : {true, false})
+        for (bool bf16 : {true, false}) {
+          const int64_t E = 16, S = M * k + 5;  // (some slots no token reads)
+          std::vector<int32_t> idx(size_t(M * k)), slot(size_t(M * k));
+          std::vector<int32_t> perm(static_cast<size_t>(S));
+          for (int64_t i = 0; i < S; ++i) perm[size_t(i)] = int32_t(i);
+          std::shuffle(perm.begin(), perm.end(), rng);
+          for (int64_t m = 0; m < M; ++m) {
+            std::vector<int32_t> ex(static_cast<size_t>(E));
+            for (int64_t e = 0; e < E; ++e) ex[size_t(e)] = int32_t(e);
+            std::shuffle(ex.begin(), ex.end(), rng);
+            for (int64_t j = 0; j < k; ++j) idx[size_t(m * k + j)] = ex[size_t(j)], slot[size_t(m * k + j)] = perm[size_t(m * k + j)];
+          }
+          const auto wts = randn(size_t(M * k), rng, 0.3f, 0.5f), h0 = randn(size_t(M * D), rng), d = randn(size_t(M * D), rng);
+          const auto g = randn(size_t(D), rng, 0.5f, 1.0f);
+          const auto eo = randn(size_t(S * D), rng);
+          auto didx = upload(idx);
+          auto dslot = upload(slot);
+          auto dw = upload(wts), dg = upload(g);
+          auto deo_f = upload(eo);
+          auto deo_b = upload(to_bf16(eo));
+          auto dh_ref = upload(h0), dh = upload(h0);
+          auto dd_ref = upload(d), dd = upload(d);
+          auto yf_ref = poisoned<float>(size_t(M * D)), yf = poisoned<float>(size_t(M * D));
+          auto yb_ref = poisoned<uint16_t>(size_t(M * D)), yb = poisoned<uint16_t>(size_t(M * D));
+          if (bf16) moe_unpermute(deo_b.get(), D, dslot.get(), didx.get(), dw.get(), M, k, D, dd_ref.get(), D, shared);
+          else moe_unpermute(deo_f.get(), D, dslot.get(), didx.get(), dw.get(), M, k, D, dd_ref.get(), D, shared);
+          residual_rmsnorm(dh_ref.get(), D, dd_ref.get(), D, dg.get(), 1e-6f, M, D, yf_ref.get(), D, DType::BF16, yb_ref.get(), D);
+          MoeRowsSum rows;
+          rows.eo_type = bf16 ? DType::BF16 : DType::F32;
+          rows.eo = bf16 ? static_cast<const void*>(deo_b.get()) : deo_f.get();
+          rows.ld = D, rows.slot_row = dslot.get(), rows.idx = didx.get(), rows.wts = dw.get(), rows.top_k = k;
+          ASSERT_TRUE(residual_rmsnorm_moe_supported(D, k));
+          residual_rmsnorm(dh.get(), D, shared ? dd.get() : nullptr, D, dg.get(), 1e-6f, M, D, yf.get(), D, DType::BF16, yb.get(), D,
+                           nullptr, &rows);
+          const std::string what = "M " + std::to_string(M) + " D " + std::to_string(D) + " k " + std::to_string(k) +
+                                   (shared ? " shared" : "") + (bf16 ? " bf16" : " f32");
+          EXPECT_EQ(download(dh), download(dh_ref)) << what;
+          EXPECT_EQ(download(yf), download(yf_ref)) << what;
+          EXPECT_EQ(download(yb), download(yb_ref)) << what;
+        }
+  EXPECT_FALSE(residual_rmsnorm_moe_supported(7168, 8));  // (D above 1024: the block kernel and an un-permute)
 }
 
 // The absorbed-decode prologue against a host loop: queries' rotary parts into qc, the normed latent and roped

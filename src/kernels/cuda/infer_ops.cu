@@ -1,4 +1,8 @@
 // Glue kernels of the CUDA model; see infer_ops.h.
+#include <climits>
+#include <cstdlib>
+#include <string>
+
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/infer_ops.h"
 
@@ -194,13 +198,166 @@ void launch_residual_rmsnorm(dim3 grid, dim3 block, cudaStream_t s, float* h, in
   else if (per <= 32) go(k_residual_rmsnorm<A, 32>);
   else DSV3_CHECK(false, "residual_rmsnorm: hidden size {} above {}", D, 32 * block.x);
 }
+namespace {
+// The routed-expert rows of a deferred MoE output (MoeRowsSum), E the expert outputs' element type.
+template <class E>
+struct MoeRowsArgs {
+  const E* eo;  // null: no MoE addend
+  int64_t ld;
+  const int32_t *slot_row, *idx;
+  const float* wts;
+  int k;
+};
+__device__ __forceinline__ float load_f32(const float* p) { return *p; }
+__device__ __forceinline__ float load_f32(const uint16_t* p) { return bf16_to_f32(*p); }
+
+// A warp per row (prefill-sized M, D <= 1024): lane l plays threads l + 32 g (g < G) of k_residual_rmsnorm's 32 G
+// threads, each of them its R elements in that kernel's order, and the block's two-level sum with the same shuffles,
+// so the bits are k_residual_rmsnorm's (and rmsnorm_to's). A lane's G R loads are in flight at once, where the
+// block kernel has two a thread between its barriers (2.2-2.9 TB/s on an H200 at T 4096). With a MoE addend, the
+// row's choices are put in ascending expert order by rank (k_moe_unpermute's insertion sort, stable) and summed as
+// that kernel sums them, then d is added to the sum (its `accumulate`) before the sum is added to h.
+template <class A, class E, int G, int R>
+__global__ void __launch_bounds__(256) k_residual_rmsnorm_warp(float* __restrict__ h, int64_t ldh, const float* __restrict__ d, int64_t ldd,
+                                                               MoeRowsArgs<E> moe, const float* __restrict__ gamma, float eps, int D,
+                                                               int64_t M, float* __restrict__ yf, int64_t ldyf, A* __restrict__ ya,
+                                                               int64_t ldya) {
+  dependent_kernel_begin();
+  constexpr int TH = 32 * G;
+  constexpr unsigned kAll = 0xffffffffu;
+  const int lane = int(threadIdx.x) & 31;
+  const int64_t m = int64_t(blockIdx.x) * 8 + (threadIdx.x >> 5);
+  if (m >= M) return;
+  float* hr = h + m * ldh;
+  const float* dr = d ? d + m * ldd : nullptr;
+  auto col = [&](int g, int i) { return lane + 32 * g + TH * i; };
+  float v[G][R];
+#pragma unroll
+  for (int g = 0; g < G; ++g)
+#pragma unroll
+    for (int i = 0; i < R; ++i) v[g][i] = col(g, i) < D ? hr[col(g, i)] : 0.0f;
+  if (moe.eo) {
+    const int k = moe.k;  // <= 32 (host-checked)
+    const int64_t base = m * k;
+    const int my_e = lane < k ? moe.idx[base + lane] : INT_MAX;
+    int rank = 0;
+    for (int q = 0; q < k; ++q) {
+      const int eq = __shfl_sync(kAll, my_e, q);
+      rank += eq < my_e || (eq == my_e && q < lane);
+    }
+    const int my_slot = lane < k ? moe.slot_row[base + lane] : 0;
+    const float my_w = lane < k ? moe.wts[base + lane] : 0.0f;
+    float a[G][R];
+#pragma unroll
+    for (int g = 0; g < G; ++g)
+#pragma unroll
+      for (int i = 0; i < R; ++i) a[g][i] = 0.0f;
+    for (int r = 0; r < k; ++r) {
+      const int src = __ffs(__ballot_sync(kAll, lane < k && rank == r)) - 1;
+      const E* row = moe.eo + int64_t(__shfl_sync(kAll, my_slot, src)) * moe.ld;
+      const float w = __shfl_sync(kAll, my_w, src);
+#pragma unroll
+      for (int g = 0; g < G; ++g)
+#pragma unroll
+        for (int i = 0; i < R; ++i)
+          if (col(g, i) < D) a[g][i] = fmaf(load_f32(row + col(g, i)), w, a[g][i]);
+    }
+#pragma unroll
+    for (int g = 0; g < G; ++g)
+#pragma unroll
+      for (int i = 0; i < R; ++i)
+        if (col(g, i) < D) {
+          if (dr) a[g][i] += dr[col(g, i)];
+          v[g][i] += a[g][i];
+          hr[col(g, i)] = v[g][i];
+        }
+  } else if (dr) {
+#pragma unroll
+    for (int g = 0; g < G; ++g)
+#pragma unroll
+      for (int i = 0; i < R; ++i)
+        if (col(g, i) < D) {
+          v[g][i] += dr[col(g, i)];
+          hr[col(g, i)] = v[g][i];
+        }
+  }
+  float pick = 0.0f;  // block_sum's second level: lane g takes warp g's sum
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    float ss = 0.0f;
+#pragma unroll
+    for (int i = 0; i < R; ++i)
+      if (col(g, i) < D) ss += v[g][i] * v[g][i];
+    ss = warp_sum(ss);
+    if (lane == g) pick = ss;
+  }
+  const float r = 1.0f / sqrtf(warp_sum(pick) / float(D) + eps);
+#pragma unroll
+  for (int g = 0; g < G; ++g)
+#pragma unroll
+    for (int i = 0; i < R; ++i)
+      if (col(g, i) < D) {
+        const float y = gamma[col(g, i)] * (v[g][i] * r);
+        if (yf) yf[m * ldyf + col(g, i)] = y;
+        if (ya) store(ya + m * ldya + col(g, i), y);
+      }
+}
+// k_residual_rmsnorm's block for D (rmsnorm_to's, elementwise.cu, so that the sums meet in the same order).
+int norm_threads(int64_t D) { return D >= 1024 ? 512 : D >= 256 ? 256 : 128; }
+// The warp kernel's G R values a lane: at most 32 (D <= 1024).
+bool warp_norm_fits(int64_t D) { return D > 0 && ceil_div(D, int64_t(norm_threads(D))) * norm_threads(D) / 32 <= 32; }
+template <class A, class E>
+void launch_residual_rmsnorm_warp(cudaStream_t s, float* h, int64_t ldh, const float* d, int64_t ldd, const MoeRowsArgs<E>& moe,
+                                  const float* gamma, float eps, int64_t M, int64_t D, float* yf, int64_t ldyf, A* ya, int64_t ldya) {
+  const dim3 grid(unsigned(ceil_div(M, int64_t(8)))), block(256);
+  auto go = [&](auto k) { launch_dependent(k, grid, block, 0, s, h, ldh, d, ldd, moe, gamma, eps, int(D), M, yf, ldyf, ya, ldya); };
+  const int th = norm_threads(D);
+  if (th == 512) go(k_residual_rmsnorm_warp<A, E, 16, 2>);
+  else if (th == 256) go(k_residual_rmsnorm_warp<A, E, 8, 4>);
+  else go(k_residual_rmsnorm_warp<A, E, 4, 2>);
+}
+template <class E>
+void residual_rmsnorm_warp(float* h, int64_t ldh, const float* d, int64_t ldd, const MoeRowsArgs<E>& moe, const float* gamma, float eps,
+                           int64_t M, int64_t D, float* yf, int64_t ldyf, DType yt, void* ya, int64_t ldya, cudaStream_t s) {
+  if (ya && yt == DType::F32)
+    launch_residual_rmsnorm_warp(s, h, ldh, d, ldd, moe, gamma, eps, M, D, yf, ldyf, static_cast<float*>(ya), ldya);
+  else
+    launch_residual_rmsnorm_warp(s, h, ldh, d, ldd, moe, gamma, eps, M, D, yf, ldyf, static_cast<uint16_t*>(ya), ldya);
+}
+// DSV3_WARP_NORM=0: prefill-sized layer boundaries on the block kernel (and MoE outputs un-permuted first), for A/B;
+// read at every call, so a test can compare both in one process.
+bool env_warp_norm() {
+  const char* e = std::getenv("DSV3_WARP_NORM");
+  return !(e && std::string(e) == "0");
+}
+}  // namespace
+
+bool residual_rmsnorm_moe_supported(int64_t D, int64_t top_k) {
+  return warp_norm_fits(D) && top_k >= 1 && top_k <= 32 && env_warp_norm();
+}
+
 void residual_rmsnorm(float* h, int64_t ldh, const float* d, int64_t ldd, const float* gamma, float eps, int64_t M, int64_t D,
-                      float* yf, int64_t ldyf, DType yt, void* ya, int64_t ldya, cudaStream_t s) {
+                      float* yf, int64_t ldyf, DType yt, void* ya, int64_t ldya, cudaStream_t s, const MoeRowsSum* moe) {
   if (ya) check_act(yt, "residual_rmsnorm output");
   if (M <= 0) return;
-  // The thread count of rmsnorm_to (elementwise.cu), so that the sums meet in the same order.
-  const int threads = D >= 1024 ? 512 : D >= 256 ? 256 : 128;
-  const dim3 grid(static_cast<unsigned>(M)), block(threads);
+  if (moe) {
+    DSV3_CHECK(residual_rmsnorm_moe_supported(D, moe->top_k) && moe->eo && moe->slot_row && moe->idx && moe->wts,
+               "residual_rmsnorm: MoE rows of D {} / top_k {} not supported", D, moe->top_k);
+    DSV3_CHECK(moe->eo_type == DType::BF16 || moe->eo_type == DType::F32, "residual_rmsnorm: expert outputs {}", dtype_name(moe->eo_type));
+  }
+  if ((moe || (M >= 256 && env_warp_norm())) && warp_norm_fits(D)) {  // a warp a row
+    if (moe && moe->eo_type == DType::F32) {
+      const MoeRowsArgs<float> mr{static_cast<const float*>(moe->eo), moe->ld, moe->slot_row, moe->idx, moe->wts, int(moe->top_k)};
+      residual_rmsnorm_warp(h, ldh, d, ldd, mr, gamma, eps, M, D, yf, ldyf, yt, ya, ldya, s);
+    } else {
+      MoeRowsArgs<uint16_t> mr{};
+      if (moe) mr = {static_cast<const uint16_t*>(moe->eo), moe->ld, moe->slot_row, moe->idx, moe->wts, int(moe->top_k)};
+      residual_rmsnorm_warp(h, ldh, d, ldd, mr, gamma, eps, M, D, yf, ldyf, yt, ya, ldya, s);
+    }
+    DSV3_CUDA_CHECK_LAUNCH("residual_rmsnorm warp kernel");
+    return;
+  }
+  const dim3 grid(static_cast<unsigned>(M)), block(norm_threads(D));
   if (ya && yt == DType::F32)
     launch_residual_rmsnorm(grid, block, s, h, ldh, d, ldd, gamma, eps, D, yf, ldyf, static_cast<float*>(ya), ldya);
   else

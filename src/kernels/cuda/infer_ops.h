@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "kernels/cuda/cuda_ops.h"
+#include "kernels/cuda/moe_ops.h"
 
 namespace dsv3::cuda {
 
@@ -55,8 +56,14 @@ void cast_rows(const float* x, int64_t ldx, DType y_type, void* y, int64_t ldy, 
 void add_rows(float* h, int64_t ldh, const float* d, int64_t ldd, int64_t M, int64_t N, cudaStream_t stream = nullptr);
 // A decoder-layer boundary in one pass: h[m, :D] += d[m, :D] (skipped when d is null), then rmsnorm(h[m])·gamma written
 // to yf (F32, when not null) and to ya (in ya_type, when not null). Bit-identical to add_rows then rmsnorm_to.
+// With `moe` (moe_prefill's deferred routed-expert rows, moe_ops.h), the addend is Σ_j wts[m, j]·eo[slot_row[m, j]] over row m's
+// top_k choices in ascending expert order, plus d[m] when d is not null: bit-identical to moe_unpermute (accumulating
+// onto d) followed by the above, with one pass over h instead of the sum's write and read. Needs
+// residual_rmsnorm_moe_supported(D, top_k).
 void residual_rmsnorm(float* h, int64_t ldh, const float* d, int64_t ldd, const float* gamma, float eps, int64_t M, int64_t D,
-                      float* yf, int64_t ldyf, DType ya_type, void* ya, int64_t ldya, cudaStream_t stream = nullptr);
+                      float* yf, int64_t ldyf, DType ya_type, void* ya, int64_t ldya, cudaStream_t stream = nullptr,
+                      const MoeRowsSum* moe = nullptr);
+bool residual_rmsnorm_moe_supported(int64_t D, int64_t top_k);
 
 // The expanded-MLA prefill prologue of M new tokens in one kernel (a warp per token), for the flash kernel's bf16
 // direct path: from row m of the fused q_a|kv_a product x = [q_a (nq) | c_kv (kvr) | k_rope (dr)],

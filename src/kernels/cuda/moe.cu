@@ -776,7 +776,7 @@ size_t moe_prefill_workspace_bytes(int64_t M, int64_t top_k, int64_t E, int64_t 
 
 void moe_prefill(Gemm& gemm, const MoeExperts& w, const float* x, int64_t ldx, const int32_t* idx, const float* wts, int64_t M,
                  int64_t top_k, float* y, int64_t ldy, bool accumulate, void* workspace, size_t workspace_bytes,
-                 cudaStream_t stream, bool fp8_activations, bool no_gather, const uint16_t* x_bf16) {
+                 cudaStream_t stream, bool fp8_activations, bool no_gather, const uint16_t* x_bf16, MoeRowsSum* defer) {
   check_experts(w);
   if (M <= 0) return;
   const PrefillLayout L(M, top_k, w.E, w.D, w.I);
@@ -792,6 +792,15 @@ void moe_prefill(Gemm& gemm, const MoeExperts& w, const float* x, int64_t ldx, c
   auto* hb = reinterpret_cast<uint16_t*>(base + L.hb);
   auto* out = reinterpret_cast<float*>(base + L.out);
   const int64_t S = M * top_k, D = w.D, I = w.I;
+  // The weighted sum of each token's expert rows: now, or described for the next layer boundary.
+  auto finish = [&](DType eo_type, const void* eo) {
+    if (defer) {
+      *defer = MoeRowsSum{eo_type, eo, D, slot_row, idx, wts, top_k};
+      return;
+    }
+    if (eo_type == DType::F32) moe_unpermute(static_cast<const float*>(eo), D, slot_row, idx, wts, M, top_k, D, y, ldy, accumulate, stream);
+    else moe_unpermute(static_cast<const uint16_t*>(eo), D, slot_row, idx, wts, M, top_k, D, y, ldy, accumulate, stream);
+  };
   moe_permute(idx, M, top_k, w.E, counts, offsets, perm, slot_row, chunk_first, stream);
   if (fp8_activations && moe_grouped_fp8_supported(w)) {  // e4m3 x e4m3 (moe_grouped_fp8.cu)
     auto* xq = reinterpret_cast<uint8_t*>(base + L.xq);
@@ -802,7 +811,7 @@ void moe_prefill(Gemm& gemm, const MoeExperts& w, const float* x, int64_t ldx, c
     moe_grouped_swiglu_fp8(w, xq, xs, fp8_act_scale_ld(M), perm, top_k, offsets, S, hb, stream);
     quantize_fp8_1x128(DType::BF16, hb, I, S, I, hq, hs, stream);
     moe_grouped_down_fp8(w, hq, hs, offsets, S, out, stream);
-    moe_unpermute(out, D, slot_row, idx, wts, M, top_k, D, y, ldy, accumulate, stream);
+    finish(DType::F32, out);
     return;
   }
   // The grouped kernels' expert outputs in bf16 (what a bf16 model's down_proj returns; half the bytes written and
@@ -812,14 +821,14 @@ void moe_prefill(Gemm& gemm, const MoeExperts& w, const float* x, int64_t ldx, c
     if (!x_bf16) convert(DType::F32, x, DType::BF16, xg, M * D, stream);
     moe_grouped_swiglu(w, x_bf16 ? x_bf16 : xg, offsets, S, hb, stream, perm, top_k);
     moe_grouped_down(w, hb, offsets, S, outb, DType::BF16, stream);
-    moe_unpermute(outb, D, slot_row, idx, wts, M, top_k, D, y, ldy, accumulate, stream);
+    finish(DType::BF16, outb);
     return;
   }
   moe_gather(x, ldx, perm, S, top_k, D, DType::BF16, xg, D, stream);
   if (moe_grouped_supported(w)) {  // two grouped launches, no host round trip (moe_grouped.cu)
     moe_grouped_swiglu(w, xg, offsets, S, hb, stream);
     moe_grouped_down(w, hb, offsets, S, outb, DType::BF16, stream);
-    moe_unpermute(outb, D, slot_row, idx, wts, M, top_k, D, y, ldy, accumulate, stream);
+    finish(DType::BF16, outb);
     return;
   }
   std::vector<int32_t> off(size_t(w.E + 1));
@@ -850,7 +859,7 @@ void moe_prefill(Gemm& gemm, const MoeExperts& w, const float* x, int64_t ldx, c
       gemm.linear_fp8(DType::BF16, hb + r0 * I, I, static_cast<const uint8_t*>(w.down[size_t(e)]), w.down_scale[size_t(e)],
                       DType::F32, out + r0 * D, D, n, D, I, stream);
   }
-  moe_unpermute(out, D, slot_row, idx, wts, M, top_k, D, y, ldy, accumulate, stream);
+  finish(DType::F32, out);
 }
 
 }  // namespace dsv3::cuda

@@ -177,10 +177,22 @@ size_t moe_prefill_workspace_bytes(int64_t M, int64_t top_k, int64_t E, int64_t 
 // no_gather (bf16 activations, ldx == D): x cast to bf16 once and read through the permutation by the gate|up
 // kernel instead of gathered into a [M·top_k, D] copy (the same products); x_bf16 (or null): that cast already made
 // (bf16(x), rows of D), e.g. by the norm that wrote x.
+// defer (or null): the un-permute is left to the next layer boundary (residual_rmsnorm with these rows, infer_ops.h,
+// when residual_rmsnorm_moe_supported): y is not written (with accumulate, the caller adds it there as d); the rows
+// live in the workspace, and idx / wts must stay unchanged until then.
+struct MoeRowsSum {
+  DType eo_type = DType::BF16;  // BF16 or F32 expert outputs
+  const void* eo = nullptr;     // [slots, ld]
+  int64_t ld = 0;
+  const int32_t* slot_row = nullptr;  // [M, top_k]: the slot of each choice
+  const int32_t* idx = nullptr;       // [M, top_k]: its expert
+  const float* wts = nullptr;         // [M, top_k]: its weight
+  int64_t top_k = 0;
+};
 void moe_prefill(Gemm& gemm, const MoeExperts& w, const float* x, int64_t ldx, const int32_t* idx, const float* wts,
                  int64_t M, int64_t top_k, float* y, int64_t ldy, bool accumulate, void* workspace,
                  size_t workspace_bytes, cudaStream_t stream = nullptr, bool fp8_activations = true, bool no_gather = false,
-                 const uint16_t* x_bf16 = nullptr);
+                 const uint16_t* x_bf16 = nullptr, MoeRowsSum* defer = nullptr);
 
 
 // ---------------------------------------------------------------------------------------------------------
