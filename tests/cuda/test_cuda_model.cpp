@@ -293,9 +293,11 @@ TEST(CudaModel, PrefillAttentionPathsMatchCpu) {
 
 // A cached step's MoE layers leave their routed sum to the next layer's first norm (or the final norm), which sums
 // the expert rows itself (residual_rmsnorm with MoeRowsSum); from 256 rows the layer boundaries run a warp a row.
-// Both must give the bits of the un-permute + block-norm path (DSV3_WARP_NORM=0): the golden models (tiny: bf16
-// expert rows; fp8: e4m3 experts with f32 rows), a 300-token prefill, then two sequences' 150-token prefills
-// in one step, then a decode step of both.
+// Against the un-permute + block-norm path (DSV3_WARP_NORM=0): the residual sums are the same, the norms' sums of
+// squares differ in order (f32 rounding, then the bf16 activations' rounding moved at a boundary now and then):
+// logits within 1e-3 (bf16's 4e-3 step, met by most values exactly). The golden models (tiny: bf16 expert rows;
+// fp8: e4m3 experts with f32 rows), a 300-token prefill, two sequences' 150-token prefills in one step, then a
+// decode step of both.
 TEST(CudaModel, DeferredMoeSumMatchesUnpermute) {
   DSV3_REQUIRE_GPU();
   for (const char* name : {"tiny", "fp8"}) {
@@ -318,7 +320,10 @@ TEST(CudaModel, DeferredMoeSumMatchesUnpermute) {
     }
     for (size_t i = 0; i < runs[0].size(); ++i) {
       ASSERT_EQ(runs[0][i].size(), runs[1][i].size());
-      EXPECT_EQ(0, std::memcmp(runs[0][i].data(), runs[1][i].data(), runs[0][i].size() * 4)) << name << " step " << i;
+      const int64_t n = int64_t(runs[0][i].size());
+      const double e = test::rel_l2(Tensor::from_vector(runs[1][i], {n}), Tensor::from_vector(runs[0][i], {n}));
+      std::printf("  %s step %zu: deferred MoE sum + warp norms vs un-permute + block norms: logits rel L2 %.3g\n", name, i, e);
+      EXPECT_LT(e, 1e-3) << name << " step " << i;
     }
   }
 }

@@ -208,113 +208,133 @@ struct MoeRowsArgs {
   const float* wts;
   int k;
 };
-__device__ __forceinline__ float load_f32(const float* p) { return *p; }
-__device__ __forceinline__ float load_f32(const uint16_t* p) { return bf16_to_f32(*p); }
+__device__ __forceinline__ float4 ld4(const float* p) { return *reinterpret_cast<const float4*>(p); }
+__device__ __forceinline__ float4 ld4(const uint16_t* p) {
+  const uint2 u = *reinterpret_cast<const uint2*>(p);
+  return make_float4(__uint_as_float(u.x << 16), __uint_as_float(u.x & 0xffff0000u), __uint_as_float(u.y << 16),
+                     __uint_as_float(u.y & 0xffff0000u));
+}
+__device__ __forceinline__ void st4(float* p, float4 v) { *reinterpret_cast<float4*>(p) = v; }
+__device__ __forceinline__ void st4(uint16_t* p, float4 v) {
+  *reinterpret_cast<uint2*>(p) = make_uint2(pack_bf16x2(v.x, v.y), pack_bf16x2(v.z, v.w));
+}
 
-// A warp per row (prefill-sized M, D <= 1024): lane l plays threads l + 32 g (g < G) of k_residual_rmsnorm's 32 G
-// threads, each of them its R elements in that kernel's order, and the block's two-level sum with the same shuffles,
-// so the bits are k_residual_rmsnorm's (and rmsnorm_to's). A lane's G R loads are in flight at once, where the
-// block kernel has two a thread between its barriers (2.2-2.9 TB/s on an H200 at T 4096). With a MoE addend, the
-// row's choices are put in ascending expert order by rank (k_moe_unpermute's insertion sort, stable) and summed as
-// that kernel sums them, then d is added to the sum (its `accumulate`) before the sum is added to h.
-template <class A, class E, int G, int R>
-__global__ void __launch_bounds__(256) k_residual_rmsnorm_warp(float* __restrict__ h, int64_t ldh, const float* __restrict__ d, int64_t ldd,
+// A warp per row (prefill-sized M; D a multiple of 128 up to 2048): lane l owns the float4 chunks 4 l + 128 q, all
+// of a row's loads in flight at once (the block kernel, a 512-thread block a row with two values a thread between
+// its barriers, moved 2.2-2.9 TB/s on an H200 at T 4096). The residual sum is the block kernel's to the bit: h[m] +=
+// d[m] per element, or with a MoE addend h[m] += (Σ_j w_j·eo[slot_j] + d[m]), the choices in ascending expert
+// order (by rank; k_moe_unpermute's stable insertion sort) and each element's sum an fma chain from zero, as
+// k_moe_unpermute sums it. The norm's sum of squares runs in this kernel's own order (a lane's chunks, then the
+// warp), so the normed outputs may differ from rmsnorm_to's in the last bits.
+template <class A, class E, int Q>
+__global__ void __launch_bounds__(128) k_residual_rmsnorm_warp(float* __restrict__ h, int64_t ldh, const float* __restrict__ d, int64_t ldd,
                                                                MoeRowsArgs<E> moe, const float* __restrict__ gamma, float eps, int D,
                                                                int64_t M, float* __restrict__ yf, int64_t ldyf, A* __restrict__ ya,
                                                                int64_t ldya) {
   dependent_kernel_begin();
-  constexpr int TH = 32 * G;
   constexpr unsigned kAll = 0xffffffffu;
+  constexpr int KC = 8;  // choices whose rows are loaded together
   const int lane = int(threadIdx.x) & 31;
-  const int64_t m = int64_t(blockIdx.x) * 8 + (threadIdx.x >> 5);
+  const int64_t m = int64_t(blockIdx.x) * 4 + (threadIdx.x >> 5);  // (4 rows a block: ~170 registers a thread)
   if (m >= M) return;
   float* hr = h + m * ldh;
   const float* dr = d ? d + m * ldd : nullptr;
-  auto col = [&](int g, int i) { return lane + 32 * g + TH * i; };
-  float v[G][R];
+  auto col = [&](int q) { return 4 * lane + 128 * q; };
+  float4 v[Q];
 #pragma unroll
-  for (int g = 0; g < G; ++g)
-#pragma unroll
-    for (int i = 0; i < R; ++i) v[g][i] = col(g, i) < D ? hr[col(g, i)] : 0.0f;
-  if (moe.eo) {
-    const int k = moe.k;  // <= 32 (host-checked)
-    const int64_t base = m * k;
-    const int my_e = lane < k ? moe.idx[base + lane] : INT_MAX;
-    int rank = 0;
-    for (int q = 0; q < k; ++q) {
-      const int eq = __shfl_sync(kAll, my_e, q);
-      rank += eq < my_e || (eq == my_e && q < lane);
-    }
-    const int my_slot = lane < k ? moe.slot_row[base + lane] : 0;
-    const float my_w = lane < k ? moe.wts[base + lane] : 0.0f;
-    float a[G][R];
-#pragma unroll
-    for (int g = 0; g < G; ++g)
-#pragma unroll
-      for (int i = 0; i < R; ++i) a[g][i] = 0.0f;
-    for (int r = 0; r < k; ++r) {
-      const int src = __ffs(__ballot_sync(kAll, lane < k && rank == r)) - 1;
-      const E* row = moe.eo + int64_t(__shfl_sync(kAll, my_slot, src)) * moe.ld;
-      const float w = __shfl_sync(kAll, my_w, src);
-#pragma unroll
-      for (int g = 0; g < G; ++g)
-#pragma unroll
-        for (int i = 0; i < R; ++i)
-          if (col(g, i) < D) a[g][i] = fmaf(load_f32(row + col(g, i)), w, a[g][i]);
-    }
-#pragma unroll
-    for (int g = 0; g < G; ++g)
-#pragma unroll
-      for (int i = 0; i < R; ++i)
-        if (col(g, i) < D) {
-          if (dr) a[g][i] += dr[col(g, i)];
-          v[g][i] += a[g][i];
-          hr[col(g, i)] = v[g][i];
-        }
-  } else if (dr) {
-#pragma unroll
-    for (int g = 0; g < G; ++g)
-#pragma unroll
-      for (int i = 0; i < R; ++i)
-        if (col(g, i) < D) {
-          v[g][i] += dr[col(g, i)];
-          hr[col(g, i)] = v[g][i];
-        }
-  }
-  float pick = 0.0f;  // block_sum's second level: lane g takes warp g's sum
-#pragma unroll
-  for (int g = 0; g < G; ++g) {
-    float ss = 0.0f;
-#pragma unroll
-    for (int i = 0; i < R; ++i)
-      if (col(g, i) < D) ss += v[g][i] * v[g][i];
-    ss = warp_sum(ss);
-    if (lane == g) pick = ss;
-  }
-  const float r = 1.0f / sqrtf(warp_sum(pick) / float(D) + eps);
-#pragma unroll
-  for (int g = 0; g < G; ++g)
-#pragma unroll
-    for (int i = 0; i < R; ++i)
-      if (col(g, i) < D) {
-        const float y = gamma[col(g, i)] * (v[g][i] * r);
-        if (yf) yf[m * ldyf + col(g, i)] = y;
-        if (ya) store(ya + m * ldya + col(g, i), y);
+  for (int q = 0; q < Q; ++q) v[q] = ld4(hr + col(q));
+  if (moe.eo || dr) {
+    float4 a[Q];
+    if (moe.eo) {
+      const int k = moe.k;  // <= 32 (host-checked)
+      const int64_t base = m * k;
+      const int my_e = lane < k ? moe.idx[base + lane] : INT_MAX;
+      int rank = 0;
+      for (int q = 0; q < k; ++q) {
+        const int eq = __shfl_sync(kAll, my_e, q);
+        rank += eq < my_e || (eq == my_e && q < lane);
       }
+      const int my_slot = lane < k ? moe.slot_row[base + lane] : 0;
+      const float my_w = lane < k ? moe.wts[base + lane] : 0.0f;
+#pragma unroll
+      for (int q = 0; q < Q; ++q) a[q] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      for (int r0 = 0; r0 < k; r0 += KC) {
+        const E* row[KC];
+        float w[KC];
+#pragma unroll
+        for (int c = 0; c < KC; ++c) {  // the choice of rank r0 + c: its slot's row and weight
+          const int src = __ffs(__ballot_sync(kAll, lane < k && rank == r0 + c)) - 1;
+          row[c] = moe.eo + int64_t(__shfl_sync(kAll, my_slot, src < 0 ? 0 : src)) * moe.ld;
+          w[c] = __shfl_sync(kAll, my_w, src < 0 ? 0 : src);
+        }
+        // Two choices' rows in flight: choice c + 1's loads issued before choice c's products.
+        float4 e[2][Q];
+#pragma unroll
+        for (int q = 0; q < Q; ++q) e[0][q] = ld4(row[0] + col(q));
+#pragma unroll
+        for (int c = 0; c < KC; ++c) {
+          if (c + 1 < KC && r0 + c + 1 < k)
+#pragma unroll
+            for (int q = 0; q < Q; ++q) e[(c + 1) & 1][q] = ld4(row[c + 1] + col(q));
+          if (r0 + c < k)
+#pragma unroll
+            for (int q = 0; q < Q; ++q) {
+              const float4 x = e[c & 1][q];
+              a[q].x = fmaf(x.x, w[c], a[q].x), a[q].y = fmaf(x.y, w[c], a[q].y);
+              a[q].z = fmaf(x.z, w[c], a[q].z), a[q].w = fmaf(x.w, w[c], a[q].w);
+            }
+        }
+      }
+      if (dr)
+#pragma unroll
+        for (int q = 0; q < Q; ++q) {
+          const float4 o = ld4(dr + col(q));
+          a[q].x += o.x, a[q].y += o.y, a[q].z += o.z, a[q].w += o.w;
+        }
+    } else {
+#pragma unroll
+      for (int q = 0; q < Q; ++q) a[q] = ld4(dr + col(q));
+    }
+#pragma unroll
+    for (int q = 0; q < Q; ++q) {
+      v[q].x += a[q].x, v[q].y += a[q].y, v[q].z += a[q].z, v[q].w += a[q].w;
+      st4(hr + col(q), v[q]);
+    }
+  }
+  float ss = 0.0f;
+#pragma unroll
+  for (int q = 0; q < Q; ++q) ss += v[q].x * v[q].x + v[q].y * v[q].y + v[q].z * v[q].z + v[q].w * v[q].w;
+  const float r = 1.0f / sqrtf(warp_sum(ss) / float(D) + eps);
+#pragma unroll
+  for (int q = 0; q < Q; ++q) {
+    const float4 g = ld4(gamma + col(q));
+    const float4 y = make_float4(g.x * (v[q].x * r), g.y * (v[q].y * r), g.z * (v[q].z * r), g.w * (v[q].w * r));
+    if (yf) st4(yf + m * ldyf + col(q), y);
+    if (ya) st4(ya + m * ldya + col(q), y);
+  }
 }
 // k_residual_rmsnorm's block for D (rmsnorm_to's, elementwise.cu, so that the sums meet in the same order).
 int norm_threads(int64_t D) { return D >= 1024 ? 512 : D >= 256 ? 256 : 128; }
-// The warp kernel's G R values a lane: at most 32 (D <= 1024).
-bool warp_norm_fits(int64_t D) { return D > 0 && ceil_div(D, int64_t(norm_threads(D))) * norm_threads(D) / 32 <= 32; }
+// The warp kernel's rows: D = 128, 256, 512, 1024 or 2048 (1 to 16 float4 a lane).
+bool warp_norm_fits(int64_t D) {
+  const int64_t q = D / 128;
+  return D % 128 == 0 && (q == 1 || q == 2 || q == 4 || q == 8 || q == 16);
+}
+// Rows of 4-element chunks: p (when set) aligned to four elements of `elem` bytes, the row stride a multiple of 4.
+bool aligned4(const void* p, int64_t ld, size_t elem = 4) { return !p || (reinterpret_cast<uintptr_t>(p) % (4 * elem) == 0 && ld % 4 == 0); }
 template <class A, class E>
 void launch_residual_rmsnorm_warp(cudaStream_t s, float* h, int64_t ldh, const float* d, int64_t ldd, const MoeRowsArgs<E>& moe,
                                   const float* gamma, float eps, int64_t M, int64_t D, float* yf, int64_t ldyf, A* ya, int64_t ldya) {
-  const dim3 grid(unsigned(ceil_div(M, int64_t(8)))), block(256);
+  const dim3 grid(unsigned(ceil_div(M, int64_t(4)))), block(128);
   auto go = [&](auto k) { launch_dependent(k, grid, block, 0, s, h, ldh, d, ldd, moe, gamma, eps, int(D), M, yf, ldyf, ya, ldya); };
-  const int th = norm_threads(D);
-  if (th == 512) go(k_residual_rmsnorm_warp<A, E, 16, 2>);
-  else if (th == 256) go(k_residual_rmsnorm_warp<A, E, 8, 4>);
-  else go(k_residual_rmsnorm_warp<A, E, 4, 2>);
+  switch (D / 128) {
+    case 1: go(k_residual_rmsnorm_warp<A, E, 1>); break;
+    case 2: go(k_residual_rmsnorm_warp<A, E, 2>); break;
+    case 4: go(k_residual_rmsnorm_warp<A, E, 4>); break;
+    case 8: go(k_residual_rmsnorm_warp<A, E, 8>); break;
+    case 16: go(k_residual_rmsnorm_warp<A, E, 16>); break;
+    default: DSV3_CHECK(false, "residual_rmsnorm: warp rows of D {}", D);
+  }
 }
 template <class E>
 void residual_rmsnorm_warp(float* h, int64_t ldh, const float* d, int64_t ldd, const MoeRowsArgs<E>& moe, const float* gamma, float eps,
@@ -345,7 +365,11 @@ void residual_rmsnorm(float* h, int64_t ldh, const float* d, int64_t ldd, const 
                "residual_rmsnorm: MoE rows of D {} / top_k {} not supported", D, moe->top_k);
     DSV3_CHECK(moe->eo_type == DType::BF16 || moe->eo_type == DType::F32, "residual_rmsnorm: expert outputs {}", dtype_name(moe->eo_type));
   }
-  if ((moe || (M >= 256 && env_warp_norm())) && warp_norm_fits(D)) {  // a warp a row
+  const bool fit = warp_norm_fits(D) && aligned4(h, ldh) && aligned4(d, ldd) && aligned4(gamma, 0) && aligned4(yf, ldyf) &&
+                   aligned4(ya, ldya, ya ? dtype_size(yt) : 4) &&
+                   (!moe || aligned4(moe->eo, moe->ld, dtype_size(moe->eo_type)));
+  DSV3_CHECK(!moe || fit, "residual_rmsnorm: MoE rows need 16-byte aligned rows (strides multiples of 4)");
+  if (fit && (moe || (M >= 256 && env_warp_norm()))) {  // a warp a row
     if (moe && moe->eo_type == DType::F32) {
       const MoeRowsArgs<float> mr{static_cast<const float*>(moe->eo), moe->ld, moe->slot_row, moe->idx, moe->wts, int(moe->top_k)};
       residual_rmsnorm_warp(h, ldh, d, ldd, mr, gamma, eps, M, D, yf, ldyf, yt, ya, ldya, s);

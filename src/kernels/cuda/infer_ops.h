@@ -55,11 +55,13 @@ void cast_rows(const float* x, int64_t ldx, DType y_type, void* y, int64_t ldy, 
 // h[m, :N] += d[m, :N].
 void add_rows(float* h, int64_t ldh, const float* d, int64_t ldd, int64_t M, int64_t N, cudaStream_t stream = nullptr);
 // A decoder-layer boundary in one pass: h[m, :D] += d[m, :D] (skipped when d is null), then rmsnorm(h[m])·gamma written
-// to yf (F32, when not null) and to ya (in ya_type, when not null). Bit-identical to add_rows then rmsnorm_to.
+// to yf (F32, when not null) and to ya (in ya_type, when not null). Bit-identical to add_rows then rmsnorm_to, except
+// that from 256 rows (D = 128·2^i up to 2048, 16-byte aligned rows) a warp a row sums the squares in its own order:
+// h keeps its bits, the normed outputs may differ in the last bits.
 // With `moe` (moe_prefill's deferred routed-expert rows, moe_ops.h), the addend is Σ_j wts[m, j]·eo[slot_row[m, j]] over row m's
-// top_k choices in ascending expert order, plus d[m] when d is not null: bit-identical to moe_unpermute (accumulating
-// onto d) followed by the above, with one pass over h instead of the sum's write and read. Needs
-// residual_rmsnorm_moe_supported(D, top_k).
+// top_k choices in ascending expert order, plus d[m] when d is not null: h as moe_unpermute (accumulating onto d)
+// followed by the above gives it, bit for bit, with one pass over h instead of the sum's write and read (any M; the
+// warp-a-row kernel). Needs residual_rmsnorm_moe_supported(D, top_k) and 16-byte aligned rows.
 void residual_rmsnorm(float* h, int64_t ldh, const float* d, int64_t ldd, const float* gamma, float eps, int64_t M, int64_t D,
                       float* yf, int64_t ldyf, DType ya_type, void* ya, int64_t ldya, cudaStream_t stream = nullptr,
                       const MoeRowsSum* moe = nullptr);
