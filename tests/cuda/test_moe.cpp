@@ -552,15 +552,13 @@ TEST(CudaMoe, GroupedWgmmaTilesMatchHost) {
         refh[size_t(r * I + n)] = float(g / (1.0 + std::exp(-g)) * u);
       }
     }
-    // The pipelines: the default (3 stages, each slice's products waited for; and issuing the products of zeros too,
-    // noskip), the persistent warp-specialised one
+    // The pipelines: the default (3 stages, each slice's products waited for), the persistent warp-specialised one
     // (ws) and its 128 x 256 tiles (ws256), each also on one block (every tile of the product in turn, the ring
     // running on across them).
     struct Pipe { const char *mode, *grid; };
-    for (const Pipe pp : {Pipe{"", ""}, Pipe{"noskip", ""}, Pipe{"ws", ""}, Pipe{"ws256", ""}, Pipe{"ws", "1"}, Pipe{"ws256", "1"}}) {
+    for (const Pipe pp : {Pipe{"", ""}, Pipe{"ws", ""}, Pipe{"ws256", ""}, Pipe{"ws", "1"}, Pipe{"ws256", "1"}}) {
       const char* v = pp.mode;
-      if (std::string(v) == "noskip") setenv("DSV3_GROUPED_SKIP", "0", 1);
-      else if (*v) setenv("DSV3_GROUPED_WGMMA", v, 1);
+      if (*v) setenv("DSV3_GROUPED_WGMMA", v, 1);
       if (*pp.grid) setenv("DSV3_GROUPED_WS_GRID", pp.grid, 1);
       auto out = poisoned<float>(size_t(R * D));
       auto hgu = poisoned<uint16_t>(size_t(R * I));
@@ -568,7 +566,6 @@ TEST(CudaMoe, GroupedWgmmaTilesMatchHost) {
       moe_grouped_swiglu(dev->view, dxx.get(), doff.get(), R, hgu.get());
       unsetenv("DSV3_GROUPED_WGMMA");
       unsetenv("DSV3_GROUPED_WS_GRID");
-      unsetenv("DSV3_GROUPED_SKIP");
       const auto got = download(out);
       const auto goth = from_bf16(download(hgu));
       ASSERT_TRUE(all_finite(got) && all_finite(goth)) << v;
@@ -712,21 +709,14 @@ TEST(CudaMoe, PrefillMatchesCpuTwinAndDecode) {
       // The persistent warp-specialised wgmma tiles (DSV3_GROUPED_WGMMA=ws, and ws256: 128 x 256), reading the tokens
       // through the permutation, on the SMs' resident blocks, on 3 blocks (many tiles each) and a block a tile: the
       // same k16 products in the same order for every output (those left out add only zeros), the same bits.
-      // And the default tiles issuing every product, zeros included (DSV3_GROUPED_SKIP=0, the kernel before).
-      for (const char* v : {"ws", "ws256", "noskip"})
+      for (const char* v : {"ws", "ws256"})
         for (const char* grid : {"", "3", "0"}) {
-          if (std::string(v) == "noskip") {
-            if (*grid) continue;
-            setenv("DSV3_GROUPED_SKIP", "0", 1);
-          } else {
-            setenv("DSV3_GROUPED_WGMMA", v, 1);
-          }
+          setenv("DSV3_GROUPED_WGMMA", v, 1);
           if (*grid) setenv("DSV3_GROUPED_WS_GRID", grid, 1);
           auto dy_ws = upload(y0);
           moe_prefill(gemm, dev->view, dx.get(), D, didx.get(), dw.get(), M, k, dy_ws.get(), D, true, ws.get(), wsb, nullptr, false, true);
           unsetenv("DSV3_GROUPED_WGMMA");
           unsetenv("DSV3_GROUPED_WS_GRID");
-          unsetenv("DSV3_GROUPED_SKIP");
           EXPECT_EQ(std::memcmp(got.data(), download(dy_ws).data(), got.size() * 4), 0) << v << " tiles differ, grid " << grid;
         }
     }

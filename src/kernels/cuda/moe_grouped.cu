@@ -254,9 +254,7 @@ constexpr int WG_BK = 64, WG_TILE = 128 * WG_BK * 2;  // a 128-row x 64-k bf16 t
 template <int ST>
 constexpr size_t wgmma_smem_bytes() { return size_t(ST) * 2 * WG_TILE + 1024; }  // + the 1024-byte alignment
 
-// SKIP (the default; DSV3_GROUPED_SKIP=0 for A/B): products of zeros are not issued, as in k_moe_grouped_ws: a
-// warpgroup whose 64 rows are all past the expert's, the k16 steps of a half last slice (the same stored bits).
-template <bool SWIGLU, bool SKIP>
+template <bool SWIGLU>
 __global__ void __launch_bounds__(GTHREADS, 2) k_moe_grouped_wgmma(GroupedArgs g) {
   constexpr int WG_ST = 3, PD = WG_ST - 1;  // stages, slices loaded ahead
   constexpr int GM = 128;
@@ -321,20 +319,12 @@ __global__ void __launch_bounds__(GTHREADS, 2) k_moe_grouped_wgmma(GroupedArgs g
     if (kt + PD < nk) load(kt + PD, (kt + PD) % WG_ST);  // the stage of slice kt - 1: its products are done
     else cp_async_commit();
     const uint32_t a_addr = base + uint32_t(2 * (kt % WG_ST)) * WG_TILE + uint32_t(wg) * 64 * 128, b_addr = a_addr - uint32_t(wg) * 64 * 128 + WG_TILE;
-    auto products = [&](auto steps) {  // the slice's first `steps` k16 steps
-      wgmma_fence();
+    wgmma_fence();
 #pragma unroll
-      for (int kk = 0; kk < decltype(steps)::value; ++kk)
-        wgmma_m64n128k16_bf16(d, wgmma_desc_k128(a_addr + 32 * kk), wgmma_desc_k128(b_addr + 32 * kk), true);
-      wgmma_commit();
-      wgmma_wait<0>();
-    };
-    if constexpr (!SKIP) {
-      products(std::integral_constant<int, WG_BK / 16>{});
-    } else if (row0 + 64 * wg < row_end) {
-      if (K - kt * WG_BK >= WG_BK) products(std::integral_constant<int, WG_BK / 16>{});
-      else products(std::integral_constant<int, WG_BK / 32>{});  // a half last slice (K is a multiple of 32)
-    }
+    for (int kk = 0; kk < WG_BK / 16; ++kk)
+      wgmma_m64n128k16_bf16(d, wgmma_desc_k128(a_addr + 32 * kk), wgmma_desc_k128(b_addr + 32 * kk), true);
+    wgmma_commit();
+    wgmma_wait<0>();
   }
   cp_async_wait<0>();
   float acc[1][16][4];
@@ -555,11 +545,6 @@ int env_wgmma() {
   const std::string v(e);
   return v == "0" ? 0 : v == "ws" ? 99 : v == "ws256" ? 98 : 30;
 }
-// DSV3_GROUPED_SKIP=0: the wgmma tiles issue every product, zeros included (before 2026-12-03, thirteenth session).
-bool env_skip() {
-  const char* e = std::getenv("DSV3_GROUPED_SKIP");
-  return !(e && std::string(e) == "0");
-}
 // DSV3_GROUPED_BK=32: the bf16 prefill tiles in 32-wide k slices too (the kernel before 2026-12-03), for A/B.
 bool env_bk32() {
   static const bool v = [] {
@@ -578,8 +563,7 @@ void launch_grouped(const GroupedArgs& g, int64_t slots, int64_t n_tiles, cudaSt
         if (v >= 98 && g.E <= kWsMaxExperts && ws_offsets_fit(g, slots))  // ws256: gate|up 128 h columns a tile, down 256
           return v == 98 ? launch_ws<SWIGLU, 256>(g, slots, SWIGLU ? ceil_div(g.N, 128) : ceil_div(g.N, 256), s)
                          : launch_ws<SWIGLU, 128>(g, slots, n_tiles, s);
-        return env_skip() ? launch_tiles128<k_moe_grouped_wgmma<SWIGLU, true>, GTHREADS>(g, slots, n_tiles, s, "moe_grouped wgmma kernel")
-                          : launch_tiles128<k_moe_grouped_wgmma<SWIGLU, false>, GTHREADS>(g, slots, n_tiles, s, "moe_grouped wgmma kernel");
+        return launch_tiles128<k_moe_grouped_wgmma<SWIGLU>, GTHREADS>(g, slots, n_tiles, s, "moe_grouped wgmma kernel");
       }
       if (g.K % 64 == 0 && !env_bk32()) return launch_shape<FP8, SWIGLU, 2, 4, 64>(g, slots, n_tiles, s);
     }
