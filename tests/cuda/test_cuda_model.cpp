@@ -295,9 +295,9 @@ TEST(CudaModel, PrefillAttentionPathsMatchCpu) {
 // the expert rows itself (residual_rmsnorm with MoeRowsSum); from 256 rows the layer boundaries run a warp a row.
 // Against the un-permute + block-norm path (DSV3_WARP_NORM=0): the residual sums are the same, the norms' sums of
 // squares differ in order (f32 rounding, then the bf16 activations' rounding moved at a boundary now and then):
-// logits within 1e-3 (bf16's 4e-3 step, met by most values exactly). The golden models (tiny: bf16 expert rows;
-// fp8: e4m3 experts with f32 rows), a 300-token prefill, two sequences' 150-token prefills in one step, then a
-// decode step of both.
+// logits within 1e-3 (bf16's 4e-3 step, met by most values exactly; H200: 0, bit-identical). The golden models
+// (fp8, D 256: e4m3 experts, f32 expert rows; tiny, D 64: no warp rows, the old path both times), a 300-token
+// prefill, two sequences' 150-token prefills in one step, then a decode step of both.
 TEST(CudaModel, DeferredMoeSumMatchesUnpermute) {
   DSV3_REQUIRE_GPU();
   for (const char* name : {"tiny", "fp8"}) {
