@@ -555,23 +555,28 @@ TEST(CudaMoe, GroupedWgmmaTilesMatchHost) {
     // The pipelines: the default (3 stages, each slice's products waited for), the persistent warp-specialised one
     // (ws) and its 128 x 256 tiles (ws256), each also on one block (every tile of the product in turn, the ring
     // running on across them).
-    struct Pipe { const char *mode, *grid; };
-    for (const Pipe pp : {Pipe{"", ""}, Pipe{"ws", ""}, Pipe{"ws256", ""}, Pipe{"ws", "1"}, Pipe{"ws256", "1"}}) {
+    // With tma, the persistent tiles' weights by TMA copies (DSV3_GROUPED_TMA=1; not yet GPU-run).
+    struct Pipe { const char *mode, *grid; bool tma; };
+    for (const Pipe pp : {Pipe{"", "", false}, Pipe{"ws", "", false}, Pipe{"ws256", "", false}, Pipe{"ws", "1", false},
+                          Pipe{"ws256", "1", false}, Pipe{"ws", "", true}, Pipe{"ws256", "", true}, Pipe{"ws", "1", true},
+                          Pipe{"ws256", "1", true}}) {
       const char* v = pp.mode;
       if (*v) setenv("DSV3_GROUPED_WGMMA", v, 1);
       if (*pp.grid) setenv("DSV3_GROUPED_WS_GRID", pp.grid, 1);
+      if (pp.tma) setenv("DSV3_GROUPED_TMA", "1", 1);
       auto out = poisoned<float>(size_t(R * D));
       auto hgu = poisoned<uint16_t>(size_t(R * I));
       moe_grouped_down(dev->view, dh.get(), doff.get(), R, out.get());
       moe_grouped_swiglu(dev->view, dxx.get(), doff.get(), R, hgu.get());
       unsetenv("DSV3_GROUPED_WGMMA");
       unsetenv("DSV3_GROUPED_WS_GRID");
+      unsetenv("DSV3_GROUPED_TMA");
       const auto got = download(out);
       const auto goth = from_bf16(download(hgu));
       ASSERT_TRUE(all_finite(got) && all_finite(goth)) << v;
       const double e = rel_l2(got, ref), eh = rel_l2(goth, refh);
-      std::printf("  wgmma tiles%s%s%s rows %lld D %lld I %lld: down rel L2 %.2e, gate|up + SwiGLU (bf16 h) %.2e\n", *v ? " " : "", v,
-                  *pp.grid ? " on one block" : "", (long long)R, (long long)D, (long long)I, e, eh);
+      std::printf("  wgmma tiles%s%s%s%s rows %lld D %lld I %lld: down rel L2 %.2e, gate|up + SwiGLU (bf16 h) %.2e\n", *v ? " " : "", v,
+                  pp.tma ? " (TMA weights)" : "", *pp.grid ? " on one block" : "", (long long)R, (long long)D, (long long)I, e, eh);
       EXPECT_LT(e, 1e-5) << v << " " << R << " " << D << " " << I;
       EXPECT_LT(eh, 4e-3) << v << " " << R << " " << D << " " << I;  // h rounded to bf16
     }
@@ -709,16 +714,21 @@ TEST(CudaMoe, PrefillMatchesCpuTwinAndDecode) {
       // The persistent warp-specialised wgmma tiles (DSV3_GROUPED_WGMMA=ws, and ws256: 128 x 256), reading the tokens
       // through the permutation, on the SMs' resident blocks, on 3 blocks (many tiles each) and a block a tile: the
       // same k16 products in the same order for every output (those left out add only zeros), the same bits.
+      // Their weights by TMA too (DSV3_GROUPED_TMA=1; not yet GPU-run): the same bytes in the same swizzle.
       for (const char* v : {"ws", "ws256"})
-        for (const char* grid : {"", "3", "0"}) {
-          setenv("DSV3_GROUPED_WGMMA", v, 1);
-          if (*grid) setenv("DSV3_GROUPED_WS_GRID", grid, 1);
-          auto dy_ws = upload(y0);
-          moe_prefill(gemm, dev->view, dx.get(), D, didx.get(), dw.get(), M, k, dy_ws.get(), D, true, ws.get(), wsb, nullptr, false, true);
-          unsetenv("DSV3_GROUPED_WGMMA");
-          unsetenv("DSV3_GROUPED_WS_GRID");
-          EXPECT_EQ(std::memcmp(got.data(), download(dy_ws).data(), got.size() * 4), 0) << v << " tiles differ, grid " << grid;
-        }
+        for (const char* grid : {"", "3", "0"})
+          for (bool tma : {false, true}) {
+            setenv("DSV3_GROUPED_WGMMA", v, 1);
+            if (*grid) setenv("DSV3_GROUPED_WS_GRID", grid, 1);
+            if (tma) setenv("DSV3_GROUPED_TMA", "1", 1);
+            auto dy_ws = upload(y0);
+            moe_prefill(gemm, dev->view, dx.get(), D, didx.get(), dw.get(), M, k, dy_ws.get(), D, true, ws.get(), wsb, nullptr, false, true);
+            unsetenv("DSV3_GROUPED_WGMMA");
+            unsetenv("DSV3_GROUPED_WS_GRID");
+            unsetenv("DSV3_GROUPED_TMA");
+            EXPECT_EQ(std::memcmp(got.data(), download(dy_ws).data(), got.size() * 4), 0)
+                << v << " tiles differ, grid " << grid << (tma ? ", TMA weights" : "");
+          }
     }
     std::vector<float> got_fw;  // e4m3 activations on the default (wgmma) tiles, checked below
     if (fp8_acts) {

@@ -179,6 +179,16 @@ __device__ __forceinline__ void cp_async_mbar_arrive(uint64_t* bar) {
 // Orders this thread's earlier generic-proxy shared-memory accesses before later async-proxy ones (a refill of a
 // buffer that was just read).
 __device__ __forceinline__ void fence_proxy_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+// A 2-D tile of a tensor map (TMA; `tmap` the generic address of a CUtensorMap in global memory) at element
+// coordinates (x innermost, y) into this block's shared memory, completing on `bar` (its bytes: the whole box,
+// elements outside the tensor zero-filled).
+__device__ __forceinline__ void tma_load_2d(void* dst, const void* tmap, int x, int y, uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(
+          smem_u32(dst)),
+      "l"(reinterpret_cast<uint64_t>(tmap)), "r"(x), "r"(y), "r"(smem_u32(bar))
+      : "memory");
+}
 // bytes (a multiple of 16, both addresses 16-byte aligned) from global to this block's shared memory.
 __device__ __forceinline__ void bulk_copy_g2s(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
   asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(smem_u32(dst)),

@@ -12,7 +12,12 @@
 // gate|up (SwiGLU fused): the 128 weight rows of a tile are 64 gate rows and the 64 up rows of the same output
 // columns, and each warp holds gate columns and the matching up columns, so the epilogue writes
 // h = silu(gate)·up (bf16) directly: the f32 [slots, 2I] intermediate is never stored.
+#include <cuda.h>
+#include <cudaTypedefs.h>
+
 #include <algorithm>
+#include <mutex>
+#include <vector>
 #include <cstdlib>
 #include <string>
 #include <type_traits>
@@ -363,8 +368,15 @@ template <int BN>
 constexpr int kWsStages = BN == 128 ? 3 : 4;
 template <int BN>
 constexpr size_t ws_smem_bytes() { return size_t(kWsStages<BN>) * (WG_TILE + BN * WG_BK * 2) + 1024; }
-template <bool SWIGLU, int BN>
-__global__ void __launch_bounds__(WS_THREADS, BN == 128 ? 2 : 1) k_moe_grouped_ws(GroupedArgs g, int n_tiles) {
+// TMA (DSV3_GROUPED_TMA=1 with ws / ws256; written 2026-12-03, thirteenth session, after the device time was spent:
+// compiled, not yet run): the weight tile of a slice comes by one thread's tensor-map copies (ws_tensor_maps: gate
+// and up boxes of BN / 2 rows, or a down box of BN rows, 64 k wide, 128-byte swizzle, rows and k past the tensor
+// zero-filled by the copy) on the same `full` barrier, armed with their bytes; the producer warps' cp.async then
+// copy only the activation rows, half the copies and all of their address arithmetic for the weights.
+constexpr int kTmapBytes = 128;  // sizeof(CUtensorMap)
+template <bool SWIGLU, int BN, bool TMA = false>
+// tmaps (TMA): [E][3] tensor maps (CUtensorMap, 128 bytes each) of gate, up and down.
+__global__ void __launch_bounds__(WS_THREADS, BN == 128 ? 2 : 1) k_moe_grouped_ws(GroupedArgs g, int n_tiles, const void* tmaps) {
   static_assert(BN == 128 || BN == 256, "128- or 256-column tiles");
   constexpr int GM = 128, ST = kWsStages<BN>, NH = BN / 128, BROWS = BN / 8;
   constexpr int SB = WG_TILE + BN * WG_BK * 2;  // a stage: A, then B
@@ -375,7 +387,7 @@ __global__ void __launch_bounds__(WS_THREADS, BN == 128 ? 2 : 1) k_moe_grouped_w
   const int t = threadIdx.x, w = t >> 5, wg = w >> 2, lane = t & 31;
   if (w == 0) tile_starts<GM>(g.offsets, g.E, ts);
   if (t == 32) {
-    for (int s = 0; s < ST; ++s) mbar_init(&full[s], 64), mbar_init(&empty[s], 8);
+    for (int s = 0; s < ST; ++s) mbar_init(&full[s], TMA ? 65 : 64), mbar_init(&empty[s], 8);  // (TMA: + the arming arrival)
     mbar_init_fence();
   }
   __syncthreads();
@@ -398,13 +410,16 @@ __global__ void __launch_bounds__(WS_THREADS, BN == 128 ? 2 : 1) k_moe_grouped_w
       int e, row0, row_end, nj;
       tile(L, e, row0, row_end, nj);
       const uint16_t* wbase = static_cast<const uint16_t*>(g.w[e]);
-      int32_t aoff[WS_ROWS], boff[BROWS];  // element offsets of the rows' starts; -1: a zero row
+      const unsigned char* maps = static_cast<const unsigned char*>(tmaps) + size_t(e) * 3 * kTmapBytes;  // (TMA)
+      int32_t aoff[WS_ROWS], boff[TMA ? 1 : BROWS];  // element offsets of the rows' starts; -1: a zero row
 #pragma unroll
       for (int i = 0; i < BROWS; ++i) {
         const int r = rg + 8 * i, row = row0 + r;
         if (i < WS_ROWS) aoff[i] = row < row_end ? (g.a_rows ? g.a_rows[row] / g.a_row_div : row) * g.lda : -1;
-        const int wr = tile_weight_row<SWIGLU, BN>(g, nj, r);
-        boff[i] = wr >= 0 ? wr * K : -1;
+        if constexpr (!TMA) {
+          const int wr = tile_weight_row<SWIGLU, BN>(g, nj, r);
+          boff[i] = wr >= 0 ? wr * K : -1;
+        }
       }
       for (int kt = 0; kt < nk; ++kt, ++it) {
         const int s = it % ST;
@@ -412,10 +427,26 @@ __global__ void __launch_bounds__(WS_THREADS, BN == 128 ? 2 : 1) k_moe_grouped_w
         const int k = kt * WG_BK + ch * 8;
         const bool in_k = k < K;  // past K (a half last slice): zeros (their products are not issued)
         unsigned char* a_st = base_ptr + size_t(s) * SB + soff;
+        if constexpr (TMA) {
+          if (p == 0) {  // the weight rows: gate then up (BN / 2 each), or BN down rows
+            unsigned char* b_st = base_ptr + size_t(s) * SB + WG_TILE;
+            mbar_arrive_expect_tx(&full[s], uint32_t(BN * WG_BK * 2));
+            if constexpr (SWIGLU) {
+              tma_load_2d(b_st, maps, kt * WG_BK, nj * (BN / 2), &full[s]);
+              tma_load_2d(b_st + (BN / 2) * 128, maps + kTmapBytes, kt * WG_BK, nj * (BN / 2), &full[s]);
+            } else {
+              tma_load_2d(b_st, maps + 2 * kTmapBytes, kt * WG_BK, nj * BN, &full[s]);
+            }
+          }
 #pragma unroll
-        for (int i = 0; i < BROWS; ++i) {
-          if (i < WS_ROWS) cp_async16(a_st + 1024 * i, g.a + (aoff[i] >= 0 && in_k ? aoff[i] + k : 0), aoff[i] >= 0 && in_k);
-          cp_async16(a_st + WG_TILE + 1024 * i, wbase + (boff[i] >= 0 && in_k ? boff[i] + k : 0), boff[i] >= 0 && in_k);
+          for (int i = 0; i < WS_ROWS; ++i)
+            cp_async16(a_st + 1024 * i, g.a + (aoff[i] >= 0 && in_k ? aoff[i] + k : 0), aoff[i] >= 0 && in_k);
+        } else {
+#pragma unroll
+          for (int i = 0; i < BROWS; ++i) {
+            if (i < WS_ROWS) cp_async16(a_st + 1024 * i, g.a + (aoff[i] >= 0 && in_k ? aoff[i] + k : 0), aoff[i] >= 0 && in_k);
+            cp_async16(a_st + WG_TILE + 1024 * i, wbase + (boff[i] >= 0 && in_k ? boff[i] + k : 0), boff[i] >= 0 && in_k);
+          }
         }
         cp_async_mbar_arrive(&full[s]);
       }
@@ -493,6 +524,73 @@ void launch_tiles128(const GroupedArgs& g, int64_t slots, int64_t n_tiles, cudaS
   DSV3_CUDA_CHECK_LAUNCH(what);
 }
 
+// The tensor maps of k_moe_grouped_ws<., BN, true>: per expert [gate, up, down] (K-major bf16 rows; gate and up I
+// rows of D, down D rows of I), boxes of 64 k x BN / 2 rows (gate, up) or BN rows (down), 128-byte swizzle. Encoded
+// on the host (the driver's cuTensorMapEncodeTiled, found through the runtime: no libcuda link) once per set of
+// expert pointers and BN, and kept in device memory for the process (a map is a function of its pointers and dims
+// alone, so a cache hit is always right).
+const void* ws_tensor_maps(const MoeExperts& w, int BN) {
+  static PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+    DSV3_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &q));
+    DSV3_CHECK(fn && q == cudaDriverEntryPointSuccess, "moe_grouped: the driver has no cuTensorMapEncodeTiled");
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  }();
+  struct Entry {
+    std::vector<const void*> gu, dn;
+    int64_t D, I;
+    int BN;
+    void* maps;
+  };
+  static std::mutex mu;
+  static std::vector<Entry> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  for (const Entry& c : cache)
+    if (c.BN == BN && c.D == w.D && c.I == w.I && c.gu == w.gate_up && c.dn == w.down) return c.maps;
+  std::vector<CUtensorMap> maps(size_t(3 * w.E));
+  auto enc = [&](CUtensorMap* m, const void* base, int64_t k, int64_t rows, int box_rows) {
+    const cuuint64_t dims[2] = {cuuint64_t(k), cuuint64_t(rows)}, strides[1] = {cuuint64_t(k * 2)};
+    const cuuint32_t box[2] = {cuuint32_t(WG_BK), cuuint32_t(box_rows)}, one[2] = {1, 1};
+    const CUresult r = encode(m, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<void*>(base), dims, strides, box, one,
+                              CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                              CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    DSV3_CHECK(r == CUDA_SUCCESS, "moe_grouped: cuTensorMapEncodeTiled failed ({}) for a {} x {} weight", int(r), rows, k);
+  };
+  for (int64_t e = 0; e < w.E; ++e) {
+    const auto* gu = static_cast<const uint8_t*>(w.gate_up[size_t(e)]);
+    enc(&maps[size_t(3 * e)], gu, w.D, w.I, BN / 2);
+    enc(&maps[size_t(3 * e + 1)], gu + size_t(w.I * w.D) * 2, w.D, w.I, BN / 2);
+    enc(&maps[size_t(3 * e + 2)], w.down[size_t(e)], w.I, w.D, BN);
+  }
+  void* d = device_malloc(maps.size() * sizeof(CUtensorMap));
+  copy_to_device(d, maps.data(), maps.size() * sizeof(CUtensorMap));
+  cache.push_back(Entry{w.gate_up, w.down, w.D, w.I, BN, d});
+  return d;
+}
+static_assert(sizeof(CUtensorMap) == kTmapBytes, "a tensor map is 128 bytes");
+// DSV3_GROUPED_TMA=1: the warp-specialised kernels' weight tiles by TMA (not yet run). Read at every launch.
+bool env_tma() {
+  const char* e = std::getenv("DSV3_GROUPED_TMA");
+  return e && std::string(e) == "1";
+}
+// TMA's needs: 16-byte aligned weight bases and row strides (D and I multiples of 8: MoeExperts checks), and the
+// up half's base (I·D·2 bytes on) aligned likewise.
+bool ws_tma_ok(const MoeExperts& w) {
+  if (w.type != DType::BF16) return false;
+  for (int64_t e = 0; e < w.E; ++e)
+    if (reinterpret_cast<uintptr_t>(w.gate_up[size_t(e)]) % 16 || reinterpret_cast<uintptr_t>(w.down[size_t(e)]) % 16) return false;
+  return true;
+}
+
+// The tensor maps when DSV3_GROUPED_TMA=1 picks TMA weights for the warp-specialised tiles (ws / ws256), else null.
+int env_wgmma();
+const void* ws_maps_for(const MoeExperts& w) {
+  if (!env_tma() || !ws_tma_ok(w)) return nullptr;
+  const int v = env_wgmma();
+  return v >= 98 ? ws_tensor_maps(w, v == 98 ? 256 : 128) : nullptr;
+}
+
 // DSV3_GROUPED_WS_GRID=N: the warp-specialised kernels on N blocks (a test's few blocks run many tiles each;
 // 0: a block per tile, as the kernel was first measured); unset, the SMs' resident blocks. Read at every launch.
 int64_t env_ws_grid() {
@@ -501,10 +599,10 @@ int64_t env_ws_grid() {
 }
 // The persistent warp-specialised tiles of BN columns (n_tiles of them across N; at most ceil(slots / 128) + E row
 // tiles); unused blocks find no tile.
-template <bool SWIGLU, int BN>
-void launch_ws(const GroupedArgs& g, int64_t slots, int64_t n_tiles, cudaStream_t s) {
+template <bool SWIGLU, int BN, bool TMA = false>
+void launch_ws(const GroupedArgs& g, int64_t slots, int64_t n_tiles, cudaStream_t s, const void* tmaps = nullptr) {
   constexpr size_t smem = ws_smem_bytes<BN>();
-  auto* k = &k_moe_grouped_ws<SWIGLU, BN>;
+  auto* k = &k_moe_grouped_ws<SWIGLU, BN, TMA>;
   static const bool attr = [&] {
     DSV3_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
     return true;
@@ -514,7 +612,7 @@ void launch_ws(const GroupedArgs& g, int64_t slots, int64_t n_tiles, cudaStream_
   const int64_t tiles = (ceil_div(slots, int64_t(128)) + g.E) * n_tiles, env = env_ws_grid();
   DSV3_CHECK(tiles <= INT32_MAX, "moe_grouped: {} tiles", tiles);
   const int64_t grid = env < 0 ? std::min(tiles, (BN == 128 ? 2 : 1) * sms) : env == 0 ? tiles : std::min(tiles, env);
-  launch_dependent(k, dim3(unsigned(grid)), dim3(WS_THREADS), smem, s, g, int(n_tiles));
+  launch_dependent(k, dim3(unsigned(grid)), dim3(WS_THREADS), smem, s, g, int(n_tiles), tmaps);
   DSV3_CUDA_CHECK_LAUNCH(BN == 128 ? "moe_grouped warp-specialised kernel" : "moe_grouped 128x256 kernel");
 }
 
@@ -554,15 +652,21 @@ bool env_bk32() {
   return v;
 }
 // 128-row tiles once the groups average 64 rows; 32-row tiles below (decode batches).
+// tmaps: the warp-specialised tiles' tensor maps when they copy the weights by TMA (ws_maps_for), else null.
 template <bool FP8, bool SWIGLU>
-void launch_grouped(const GroupedArgs& g, int64_t slots, int64_t n_tiles, cudaStream_t s) {
+void launch_grouped(const GroupedArgs& g, int64_t slots, int64_t n_tiles, cudaStream_t s, const void* tmaps = nullptr) {
   if (slots >= 64 * int64_t(g.E)) {
     if constexpr (!FP8) {
       if (const int v = g.offsets ? env_wgmma() : 0; v)  // (K % 32 == 0: supported)
       {
         if (v >= 98 && g.E <= kWsMaxExperts && ws_offsets_fit(g, slots))  // ws256: gate|up 128 h columns a tile, down 256
-          return v == 98 ? launch_ws<SWIGLU, 256>(g, slots, SWIGLU ? ceil_div(g.N, 128) : ceil_div(g.N, 256), s)
-                         : launch_ws<SWIGLU, 128>(g, slots, n_tiles, s);
+        {
+          const int64_t n256 = SWIGLU ? ceil_div(g.N, 128) : ceil_div(g.N, 256);
+          if (tmaps)
+            return v == 98 ? launch_ws<SWIGLU, 256, true>(g, slots, n256, s, tmaps)
+                           : launch_ws<SWIGLU, 128, true>(g, slots, n_tiles, s, tmaps);
+          return v == 98 ? launch_ws<SWIGLU, 256>(g, slots, n256, s) : launch_ws<SWIGLU, 128>(g, slots, n_tiles, s);
+        }
         return launch_tiles128<k_moe_grouped_wgmma<SWIGLU>, GTHREADS>(g, slots, n_tiles, s, "moe_grouped wgmma kernel");
       }
       if (g.K % 64 == 0 && !env_bk32()) return launch_shape<FP8, SWIGLU, 2, 4, 64>(g, slots, n_tiles, s);
@@ -598,7 +702,7 @@ void moe_grouped_swiglu(const MoeExperts& w, const uint16_t* xg, const int32_t* 
   g.lda = g.K, g.ldo = g.N;
   const int64_t n_tiles = ceil_div(w.I, int64_t(GN / 2));
   if (w.type == DType::F8_E4M3) launch_grouped<true, true>(g, slots, n_tiles, s);
-  else launch_grouped<false, true>(g, slots, n_tiles, s);
+  else launch_grouped<false, true>(g, slots, n_tiles, s, ws_maps_for(w));
 }
 
 void moe_grouped_down(const MoeExperts& w, const uint16_t* h, const int32_t* offsets, int64_t slots, float* out, cudaStream_t s) {
@@ -622,7 +726,7 @@ void moe_grouped_down(const MoeExperts& w, const uint16_t* h, const int32_t* off
   g.lda = g.K, g.ldo = g.N;
   const int64_t n_tiles = ceil_div(w.D, int64_t(GN));
   if (w.type == DType::F8_E4M3) launch_grouped<true, false>(g, slots, n_tiles, s);
-  else launch_grouped<false, false>(g, slots, n_tiles, s);
+  else launch_grouped<false, false>(g, slots, n_tiles, s, ws_maps_for(w));
 }
 
 namespace {
