@@ -17,7 +17,7 @@ if [ "${TESTS:-1}" = 1 ]; then
 fi
 echo "== prefill T 4096 A/B"
 if [ -z "${VARIANTS:-}" ]; then
-  VARIANTS=("base= bench_cuda_decode" "ws=DSV3_GROUPED_WGMMA=ws bench_cuda_decode" "ws256=DSV3_GROUPED_WGMMA=ws256 bench_cuda_decode"
+  VARIANTS=("base= bench_cuda_decode" "wgmma=DSV3_GROUPED_WGMMA=wgmma bench_cuda_decode" "cpasync=DSV3_GROUPED_TMA=0 bench_cuda_decode"
             "f8= bench_cuda_decode --fp8")
 else
   eval "VARIANTS=($VARIANTS)"

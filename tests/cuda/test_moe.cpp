@@ -520,7 +520,8 @@ TEST(CudaRowsGemm, Fp8ActivationsMatchCpuTwin) {
 // descriptors and swizzle) and gate|up K 128; 300 rows (a partial row tile), down K 192 (every stage once) into N 224
 // (a partial column tile), gate|up K 224 (a half last slice); gate|up K 256 (four slices: a stage refilled) into
 // I 160 (a partial SwiGLU tile) and down K 160 (a half last slice). 1e-5 for f32 out, 4e-3 for bf16 h. Each case in
-// each pipeline (DSV3_GROUPED_WGMMA unset, ws, ws256: 128 x 256 tiles; the persistent ones also on one block).
+// each pipeline (DSV3_GROUPED_WGMMA unset: ws256 with TMA weights; wgmma, ws, ws256: 128 x 256 tiles; the
+// persistent ones also on one block, and with cp.async weights).
 // (ptxas reports no serialised wgmma and no injected warpgroup.arrive for these kernels.)
 TEST(CudaMoe, GroupedWgmmaTilesMatchHost) {
   DSV3_REQUIRE_GPU();
@@ -552,18 +553,19 @@ TEST(CudaMoe, GroupedWgmmaTilesMatchHost) {
         refh[size_t(r * I + n)] = float(g / (1.0 + std::exp(-g)) * u);
       }
     }
-    // The pipelines: the default (3 stages, each slice's products waited for), the persistent warp-specialised one
-    // (ws) and its 128 x 256 tiles (ws256), each also on one block (every tile of the product in turn, the ring
-    // running on across them).
-    // With tma, the persistent tiles' weights by TMA copies (DSV3_GROUPED_TMA=1; not yet GPU-run).
+    // The pipelines: k_moe_grouped_wgmma (3 stages, each slice's products waited for), the persistent
+    // warp-specialised one (ws) and its 128 x 256 tiles (ws256), each also on one block (every tile of the product
+    // in turn, the ring running on across them).
+    // With tma, the persistent tiles' weights by TMA copies (the default; DSV3_GROUPED_TMA=0 for cp.async). The
+    // default pipeline is ws256 with TMA; wgmma is k_moe_grouped_wgmma.
     struct Pipe { const char *mode, *grid; bool tma; };
-    for (const Pipe pp : {Pipe{"", "", false}, Pipe{"ws", "", false}, Pipe{"ws256", "", false}, Pipe{"ws", "1", false},
-                          Pipe{"ws256", "1", false}, Pipe{"ws", "", true}, Pipe{"ws256", "", true}, Pipe{"ws", "1", true},
+    for (const Pipe pp : {Pipe{"", "", true}, Pipe{"wgmma", "", false}, Pipe{"ws", "", false}, Pipe{"ws256", "", false},
+                          Pipe{"ws", "1", false}, Pipe{"ws256", "1", false}, Pipe{"ws", "", true}, Pipe{"ws", "1", true},
                           Pipe{"ws256", "1", true}}) {
       const char* v = pp.mode;
       if (*v) setenv("DSV3_GROUPED_WGMMA", v, 1);
       if (*pp.grid) setenv("DSV3_GROUPED_WS_GRID", pp.grid, 1);
-      if (pp.tma) setenv("DSV3_GROUPED_TMA", "1", 1);
+      if (!pp.tma) setenv("DSV3_GROUPED_TMA", "0", 1);
       auto out = poisoned<float>(size_t(R * D));
       auto hgu = poisoned<uint16_t>(size_t(R * I));
       moe_grouped_down(dev->view, dh.get(), doff.get(), R, out.get());
@@ -714,13 +716,15 @@ TEST(CudaMoe, PrefillMatchesCpuTwinAndDecode) {
       // The persistent warp-specialised wgmma tiles (DSV3_GROUPED_WGMMA=ws, and ws256: 128 x 256), reading the tokens
       // through the permutation, on the SMs' resident blocks, on 3 blocks (many tiles each) and a block a tile: the
       // same k16 products in the same order for every output (those left out add only zeros), the same bits.
-      // Their weights by TMA too (DSV3_GROUPED_TMA=1; not yet GPU-run): the same bytes in the same swizzle.
-      for (const char* v : {"ws", "ws256"})
+      // Their weights by TMA (the default) or cp.async (DSV3_GROUPED_TMA=0): the same bytes in the same swizzle;
+      // and k_moe_grouped_wgmma (=wgmma, the default before).
+      for (const char* v : {"ws", "ws256", "wgmma"})
         for (const char* grid : {"", "3", "0"})
           for (bool tma : {false, true}) {
+            if (std::string(v) == "wgmma" && (*grid || tma)) continue;
             setenv("DSV3_GROUPED_WGMMA", v, 1);
             if (*grid) setenv("DSV3_GROUPED_WS_GRID", grid, 1);
-            if (tma) setenv("DSV3_GROUPED_TMA", "1", 1);
+            if (!tma) setenv("DSV3_GROUPED_TMA", "0", 1);
             auto dy_ws = upload(y0);
             moe_prefill(gemm, dev->view, dx.get(), D, didx.get(), dw.get(), M, k, dy_ws.get(), D, true, ws.get(), wsb, nullptr, false, true);
             unsetenv("DSV3_GROUPED_WGMMA");

@@ -343,8 +343,8 @@ __global__ void __launch_bounds__(GTHREADS, 2) k_moe_grouped_wgmma(GroupedArgs g
                                               g.out_bf16);
 }
 
-// The same tiles, warp-specialised (DSV3_GROUPED_WGMMA=ws; H200: bit-identical to the default, 2% slower as one
-// tile a block): warps 8-9 copy every slice's A and B rows by cp.async into the stage ring, each stage completing
+// The same tiles, warp-specialised (DSV3_GROUPED_WGMMA=ws; H200: bit-identical to k_moe_grouped_wgmma, 2% slower as
+// one tile a block; with BN 256 and TMA weights, below, the default since the thirteenth session): warps 8-9 copy every slice's A and B rows by cp.async into the stage ring, each stage completing
 // on its `full` mbarrier (the 64 producer threads' copies landed); the two consumer warpgroups wait on it, issue the
 // slice's wgmma and keep one group in flight, and free the stage before (its `empty` barrier: one arrival per
 // consumer warp) once those products are done. No block-wide barrier in the loop, and the consumers issue no copies.
@@ -356,7 +356,7 @@ __global__ void __launch_bounds__(GTHREADS, 2) k_moe_grouped_wgmma(GroupedArgs g
 // tiles are 128 gate rows then the same 128 up rows. Four 48 KB stages, one block an SM (BN 128: three 32 KB
 // stages, two blocks). As one tile a block (H200, 2026-12-03) it was slower than BN 128: gate|up 144 vs 116 us a
 // layer, down 84 vs 82: with one block an SM nothing covers a tile's ring fill and epilogue.
-// Persistent (2026-12-03, thirteenth session; not yet run): a block runs tiles blockIdx.x, + gridDim.x, .. of the
+// Persistent (2026-12-03, thirteenth session): a block runs tiles blockIdx.x, + gridDim.x, .. of the
 // (row tile, column tile) list, column tiles fastest (neighbouring blocks share the expert's rows and weights in
 // L2); the producer's slice count runs on over the tiles, so the next tile's first slices land while the consumers
 // finish a tile's products and store it. Products that add only zeros are not issued: a consumer warpgroup whose
@@ -368,14 +368,15 @@ template <int BN>
 constexpr int kWsStages = BN == 128 ? 3 : 4;
 template <int BN>
 constexpr size_t ws_smem_bytes() { return size_t(kWsStages<BN>) * (WG_TILE + BN * WG_BK * 2) + 1024; }
-// TMA (DSV3_GROUPED_TMA=1 with ws / ws256; written 2026-12-03, thirteenth session, after the device time was spent:
-// compiled, not yet run): the weight tile of a slice comes by one thread's tensor-map copies (ws_tensor_maps: gate
+// TMA (the default; DSV3_GROUPED_TMA=0 for cp.async weights; 2026-12-03, thirteenth session: correct on its first
+// run; ws256 + TMA 1.5-2.5% faster prefill than k_moe_grouped_wgmma, ws + TMA level with it): the weight tile of a
+// slice comes by one thread's tensor-map copies (ws_tensor_maps: gate
 // and up boxes of BN / 2 rows, or a down box of BN rows, 64 k wide, 128-byte swizzle, rows and k past the tensor
 // zero-filled by the copy) on the same `full` barrier, armed with their bytes; the producer warps' cp.async then
 // copy only the activation rows, half the copies and all of their address arithmetic for the weights.
 constexpr int kTmapBytes = 128;  // sizeof(CUtensorMap)
-template <bool SWIGLU, int BN, bool TMA = false>
 // tmaps (TMA): [E][3] tensor maps (CUtensorMap, 128 bytes each) of gate, up and down.
+template <bool SWIGLU, int BN, bool TMA = false>
 __global__ void __launch_bounds__(WS_THREADS, BN == 128 ? 2 : 1) k_moe_grouped_ws(GroupedArgs g, int n_tiles, const void* tmaps) {
   static_assert(BN == 128 || BN == 256, "128- or 256-column tiles");
   constexpr int GM = 128, ST = kWsStages<BN>, NH = BN / 128, BROWS = BN / 8;
@@ -529,7 +530,7 @@ void launch_tiles128(const GroupedArgs& g, int64_t slots, int64_t n_tiles, cudaS
 // on the host (the driver's cuTensorMapEncodeTiled, found through the runtime: no libcuda link) once per set of
 // expert pointers and BN, and kept in device memory for the process (a map is a function of its pointers and dims
 // alone, so a cache hit is always right).
-const void* ws_tensor_maps(const MoeExperts& w, int BN) {
+const void* ws_tensor_maps(const MoeExperts& w, int BN, bool may_build) {
   static PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
     void* fn = nullptr;
     cudaDriverEntryPointQueryResult q{};
@@ -548,6 +549,7 @@ const void* ws_tensor_maps(const MoeExperts& w, int BN) {
   std::lock_guard<std::mutex> lock(mu);
   for (const Entry& c : cache)
     if (c.BN == BN && c.D == w.D && c.I == w.I && c.gu == w.gate_up && c.dn == w.down) return c.maps;
+  if (!may_build) return nullptr;
   std::vector<CUtensorMap> maps(size_t(3 * w.E));
   auto enc = [&](CUtensorMap* m, const void* base, int64_t k, int64_t rows, int box_rows) {
     const cuuint64_t dims[2] = {cuuint64_t(k), cuuint64_t(rows)}, strides[1] = {cuuint64_t(k * 2)};
@@ -569,10 +571,11 @@ const void* ws_tensor_maps(const MoeExperts& w, int BN) {
   return d;
 }
 static_assert(sizeof(CUtensorMap) == kTmapBytes, "a tensor map is 128 bytes");
-// DSV3_GROUPED_TMA=1: the warp-specialised kernels' weight tiles by TMA (not yet run). Read at every launch.
+// DSV3_GROUPED_TMA=0: the warp-specialised kernels' weight tiles by the producer warps' cp.async instead of TMA (the
+// default). Read at every launch.
 bool env_tma() {
   const char* e = std::getenv("DSV3_GROUPED_TMA");
-  return e && std::string(e) == "1";
+  return !(e && std::string(e) == "0");
 }
 // TMA's needs: 16-byte aligned weight bases and row strides (D and I multiples of 8: MoeExperts checks), and the
 // up half's base (I·D·2 bytes on) aligned likewise.
@@ -584,11 +587,16 @@ bool ws_tma_ok(const MoeExperts& w) {
 }
 
 // The tensor maps when DSV3_GROUPED_TMA=1 picks TMA weights for the warp-specialised tiles (ws / ws256), else null.
+// Built outside stream capture only (the first build allocates and copies): a captured launch without cached maps
+// copies the weights by cp.async.
 int env_wgmma();
-const void* ws_maps_for(const MoeExperts& w) {
+const void* ws_maps_for(const MoeExperts& w, cudaStream_t s) {
   if (!env_tma() || !ws_tma_ok(w)) return nullptr;
   const int v = env_wgmma();
-  return v >= 98 ? ws_tensor_maps(w, v == 98 ? 256 : 128) : nullptr;
+  if (v < 98) return nullptr;
+  cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
+  DSV3_CUDA_CHECK(cudaStreamIsCapturing(s, &cs));
+  return ws_tensor_maps(w, v == 98 ? 256 : 128, cs == cudaStreamCaptureStatusNone);
 }
 
 // DSV3_GROUPED_WS_GRID=N: the warp-specialised kernels on N blocks (a test's few blocks run many tiles each;
@@ -632,14 +640,16 @@ void launch_shape(const GroupedArgs& g, int64_t slots, int64_t n_tiles, cudaStre
   launch_dependent(k, dim3(unsigned(n_tiles), unsigned(m_tiles)), dim3(GTHREADS), smem, s, g);
   DSV3_CUDA_CHECK_LAUNCH("moe_grouped kernel");
 }
-// The bf16 prefill tiles on wgmma by default (k_moe_grouped_wgmma: prefill T 4096 443,731-450,113 tokens/s against
-// mma.sync's 396,980-407,278, one run, 2026-12-03); DSV3_GROUPED_WGMMA=0 for the mma.sync tiles. Read at every
-// launch, so a test can compare both paths in one process.
-// DSV3_GROUPED_WGMMA=ws: the persistent warp-specialised tiles (k_moe_grouped_ws<., 128>); =ws256: 128 x 256.
-// Returns 0 (mma.sync), 30 (the default), 99 (ws) or 98 (ws256).
+// The bf16 prefill tiles on wgmma (k_moe_grouped_wgmma, the default from the eleventh session to the thirteenth:
+// prefill T 4096 443,731-450,113 tokens/s against mma.sync's 396,980-407,278, one run, 2026-12-03);
+// DSV3_GROUPED_WGMMA=0 for the mma.sync tiles. Read at every launch, so a test can compare the paths in one process.
+// DSV3_GROUPED_WGMMA=ws: the persistent warp-specialised tiles (k_moe_grouped_ws<., 128>); =ws256: 128 x 256 (the
+// default); =wgmma (any other value): k_moe_grouped_wgmma. Returns 0 (mma.sync), 30 (wgmma), 99 (ws) or 98 (ws256).
+// The default since 2026-12-03 (thirteenth session): ws256 with TMA weights (prefill T 4096 664,897-668,367 tokens/s
+// against k_moe_grouped_wgmma's 651,740-655,728, three rounds in two calls; the same bits); =wgmma for those tiles.
 int env_wgmma() {
   const char* e = std::getenv("DSV3_GROUPED_WGMMA");
-  if (!e) return 30;
+  if (!e) return 98;
   const std::string v(e);
   return v == "0" ? 0 : v == "ws" ? 99 : v == "ws256" ? 98 : 30;
 }
@@ -702,7 +712,7 @@ void moe_grouped_swiglu(const MoeExperts& w, const uint16_t* xg, const int32_t* 
   g.lda = g.K, g.ldo = g.N;
   const int64_t n_tiles = ceil_div(w.I, int64_t(GN / 2));
   if (w.type == DType::F8_E4M3) launch_grouped<true, true>(g, slots, n_tiles, s);
-  else launch_grouped<false, true>(g, slots, n_tiles, s, ws_maps_for(w));
+  else launch_grouped<false, true>(g, slots, n_tiles, s, ws_maps_for(w, s));
 }
 
 void moe_grouped_down(const MoeExperts& w, const uint16_t* h, const int32_t* offsets, int64_t slots, float* out, cudaStream_t s) {
@@ -726,7 +736,7 @@ void moe_grouped_down(const MoeExperts& w, const uint16_t* h, const int32_t* off
   g.lda = g.K, g.ldo = g.N;
   const int64_t n_tiles = ceil_div(w.D, int64_t(GN));
   if (w.type == DType::F8_E4M3) launch_grouped<true, false>(g, slots, n_tiles, s);
-  else launch_grouped<false, false>(g, slots, n_tiles, s, ws_maps_for(w));
+  else launch_grouped<false, false>(g, slots, n_tiles, s, ws_maps_for(w, s));
 }
 
 namespace {
