@@ -558,14 +558,17 @@ TEST(CudaMoe, GroupedWgmmaTilesMatchHost) {
     // in turn, the ring running on across them).
     // With tma, the persistent tiles' weights by TMA copies (the default; DSV3_GROUPED_TMA=0 for cp.async). The
     // default pipeline is ws256 with TMA; wgmma is k_moe_grouped_wgmma.
-    struct Pipe { const char *mode, *grid; bool tma; };
+    // tma_a: the down product's activation rows by TMA too (DSV3_GROUPED_TMA_A=1; not yet GPU-run).
+    struct Pipe { const char *mode, *grid; bool tma, tma_a = false; };
     for (const Pipe pp : {Pipe{"", "", true}, Pipe{"wgmma", "", false}, Pipe{"ws", "", false}, Pipe{"ws256", "", false},
                           Pipe{"ws", "1", false}, Pipe{"ws256", "1", false}, Pipe{"ws", "", true}, Pipe{"ws", "1", true},
-                          Pipe{"ws256", "1", true}}) {
+                          Pipe{"ws256", "1", true}, Pipe{"ws", "", true, true}, Pipe{"ws256", "", true, true},
+                          Pipe{"ws256", "1", true, true}}) {
       const char* v = pp.mode;
       if (*v) setenv("DSV3_GROUPED_WGMMA", v, 1);
       if (*pp.grid) setenv("DSV3_GROUPED_WS_GRID", pp.grid, 1);
       if (!pp.tma) setenv("DSV3_GROUPED_TMA", "0", 1);
+      if (pp.tma_a) setenv("DSV3_GROUPED_TMA_A", "1", 1);
       auto out = poisoned<float>(size_t(R * D));
       auto hgu = poisoned<uint16_t>(size_t(R * I));
       moe_grouped_down(dev->view, dh.get(), doff.get(), R, out.get());
@@ -573,12 +576,13 @@ TEST(CudaMoe, GroupedWgmmaTilesMatchHost) {
       unsetenv("DSV3_GROUPED_WGMMA");
       unsetenv("DSV3_GROUPED_WS_GRID");
       unsetenv("DSV3_GROUPED_TMA");
+      unsetenv("DSV3_GROUPED_TMA_A");
       const auto got = download(out);
       const auto goth = from_bf16(download(hgu));
       ASSERT_TRUE(all_finite(got) && all_finite(goth)) << v;
       const double e = rel_l2(got, ref), eh = rel_l2(goth, refh);
       std::printf("  wgmma tiles%s%s%s%s rows %lld D %lld I %lld: down rel L2 %.2e, gate|up + SwiGLU (bf16 h) %.2e\n", *v ? " " : "", v,
-                  pp.tma ? " (TMA weights)" : "", *pp.grid ? " on one block" : "", (long long)R, (long long)D, (long long)I, e, eh);
+                  pp.tma_a ? " (TMA weights and rows)" : pp.tma ? " (TMA weights)" : "", *pp.grid ? " on one block" : "", (long long)R, (long long)D, (long long)I, e, eh);
       EXPECT_LT(e, 1e-5) << v << " " << R << " " << D << " " << I;
       EXPECT_LT(eh, 4e-3) << v << " " << R << " " << D << " " << I;  // h rounded to bf16
     }
@@ -718,20 +722,23 @@ TEST(CudaMoe, PrefillMatchesCpuTwinAndDecode) {
       // same k16 products in the same order for every output (those left out add only zeros), the same bits.
       // Their weights by TMA (the default) or cp.async (DSV3_GROUPED_TMA=0): the same bytes in the same swizzle;
       // and k_moe_grouped_wgmma (=wgmma, the default before).
+      // (tma 2: the down product's rows by TMA too, DSV3_GROUPED_TMA_A=1, not yet GPU-run.)
       for (const char* v : {"ws", "ws256", "wgmma"})
         for (const char* grid : {"", "3", "0"})
-          for (bool tma : {false, true}) {
+          for (int tma : {0, 1, 2}) {
             if (std::string(v) == "wgmma" && (*grid || tma)) continue;
             setenv("DSV3_GROUPED_WGMMA", v, 1);
             if (*grid) setenv("DSV3_GROUPED_WS_GRID", grid, 1);
             if (!tma) setenv("DSV3_GROUPED_TMA", "0", 1);
+            if (tma == 2) setenv("DSV3_GROUPED_TMA_A", "1", 1);
             auto dy_ws = upload(y0);
             moe_prefill(gemm, dev->view, dx.get(), D, didx.get(), dw.get(), M, k, dy_ws.get(), D, true, ws.get(), wsb, nullptr, false, true);
             unsetenv("DSV3_GROUPED_WGMMA");
             unsetenv("DSV3_GROUPED_WS_GRID");
             unsetenv("DSV3_GROUPED_TMA");
+            unsetenv("DSV3_GROUPED_TMA_A");
             EXPECT_EQ(std::memcmp(got.data(), download(dy_ws).data(), got.size() * 4), 0)
-                << v << " tiles differ, grid " << grid << (tma ? ", TMA weights" : "");
+                << v << " tiles differ, grid " << grid << (tma == 2 ? ", TMA weights and rows" : tma ? ", TMA weights" : "");
           }
     }
     std::vector<float> got_fw;  // e4m3 activations on the default (wgmma) tiles, checked below

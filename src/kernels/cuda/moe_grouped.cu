@@ -344,8 +344,8 @@ __global__ void __launch_bounds__(GTHREADS, 2) k_moe_grouped_wgmma(GroupedArgs g
 }
 
 // The same tiles, warp-specialised (DSV3_GROUPED_WGMMA=ws; H200: bit-identical to k_moe_grouped_wgmma, 2% slower as
-// one tile a block; with BN 256 and TMA weights, below, the default since the thirteenth session): warps 8-9 copy every slice's A and B rows by cp.async into the stage ring, each stage completing
-// on its `full` mbarrier (the 64 producer threads' copies landed); the two consumer warpgroups wait on it, issue the
+// one tile a block; with BN 256 and TMA weights, below, the default since the thirteenth session): warps 8-9 copy
+// every slice's A and B rows by cp.async into the stage ring, each stage completing on its `full` mbarrier (the 64 producer threads' copies landed); the two consumer warpgroups wait on it, issue the
 // slice's wgmma and keep one group in flight, and free the stage before (its `empty` barrier: one arrival per
 // consumer warp) once those products are done. No block-wide barrier in the loop, and the consumers issue no copies.
 // Producer thread p copies chunk p % 8 of rows p / 8 + 8 i of both tiles: the rows' offsets stay in its registers
@@ -376,8 +376,14 @@ constexpr size_t ws_smem_bytes() { return size_t(kWsStages<BN>) * (WG_TILE + BN 
 // copy only the activation rows, half the copies and all of their address arithmetic for the weights.
 constexpr int kTmapBytes = 128;  // sizeof(CUtensorMap)
 // tmaps (TMA): [E][3] tensor maps (CUtensorMap, 128 bytes each) of gate, up and down.
-template <bool SWIGLU, int BN, bool TMA = false>
-__global__ void __launch_bounds__(WS_THREADS, BN == 128 ? 2 : 1) k_moe_grouped_ws(GroupedArgs g, int n_tiles, const void* tmaps) {
+// ATMA (the down product, DSV3_GROUPED_TMA_A=1; written 2026-12-03 after the device time was spent, not yet run):
+// its activation rows (h, contiguous per expert) by TMA too, a tensor map over h [slots, I] passed by value (amap,
+// encoded per launch); a tile's rows past its expert's are the next expert's rows (or zeros past the tensor),
+// multiplied and not stored. The producer warps then copy nothing.
+template <bool SWIGLU, int BN, bool TMA = false, bool ATMA = false>
+__global__ void __launch_bounds__(WS_THREADS, BN == 128 ? 2 : 1) k_moe_grouped_ws(GroupedArgs g, int n_tiles, const void* tmaps,
+                                                                               const __grid_constant__ CUtensorMap amap) {
+  static_assert(!ATMA || (TMA && !SWIGLU), "activation rows by TMA: the down product, with TMA weights");
   static_assert(BN == 128 || BN == 256, "128- or 256-column tiles");
   constexpr int GM = 128, ST = kWsStages<BN>, NH = BN / 128, BROWS = BN / 8;
   constexpr int SB = WG_TILE + BN * WG_BK * 2;  // a stage: A, then B
@@ -431,17 +437,19 @@ __global__ void __launch_bounds__(WS_THREADS, BN == 128 ? 2 : 1) k_moe_grouped_w
         if constexpr (TMA) {
           if (p == 0) {  // the weight rows: gate then up (BN / 2 each), or BN down rows
             unsigned char* b_st = base_ptr + size_t(s) * SB + WG_TILE;
-            mbar_arrive_expect_tx(&full[s], uint32_t(BN * WG_BK * 2));
+            mbar_arrive_expect_tx(&full[s], uint32_t(BN * WG_BK * 2 + (ATMA ? WG_TILE : 0)));
             if constexpr (SWIGLU) {
               tma_load_2d(b_st, maps, kt * WG_BK, nj * (BN / 2), &full[s]);
               tma_load_2d(b_st + (BN / 2) * 128, maps + kTmapBytes, kt * WG_BK, nj * (BN / 2), &full[s]);
             } else {
               tma_load_2d(b_st, maps + 2 * kTmapBytes, kt * WG_BK, nj * BN, &full[s]);
             }
+            if constexpr (ATMA) tma_load_2d(base_ptr + size_t(s) * SB, &amap, kt * WG_BK, row0, &full[s]);
           }
+          if constexpr (!ATMA)
 #pragma unroll
-          for (int i = 0; i < WS_ROWS; ++i)
-            cp_async16(a_st + 1024 * i, g.a + (aoff[i] >= 0 && in_k ? aoff[i] + k : 0), aoff[i] >= 0 && in_k);
+            for (int i = 0; i < WS_ROWS; ++i)
+              cp_async16(a_st + 1024 * i, g.a + (aoff[i] >= 0 && in_k ? aoff[i] + k : 0), aoff[i] >= 0 && in_k);
         } else {
 #pragma unroll
           for (int i = 0; i < BROWS; ++i) {
@@ -530,7 +538,8 @@ void launch_tiles128(const GroupedArgs& g, int64_t slots, int64_t n_tiles, cudaS
 // on the host (the driver's cuTensorMapEncodeTiled, found through the runtime: no libcuda link) once per set of
 // expert pointers and BN, and kept in device memory for the process (a map is a function of its pointers and dims
 // alone, so a cache hit is always right).
-const void* ws_tensor_maps(const MoeExperts& w, int BN, bool may_build) {
+// The driver's cuTensorMapEncodeTiled, found once through the runtime.
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
   static PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
     void* fn = nullptr;
     cudaDriverEntryPointQueryResult q{};
@@ -538,6 +547,18 @@ const void* ws_tensor_maps(const MoeExperts& w, int BN, bool may_build) {
     DSV3_CHECK(fn && q == cudaDriverEntryPointSuccess, "moe_grouped: the driver has no cuTensorMapEncodeTiled");
     return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
   }();
+  return encode;
+}
+// A map over `rows` K-major bf16 rows of k elements at base: boxes of 64 k x box_rows rows, 128-byte swizzle.
+void encode_rows_map(CUtensorMap* m, const void* base, int64_t k, int64_t rows, int box_rows) {
+  const cuuint64_t dims[2] = {cuuint64_t(k), cuuint64_t(rows)}, strides[1] = {cuuint64_t(k * 2)};
+  const cuuint32_t box[2] = {cuuint32_t(WG_BK), cuuint32_t(box_rows)}, one[2] = {1, 1};
+  const CUresult r = tensor_map_encoder()(m, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<void*>(base), dims, strides, box, one,
+                                          CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                                          CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  DSV3_CHECK(r == CUDA_SUCCESS, "moe_grouped: cuTensorMapEncodeTiled failed ({}) for {} x {} rows", int(r), rows, k);
+}
+const void* ws_tensor_maps(const MoeExperts& w, int BN, bool may_build) {
   struct Entry {
     std::vector<const void*> gu, dn;
     int64_t D, I;
@@ -551,19 +572,11 @@ const void* ws_tensor_maps(const MoeExperts& w, int BN, bool may_build) {
     if (c.BN == BN && c.D == w.D && c.I == w.I && c.gu == w.gate_up && c.dn == w.down) return c.maps;
   if (!may_build) return nullptr;
   std::vector<CUtensorMap> maps(size_t(3 * w.E));
-  auto enc = [&](CUtensorMap* m, const void* base, int64_t k, int64_t rows, int box_rows) {
-    const cuuint64_t dims[2] = {cuuint64_t(k), cuuint64_t(rows)}, strides[1] = {cuuint64_t(k * 2)};
-    const cuuint32_t box[2] = {cuuint32_t(WG_BK), cuuint32_t(box_rows)}, one[2] = {1, 1};
-    const CUresult r = encode(m, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<void*>(base), dims, strides, box, one,
-                              CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                              CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-    DSV3_CHECK(r == CUDA_SUCCESS, "moe_grouped: cuTensorMapEncodeTiled failed ({}) for a {} x {} weight", int(r), rows, k);
-  };
   for (int64_t e = 0; e < w.E; ++e) {
     const auto* gu = static_cast<const uint8_t*>(w.gate_up[size_t(e)]);
-    enc(&maps[size_t(3 * e)], gu, w.D, w.I, BN / 2);
-    enc(&maps[size_t(3 * e + 1)], gu + size_t(w.I * w.D) * 2, w.D, w.I, BN / 2);
-    enc(&maps[size_t(3 * e + 2)], w.down[size_t(e)], w.I, w.D, BN);
+    encode_rows_map(&maps[size_t(3 * e)], gu, w.D, w.I, BN / 2);
+    encode_rows_map(&maps[size_t(3 * e + 1)], gu + size_t(w.I * w.D) * 2, w.D, w.I, BN / 2);
+    encode_rows_map(&maps[size_t(3 * e + 2)], w.down[size_t(e)], w.I, w.D, BN);
   }
   void* d = device_malloc(maps.size() * sizeof(CUtensorMap));
   copy_to_device(d, maps.data(), maps.size() * sizeof(CUtensorMap));
@@ -586,7 +599,7 @@ bool ws_tma_ok(const MoeExperts& w) {
   return true;
 }
 
-// The tensor maps when DSV3_GROUPED_TMA=1 picks TMA weights for the warp-specialised tiles (ws / ws256), else null.
+// The tensor maps when the warp-specialised tiles (ws / ws256) take their weights by TMA (unless DSV3_GROUPED_TMA=0).
 // Built outside stream capture only (the first build allocates and copies): a captured launch without cached maps
 // copies the weights by cp.async.
 int env_wgmma();
@@ -599,6 +612,15 @@ const void* ws_maps_for(const MoeExperts& w, cudaStream_t s) {
   return ws_tensor_maps(w, v == 98 ? 256 : 128, cs == cudaStreamCaptureStatusNone);
 }
 
+// DSV3_GROUPED_TMA_A=1: the down product's activation rows by TMA too (not yet run): the map over h [slots, I]
+// (16-byte aligned; the box is 128 rows for both tile widths). False (cp.async rows) otherwise.
+bool ws_amap_for(const uint16_t* h, int64_t slots, int64_t I, CUtensorMap* m) {
+  const char* e = std::getenv("DSV3_GROUPED_TMA_A");
+  if (!(e && std::string(e) == "1") || reinterpret_cast<uintptr_t>(h) % 16 || slots <= 0 || slots > INT32_MAX) return false;
+  encode_rows_map(m, h, I, slots, 128);
+  return true;
+}
+
 // DSV3_GROUPED_WS_GRID=N: the warp-specialised kernels on N blocks (a test's few blocks run many tiles each;
 // 0: a block per tile, as the kernel was first measured); unset, the SMs' resident blocks. Read at every launch.
 int64_t env_ws_grid() {
@@ -607,10 +629,11 @@ int64_t env_ws_grid() {
 }
 // The persistent warp-specialised tiles of BN columns (n_tiles of them across N; at most ceil(slots / 128) + E row
 // tiles); unused blocks find no tile.
-template <bool SWIGLU, int BN, bool TMA = false>
-void launch_ws(const GroupedArgs& g, int64_t slots, int64_t n_tiles, cudaStream_t s, const void* tmaps = nullptr) {
+template <bool SWIGLU, int BN, bool TMA = false, bool ATMA = false>
+void launch_ws(const GroupedArgs& g, int64_t slots, int64_t n_tiles, cudaStream_t s, const void* tmaps = nullptr,
+               const CUtensorMap* amap = nullptr) {
   constexpr size_t smem = ws_smem_bytes<BN>();
-  auto* k = &k_moe_grouped_ws<SWIGLU, BN, TMA>;
+  auto* k = &k_moe_grouped_ws<SWIGLU, BN, TMA, ATMA>;
   static const bool attr = [&] {
     DSV3_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
     return true;
@@ -620,7 +643,8 @@ void launch_ws(const GroupedArgs& g, int64_t slots, int64_t n_tiles, cudaStream_
   const int64_t tiles = (ceil_div(slots, int64_t(128)) + g.E) * n_tiles, env = env_ws_grid();
   DSV3_CHECK(tiles <= INT32_MAX, "moe_grouped: {} tiles", tiles);
   const int64_t grid = env < 0 ? std::min(tiles, (BN == 128 ? 2 : 1) * sms) : env == 0 ? tiles : std::min(tiles, env);
-  launch_dependent(k, dim3(unsigned(grid)), dim3(WS_THREADS), smem, s, g, int(n_tiles), tmaps);
+  const CUtensorMap none{};
+  launch_dependent(k, dim3(unsigned(grid)), dim3(WS_THREADS), smem, s, g, int(n_tiles), tmaps, amap ? *amap : none);
   DSV3_CUDA_CHECK_LAUNCH(BN == 128 ? "moe_grouped warp-specialised kernel" : "moe_grouped 128x256 kernel");
 }
 
@@ -662,9 +686,11 @@ bool env_bk32() {
   return v;
 }
 // 128-row tiles once the groups average 64 rows; 32-row tiles below (decode batches).
-// tmaps: the warp-specialised tiles' tensor maps when they copy the weights by TMA (ws_maps_for), else null.
+// tmaps: the warp-specialised tiles' tensor maps when they copy the weights by TMA (ws_maps_for), else null; amap
+// (down, with tmaps): the activation rows' map when they come by TMA too (ws_amap_for), else null.
 template <bool FP8, bool SWIGLU>
-void launch_grouped(const GroupedArgs& g, int64_t slots, int64_t n_tiles, cudaStream_t s, const void* tmaps = nullptr) {
+void launch_grouped(const GroupedArgs& g, int64_t slots, int64_t n_tiles, cudaStream_t s, const void* tmaps = nullptr,
+                    const CUtensorMap* amap = nullptr) {
   if (slots >= 64 * int64_t(g.E)) {
     if constexpr (!FP8) {
       if (const int v = g.offsets ? env_wgmma() : 0; v)  // (K % 32 == 0: supported)
@@ -672,6 +698,10 @@ void launch_grouped(const GroupedArgs& g, int64_t slots, int64_t n_tiles, cudaSt
         if (v >= 98 && g.E <= kWsMaxExperts && ws_offsets_fit(g, slots))  // ws256: gate|up 128 h columns a tile, down 256
         {
           const int64_t n256 = SWIGLU ? ceil_div(g.N, 128) : ceil_div(g.N, 256);
+          if constexpr (!SWIGLU)
+            if (tmaps && amap)
+              return v == 98 ? launch_ws<SWIGLU, 256, true, true>(g, slots, n256, s, tmaps, amap)
+                             : launch_ws<SWIGLU, 128, true, true>(g, slots, n_tiles, s, tmaps, amap);
           if (tmaps)
             return v == 98 ? launch_ws<SWIGLU, 256, true>(g, slots, n256, s, tmaps)
                            : launch_ws<SWIGLU, 128, true>(g, slots, n_tiles, s, tmaps);
@@ -735,8 +765,14 @@ void moe_grouped_down(const MoeExperts& w, const uint16_t* h, const int32_t* off
   g.out_bf16 = out_type == DType::BF16;
   g.lda = g.K, g.ldo = g.N;
   const int64_t n_tiles = ceil_div(w.D, int64_t(GN));
-  if (w.type == DType::F8_E4M3) launch_grouped<true, false>(g, slots, n_tiles, s);
-  else launch_grouped<false, false>(g, slots, n_tiles, s, ws_maps_for(w, s));
+  if (w.type == DType::F8_E4M3) {
+    launch_grouped<true, false>(g, slots, n_tiles, s);
+  } else {
+    const void* tmaps = ws_maps_for(w, s);
+    CUtensorMap amap{};
+    const bool a_tma = tmaps && ws_amap_for(h, slots, w.I, &amap);
+    launch_grouped<false, false>(g, slots, n_tiles, s, tmaps, a_tma ? &amap : nullptr);
+  }
 }
 
 namespace {
