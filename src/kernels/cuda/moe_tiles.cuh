@@ -10,10 +10,14 @@
 
 namespace dsv3::cuda::dev {
 
-// The (expert, row tile) of blockIdx.y: tiles are numbered expert by expert; -1 past the last.
+// A warp's count of the row tiles: lane l holds experts [e0, e1), their cnt tiles, and inc the tiles of experts
+// before e1 (an inclusive scan over the lanes).
+struct LaneTiles {
+  int e0, e1, cnt, inc;
+};
 template <int GM>
-__device__ void find_tile(const int32_t* __restrict__ off, int E, int* e_out, int* mt_out) {
-  const int lane = threadIdx.x & 31, my = int(blockIdx.y);
+__device__ __forceinline__ LaneTiles lane_tiles(const int32_t* __restrict__ off, int E) {
+  const int lane = threadIdx.x & 31;
   const int per = (E + 31) / 32, e0 = min(E, lane * per), e1 = min(E, e0 + per);
   int cnt = 0;
   for (int e = e0; e < e1; ++e) cnt += (off[e + 1] - off[e] + GM - 1) / GM;
@@ -23,11 +27,19 @@ __device__ void find_tile(const int32_t* __restrict__ off, int E, int* e_out, in
     const int v = __shfl_up_sync(0xffffffffu, inc, o);
     if (lane >= o) inc += v;
   }
+  return {e0, e1, cnt, inc};
+}
+
+// The (expert, row tile) of blockIdx.y: tiles are numbered expert by expert; -1 past the last.
+template <int GM>
+__device__ void find_tile(const int32_t* __restrict__ off, int E, int* e_out, int* mt_out) {
+  const int lane = threadIdx.x & 31, my = int(blockIdx.y);
+  const LaneTiles lt = lane_tiles<GM>(off, E);
   if (lane == 0) *e_out = -1;
   __syncwarp();
-  int start = inc - cnt;
-  if (my >= start && my < inc) {
-    for (int e = e0; e < e1; ++e) {
+  int start = lt.inc - lt.cnt;
+  if (my >= start && my < lt.inc) {
+    for (int e = lt.e0; e < lt.e1; ++e) {
       const int t = (off[e + 1] - off[e] + GM - 1) / GM;
       if (my < start + t) {
         *e_out = e;
@@ -39,27 +51,17 @@ __device__ void find_tile(const int32_t* __restrict__ off, int E, int* e_out, in
   }
 }
 
-
 // Persistent tile loops: ts[e] = the first row tile of expert e in that numbering, ts[E] = their count (warp 0
 // writes ts[0 .. E]), and the expert of row tile m found by binary search over ts.
 template <int GM>
 __device__ void tile_starts(const int32_t* __restrict__ off, int E, int* ts) {
-  const int lane = threadIdx.x & 31;
-  const int per = (E + 31) / 32, e0 = min(E, lane * per), e1 = min(E, e0 + per);
-  int cnt = 0;
-  for (int e = e0; e < e1; ++e) cnt += (off[e + 1] - off[e] + GM - 1) / GM;
-  int inc = cnt;
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const int v = __shfl_up_sync(0xffffffffu, inc, o);
-    if (lane >= o) inc += v;
-  }
-  int start = inc - cnt;
-  for (int e = e0; e < e1; ++e) {
+  const LaneTiles lt = lane_tiles<GM>(off, E);
+  int start = lt.inc - lt.cnt;
+  for (int e = lt.e0; e < lt.e1; ++e) {
     ts[e] = start;
     start += (off[e + 1] - off[e] + GM - 1) / GM;
   }
-  if (lane == 31) ts[E] = inc;
+  if ((threadIdx.x & 31) == 31) ts[E] = lt.inc;
 }
 // The expert of row tile m < ts[E]: the e with ts[e] <= m < ts[e + 1] (experts without rows have ts[e] == ts[e + 1]).
 __device__ __forceinline__ int tile_expert(const int* ts, int E, int m) {
